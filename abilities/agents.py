@@ -1,0 +1,462 @@
+"""Agents toolset: create, read, list, update, rename and delete agents (abilities.md §4)."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import Field
+from sqlalchemy import and_, func, or_, select
+
+from abilities.access import ROLE_RANK
+from abilities.agent_common import (
+    AgentDetail,
+    AgentOut,
+    AgentSelector,
+    agent_dict,
+    agent_owner,
+    agent_uri,
+    grant_dict,
+    grants_order,
+    load_agent,
+    normalize_agent_config,
+    sanitize_slug,
+    upsert_grant,
+    valid_slug,
+)
+from abilities.context import AbilityContext
+from abilities.errors import AbilityError, AccessDenied
+from abilities.registry import ability
+from abilities.schema import OFFSET_DESC, PER_PAGE_DESC, Input, Opt, Output, PageOut
+from storage.models import Agent, AgentAccess, AgentToken, ChatSession, Flow, Job, Pipeline
+from storage.timeutil import utcnow
+
+ACTIVE = ("pending", "processing", "waiting")
+
+
+def _slug_or_error(raw: str) -> str:
+    if not raw.strip():
+        raise AbilityError("invalid_agent_slug", "Agent slug is required.")
+    slug = sanitize_slug(raw)
+    if not slug:
+        raise AbilityError("invalid_agent_slug", "Agent slug is required.", agent_slug=raw)
+    if len(slug) > 200 or not valid_slug(slug):
+        raise AbilityError(
+            "invalid_agent_slug",
+            f"Agent slug '{slug}' must be 1-200 characters of a-z, 0-9, '_' or '-' and start with a letter or digit.",
+            agent_slug=slug,
+        )
+    return slug
+
+
+async def _slug_free(ctx: AbilityContext, slug: str) -> None:
+    existing = (await ctx.session.execute(select(Agent.agent_id).where(Agent.agent_slug == slug))).scalar()
+    if existing is not None:
+        raise AbilityError(
+            "agent_slug_conflict",
+            f'Agent with slug "{slug}" already exists (ID: {existing}).',
+            existing_agent_id=existing,
+        )
+
+
+async def agent_detail(ctx: AbilityContext, agent: Agent, role: str | None) -> dict[str, Any]:
+    """get-agent's agent object: Agent + resource_counts + access (admins) + caller_role."""
+    s = ctx.session
+    aid = agent.agent_id
+
+    async def count(model: Any, *conds: Any) -> int:
+        return int((await s.execute(select(func.count()).select_from(model).where(*conds))).scalar() or 0)
+
+    counts = {
+        "pipelines": await count(Pipeline, Pipeline.agent_id == aid),
+        "flows": await count(Flow, Flow.agent_id == aid),
+        "active_jobs": await count(Job, Job.agent_id == aid, Job.status.in_(ACTIVE)),
+        "chat_sessions": await count(ChatSession, ChatSession.agent_id == aid),
+    }
+    caller_role = ctx.principal.cap_role(role)
+    access = None
+    if ctx.principal.is_admin or (caller_role is not None and ROLE_RANK[caller_role] >= ROLE_RANK["admin"]):
+        rows = await s.execute(
+            select(AgentAccess).where(AgentAccess.agent_id == aid).order_by(*grants_order(agent.owner_id))
+        )
+        access = [grant_dict(g, agent.owner_id) for g in rows.scalars()]
+    return {**agent_dict(agent), "resource_counts": counts, "access": access, "caller_role": caller_role}
+
+
+# --- create-agent -----------------------------------------------------------------------------
+
+
+class CreateAgentIn(Input):
+    agent_slug: str = Field(max_length=400, description="Unique slug; sanitised to [a-z0-9_-]")
+    agent_name: str | None = Field(None, max_length=200, description="Display name (default: the slug)")
+    owner_id: int | None = Field(None, ge=1, description="Owner (honoured for global admins only; default: you)")
+    agent_config: dict[str, Any] = Field(
+        default_factory=dict,
+        description="Config: description, system_prompt, default_provider, default_model, mode_models",
+    )
+
+
+class CreateAgentOut(AgentOut):
+    message: str = Field(description="Human-readable result")
+
+
+@ability(
+    "create-agent",
+    toolset="agents",
+    level="admin",
+    description=(
+        "Create an agent (an identity that owns pipelines, flows, jobs and chat sessions). "
+        "The owner gets admin access. Non-admins can create one agent for themselves."
+    ),
+)
+async def create_agent(ctx: AbilityContext, inp: CreateAgentIn) -> CreateAgentOut:
+    p = ctx.principal
+    if p.agent_id is not None:
+        raise AccessDenied(
+            "permission_denied",
+            "Agent-bound sessions cannot create agents; use a user token or the local owner.",
+            required_role="admin",
+            effective_role=None,
+        )
+    slug = _slug_or_error(inp.agent_slug)
+    owner_id = inp.owner_id if (p.is_admin and inp.owner_id is not None) else p.user_id
+    if not p.is_admin:
+        snap = await ctx.settings()
+        limit = snap.int("max_agents_per_user")
+        owned = (await ctx.session.execute(select(Agent).where(Agent.owner_id == p.user_id))).scalars().all()
+        if len(owned) >= limit:
+            if limit == 0:
+                message = (
+                    "Self-service agent creation is disabled (max_agents_per_user is 0); ask a global administrator."
+                )
+            elif limit == 1:
+                message = (
+                    f'You already have an agent ("{owned[0].agent_name}"). Non-admin users are limited to 1 agent.'
+                )
+            else:
+                message = f"You already have {len(owned)} agent(s). Non-admin users are limited to {limit} agent(s)."
+            raise AbilityError("agent_limit_reached", message, limit=limit, owned=len(owned))
+    await _slug_free(ctx, slug)
+    now = utcnow()
+    name = (inp.agent_name or "").strip() or slug
+    agent = Agent(
+        agent_slug=slug,
+        agent_name=name,
+        owner_id=owner_id,
+        agent_config=normalize_agent_config(inp.agent_config),
+        status="active",
+        created_at=now,
+        updated_at=now,
+    )
+    ctx.session.add(agent)
+    await ctx.session.flush()
+    await upsert_grant(ctx.session, agent.agent_id, owner_id, "admin")
+    ctx.access.forget()
+    await ctx.audit(
+        f"agent '{slug}' created (owner {owner_id})", target=("agent", agent.agent_id), agent_id=agent.agent_id
+    )
+    ctx.notify_updated(agent_uri(slug))
+    ctx.notify_list_changed()
+    return CreateAgentOut(**agent_dict(agent), message=f"Agent '{slug}' created.")
+
+
+# --- get-agent --------------------------------------------------------------------------------
+
+
+class GetAgentOut(Output):
+    agent: AgentDetail = Field(description="The agent with resource counts, grants (admins) and your role")
+
+
+@ability(
+    "get-agent",
+    toolset="agents",
+    level="viewer",
+    read_only=True,
+    idempotent=True,
+    description="Get one agent by agent_id or agent_slug: config, status, resource counts and (for admins) its access grants.",
+)
+async def get_agent(ctx: AbilityContext, inp: AgentSelector) -> GetAgentOut:
+    agent, role = await load_agent(ctx, inp, "viewer", mutating=False)
+    return GetAgentOut.model_validate({"agent": await agent_detail(ctx, agent, role)})
+
+
+# --- list-agents ------------------------------------------------------------------------------
+
+
+class ListAgentsIn(Input):
+    scope: Literal["mine", "all"] = Field(
+        "mine", description="mine = agents the subject owns or holds a grant on; all = every agent (global admins)"
+    )
+    user_id: int | None = Field(None, ge=1, description="Subject user for 'mine' (global admins only; default: you)")
+    status: Literal["active", "inactive"] | None = Field(None, description="Only agents with this status")
+    include_role: bool = Field(False, description="Add user_role: the subject's role on each agent")
+    per_page: int = Field(50, ge=1, le=100, description=PER_PAGE_DESC)
+    offset: int = Field(0, ge=0, description=OFFSET_DESC)
+
+
+class AgentRow(Output):
+    agent_id: int = Field(description="Agent id")
+    agent_slug: str = Field(description="Slug")
+    agent_name: str = Field(description="Display name")
+    owner_id: int = Field(description="Owning user")
+    status: Literal["active", "inactive"] = Field(description="Status")
+    description: str = Field(description="agent_config.description, or empty")
+    is_owner: bool = Field(description="The subject user owns the agent")
+    user_role: Literal["viewer", "operator", "admin"] | None = Opt("The subject's role (with include_role)")
+
+
+class ListAgentsOut(PageOut):
+    agents: list[AgentRow] = Field(description="Agents ordered by agent_id")
+
+
+@ability(
+    "list-agents",
+    toolset="agents",
+    level="any",
+    read_only=True,
+    idempotent=True,
+    description="List agents the caller can access (scope=mine) or every agent (scope=all, global admins). Paged.",
+)
+async def list_agents(ctx: AbilityContext, inp: ListAgentsIn) -> ListAgentsOut:
+    p = ctx.principal
+    if inp.scope == "all" and not p.is_admin:
+        raise AbilityError("agent_scope_forbidden", "scope=all needs a global administrator; use scope=mine.")
+    subject = inp.user_id if inp.user_id is not None else p.user_id
+    if subject != p.user_id and not p.is_admin:
+        raise AbilityError(
+            "agent_user_scope_forbidden",
+            f"Only global administrators may list another user's agents (user_id {subject}); omit user_id.",
+        )
+    grant = and_(AgentAccess.agent_id == Agent.agent_id, AgentAccess.user_id == subject)
+    query = select(Agent, AgentAccess.role).outerjoin(AgentAccess, grant)
+    if inp.scope == "mine":
+        query = query.where(or_(Agent.owner_id == subject, AgentAccess.user_id == subject))
+    if p.agent_id is not None:
+        query = query.where(Agent.agent_id == p.agent_id)
+        if not p.is_admin and p.agent_id not in await ctx.access.agent_roles():
+            query = query.where(Agent.agent_id == -1)
+    if inp.status is not None:
+        query = query.where(Agent.status == inp.status)
+    total = (await ctx.session.execute(select(func.count()).select_from(query.subquery()))).scalar() or 0
+    rows = await ctx.session.execute(query.order_by(Agent.agent_id).limit(inp.per_page).offset(inp.offset))
+    agents = []
+    for agent, role in rows.all():
+        is_owner = agent.owner_id == subject
+        row: dict[str, Any] = {
+            "agent_id": agent.agent_id,
+            "agent_slug": agent.agent_slug,
+            "agent_name": agent.agent_name,
+            "owner_id": agent.owner_id,
+            "status": agent.status,
+            "description": str((agent.agent_config or {}).get("description") or ""),
+            "is_owner": is_owner,
+        }
+        if inp.include_role:
+            row["user_role"] = "admin" if is_owner else role
+        agents.append(row)
+    return ListAgentsOut.model_validate(
+        {"agents": agents, "total": total, "per_page": inp.per_page, "offset": inp.offset}
+    )
+
+
+# --- update-agent -----------------------------------------------------------------------------
+
+
+class UpdateAgentIn(AgentSelector):
+    agent_name: str | None = Field(None, max_length=200, description="New display name")
+    agent_config: dict[str, Any] | None = Field(None, description="New config; replaces the stored one entirely")
+    status: Literal["active", "inactive"] | None = Field(None, description="inactive freezes the agent")
+    owner_id: int | None = Field(None, ge=1, description="Transfer ownership (global admins only)")
+
+
+class UpdateAgentOut(Output):
+    agent: AgentDetail = Field(description="The agent after the change (as get-agent)")
+    updated_fields: list[str] = Field(description="Names of the fields that changed")
+    message: str = Field(description="Human-readable result")
+
+
+@ability(
+    "update-agent",
+    toolset="agents",
+    level="admin",
+    destructive=True,
+    idempotent=True,
+    description=(
+        "Update an agent's display name, status (active/inactive), owner or configuration. "
+        "agent_config replaces the whole config."
+    ),
+)
+async def update_agent(ctx: AbilityContext, inp: UpdateAgentIn) -> UpdateAgentOut:
+    if inp.agent_name is None and inp.agent_config is None and inp.status is None and inp.owner_id is None:
+        raise AbilityError(
+            "invalid_agent_update", "No fields to update. Provide agent_name, agent_config, status or owner_id."
+        )
+    p = ctx.principal
+    # A global administrator is the one principal who may change an inactive agent (access.md §3.4).
+    agent, role = await load_agent(ctx, inp, "admin", mutating=not p.is_admin)
+    if inp.owner_id is not None and not p.is_admin:
+        raise AccessDenied(
+            "permission_denied",
+            "Transferring an agent (owner_id) needs a global administrator.",
+            required_role="global_admin",
+            effective_role=role,
+            target={"type": "agent", "id": agent.agent_id},
+            agent_id=agent.agent_id,
+        )
+    changed: list[str] = []
+    if inp.agent_name is not None:
+        name = inp.agent_name.strip()
+        if not name:
+            raise AbilityError("invalid_agent_name", "agent_name cannot be empty; give a display name.")
+        if name != agent.agent_name:
+            agent.agent_name = name
+            changed.append("agent_name")
+    if inp.agent_config is not None:
+        config = normalize_agent_config(inp.agent_config)
+        if config != (agent.agent_config or {}):
+            agent.agent_config = config
+            changed.append("agent_config")
+    previous_status = agent.status
+    if inp.status is not None and inp.status != agent.status:
+        agent.status = inp.status
+        changed.append("status")
+    if inp.owner_id is not None and inp.owner_id != agent.owner_id:
+        old_owner = agent.owner_id
+        agent.owner_id = inp.owner_id
+        await upsert_grant(ctx.session, agent.agent_id, inp.owner_id, "admin")
+        await upsert_grant(ctx.session, agent.agent_id, old_owner, "admin")
+        ctx.access.forget()
+        changed.append("owner_id")
+    if changed:
+        agent.updated_at = utcnow()
+        extra: dict[str, Any] = {}
+        if "status" in changed:
+            extra["status"] = {"from": previous_status, "to": agent.status}
+        await ctx.audit(
+            f"agent '{agent.agent_slug}' updated ({', '.join(changed)})",
+            target=("agent", agent.agent_id),
+            changes=changed,
+            agent_id=agent.agent_id,
+            **extra,
+        )
+        ctx.notify_updated(agent_uri(agent.agent_slug))
+    await ctx.session.flush()
+    role = await ctx.access.effective_role(agent_owner(agent))
+    detail = await agent_detail(ctx, agent, role)
+    message = f"Agent '{agent.agent_slug}' updated." if changed else "Nothing changed."
+    return UpdateAgentOut.model_validate({"agent": detail, "updated_fields": changed, "message": message})
+
+
+# --- rename-agent -----------------------------------------------------------------------------
+
+
+class RenameAgentIn(Input):
+    old_slug: str = Field(max_length=400, description="Current slug")
+    new_slug: str = Field(max_length=400, description="New slug (sanitised to [a-z0-9_-])")
+
+
+class RenameAgentOut(Output):
+    agent_id: int = Field(description="Agent id (unchanged)")
+    old_slug: str = Field(description="Previous slug")
+    new_slug: str = Field(description="Slug now in effect")
+    message: str = Field(description="Human-readable result")
+
+
+@ability(
+    "rename-agent",
+    toolset="agents",
+    level="admin",
+    idempotent=True,
+    description="Change an agent's slug (old_slug → new_slug). IDs, resources, grants and tokens are kept.",
+)
+async def rename_agent(ctx: AbilityContext, inp: RenameAgentIn) -> RenameAgentOut:
+    new_slug = _slug_or_error(inp.new_slug)
+    if not inp.old_slug.strip():
+        raise AbilityError("invalid_agent_slug", "old_slug is required.")
+    agent, _ = await load_agent(ctx, AgentSelector(agent_slug=inp.old_slug), "admin", mutating=True)
+    if new_slug == agent.agent_slug:
+        raise AbilityError("invalid_agent_slug", f"new_slug '{new_slug}' is the current slug; choose another.")
+    await _slug_free(ctx, new_slug)
+    old = agent.agent_slug
+    agent.agent_slug = new_slug
+    agent.updated_at = utcnow()
+    await ctx.audit(
+        f"agent {agent.agent_id} renamed '{old}' -> '{new_slug}'",
+        target=("agent", agent.agent_id),
+        changes=["agent_slug"],
+        agent_id=agent.agent_id,
+    )
+    ctx.notify_updated(agent_uri(old))
+    ctx.notify_updated(agent_uri(new_slug))
+    ctx.notify_list_changed()
+    return RenameAgentOut(
+        agent_id=agent.agent_id, old_slug=old, new_slug=new_slug, message=f"Agent renamed from '{old}' to '{new_slug}'."
+    )
+
+
+# --- delete-agent -----------------------------------------------------------------------------
+
+
+class DeletedCounts(Output):
+    access_grants: int = Field(description="Grants deleted")
+    tokens: int = Field(description="Tokens deleted")
+
+
+class DetachedCounts(Output):
+    pipelines: int = Field(description="Pipelines whose agent_id became NULL")
+    flows: int = Field(description="Flows whose agent_id became NULL")
+    jobs: int = Field(description="Jobs whose agent_id became NULL")
+    chat_sessions: int = Field(description="Chat sessions whose agent_id became NULL")
+
+
+class DeleteAgentOut(Output):
+    agent_id: int = Field(description="Deleted agent's id")
+    agent_slug: str = Field(description="Deleted agent's slug")
+    deleted: DeletedCounts = Field(description="Rows deleted with the agent")
+    detached: DetachedCounts = Field(description="Rows kept, now owned by their users")
+    message: str = Field(description="Human-readable result")
+
+
+@ability(
+    "delete-agent",
+    toolset="agents",
+    level="admin",
+    destructive=True,
+    idempotent=True,
+    description=(
+        "Delete an agent with its access grants and tokens. Its pipelines, flows, jobs and chat sessions "
+        "are kept and fall back to the users who created them."
+    ),
+)
+async def delete_agent(ctx: AbilityContext, inp: AgentSelector) -> DeleteAgentOut:
+    agent, _ = await load_agent(ctx, inp, "admin", mutating=True)
+    s = ctx.session
+    aid = agent.agent_id
+
+    async def count(model: Any, column: Any) -> int:
+        return int((await s.execute(select(func.count()).select_from(model).where(column == aid))).scalar() or 0)
+
+    deleted = {
+        "access_grants": await count(AgentAccess, AgentAccess.agent_id),
+        "tokens": await count(AgentToken, AgentToken.agent_id),
+    }
+    detached = {
+        "pipelines": await count(Pipeline, Pipeline.agent_id),
+        "flows": await count(Flow, Flow.agent_id),
+        "jobs": await count(Job, Job.agent_id),
+        "chat_sessions": await count(ChatSession, ChatSession.agent_id),
+    }
+    slug = agent.agent_slug
+    await s.delete(agent)
+    await s.flush()
+    await ctx.audit(f"agent '{slug}' deleted", target=("agent", aid), agent_id=aid, deleted=deleted, detached=detached)
+    ctx.notify_updated(agent_uri(slug))
+    ctx.notify_list_changed()
+    return DeleteAgentOut.model_validate(
+        {
+            "agent_id": aid,
+            "agent_slug": slug,
+            "deleted": deleted,
+            "detached": detached,
+            "message": f"Agent '{slug}' deleted.",
+        }
+    )

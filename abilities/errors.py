@@ -1,0 +1,58 @@
+"""Ability errors: a stable snake_case code, one sentence that names the fix, and data."""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+class AbilityError(Exception):
+    """Raised by handlers; the server turns it into an ``is_error`` tool result.
+
+    The client sees the text ``"<code>: <message>"`` and the structured content
+    ``{code, message, data}`` (ARCHITECTURE decision 2).
+    """
+
+    def __init__(self, code: str, message: str, **data: Any) -> None:
+        super().__init__(f"{code}: {message}")
+        self.code = code
+        self.message = message
+        self.data = data
+
+    def payload(self) -> dict[str, Any]:
+        return {"code": self.code, "message": self.message, "data": self.data}
+
+
+class AccessDenied(AbilityError):
+    """A permission refusal (``permission_denied`` or ``agent_access_denied``).
+
+    Unlike other errors it leaves a trace: one ``warning`` log row written in its own transaction
+    after the call's transaction rolled back (access.md §7.3).
+    """
+
+    def __init__(
+        self,
+        code: str,
+        message: str,
+        *,
+        required_role: str | None,
+        effective_role: str | None,
+        agent: str | None = None,
+        target: dict[str, Any] | None = None,
+        agent_id: int | None = None,
+        **data: Any,
+    ) -> None:
+        extra: dict[str, Any] = {"required_role": required_role, "effective_role": effective_role, **data}
+        if agent is not None:
+            extra["agent"] = agent
+        super().__init__(code, message, **extra)
+        self.required_role = required_role
+        self.effective_role = effective_role
+        self.target = target
+        self.agent_id = agent_id
+
+
+def not_found(kind: str, ident: Any, field: str | None = None) -> AbilityError:
+    """``<kind>_not_found`` with the id in data, e.g. ``flow_not_found: Flow 7 not found.``"""
+    key = field or f"{kind}_id"
+    label = kind.replace("_", " ").capitalize()
+    return AbilityError(f"{kind}_not_found", f"{label} {ident} not found.", **{key: ident})

@@ -1,0 +1,160 @@
+"""The ability registry: each ability declared once (ARCHITECTURE decision 1).
+
+A declaration carries everything the server needs to publish a tool (name, title, description,
+input and output schemas, annotations) and everything the runner needs to call it (required
+level, transaction mode, handler). Listing, documentation and permission checks all read it.
+"""
+
+from __future__ import annotations
+
+import importlib
+import itertools
+import pkgutil
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass, field
+from functools import cached_property
+from typing import Any, Literal, get_type_hints
+
+from pydantic import BaseModel, TypeAdapter
+
+from abilities.access import Level
+from abilities.schema import Input
+
+TOOLSETS = ("agents", "pipelines", "flows", "jobs", "processed-items", "logs", "chat", "settings", "system")
+MAX_DESCRIPTION = 200
+
+Handler = Callable[[Any, Any], Awaitable[Any]]
+_sequence = itertools.count()
+
+
+@dataclass(frozen=True, eq=False)
+class Ability:
+    slug: str
+    title: str
+    description: str
+    toolset: str
+    input_model: type[Input]
+    output_type: Any
+    level: Level
+    handler: Handler
+    read_only: bool = False
+    destructive: bool = False
+    idempotent: bool = False
+    open_world: bool = False
+    # field -> DM error code used instead of invalid_input when that field's value is invalid
+    error_fields: Mapping[str, str] = field(default_factory=dict)
+    # "auto": the runner wraps the call in one transaction; "manual": the handler opens short
+    # transactions itself (tools that wait or call out must not hold one, abilities.md §2.4)
+    transaction: Literal["auto", "manual"] = "auto"
+    order: int = 0
+
+    @cached_property
+    def output_adapter(self) -> TypeAdapter[Any]:
+        return TypeAdapter(self.output_type)
+
+    @cached_property
+    def input_schema(self) -> dict[str, Any]:
+        schema = self.input_model.model_json_schema()
+        schema.pop("title", None)
+        return schema
+
+    @cached_property
+    def output_schema(self) -> dict[str, Any]:
+        schema = self.output_adapter.json_schema(mode="serialization")
+        if "type" not in schema:  # a union of shapes: MCP requires an object at the root
+            schema = {"type": "object", **schema}
+        schema.pop("title", None)
+        return schema
+
+    def annotations(self) -> dict[str, Any]:
+        return {
+            "title": self.title,
+            "readOnlyHint": self.read_only,
+            "destructiveHint": self.destructive,
+            "idempotentHint": self.idempotent,
+            "openWorldHint": self.open_world,
+        }
+
+    def dump_output(self, value: Any) -> dict[str, Any]:
+        """Validate a handler's return value against the output type and dump it as JSON data."""
+        if not isinstance(value, BaseModel):
+            value = self.output_adapter.validate_python(value)
+        return self.output_adapter.dump_python(value, mode="json")
+
+
+_REGISTRY: dict[str, Ability] = {}
+
+
+def default_title(slug: str) -> str:
+    words = slug.replace("-", " ")
+    return words[:1].upper() + words[1:]
+
+
+def ability(
+    slug: str,
+    *,
+    toolset: str,
+    level: Level,
+    description: str,
+    read_only: bool = False,
+    destructive: bool = False,
+    idempotent: bool = False,
+    open_world: bool = False,
+    title: str | None = None,
+    error_fields: Mapping[str, str] | None = None,
+    transaction: Literal["auto", "manual"] = "auto",
+    output: Any = None,
+) -> Callable[[Handler], Handler]:
+    """Declare an ability. Input and output types come from the handler's annotations."""
+
+    def register(fn: Handler) -> Handler:
+        if slug in _REGISTRY:
+            raise ValueError(f"ability {slug!r} declared twice")
+        if toolset not in TOOLSETS:
+            raise ValueError(f"ability {slug!r}: unknown toolset {toolset!r}")
+        if len(description) > MAX_DESCRIPTION:
+            raise ValueError(f"ability {slug!r}: description longer than {MAX_DESCRIPTION} characters")
+        hints = get_type_hints(fn)
+        params = [name for name in fn.__code__.co_varnames[: fn.__code__.co_argcount]]
+        input_model = hints[params[1]]
+        _check_described(slug, input_model)
+        _REGISTRY[slug] = Ability(
+            slug=slug,
+            title=title or default_title(slug),
+            description=description,
+            toolset=toolset,
+            input_model=input_model,
+            output_type=output if output is not None else hints["return"],
+            level=level,
+            handler=fn,
+            read_only=read_only,
+            destructive=destructive,
+            idempotent=idempotent,
+            open_world=open_world,
+            error_fields=dict(error_fields or {}),
+            transaction=transaction,
+            order=next(_sequence),
+        )
+        return fn
+
+    return register
+
+
+def _check_described(slug: str, model: type[BaseModel]) -> None:
+    for name, info in model.model_fields.items():
+        if not info.description:
+            raise ValueError(f"ability {slug!r}: input field {name!r} has no description")
+
+
+def load_all() -> dict[str, Ability]:
+    """Import every module of the package (declarations register themselves) and return the registry."""
+    import abilities
+
+    for module in pkgutil.iter_modules(abilities.__path__):
+        importlib.import_module(f"abilities.{module.name}")
+    return dict(sorted(_REGISTRY.items(), key=lambda kv: (TOOLSETS.index(kv[1].toolset), kv[1].order)))
+
+
+def registered() -> dict[str, Ability]:
+    """The abilities declared so far (``load_all`` imports them all)."""
+    return _REGISTRY

@@ -1,0 +1,75 @@
+"""Base models for ability inputs and outputs, and field types shared by many tools.
+
+Inputs are strict (a JSON string is not an integer) and closed (unknown fields are rejected), so
+the published JSON schema is exactly what is enforced. Outputs follow abilities.md §2.1: a field
+declared with ``Opt(...)`` is left out when it does not apply; every other field is always present.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Annotated, Any
+
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, WithJsonSchema
+
+from storage.timeutil import iso, parse_datetime
+
+
+class Input(BaseModel):
+    """Base of every ability input model."""
+
+    model_config = ConfigDict(extra="forbid", strict=True, populate_by_name=False)
+
+
+def _is_none(value: Any) -> bool:
+    return value is None
+
+
+def Opt(description: str, **kwargs: Any) -> Any:
+    """An output field that is omitted when it does not apply (``?`` in abilities.md)."""
+    return Field(None, description=description, exclude_if=_is_none, **kwargs)
+
+
+class Output(BaseModel):
+    """Base of every ability output model: exactly the listed fields, ``|null`` ones always present."""
+
+    model_config = ConfigDict(extra="forbid", json_schema_serialization_defaults_required=True)
+
+
+def _parse_dt(value: Any) -> Any:
+    if isinstance(value, str):
+        try:
+            return parse_datetime(value)
+        except ValueError as exc:
+            raise ValueError("must be an ISO 8601 date-time or 'YYYY-MM-DD HH:MM:SS' (UTC)") from exc
+    return value
+
+
+# Datetime inputs accept ISO 8601 or "YYYY-MM-DD HH:MM:SS", read as UTC (abilities.md §2.7).
+DateTimeIn = Annotated[
+    datetime,
+    BeforeValidator(_parse_dt),
+    WithJsonSchema({"type": "string", "format": "date-time"}),
+]
+
+# Outputs carry ISO 8601 strings with a Z suffix.
+Timestamp = Annotated[str, Field(description="ISO 8601 UTC timestamp")]
+
+
+def ts(value: datetime | None) -> str | None:
+    return iso(value)
+
+
+def Id(description: str) -> Any:
+    """An integer id field (≥ 1)."""
+    return Field(default=None, ge=1, description=description)
+
+
+PER_PAGE_DESC = "Rows per page (paging, abilities.md §2.6)"
+OFFSET_DESC = "Rows to skip before the first returned row"
+
+
+class PageOut(Output):
+    total: int = Field(description="Rows matching the filters (before paging)")
+    per_page: int = Field(description="Page size used")
+    offset: int = Field(description="Offset used")

@@ -1,0 +1,94 @@
+"""Settings toolset: global runtime settings (abilities.md §11, storage.md §9)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import Field
+
+from abilities.context import AbilityContext
+from abilities.errors import AbilityError
+from abilities.registry import ability
+from abilities.schema import Input, Output, ts
+from storage.settings import SETTING_KEYS, SettingError, Snapshot, default_value
+
+
+class NoInput(Input):
+    pass
+
+
+def _defaults(snap: Snapshot) -> dict[str, Any]:
+    defaults = Snapshot({k: default_value(k) for k in SETTING_KEYS}, {}, snap.data_dir)
+    return defaults.masked()
+
+
+class GetSettingsOut(Output):
+    settings: dict[str, Any] = Field(description="Every setting with its current value (API keys masked)")
+    defaults: dict[str, Any] = Field(description="The same keys with their default values")
+    updated_at: dict[str, str] = Field(description="When each stored key was last changed (ISO 8601 UTC)")
+
+
+@ability(
+    "get-settings",
+    toolset="settings",
+    level="global_admin",
+    read_only=True,
+    idempotent=True,
+    description=(
+        "Get server settings (retention, thresholds, default AI provider/model, AI limits, rate limits, admins) "
+        "with defaults; API keys masked."
+    ),
+)
+async def get_settings(ctx: AbilityContext, inp: NoInput) -> GetSettingsOut:
+    ctx.access.require_global_admin("Reading settings")
+    snap = await ctx.runtime.settings.snapshot(ctx.session, fresh=True)
+    return GetSettingsOut(
+        settings=snap.masked(),
+        defaults=_defaults(snap),
+        updated_at={k: ts(v) or "" for k, v in snap.updated_at.items()},
+    )
+
+
+class UpdateSettingsIn(Input):
+    settings: dict[str, Any] = Field(
+        min_length=1,
+        max_length=50,
+        description=(
+            'Keys to change and their new values, e.g. {"retention_logs_days": 7, '
+            '"ai_providers": {"openai": {"api_key": "sk-..."}}}. Only the given keys change.'
+        ),
+    )
+
+
+class UpdateSettingsOut(Output):
+    updated_keys: list[str] = Field(description="Keys whose stored value changed")
+    adjusted: dict[str, Any] = Field(description="Values clamped into their range: {key: applied value}")
+    settings: dict[str, Any] = Field(description="All settings after the change (as get-settings)")
+    message: str = Field(description="Human-readable result")
+
+
+@ability(
+    "update-settings",
+    toolset="settings",
+    level="global_admin",
+    destructive=True,
+    idempotent=True,
+    description="Change server settings; only given keys change. Provider API keys are write-only. Global admins only.",
+)
+async def update_settings(ctx: AbilityContext, inp: UpdateSettingsIn) -> UpdateSettingsOut:
+    ctx.access.require_global_admin("Changing settings")
+    try:
+        updated, adjusted = await ctx.runtime.settings.update(ctx.session, inp.settings, user_id=ctx.principal.user_id)
+    except SettingError as err:
+        raise AbilityError("invalid_setting", err.message, key=err.key, message=err.message) from None
+    await ctx.session.flush()
+    snap = await ctx.runtime.settings.snapshot(ctx.session, fresh=True)
+    if updated:
+        # Names only: values of secret keys never reach the log (access.md §6.3).
+        await ctx.audit(f"settings changed: {', '.join(updated)}", target=("settings", "global"), changes=updated)
+    return UpdateSettingsOut(
+        updated_keys=updated,
+        adjusted=adjusted,
+        settings=snap.masked(),
+        message="Settings saved successfully.",
+    )

@@ -1,0 +1,1 @@
+"""Execution: job lifecycle, steps, handlers, scheduler, workers."""

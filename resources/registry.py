@@ -1,0 +1,128 @@
+"""Resource declarations and reading.
+
+A resource is declared once: its URI (fixed or an RFC 6570 template), names, and the read-only
+ability whose structured output is its JSON. Reading a resource invokes that ability through the
+same runner as a tool call, so scoping, denials and their audit rows are identical.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import pkgutil
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from functools import cached_property
+from typing import Any
+
+from mcp.shared.uri_template import UriTemplate
+
+from abilities.access import Principal
+from abilities.context import Runtime
+from abilities.registry import Ability
+from abilities.runner import invoke
+
+NOT_FOUND_CODES = frozenset(
+    {
+        "agent_not_found",
+        "pipeline_not_found",
+        "flow_not_found",
+        "job_not_found",
+        "session_not_found",
+        "pending_action_not_found",
+    }
+)
+
+
+class ResourceNotFound(Exception):
+    """No declared resource matches the URI, or the object it names does not exist."""
+
+
+class ResourceRefused(Exception):
+    """The twin ability refused the read; the message starts with its code."""
+
+    def __init__(self, code: str, message: str, data: Mapping[str, Any]) -> None:
+        super().__init__(f"{code}: {message}")
+        self.code = code
+        self.data = dict(data)
+
+
+@dataclass(frozen=True)
+class ResourceSpec:
+    uri: str
+    name: str
+    title: str
+    description: str
+    twin: str
+    # URI variable -> converter to the twin's input type (int for ids, str otherwise)
+    params: Mapping[str, Callable[[str], Any]] = field(default_factory=dict)
+    # Extra fixed arguments for the twin, and a check that the output names an existing object
+    fixed: Mapping[str, Any] = field(default_factory=dict)
+    exists: Callable[[dict[str, Any]], bool] | None = None
+
+    @cached_property
+    def template(self) -> UriTemplate | None:
+        return UriTemplate.parse(self.uri) if UriTemplate.is_template(self.uri) else None
+
+
+_SPECS: list[ResourceSpec] = []
+
+
+def resource(spec: ResourceSpec) -> ResourceSpec:
+    _SPECS.append(spec)
+    return spec
+
+
+def load_all() -> list[ResourceSpec]:
+    import resources
+
+    for module in pkgutil.iter_modules(resources.__path__):
+        importlib.import_module(f"resources.{module.name}")
+    return list(_SPECS)
+
+
+def match(uri: str, specs: list[ResourceSpec]) -> tuple[ResourceSpec, dict[str, Any]]:
+    for spec in specs:
+        if spec.template is None and spec.uri == uri:
+            return spec, {}
+    for spec in specs:
+        if spec.template is None:
+            continue
+        found = spec.template.match(uri)
+        if found is None:
+            continue
+        args: dict[str, Any] = {}
+        for name, raw in found.items():
+            if not isinstance(raw, str):
+                raise ResourceNotFound(f"Unknown resource: {uri}")
+            convert = spec.params.get(name, str)
+            try:
+                args[name] = convert(raw)
+            except ValueError:
+                raise ResourceNotFound(f"Unknown resource: {uri} ({name} '{raw}' is not valid)") from None
+        return spec, args
+    raise ResourceNotFound(f"Unknown resource: {uri}")
+
+
+async def read(
+    runtime: Runtime,
+    abilities: Mapping[str, Ability],
+    specs: list[ResourceSpec],
+    uri: str,
+    principal: Principal,
+) -> str:
+    """The resource's JSON text: exactly its twin's structured output."""
+    spec, args = match(uri, specs)
+    twin = abilities.get(spec.twin)
+    if twin is None:  # twin excluded by --toolsets/--read-only in this process
+        raise ResourceNotFound(f"Unknown resource: {uri}")
+    outcome = await invoke(runtime, twin, {**spec.fixed, **args}, principal)
+    if outcome.error is not None:
+        code = outcome.error["code"]
+        if code in NOT_FOUND_CODES:
+            raise ResourceNotFound(f"{code}: {outcome.error['message']}")
+        raise ResourceRefused(code, outcome.error["message"], outcome.error.get("data") or {})
+    output = outcome.output or {}
+    if spec.exists is not None and not spec.exists(output):
+        raise ResourceNotFound(f"Unknown resource: {uri}")
+    return json.dumps(output, ensure_ascii=False)

@@ -1,0 +1,1 @@
+"""MCP wiring, transports and the command line."""

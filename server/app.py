@@ -1,0 +1,262 @@
+"""The MCP server: the ability registry and resource declarations served through the low-level SDK.
+
+The low-level ``Server`` is used (rather than ``MCPServer``'s function-signature tools) because every
+tool is generated from a registry entry and must return structured ``{code, message, data}`` errors
+and per-principal tool lists, which the decorator API cannot express.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import mcp_types as types
+from mcp.server.context import ServerRequestContext
+from mcp.server.lowlevel import NotificationOptions, Server
+from mcp.server.models import InitializationOptions
+from mcp.server.subscriptions import InMemorySubscriptionBus, ListenHandler
+from mcp.shared.exceptions import MCPError
+from mcp.shared.subscriptions import ResourcesListChanged, ResourceUpdated
+from mcp_types.version import MODERN_PROTOCOL_VERSIONS
+
+from abilities.access import Principal
+from abilities.context import Runtime
+from abilities.errors import AbilityError
+from abilities.registry import Ability
+from abilities.runner import invoke, visible
+from resources.registry import ResourceNotFound, ResourceRefused, ResourceSpec, read
+
+log = logging.getLogger("datamachine.server")
+
+RESOURCE_NOT_FOUND = -32002  # the 2025-11-25 "Resource not found" code
+INSTRUCTIONS = (
+    "Data Machine automation engine. Pipelines are reusable step templates (fetch → ai → publish …); flows "
+    "are configured, schedulable instances of a pipeline; running a flow creates a job. Agents own resources "
+    "and share them through roles (viewer < operator < admin). Call whoami first to see who you act as. "
+    "Errors start with a stable code (e.g. 'flow_not_found: …') and carry {code, message, data}."
+)
+
+PrincipalResolver = Callable[[ServerRequestContext[Any, Any]], Awaitable[Principal]]
+
+
+def exposed_abilities(abilities: dict[str, Ability], runtime: Runtime) -> dict[str, Ability]:
+    """Tools that exist in this process: ``--toolsets`` and ``--read-only`` remove the others."""
+    return {
+        slug: a
+        for slug, a in abilities.items()
+        if (runtime.toolsets is None or a.toolset in runtime.toolsets) and (a.read_only or not runtime.read_only)
+    }
+
+
+def tool_definition(ability: Ability) -> types.Tool:
+    hints = ability.annotations()
+    return types.Tool(
+        name=ability.slug,
+        title=ability.title,
+        description=ability.description,
+        input_schema=ability.input_schema,
+        output_schema=ability.output_schema,
+        annotations=types.ToolAnnotations(
+            title=hints["title"],
+            read_only_hint=hints["readOnlyHint"],
+            destructive_hint=hints["destructiveHint"],
+            idempotent_hint=hints["idempotentHint"],
+            open_world_hint=hints["openWorldHint"],
+        ),
+    )
+
+
+class DataMachineServer:
+    """Wires one ``Runtime`` into an MCP ``Server`` and delivers change notifications (engine.md §14)."""
+
+    def __init__(
+        self,
+        runtime: Runtime,
+        abilities: dict[str, Ability],
+        resources: list[ResourceSpec],
+        resolve_principal: PrincipalResolver,
+    ) -> None:
+        self.runtime = runtime
+        self.abilities = exposed_abilities(abilities, runtime)
+        self.resources = resources
+        self.resolve_principal = resolve_principal
+        self._tools = {slug: tool_definition(a) for slug, a in self.abilities.items()}
+        self.bus = InMemorySubscriptionBus()
+        # Legacy-era sessions by connection, with the URIs each subscribed to.
+        self._sessions: dict[int, Any] = {}
+        self._subscriptions: dict[int, set[str]] = {}
+        runtime.events = self
+        self.server: Server[Any] = Server(
+            "datamachine-mcp",
+            version=runtime.version,
+            title="Data Machine",
+            instructions=INSTRUCTIONS,
+            on_list_tools=self._list_tools,
+            on_call_tool=self._call_tool,
+            on_list_resources=self._list_resources,
+            on_list_resource_templates=self._list_templates,
+            on_read_resource=self._read_resource,
+            on_subscribe_resource=self._subscribe,
+            on_unsubscribe_resource=self._unsubscribe,
+            on_subscriptions_listen=ListenHandler(self.bus),
+        )
+
+    def initialization_options(self) -> InitializationOptions:
+        return self.server.create_initialization_options(NotificationOptions(resources_changed=True))
+
+    # --- principal ------------------------------------------------------------------------------
+
+    def _remember(self, ctx: ServerRequestContext[Any, Any]) -> int:
+        """Track handshake-era connections for notifications; 2026-era clients use subscriptions/listen."""
+        # One entry per client connection (the session object is per request; its connection is not).
+        key = id(getattr(ctx.session, "_connection", ctx.session))
+        if ctx.protocol_version not in MODERN_PROTOCOL_VERSIONS:
+            self._sessions[key] = ctx.session
+        return key
+
+    async def _principal(self, ctx: ServerRequestContext[Any, Any]) -> Principal:
+        self._remember(ctx)
+        return await self.resolve_principal(ctx)
+
+    # --- tools ----------------------------------------------------------------------------------
+
+    async def _list_tools(
+        self, ctx: ServerRequestContext[Any, Any], params: types.PaginatedRequestParams | None
+    ) -> types.ListToolsResult:
+        try:
+            principal = await self._principal(ctx)
+        except AbilityError as err:
+            raise MCPError(code=types.INVALID_REQUEST, message=f"{err.code}: {err.message}") from None
+        return types.ListToolsResult(
+            tools=[self._tools[slug] for slug, a in self.abilities.items() if visible(a, principal)]
+        )
+
+    async def _call_tool(
+        self, ctx: ServerRequestContext[Any, Any], params: types.CallToolRequestParams
+    ) -> types.CallToolResult:
+        ability = self.abilities.get(params.name)
+        if ability is None:
+            raise MCPError(code=types.INVALID_PARAMS, message=f"Unknown tool: {params.name}")
+        try:
+            principal = await self._principal(ctx)
+        except AbilityError as err:
+            return _error_result(err.payload())
+
+        async def progress(value: float, total: float | None, message: str | None) -> None:
+            await ctx.session.report_progress(value, total, message)
+
+        outcome = await invoke(
+            self.runtime,
+            ability,
+            params.arguments,
+            principal,
+            request_id=str(ctx.request_id) if ctx.request_id is not None else None,
+            progress=progress,
+            client=ctx.session,
+        )
+        if outcome.error is not None:
+            return _error_result(outcome.error)
+        return types.CallToolResult(
+            content=[types.TextContent(type="text", text=outcome.text)],
+            structured_content=outcome.output,
+        )
+
+    # --- resources ------------------------------------------------------------------------------
+
+    async def _list_resources(
+        self, ctx: ServerRequestContext[Any, Any], params: types.PaginatedRequestParams | None
+    ) -> types.ListResourcesResult:
+        self._remember(ctx)
+        return types.ListResourcesResult(
+            resources=[
+                types.Resource(
+                    uri=spec.uri,
+                    name=spec.name,
+                    title=spec.title,
+                    description=spec.description,
+                    mime_type="application/json",
+                )
+                for spec in self.resources
+                if spec.template is None and spec.twin in self.abilities
+            ]
+        )
+
+    async def _list_templates(
+        self, ctx: ServerRequestContext[Any, Any], params: types.PaginatedRequestParams | None
+    ) -> types.ListResourceTemplatesResult:
+        self._remember(ctx)
+        return types.ListResourceTemplatesResult(
+            resource_templates=[
+                types.ResourceTemplate(
+                    uri_template=spec.uri,
+                    name=spec.name,
+                    title=spec.title,
+                    description=spec.description,
+                    mime_type="application/json",
+                )
+                for spec in self.resources
+                if spec.template is not None and spec.twin in self.abilities
+            ]
+        )
+
+    async def _read_resource(
+        self, ctx: ServerRequestContext[Any, Any], params: types.ReadResourceRequestParams
+    ) -> types.ReadResourceResult:
+        uri = str(params.uri)
+        try:
+            principal = await self._principal(ctx)
+            text = await read(self.runtime, self.abilities, self.resources, uri, principal)
+        except ResourceNotFound as err:
+            raise MCPError(code=RESOURCE_NOT_FOUND, message=str(err), data={"uri": uri}) from None
+        except ResourceRefused as err:
+            code = types.INVALID_PARAMS if err.code in ("invalid_input", "input_too_large") else types.INVALID_REQUEST
+            raise MCPError(code=code, message=str(err), data={"uri": uri, **err.data}) from None
+        except AbilityError as err:
+            raise MCPError(code=types.INVALID_REQUEST, message=f"{err.code}: {err.message}") from None
+        return types.ReadResourceResult(
+            contents=[types.TextResourceContents(uri=uri, text=text, mime_type="application/json")]
+        )
+
+    async def _subscribe(
+        self, ctx: ServerRequestContext[Any, Any], params: types.SubscribeRequestParams
+    ) -> types.EmptyResult:
+        key = self._remember(ctx)
+        self._subscriptions.setdefault(key, set()).add(str(params.uri))
+        return types.EmptyResult()
+
+    async def _unsubscribe(
+        self, ctx: ServerRequestContext[Any, Any], params: types.UnsubscribeRequestParams
+    ) -> types.EmptyResult:
+        key = self._remember(ctx)
+        self._subscriptions.get(key, set()).discard(str(params.uri))
+        return types.EmptyResult()
+
+    # --- EventSink: notifications after commit --------------------------------------------------
+
+    async def resource_updated(self, uri: str) -> None:
+        for key, uris in list(self._subscriptions.items()):
+            if uri in uris and key in self._sessions:
+                await _best_effort(self._sessions[key].send_resource_updated(uri))
+        await self.bus.publish(ResourceUpdated(uri=uri))
+
+    async def resources_list_changed(self) -> None:
+        for session in list(self._sessions.values()):
+            await _best_effort(session.send_resource_list_changed())
+        await self.bus.publish(ResourcesListChanged())
+
+
+async def _best_effort(send: Awaitable[None]) -> None:
+    """Notifications are advisory: a gone client must not fail the call that changed something."""
+    try:
+        await send
+    except Exception:
+        log.debug("notification not delivered", exc_info=True)
+
+
+def _error_result(error: dict[str, Any]) -> types.CallToolResult:
+    return types.CallToolResult(
+        content=[types.TextContent(type="text", text=f"{error['code']}: {error['message']}")],
+        structured_content=error,
+        is_error=True,
+    )

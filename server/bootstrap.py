@@ -1,0 +1,153 @@
+"""Opening a process: configuration, database and migrations, secret key, identity (ARCHITECTURE §10).
+
+Flags override environment (``DATAMACHINE_*``), which overrides defaults.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import select
+
+from abilities.access import Principal
+from abilities.context import Runtime
+from abilities.errors import AbilityError
+from abilities.registry import TOOLSETS
+from abilities.tokens import TokenRejected, verify_token
+from storage.crypto import SecretBox, SecretKeyError, load_key
+from storage.db import Database, default_data_dir, default_db_path
+from storage.migrate import MigrationError, migrate
+from storage.models import Agent
+from storage.settings import SettingsStore
+
+log = logging.getLogger("datamachine.server")
+
+
+def version() -> str:
+    try:
+        from importlib.metadata import version as dist_version
+
+        return dist_version("datamachine-mcp")
+    except Exception:  # running from a source tree without installation
+        return "0.0.0+source"
+
+
+class StartupError(RuntimeError):
+    """A configuration or environment problem: printed on stderr, exit code 2."""
+
+
+@dataclass(frozen=True)
+class ProcessConfig:
+    db: str
+    data_dir: Path
+    local_user: int = 1
+    agent: str | None = None
+    token: str | None = None
+    toolsets: frozenset[str] | None = None
+    read_only: bool = False
+    busy_timeout_ms: int = 5000
+    public_base_url: str | None = None
+
+
+def env(name: str, default: str | None = None) -> str | None:
+    value = os.environ.get(f"DATAMACHINE_{name}")
+    return value if value not in (None, "") else default
+
+
+def resolve_db(flag: str | None) -> str:
+    return flag or env("DB") or str(default_db_path())
+
+
+def resolve_data_dir(flag: str | None, db: str) -> Path:
+    explicit = flag or env("DATA_DIR")
+    if explicit:
+        path = Path(explicit).expanduser().resolve()
+    elif "://" not in db and db != ":memory:":
+        path = Path(db).expanduser().resolve().parent
+    else:
+        path = default_data_dir()
+    path.mkdir(mode=0o700, parents=True, exist_ok=True)
+    return path
+
+
+def parse_toolsets(raw: str | None) -> frozenset[str] | None:
+    if not raw:
+        return None
+    names = frozenset(part.strip() for part in raw.split(",") if part.strip())
+    unknown = sorted(names - set(TOOLSETS))
+    if unknown:
+        raise StartupError(f"unknown toolsets: {', '.join(unknown)} (choose from {', '.join(TOOLSETS)})")
+    return names
+
+
+async def open_runtime(cfg: ProcessConfig) -> Runtime:
+    """Open the database (migrating it), load the secret key and settings."""
+    db = Database(cfg.db, busy_timeout_ms=cfg.busy_timeout_ms)
+    try:
+        await migrate(db)
+    except MigrationError as exc:
+        await db.dispose()
+        raise StartupError(str(exc)) from None
+    except Exception as exc:
+        await db.dispose()
+        raise StartupError(f"cannot open the database {db.describe()}: {exc}") from None
+    try:
+        box = SecretBox(load_key(cfg.data_dir))
+    except SecretKeyError as exc:
+        await db.dispose()
+        raise StartupError(str(exc)) from None
+    return Runtime(
+        db=db,
+        settings=SettingsStore(cfg.data_dir, box),
+        box=box,
+        data_dir=cfg.data_dir,
+        version=version(),
+        toolsets=cfg.toolsets,
+        read_only=cfg.read_only,
+        public_base_url=cfg.public_base_url,
+    )
+
+
+Resolver = Callable[[Any], Awaitable[Principal]]
+
+
+async def stdio_identity(runtime: Runtime, cfg: ProcessConfig) -> Resolver:
+    """access.md §1.3: the local owner, optionally in an agent's context, or a token's identity."""
+    if cfg.token:
+        if cfg.agent:
+            raise StartupError("--agent cannot be combined with --token: the token decides the agent")
+        try:
+            start = await verify_token(runtime.db, runtime.settings, cfg.token, transport="stdio")
+        except TokenRejected as exc:
+            raise StartupError(f"the token given with --token was rejected ({exc.reason})") from None
+
+        async def by_token(_ctx: Any) -> Principal:
+            # Re-verified on every call: a revoked token stops working at once.
+            try:
+                return await verify_token(runtime.db, runtime.settings, cfg.token or "", transport="stdio")
+            except TokenRejected:
+                raise AbilityError("unauthenticated", "token revoked or expired") from None
+
+        log.info("acting as token %s (user %s)", start.token_prefix, start.user_id)
+        return by_token
+
+    agent_id = agent_slug = None
+    if cfg.agent:
+        async with runtime.db.read() as session:
+            agent = (await session.execute(select(Agent).where(Agent.agent_slug == cfg.agent))).scalar_one_or_none()
+        if agent is None:
+            raise StartupError(f"--agent '{cfg.agent}' names no agent; create it first (create-agent)")
+        agent_id, agent_slug = agent.agent_id, agent.agent_slug
+    owner = Principal(
+        user_id=cfg.local_user, agent_id=agent_id, is_admin=True, transport="stdio", agent_slug=agent_slug
+    )
+
+    async def local_owner(_ctx: Any) -> Principal:
+        return owner
+
+    return local_owner

@@ -1,0 +1,36 @@
+"""Serving MCP over stdio: nothing but the protocol on stdout, diagnostics on stderr."""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+from mcp.server.stdio import stdio_server
+
+from abilities.registry import load_all as load_abilities
+from resources.registry import load_all as load_resources
+from server.app import DataMachineServer
+from server.bootstrap import ProcessConfig, open_runtime, stdio_identity
+
+log = logging.getLogger("datamachine.server")
+
+CONNECT_HINT = """\
+datamachine-mcp speaks the Model Context Protocol on stdin/stdout; it is meant to be started by an MCP client.
+Claude Desktop (claude_desktop_config.json):
+  {{"mcpServers": {{"datamachine": {{"command": "datamachine-mcp", "args": ["--db", "{db}"]}}}}}}
+Serving on this terminal now (database {db}); press Ctrl-D or Ctrl-C to stop.
+"""
+
+
+async def serve_stdio(cfg: ProcessConfig) -> int:
+    runtime = await open_runtime(cfg)
+    try:
+        resolver = await stdio_identity(runtime, cfg)
+        app = DataMachineServer(runtime, load_abilities(), load_resources(), resolver)
+        if sys.stdin.isatty():
+            sys.stderr.write(CONNECT_HINT.format(db=runtime.db.describe()))
+        async with stdio_server() as (read_stream, write_stream):
+            await app.server.run(read_stream, write_stream, app.initialization_options())
+    finally:
+        await runtime.db.dispose()
+    return 0

@@ -1,0 +1,77 @@
+"""``datamachine-mcp token create|list|revoke``: token management from the shell (access.md §2.7).
+
+The CLI acts with local-owner authority and goes through the same abilities as tool calls, so its
+actions are audited with ``transport = cli``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Any
+
+from sqlalchemy import select
+
+from abilities.access import Principal
+from abilities.registry import load_all
+from abilities.runner import invoke
+from abilities.tokens import token_info
+from server.bootstrap import ProcessConfig, StartupError, open_runtime
+from storage.models import Agent, AgentToken
+
+
+async def run_token_command(cfg: ProcessConfig, args: argparse.Namespace) -> int:
+    runtime = await open_runtime(cfg)
+    owner = Principal(user_id=cfg.local_user, is_admin=True, transport="cli")
+    abilities = load_all()
+    try:
+        if args.token_command == "create":
+            arguments: dict[str, Any] = {"user_id": args.user}
+            if args.token_agent:
+                arguments["agent_slug"] = args.token_agent
+            if args.label:
+                arguments["label"] = args.label
+            if args.capabilities:
+                arguments["capabilities"] = [c.strip() for c in args.capabilities.split(",") if c.strip()]
+            if args.expires_in is not None:
+                arguments["expires_in"] = args.expires_in
+            outcome = await invoke(runtime, abilities["create-agent-token"], arguments, owner)
+            if outcome.error is not None:
+                print(f"datamachine-mcp: {outcome.text}", file=sys.stderr)
+                return 1
+            assert outcome.output is not None
+            print(outcome.output["raw_token"])  # the only thing on stdout, for scripts
+            return 0
+        if args.token_command == "revoke":
+            outcome = await invoke(runtime, abilities["revoke-agent-token"], {"token_id": args.token_id}, owner)
+            if outcome.error is not None:
+                print(f"datamachine-mcp: {outcome.text}", file=sys.stderr)
+                return 1
+            assert outcome.output is not None
+            print(outcome.output["message"])
+            return 0
+        return await _list(runtime, args)
+    finally:
+        await runtime.db.dispose()
+
+
+async def _list(runtime: Any, args: argparse.Namespace) -> int:
+    async with runtime.db.read() as session:
+        query = select(AgentToken).order_by(AgentToken.token_id)
+        if args.token_agent:
+            agent = (await session.execute(select(Agent).where(Agent.agent_slug == args.token_agent))).scalar()
+            if agent is None:
+                raise StartupError(f"no agent with slug '{args.token_agent}'")
+            query = query.where(AgentToken.agent_id == agent.agent_id)
+        if args.user is not None:
+            query = query.where(AgentToken.user_id == args.user)
+        rows = [token_info(r) for r in (await session.execute(query)).scalars()]
+    print(f"{'ID':>5}  {'PREFIX':<32} {'AGENT':>6} {'USER':>5}  {'LABEL':<16} {'SCOPES':<20} STATE")
+    for r in rows:
+        state = "revoked" if r["revoked_at"] else ("expires " + r["expires_at"] if r["expires_at"] else "active")
+        scopes = ",".join(r["capabilities"]) if r["capabilities"] else "-"
+        agent = str(r["agent_id"]) if r["agent_id"] else "-"
+        print(
+            f"{r['token_id']:>5}  {r['token_prefix']:<32} {agent:>6} {r['user_id']:>5}  {(r['label'] or '-'):<16} {scopes:<20} {state}"
+        )
+    return 0

@@ -1,0 +1,1 @@
+"""Persistence: SQLAlchemy models of the ten tables, sessions, migrations, secrets and settings."""

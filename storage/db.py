@@ -1,0 +1,146 @@
+"""Engines, sessions and dialect details (storage.md §11-§13).
+
+Every unit of work is one transaction: ``Database.write()`` for changes, ``Database.read()`` for
+reads. On SQLite a write transaction starts with ``BEGIN IMMEDIATE`` so the write lock is taken
+up front (a deferred transaction that reads and then writes can fail with ``SQLITE_BUSY`` in a way
+``busy_timeout`` cannot resolve); reads use a separate engine with plain ``BEGIN``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import event
+from sqlalchemy.engine import Connection
+from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker, create_async_engine
+from sqlalchemy.pool import StaticPool
+from sqlalchemy.sql import Select
+
+log = logging.getLogger(__name__)
+
+DEFAULT_BUSY_TIMEOUT_MS = 5000
+
+
+def normalize_url(path_or_url: str) -> str:
+    """A path means SQLite; ``postgresql://`` and ``sqlite://`` URLs get their async drivers."""
+    value = path_or_url.strip()
+    if value == ":memory:":
+        return "sqlite+aiosqlite:///:memory:"
+    if "://" not in value:
+        path = Path(value).expanduser().resolve()
+        return f"sqlite+aiosqlite:///{path}"
+    scheme, rest = value.split("://", 1)
+    if scheme in ("postgresql", "postgres"):
+        return f"postgresql+asyncpg://{rest}"
+    if scheme == "sqlite":
+        return f"sqlite+aiosqlite://{rest}"
+    return value
+
+
+def sqlite_path(url: str) -> Path | None:
+    """The database file of a SQLite URL (None for other backends and ``:memory:``)."""
+    if not url.startswith("sqlite") or url.endswith(":memory:"):
+        return None
+    return Path(url.split(":///", 1)[1])
+
+
+def _install_sqlite_hooks(engine: AsyncEngine, *, begin: str, busy_timeout_ms: int) -> None:
+    @event.listens_for(engine.sync_engine, "connect")
+    def _on_connect(dbapi_connection: Any, _record: Any) -> None:
+        # Take over transaction control from the driver so BEGIN can be IMMEDIATE.
+        dbapi_connection.isolation_level = None
+        cursor = dbapi_connection.cursor()
+        cursor.execute("PRAGMA journal_mode=WAL")
+        cursor.execute("PRAGMA foreign_keys=ON")
+        cursor.execute(f"PRAGMA busy_timeout={int(busy_timeout_ms)}")
+        cursor.execute("PRAGMA synchronous=NORMAL")
+        cursor.close()
+
+    @event.listens_for(engine.sync_engine, "begin")
+    def _on_begin(conn: Connection) -> None:
+        conn.exec_driver_sql(begin)
+
+
+class Database:
+    """One database (SQLite file or PostgreSQL), with write and read sessions."""
+
+    def __init__(
+        self,
+        path_or_url: str,
+        *,
+        busy_timeout_ms: int = DEFAULT_BUSY_TIMEOUT_MS,
+        pool_size: int = 10,
+    ) -> None:
+        self.url = normalize_url(path_or_url)
+        self.dialect = "postgresql" if self.url.startswith("postgresql") else "sqlite"
+        self.path = sqlite_path(self.url)
+        if self.dialect == "sqlite":
+            if self.path is not None:
+                self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+            memory = self.path is None
+            kwargs: dict[str, Any] = {"poolclass": StaticPool} if memory else {}
+            self.write_engine = create_async_engine(self.url, **kwargs)
+            _install_sqlite_hooks(self.write_engine, begin="BEGIN IMMEDIATE", busy_timeout_ms=busy_timeout_ms)
+            if memory:  # one shared connection: reads go through the write engine
+                self.read_engine = self.write_engine
+            else:
+                self.read_engine = create_async_engine(self.url)
+                _install_sqlite_hooks(self.read_engine, begin="BEGIN", busy_timeout_ms=busy_timeout_ms)
+        else:
+            self.write_engine = create_async_engine(
+                self.url, pool_size=pool_size, max_overflow=pool_size, pool_pre_ping=True
+            )
+            self.read_engine = self.write_engine
+        self._writer = async_sessionmaker(self.write_engine, expire_on_commit=False, autoflush=True)
+        self._reader = async_sessionmaker(self.read_engine, expire_on_commit=False, autoflush=True)
+
+    @property
+    def is_sqlite(self) -> bool:
+        return self.dialect == "sqlite"
+
+    @asynccontextmanager
+    async def write(self) -> AsyncIterator[AsyncSession]:
+        """A write transaction: commits when the block ends, rolls back on any exception."""
+        async with self._writer() as session, session.begin():
+            yield session
+
+    @asynccontextmanager
+    async def read(self) -> AsyncIterator[AsyncSession]:
+        """A read-only transaction (rolled back at the end; nothing it does is kept)."""
+        async with self._reader() as session:
+            try:
+                yield session
+            finally:
+                await session.rollback()
+
+    def for_update(self, stmt: Select[Any]) -> Select[Any]:
+        """Lock the selected rows for a read-modify-write (storage.md §11 rule 4).
+
+        SQLite's ``BEGIN IMMEDIATE`` already holds the database write lock; PostgreSQL takes
+        row locks.
+        """
+        return stmt.with_for_update() if self.dialect == "postgresql" else stmt
+
+    async def dispose(self) -> None:
+        await self.write_engine.dispose()
+        if self.read_engine is not self.write_engine:
+            await self.read_engine.dispose()
+
+    def describe(self) -> str:
+        if self.path is not None:
+            return f"sqlite:{self.path}"
+        return self.url.split("@")[-1] if self.dialect == "postgresql" else self.url
+
+
+def default_data_dir() -> Path:
+    base = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
+    return Path(base) / "datamachine-mcp"
+
+
+def default_db_path() -> Path:
+    return default_data_dir() / "datamachine.db"

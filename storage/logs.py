@@ -1,0 +1,71 @@
+"""The single function that writes log rows (storage.md §3.8, §7.8).
+
+It promotes integer ``job_id``/``flow_id``/``pipeline_id`` context values to their indexed
+columns, truncates long messages, and drops entries below the ``log_level`` threshold (audit
+rows are never dropped).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from storage.models import LOG_LEVELS, LogEntry
+from storage.timeutil import utcnow
+
+MAX_MESSAGE = 4000
+LEVEL_RANK = {level: rank for rank, level in enumerate(LOG_LEVELS)}
+
+
+def _int_or_none(value: Any) -> int | None:
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+
+def level_allows(level: str, threshold: str) -> bool:
+    return LEVEL_RANK[level] >= LEVEL_RANK.get(threshold, 1)
+
+
+def build_log_row(
+    level: str,
+    message: str,
+    context: dict[str, Any] | None = None,
+    *,
+    agent_id: int | None = None,
+    user_id: int | None = None,
+) -> LogEntry:
+    if level not in LEVEL_RANK:
+        raise ValueError(f"unknown log level {level!r}")
+    if len(message) > MAX_MESSAGE:
+        message = message[: MAX_MESSAGE - 1] + "…"
+    ctx = context or None
+    return LogEntry(
+        level=level,
+        message=message,
+        context=ctx,
+        agent_id=agent_id,
+        user_id=user_id,
+        created_at=utcnow(),
+        job_id=_int_or_none((ctx or {}).get("job_id")),
+        flow_id=_int_or_none((ctx or {}).get("flow_id")),
+        pipeline_id=_int_or_none((ctx or {}).get("pipeline_id")),
+    )
+
+
+async def write_log(
+    session: AsyncSession,
+    level: str,
+    message: str,
+    context: dict[str, Any] | None = None,
+    *,
+    agent_id: int | None = None,
+    user_id: int | None = None,
+    threshold: str = "debug",
+    audit: bool = False,
+) -> LogEntry | None:
+    """Add one log row to ``session``; returns None when the level is below ``threshold``."""
+    if not audit and not level_allows(level, threshold):
+        return None
+    row = build_log_row(level, message, context, agent_id=agent_id, user_id=user_id)
+    session.add(row)
+    return row

@@ -1,0 +1,93 @@
+"""Schema migrations on start, under a lock (storage.md §14).
+
+Startup reads ``alembic_version`` directly and imports Alembic only when an upgrade is needed:
+the common case (schema already at head) then costs one query.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import inspect, text
+from sqlalchemy.engine import Connection
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from storage.db import Database
+from storage.migrations import HEAD_REVISION
+
+log = logging.getLogger(__name__)
+
+MIGRATIONS_DIR = Path(__file__).parent / "migrations"
+_PG_LOCK = "hashtext('datamachine_migrations')"
+
+
+class MigrationError(RuntimeError):
+    """The database cannot be brought to this code's schema (e.g. it is newer)."""
+
+
+def alembic_config(connection: Connection | None = None) -> Any:
+    from alembic.config import Config
+
+    cfg = Config()
+    cfg.set_main_option("script_location", str(MIGRATIONS_DIR))
+    if connection is not None:
+        cfg.attributes["connection"] = connection
+    return cfg
+
+
+def _read_revision(conn: Connection) -> str | None:
+    if not inspect(conn).has_table("alembic_version"):
+        return None
+    return conn.execute(text("SELECT version_num FROM alembic_version")).scalar()
+
+
+async def current_revision(db: Database) -> str | None:
+    async with db.read_engine.connect() as conn:
+        return await conn.run_sync(_read_revision)
+
+
+def _upgrade(conn: Connection) -> str | None:
+    from alembic import command
+    from alembic.script import ScriptDirectory
+
+    revision = _read_revision(conn)
+    if revision == HEAD_REVISION:
+        return revision  # another process migrated while we waited for the lock
+    cfg = alembic_config(conn)
+    script = ScriptDirectory.from_config(cfg)
+    if revision is not None and revision not in {rev.revision for rev in script.walk_revisions()}:
+        raise MigrationError(
+            f"the database is at schema revision {revision!r}, which this version of datamachine-mcp "
+            f"does not know (its newest is {HEAD_REVISION!r}); upgrade datamachine-mcp, it never downgrades"
+        )
+    command.upgrade(cfg, "head")
+    return revision
+
+
+async def migrate(db: Database) -> bool:
+    """Bring the schema to head. Returns True when an upgrade ran."""
+    if await current_revision(db) == HEAD_REVISION:
+        return False
+    if db.dialect == "postgresql":
+        async with db.write_engine.connect() as conn:
+            await conn.execute(text(f"SELECT pg_advisory_lock({_PG_LOCK})"))
+            await conn.commit()
+            try:
+                async with conn.begin():
+                    before = await conn.run_sync(_upgrade)
+            finally:
+                await conn.execute(text(f"SELECT pg_advisory_unlock({_PG_LOCK})"))
+                await conn.commit()
+    else:
+        # The write engine begins with BEGIN IMMEDIATE: the whole upgrade holds the write lock.
+        async with db.write_engine.begin() as conn:
+            before = await _run(conn)
+    if before != HEAD_REVISION:
+        log.info("database migrated from %s to %s", before or "empty", HEAD_REVISION)
+    return before != HEAD_REVISION
+
+
+async def _run(conn: AsyncConnection) -> str | None:
+    return await conn.run_sync(_upgrade)

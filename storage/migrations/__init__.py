@@ -1,0 +1,5 @@
+"""Alembic migration scripts (storage.md §14)."""
+
+# The newest revision; tests assert that it is Alembic's head, so startup can check the schema
+# without importing Alembic (which costs most of a second).
+HEAD_REVISION = "0001_initial"

@@ -1,0 +1,111 @@
+"""Shared fixtures: a real SQLite file per test, the real server, in-process MCP clients."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import pytest
+from mcp import Client
+from sqlalchemy import text
+
+from abilities.access import Principal
+from abilities.context import Runtime
+from abilities.registry import load_all as load_abilities
+from resources.registry import load_all as load_resources
+from server.app import DataMachineServer
+from server.bootstrap import ProcessConfig, open_runtime
+
+OWNER = Principal(user_id=1, is_admin=True, transport="stdio")
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+@pytest.fixture
+async def runtime(tmp_path: Path) -> AsyncIterator[Runtime]:
+    cfg = ProcessConfig(db=str(tmp_path / "dm.db"), data_dir=tmp_path)
+    rt = await open_runtime(cfg)
+    try:
+        yield rt
+    finally:
+        await rt.db.dispose()
+
+
+def make_server(runtime: Runtime, principal: Principal = OWNER) -> DataMachineServer:
+    async def resolve(_ctx: Any) -> Principal:
+        return principal
+
+    return DataMachineServer(runtime, load_abilities(), load_resources(), resolve)
+
+
+@asynccontextmanager
+async def connect(runtime: Runtime, principal: Principal = OWNER, **kwargs: Any) -> AsyncIterator[Client]:
+    """An MCP client talking JSON-RPC (legacy handshake) to a fresh server for ``principal``."""
+    app = make_server(runtime, principal)
+    async with Client(app.server, mode="legacy", **kwargs) as client:
+        yield client
+
+
+@pytest.fixture
+async def owner(runtime: Runtime) -> AsyncIterator[Client]:
+    async with connect(runtime) as client:
+        yield client
+
+
+async def call(client: Client, name: str, arguments: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Call a tool that must succeed; returns its structured output."""
+    result = await client.call_tool(name, arguments or {})
+    assert not result.is_error, result.content[0].text if result.content else result
+    assert result.structured_content is not None
+    return result.structured_content
+
+
+async def fail(
+    client: Client, name: str, arguments: dict[str, Any] | None = None, code: str | None = None
+) -> dict[str, Any]:
+    """Call a tool that must fail; returns ``{code, message, data}`` and checks the text prefix."""
+    result = await client.call_tool(name, arguments or {})
+    assert result.is_error, f"{name} unexpectedly succeeded: {result.structured_content}"
+    err = result.structured_content
+    assert err is not None and set(err) == {"code", "message", "data"}, err
+    assert result.content[0].text.startswith(f"{err['code']}: "), result.content[0].text
+    if code is not None:
+        assert err["code"] == code, err
+    return err
+
+
+TABLES = (
+    "datamachine_pipelines",
+    "datamachine_flows",
+    "datamachine_jobs",
+    "datamachine_processed_items",
+    "datamachine_chat_sessions",
+    "datamachine_agents",
+    "datamachine_agent_access",
+    "datamachine_logs",
+    "datamachine_agent_tokens",
+    "datamachine_settings",
+)
+
+
+async def table_rows(runtime: Runtime) -> dict[str, list[tuple[Any, ...]]]:
+    """Every row of the ten tables, for 'nothing was written' assertions."""
+    out: dict[str, list[tuple[Any, ...]]] = {}
+    async with runtime.db.read() as session:
+        for table in TABLES:
+            rows = (await session.execute(text(f"SELECT * FROM {table} ORDER BY 1"))).all()
+            out[table] = [
+                tuple(json.dumps(v, default=str) if isinstance(v, dict | list) else v for v in r) for r in rows
+            ]
+    return out
+
+
+async def count(runtime: Runtime, table: str, where: str = "1=1") -> int:
+    async with runtime.db.read() as session:
+        return int((await session.execute(text(f"SELECT count(*) FROM {table} WHERE {where}"))).scalar() or 0)
