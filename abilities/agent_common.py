@@ -7,7 +7,7 @@ import unicodedata
 from typing import Any, Literal
 
 from pydantic import Field
-from sqlalchemy import case, select
+from sqlalchemy import bindparam, case, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from abilities.access import Owner
@@ -53,6 +53,9 @@ def agent_owner(agent: Agent) -> Owner:
     )
 
 
+_BY_SLUG = select(Agent).where(Agent.agent_slug == bindparam("slug"))
+
+
 class AgentSelector(Input):
     agent_id: int | None = Field(None, ge=1, description="Agent id (selector; give this or agent_slug)")
     agent_slug: str | None = Field(None, max_length=200, description="Agent slug (selector; give this or agent_id)")
@@ -67,7 +70,7 @@ async def find_agent(session: AsyncSession, agent_id: int | None, agent_slug: st
     if agent_id is not None and by_id is None:
         raise AbilityError("agent_not_found", f"Agent {agent_id} not found.", agent_id=agent_id)
     if slug is not None:
-        by_slug = (await session.execute(select(Agent).where(Agent.agent_slug == slug))).scalar_one_or_none()
+        by_slug = (await session.execute(_BY_SLUG, {"slug": slug})).scalar_one_or_none()
         if by_slug is None:
             raise AbilityError("agent_not_found", f"Agent '{slug}' not found.", agent_slug=slug)
         if by_id is not None and by_id.agent_id != by_slug.agent_id:

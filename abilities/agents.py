@@ -5,12 +5,11 @@ from __future__ import annotations
 from typing import Any, Literal
 
 from pydantic import Field
-from sqlalchemy import and_, func, or_, select
+from sqlalchemy import and_, bindparam, func, or_, select
 
 from abilities.access import ROLE_RANK
 from abilities.agent_common import (
     AgentDetail,
-    AgentOut,
     AgentSelector,
     agent_dict,
     agent_owner,
@@ -58,26 +57,31 @@ async def _slug_free(ctx: AbilityContext, slug: str) -> None:
         )
 
 
+def _count(model: Any, *conds: Any) -> Any:
+    return select(func.count()).select_from(model).where(*conds).scalar_subquery()
+
+
+_AID = bindparam("aid")
+# Built once: statement construction is a large share of a short read's cost.
+_COUNTS = select(
+    _count(Pipeline, Pipeline.agent_id == _AID),
+    _count(Flow, Flow.agent_id == _AID),
+    _count(Job, Job.agent_id == _AID, Job.status.in_(ACTIVE)),
+    _count(ChatSession, ChatSession.agent_id == _AID),
+)
+_GRANTS = select(AgentAccess).where(AgentAccess.agent_id == _AID)
+
+
 async def agent_detail(ctx: AbilityContext, agent: Agent, role: str | None) -> dict[str, Any]:
     """get-agent's agent object: Agent + resource_counts + access (admins) + caller_role."""
     s = ctx.session
     aid = agent.agent_id
-
-    async def count(model: Any, *conds: Any) -> int:
-        return int((await s.execute(select(func.count()).select_from(model).where(*conds))).scalar() or 0)
-
-    counts = {
-        "pipelines": await count(Pipeline, Pipeline.agent_id == aid),
-        "flows": await count(Flow, Flow.agent_id == aid),
-        "active_jobs": await count(Job, Job.agent_id == aid, Job.status.in_(ACTIVE)),
-        "chat_sessions": await count(ChatSession, ChatSession.agent_id == aid),
-    }
+    pipelines, flows, active_jobs, chats = (await s.execute(_COUNTS, {"aid": aid})).one()
+    counts = {"pipelines": pipelines, "flows": flows, "active_jobs": active_jobs, "chat_sessions": chats}
     caller_role = ctx.principal.cap_role(role)
     access = None
     if ctx.principal.is_admin or (caller_role is not None and ROLE_RANK[caller_role] >= ROLE_RANK["admin"]):
-        rows = await s.execute(
-            select(AgentAccess).where(AgentAccess.agent_id == aid).order_by(*grants_order(agent.owner_id))
-        )
+        rows = await s.execute(_GRANTS.order_by(*grants_order(agent.owner_id)), {"aid": aid})
         access = [grant_dict(g, agent.owner_id) for g in rows.scalars()]
     return {**agent_dict(agent), "resource_counts": counts, "access": access, "caller_role": caller_role}
 
@@ -95,7 +99,14 @@ class CreateAgentIn(Input):
     )
 
 
-class CreateAgentOut(AgentOut):
+class CreateAgentOut(Output):
+    # Exactly the fields abilities.md lists for create-agent (no timestamps; get-agent has them).
+    agent_id: int = Field(description="Agent id")
+    agent_slug: str = Field(description="Unique slug")
+    agent_name: str = Field(description="Display name")
+    owner_id: int = Field(description="Owning user (always admin on the agent)")
+    status: Literal["active", "inactive"] = Field(description="Always active for a new agent")
+    agent_config: dict[str, Any] = Field(description="Normalised config")
     message: str = Field(description="Human-readable result")
 
 
@@ -156,7 +167,8 @@ async def create_agent(ctx: AbilityContext, inp: CreateAgentIn) -> CreateAgentOu
     )
     ctx.notify_updated(agent_uri(slug))
     ctx.notify_list_changed()
-    return CreateAgentOut(**agent_dict(agent), message=f"Agent '{slug}' created.")
+    fields = {k: v for k, v in agent_dict(agent).items() if k in CreateAgentOut.model_fields}
+    return CreateAgentOut(**fields, message=f"Agent '{slug}' created.")
 
 
 # --- get-agent --------------------------------------------------------------------------------

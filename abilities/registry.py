@@ -8,7 +8,6 @@ level, transaction mode, handler). Listing, documentation and permission checks 
 from __future__ import annotations
 
 import importlib
-import itertools
 import pkgutil
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
@@ -24,7 +23,6 @@ TOOLSETS = ("agents", "pipelines", "flows", "jobs", "processed-items", "logs", "
 MAX_DESCRIPTION = 200
 
 Handler = Callable[[Any, Any], Awaitable[Any]]
-_sequence = itertools.count()
 
 
 @dataclass(frozen=True, eq=False)
@@ -46,7 +44,7 @@ class Ability:
     # "auto": the runner wraps the call in one transaction; "manual": the handler opens short
     # transactions itself (tools that wait or call out must not hold one, abilities.md §2.4)
     transaction: Literal["auto", "manual"] = "auto"
-    order: int = 0
+    order: tuple[str, int] = ("", 0)
 
     @cached_property
     def output_adapter(self) -> TypeAdapter[Any]:
@@ -133,7 +131,8 @@ def ability(
             open_world=open_world,
             error_fields=dict(error_fields or {}),
             transaction=transaction,
-            order=next(_sequence),
+            # Import order varies (other layers import some modules early); source position does not.
+            order=(fn.__module__, fn.__code__.co_firstlineno),
         )
         return fn
 

@@ -137,9 +137,7 @@ async def invoke(
                 ctx = AbilityContext(runtime, ability, principal, session, request_id, progress, client)
                 result = await ability.handler(ctx, parsed)
                 output = ability.dump_output(result)
-                if ability.read_only:
-                    session.expunge_all()
-                else:
+                if not ability.read_only:
                     await session.flush()
         await ctx.flush_events()
         return Outcome(output=output)

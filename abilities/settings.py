@@ -80,7 +80,10 @@ async def update_settings(ctx: AbilityContext, inp: UpdateSettingsIn) -> UpdateS
     try:
         updated, adjusted = await ctx.runtime.settings.update(ctx.session, inp.settings, user_id=ctx.principal.user_id)
     except SettingError as err:
-        raise AbilityError("invalid_setting", err.message, key=err.key, message=err.message) from None
+        # data {key, message} (abilities.md update-settings); "message" cannot be a keyword of AbilityError.
+        error = AbilityError("invalid_setting", err.message, key=err.key)
+        error.data["message"] = err.message
+        raise error from None
     await ctx.session.flush()
     snap = await ctx.runtime.settings.snapshot(ctx.session, fresh=True)
     if updated:

@@ -141,7 +141,10 @@ async def verify_token(
             reason = "expired"
         elif row.agent_id is not None and (agent is None or agent.status != "active"):
             reason = "agent_inactive"
+        # Copied out while the session is open: ending a read transaction expires its rows.
         token_id, user_id, caps = row.token_id, row.user_id, row.capabilities
+        token_agent_id, token_prefix = row.agent_id, row.token_prefix
+        agent_slug = agent.agent_slug if agent is not None else None
         stale = row.last_used_at is None or (now - row.last_used_at).total_seconds() > 60
     if reason is not None:
         async with db.write() as session:
@@ -150,7 +153,7 @@ async def verify_token(
                 "warning",
                 f"token {token_id} rejected: {reason}",
                 {"token_id": token_id, "reason_code": reason, "transport": transport},
-                agent_id=row.agent_id,
+                agent_id=token_agent_id,
                 user_id=user_id,
             )
         raise TokenRejected(reason)
@@ -166,14 +169,14 @@ async def verify_token(
     is_admin = user_id in snap["admin_user_ids"] and (capabilities is None or "admin" in capabilities)
     return Principal(
         user_id=user_id,
-        agent_id=row.agent_id,
+        agent_id=token_agent_id,
         is_admin=is_admin,
         capabilities=capabilities,
         token_id=token_id,
         transport=transport,
         session_id=session_id,
-        token_prefix=row.token_prefix,
-        agent_slug=agent.agent_slug if agent is not None else None,
+        token_prefix=token_prefix,
+        agent_slug=agent_slug,
     )
 
 
@@ -398,10 +401,11 @@ class RevokeTokenOut(Output):
 async def revoke_agent_token(ctx: AbilityContext, inp: RevokeTokenIn) -> RevokeTokenOut:
     p = ctx.principal
     unknown = AbilityError("token_not_found", f"Token {inp.token_id} not found.", token_id=inp.token_id)
+    # The selector is resolved first, so its errors never depend on whether the token id exists.
+    agent = await find_agent(ctx.session, inp.agent_id, inp.agent_slug)
     row = await ctx.session.get(AgentToken, inp.token_id)
     if row is None:
         raise unknown
-    agent = await find_agent(ctx.session, inp.agent_id, inp.agent_slug)
     if agent is not None and row.agent_id != agent.agent_id:
         raise unknown
     if row.user_id != p.user_id:

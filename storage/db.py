@@ -4,12 +4,20 @@ Every unit of work is one transaction: ``Database.write()`` for changes, ``Datab
 reads. On SQLite a write transaction starts with ``BEGIN IMMEDIATE`` so the write lock is taken
 up front (a deferred transaction that reads and then writes can fail with ``SQLITE_BUSY`` in a way
 ``busy_timeout`` cannot resolve); reads use a separate engine with plain ``BEGIN``.
+
+SQLite statements run inline on the event loop (``storage.sqlite_driver``). So that nothing blocks
+the loop while waiting for a lock, writers in this process take an asyncio lock first, and
+``BEGIN IMMEDIATE`` against another process's write lock is retried with asynchronous sleeps for up
+to the busy timeout instead of letting SQLite's ``busy_timeout`` block the thread.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
+import sqlite3
+import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -20,6 +28,9 @@ from sqlalchemy.engine import Connection
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker, create_async_engine
 from sqlalchemy.pool import StaticPool
 from sqlalchemy.sql import Select
+from sqlalchemy.util.concurrency import await_
+
+import storage.sqlite_driver  # noqa: F401 - registers the sqlite+dminline dialect
 
 log = logging.getLogger(__name__)
 
@@ -30,15 +41,15 @@ def normalize_url(path_or_url: str) -> str:
     """A path means SQLite; ``postgresql://`` and ``sqlite://`` URLs get their async drivers."""
     value = path_or_url.strip()
     if value == ":memory:":
-        return "sqlite+aiosqlite:///:memory:"
+        return "sqlite+dminline:///:memory:"
     if "://" not in value:
         path = Path(value).expanduser().resolve()
-        return f"sqlite+aiosqlite:///{path}"
+        return f"sqlite+dminline:///{path}"
     scheme, rest = value.split("://", 1)
     if scheme in ("postgresql", "postgres"):
         return f"postgresql+asyncpg://{rest}"
-    if scheme == "sqlite":
-        return f"sqlite+aiosqlite://{rest}"
+    if scheme in ("sqlite", "sqlite+aiosqlite", "sqlite+pysqlite"):
+        return f"sqlite+dminline://{rest}"
     return value
 
 
@@ -49,21 +60,40 @@ def sqlite_path(url: str) -> Path | None:
     return Path(url.split(":///", 1)[1])
 
 
-def _install_sqlite_hooks(engine: AsyncEngine, *, begin: str, busy_timeout_ms: int) -> None:
+READ_BUSY_TIMEOUT_MS = 100  # WAL readers rarely wait; bound the rare wait that blocks the loop
+
+
+def _install_sqlite_hooks(engine: AsyncEngine, *, write: bool, busy_timeout_ms: int) -> None:
     @event.listens_for(engine.sync_engine, "connect")
     def _on_connect(dbapi_connection: Any, _record: Any) -> None:
         # Take over transaction control from the driver so BEGIN can be IMMEDIATE.
         dbapi_connection.isolation_level = None
-        cursor = dbapi_connection.cursor()
-        cursor.execute("PRAGMA journal_mode=WAL")
-        cursor.execute("PRAGMA foreign_keys=ON")
-        cursor.execute(f"PRAGMA busy_timeout={int(busy_timeout_ms)}")
-        cursor.execute("PRAGMA synchronous=NORMAL")
-        cursor.close()
+        raw = dbapi_connection.driver_connection
+        raw.execute("PRAGMA journal_mode=WAL")
+        raw.execute("PRAGMA foreign_keys=ON")
+        # Writers never sleep inside SQLite (see _on_begin); readers may, briefly.
+        raw.execute(f"PRAGMA busy_timeout={0 if write else READ_BUSY_TIMEOUT_MS}")
+        raw.execute("PRAGMA synchronous=NORMAL")
 
     @event.listens_for(engine.sync_engine, "begin")
     def _on_begin(conn: Connection) -> None:
-        conn.exec_driver_sql(begin)
+        raw: sqlite3.Connection = conn.connection.driver_connection  # type: ignore[assignment]
+        if not write:
+            raw.execute("BEGIN")
+            return
+        deadline = time.monotonic() + busy_timeout_ms / 1000
+        delay = 0.001
+        while True:
+            try:
+                raw.execute("BEGIN IMMEDIATE")
+                return
+            except sqlite3.OperationalError as exc:
+                message = str(exc).lower()
+                if ("locked" not in message and "busy" not in message) or time.monotonic() > deadline:
+                    raise
+            # Another process holds the write lock: wait without blocking the event loop.
+            await_(asyncio.sleep(delay))
+            delay = min(delay * 2, 0.05)
 
 
 class Database:
@@ -85,17 +115,18 @@ class Database:
             memory = self.path is None
             kwargs: dict[str, Any] = {"poolclass": StaticPool} if memory else {}
             self.write_engine = create_async_engine(self.url, **kwargs)
-            _install_sqlite_hooks(self.write_engine, begin="BEGIN IMMEDIATE", busy_timeout_ms=busy_timeout_ms)
+            _install_sqlite_hooks(self.write_engine, write=True, busy_timeout_ms=busy_timeout_ms)
             if memory:  # one shared connection: reads go through the write engine
                 self.read_engine = self.write_engine
             else:
                 self.read_engine = create_async_engine(self.url)
-                _install_sqlite_hooks(self.read_engine, begin="BEGIN", busy_timeout_ms=busy_timeout_ms)
+                _install_sqlite_hooks(self.read_engine, write=False, busy_timeout_ms=busy_timeout_ms)
         else:
             self.write_engine = create_async_engine(
                 self.url, pool_size=pool_size, max_overflow=pool_size, pool_pre_ping=True
             )
             self.read_engine = self.write_engine
+        self._write_lock = asyncio.Lock() if self.dialect == "sqlite" else None
         self._writer = async_sessionmaker(self.write_engine, expire_on_commit=False, autoflush=True)
         self._reader = async_sessionmaker(self.read_engine, expire_on_commit=False, autoflush=True)
 
@@ -106,17 +137,20 @@ class Database:
     @asynccontextmanager
     async def write(self) -> AsyncIterator[AsyncSession]:
         """A write transaction: commits when the block ends, rolls back on any exception."""
-        async with self._writer() as session, session.begin():
+        if self._write_lock is None:
+            async with self._writer() as session, session.begin():
+                yield session
+            return
+        async with self._write_lock, self._writer() as session, session.begin():
             yield session
 
     @asynccontextmanager
     async def read(self) -> AsyncIterator[AsyncSession]:
         """A read-only transaction (rolled back at the end; nothing it does is kept)."""
+        # Closing (not rolling back) keeps loaded rows readable after the block; the pool's
+        # reset-on-return rolls the connection back.
         async with self._reader() as session:
-            try:
-                yield session
-            finally:
-                await session.rollback()
+            yield session
 
     def for_update(self, stmt: Select[Any]) -> Select[Any]:
         """Lock the selected rows for a read-modify-write (storage.md §11 rule 4).

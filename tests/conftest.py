@@ -109,3 +109,68 @@ async def table_rows(runtime: Runtime) -> dict[str, list[tuple[Any, ...]]]:
 async def count(runtime: Runtime, table: str, where: str = "1=1") -> int:
     async with runtime.db.read() as session:
         return int((await session.execute(text(f"SELECT count(*) FROM {table} WHERE {where}"))).scalar() or 0)
+
+
+# --- helpers added for the foundation suite (issue 3) ------------------------------------------
+
+
+async def mint_token(
+    runtime: Runtime,
+    *,
+    user_id: int = 1,
+    agent_slug: str | None = None,
+    capabilities: list[str] | None = None,
+    **extra: Any,
+) -> dict[str, Any]:
+    """Mint a real bearer token as the local owner; returns create-agent-token's output."""
+    args: dict[str, Any] = {"user_id": user_id, **extra}
+    if agent_slug is not None:
+        args["agent_slug"] = agent_slug
+    if capabilities is not None:
+        args["capabilities"] = capabilities
+    async with connect(runtime) as owner:
+        return await call(owner, "create-agent-token", args)
+
+
+async def token_principal(runtime: Runtime, raw: str, transport: str = "http") -> Principal:
+    """Resolve a raw bearer token exactly as the server does (access.md §2.5)."""
+    from abilities.tokens import verify_token
+
+    return await verify_token(runtime.db, runtime.settings, raw, transport=transport)
+
+
+async def as_token(
+    runtime: Runtime, *, user_id: int, agent_slug: str | None = None, capabilities: list[str] | None = None
+) -> Principal:
+    """Mint a token and resolve it: the principal a client holding that token acts as."""
+    out = await mint_token(runtime, user_id=user_id, agent_slug=agent_slug, capabilities=capabilities)
+    return await token_principal(runtime, out["raw_token"])
+
+
+async def log_rows(runtime: Runtime, where: str = "1=1") -> list[dict[str, Any]]:
+    """Rows of ``datamachine_logs`` (oldest first) as dicts, with ``context`` decoded."""
+    async with runtime.db.read() as session:
+        result = await session.execute(
+            text(
+                "SELECT id, agent_id, user_id, job_id, flow_id, pipeline_id, level, message, context "
+                f"FROM datamachine_logs WHERE {where} ORDER BY id"
+            )
+        )
+        rows = [dict(r._mapping) for r in result]
+    for row in rows:
+        if isinstance(row["context"], str):
+            row["context"] = json.loads(row["context"])
+    return rows
+
+
+def changed_tables(
+    before: dict[str, list[tuple[Any, ...]]], after: dict[str, list[tuple[Any, ...]]]
+) -> dict[str, tuple[list[tuple[Any, ...]], list[tuple[Any, ...]]]]:
+    """Tables whose rows differ: ``{table: (rows removed, rows added)}``."""
+    out = {}
+    for table in TABLES:
+        removed = [r for r in before[table] if r not in after[table]]
+        added = [r for r in after[table] if r not in before[table]]
+        if removed or added:
+            out[table] = (removed, added)
+    return out

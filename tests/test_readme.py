@@ -1,0 +1,32 @@
+"""The README documents what the code does: its tool list is generated, and CI runs its test command."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+from server.docs import README, render_tools
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _commands(readme: str) -> list[str]:
+    blocks = re.findall(r"```bash\n(.*?)```", readme, flags=re.S)
+    return [line for block in blocks for line in block.splitlines() if line and not line.startswith("#")]
+
+
+def test_tool_list_matches_the_registry() -> None:
+    text = README.read_text()
+    assert render_tools() in text, "README tool list is stale: run `python -m server.docs`"
+
+
+def test_first_screen_has_exactly_two_setup_commands_and_ci_runs_the_test_command() -> None:
+    readme = README.read_text()
+    first_screen = readme.split("## ", 1)[0]
+    commands = _commands(first_screen)
+    assert len(commands) == 2, commands
+    install_and_start, run_tests = commands
+    assert install_and_start.endswith("datamachine-mcp")
+    assert "pytest" in run_tests
+    ci = (ROOT / ".ci" / "run").read_text().splitlines()
+    assert run_tests in ci, ".ci/run must run the README's test command verbatim"
