@@ -10,6 +10,7 @@ from __future__ import annotations
 import re
 import uuid
 from collections.abc import Iterable, Sequence
+from pathlib import Path
 from typing import Any
 
 from pydantic import ConfigDict, Field
@@ -19,8 +20,9 @@ from abilities.access import Owner, Role
 from abilities.context import AbilityContext
 from abilities.errors import AbilityError
 from abilities.schema import Opt, Output, ts
-from engine.catalog import STEP_TYPES
-from storage.crypto import MASK, mask
+from engine.catalog import PROVIDERS, STEP_TYPES
+from engine.configs import ConfigError, handler_for, seal_secrets, validate_handler_config
+from storage.crypto import MASK, SecretBox, mask
 from storage.models import Agent, Flow, Job, Pipeline
 
 ACTIVE_STATUSES = ("pending", "processing", "waiting")
@@ -381,3 +383,87 @@ def notify_pipeline(ctx: AbilityContext, pipeline_id: int, *, list_changed: bool
     ctx.notify_updated("datamachine://pipelines")
     if list_changed:
         ctx.notify_list_changed()
+
+
+# --- building pipelines ------------------------------------------------------------------------
+
+AI_FIELD_LIMITS: dict[str, tuple[type | tuple[type, ...], float | None, float | None]] = {
+    "provider": (str, None, None),
+    "model": (str, None, 100),
+    "system_prompt": (str, None, 50000),
+    "temperature": ((int, float), 0, 2),
+    "max_tokens": (int, 1, 32000),
+    "skip_marker": (str, None, 50),
+}
+
+
+def build_pipeline_step(
+    pipeline_id: int,
+    seed: dict[str, Any],
+    order: int,
+    *,
+    box: SecretBox,
+    files_roots: list[Path] | None,
+    pipeline_step_id: str | None = None,
+) -> dict[str, Any]:
+    """A pipeline step from a client seed (add-pipeline-step, create-pipeline, imports).
+
+    The server sets ``pipeline_step_id`` and ``execution_order``; ``handler`` is accepted as a spelling
+    of ``handler_slug``; handler defaults are validated (types, unknown fields; not required fields)
+    and their secrets sealed; other seed keys are kept (storage.md §7.1).
+    """
+    step = {k: v for k, v in seed.items() if k not in ("pipeline_step_id", "execution_order", "handler")}
+    step_type = seed.get("step_type")
+    if not isinstance(step_type, str) or step_type not in STEP_TYPES:
+        raise AbilityError(
+            "invalid_step_type",
+            f"Invalid step_type '{step_type}'. Must be one of: {', '.join(STEP_TYPES)}",
+            step_type=step_type,
+        )
+    slug = seed.get("handler_slug") or seed.get("handler")
+    if slug is not None or seed.get("handler_config") is not None:
+        if not STEP_TYPES[step_type].uses_handler:
+            raise AbilityError(
+                "invalid_handler", f"A {step_type} step uses no handler; remove handler_slug/handler_config."
+            )
+        if not isinstance(slug, str):
+            raise AbilityError("invalid_handler", "handler_config needs handler_slug naming its handler.")
+        try:
+            handler = handler_for(step_type, slug)
+            defaults = seed.get("handler_config") or {}
+            if not isinstance(defaults, dict):
+                raise AbilityError("invalid_input", "handler_config must be an object.", field="handler_config")
+            validate_handler_config(handler, step_type, defaults, check_required=False, files_roots=files_roots)
+        except ConfigError as err:
+            raise AbilityError(err.code, err.message, **err.data) from None
+        step["handler_slug"] = slug
+        step["handler_config"] = seal_secrets(handler, defaults, box)
+    for name, (kind, low, high) in AI_FIELD_LIMITS.items():
+        if name not in step or step[name] is None:
+            continue
+        if step_type != "ai":
+            raise AbilityError(
+                "invalid_pipeline_step_update",
+                f"{name} applies to ai steps only; this is a {step_type} step.",
+                field=name,
+            )
+        value = step[name]
+        if not isinstance(value, kind) or isinstance(value, bool):
+            raise AbilityError(
+                "invalid_input", f"{name} has the wrong type.", errors=[{"field": name, "message": "wrong type"}]
+            )
+        if name == "provider" and value not in ("", *PROVIDERS):
+            raise AbilityError(
+                "unknown_provider", f"Unknown provider '{value}'. Use {', '.join(PROVIDERS)} or \"\" for the default."
+            )
+        size = len(value) if isinstance(value, str) else value
+        if (low is not None and size < low) or (high is not None and size > high):
+            raise AbilityError(
+                "invalid_input", f"{name} is out of range.", errors=[{"field": name, "message": "out of range"}]
+            )
+    label = step.get("label")
+    step["label"] = label.strip()[:255] if isinstance(label, str) and label.strip() else step_label(step_type)
+    step["step_type"] = step_type
+    step["pipeline_step_id"] = pipeline_step_id or new_pipeline_step_id(pipeline_id)
+    step["execution_order"] = order
+    return step
