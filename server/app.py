@@ -8,9 +8,11 @@ and per-principal tool lists, which the decorator API cannot express.
 from __future__ import annotations
 
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
+from datetime import datetime
 from typing import Any
 
+import anyio
 import mcp_types as types
 from mcp.server.context import ServerRequestContext
 from mcp.server.lowlevel import NotificationOptions, Server
@@ -19,6 +21,7 @@ from mcp.server.subscriptions import InMemorySubscriptionBus, ListenHandler
 from mcp.shared.exceptions import MCPError
 from mcp.shared.subscriptions import ResourcesListChanged, ResourceUpdated
 from mcp_types.version import MODERN_PROTOCOL_VERSIONS
+from sqlalchemy import func, select
 
 from abilities.access import Principal
 from abilities.context import Runtime
@@ -26,10 +29,13 @@ from abilities.errors import AbilityError
 from abilities.registry import Ability
 from abilities.runner import invoke, visible
 from resources.registry import ResourceNotFound, ResourceRefused, ResourceSpec, read
+from storage.models import Job
+from storage.timeutil import utcnow
 
 log = logging.getLogger("datamachine.server")
 
 RESOURCE_NOT_FOUND = -32002  # the 2025-11-25 "Resource not found" code
+WATCH_SECONDS = 1.0
 INSTRUCTIONS = (
     "Data Machine automation engine. Pipelines are reusable step templates (fetch → ai → publish …); flows "
     "are configured, schedulable instances of a pipeline; running a flow creates a job. Agents own resources "
@@ -87,6 +93,8 @@ class DataMachineServer:
         self._sessions: dict[int, Any] = {}
         self._subscriptions: dict[int, set[str]] = {}
         runtime.events = self
+        if runtime.engine is not None:
+            runtime.engine.events = self
         self.server: Server[Any] = Server(
             "datamachine-mcp",
             version=runtime.version,
@@ -244,6 +252,57 @@ class DataMachineServer:
         for session in list(self._sessions.values()):
             await _best_effort(session.send_resource_list_changed())
         await self.bus.publish(ResourcesListChanged())
+
+    # --- EngineEvents: the engine's committed changes ----------------------------------------
+
+    async def jobs_changed(self, job_ids: Iterable[int]) -> None:
+        for job_id in sorted(set(job_ids)):
+            await self.resource_updated(f"datamachine://jobs/{job_id}")
+
+    async def flows_changed(self, flows: Iterable[tuple[int, int]]) -> None:
+        for flow_id, pipeline_id in sorted(set(flows)):
+            await self.resource_updated(f"datamachine://flows/{flow_id}")
+            await self.resource_updated(f"datamachine://pipelines/{pipeline_id}")
+
+    # --- serving ------------------------------------------------------------------------------
+
+    async def serve(self, read_stream: Any, write_stream: Any) -> None:
+        """Run the MCP session; meanwhile watch for job changes made by other processes."""
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(self._watch_other_processes)
+            await self.server.run(read_stream, write_stream, self.initialization_options())
+            tg.cancel_scope.cancel()
+
+    async def _watch_other_processes(self) -> None:
+        """Poll ``jobs.updated_at`` for subscribed job URIs once a second (engine.md §14.3)."""
+        seen: datetime | None = None
+        while True:
+            await anyio.sleep(WATCH_SECONDS)
+            subscribed = {
+                int(uri.rsplit("/", 1)[1])
+                for uris in self._subscriptions.values()
+                for uri in uris
+                if uri.startswith("datamachine://jobs/") and uri.rsplit("/", 1)[1].isdigit()
+            }
+            try:
+                async with self.runtime.db.read() as session:
+                    if seen is None:
+                        seen = (await session.execute(select(func.max(Job.updated_at)))).scalar() or utcnow()
+                        continue
+                    if not subscribed:
+                        seen = (await session.execute(select(func.max(Job.updated_at)))).scalar() or seen
+                        continue
+                    rows = (
+                        await session.execute(
+                            select(Job.job_id, Job.updated_at).where(Job.job_id.in_(subscribed), Job.updated_at > seen)
+                        )
+                    ).all()
+            except Exception:
+                log.debug("change watch failed", exc_info=True)
+                continue
+            if rows:
+                seen = max(r[1] for r in rows)
+                await self.jobs_changed(r[0] for r in rows)
 
 
 async def _best_effort(send: Awaitable[None]) -> None:

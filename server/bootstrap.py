@@ -19,6 +19,7 @@ from abilities.context import Runtime
 from abilities.errors import AbilityError
 from abilities.registry import TOOLSETS
 from abilities.tokens import TokenRejected, verify_token
+from engine.runtime import EngineServices
 from storage.crypto import SecretBox, SecretKeyError, load_key
 from storage.db import Database, default_data_dir, default_db_path
 from storage.migrate import MigrationError, migrate
@@ -52,6 +53,8 @@ class ProcessConfig:
     read_only: bool = False
     busy_timeout_ms: int = 5000
     public_base_url: str | None = None
+    worker: bool = True  # run the engine (worker + maintenance) in this process
+    concurrency: int = 4
 
 
 def env(name: str, default: str | None = None) -> str | None:
@@ -101,15 +104,25 @@ async def open_runtime(cfg: ProcessConfig) -> Runtime:
     except SecretKeyError as exc:
         await db.dispose()
         raise StartupError(str(exc)) from None
-    return Runtime(
+    settings = SettingsStore(cfg.data_dir, box)
+    engine = EngineServices(
         db=db,
-        settings=SettingsStore(cfg.data_dir, box),
+        settings=settings,
         box=box,
         data_dir=cfg.data_dir,
         version=version(),
+        public_base_url=cfg.public_base_url,
+    )
+    return Runtime(
+        db=db,
+        settings=settings,
+        box=box,
+        data_dir=cfg.data_dir,
+        version=engine.version,
         toolsets=cfg.toolsets,
         read_only=cfg.read_only,
         public_base_url=cfg.public_base_url,
+        engine=engine,
     )
 
 

@@ -99,6 +99,15 @@ def _serve_options(parser: argparse.ArgumentParser, *, sub: bool = True) -> None
         default=default,
         help="Expose only read-only tools (env DATAMACHINE_READ_ONLY=1)",
     )
+    parser.add_argument(
+        "--no-worker",
+        action="store_true",
+        default=default,
+        help="Do not run jobs in this process (a separate `datamachine-mcp worker` does)",
+    )
+    parser.add_argument(
+        "--concurrency", type=int, default=default, metavar="N", help="Jobs this process runs at once (default 4)"
+    )
 
 
 def _setup_logging(level: str | None) -> None:
@@ -123,6 +132,8 @@ def _config(args: argparse.Namespace) -> Any:
         token=(getattr(args, "token", None) or env("TOKEN")) if args.command in (None, "serve") else None,
         toolsets=parse_toolsets(getattr(args, "toolsets", None) or env("TOOLSETS")),
         read_only=bool(getattr(args, "read_only", None) or env("READ_ONLY") in ("1", "true", "yes")),
+        worker=not getattr(args, "no_worker", None),
+        concurrency=max(1, getattr(args, "concurrency", None) or int(env("CONCURRENCY", "4") or 4)),
     )
 
 

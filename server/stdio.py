@@ -8,6 +8,7 @@ import sys
 from mcp.server.stdio import stdio_server
 
 from abilities.registry import load_all as load_abilities
+from engine.host import EngineHost
 from resources.registry import load_all as load_resources
 from server.app import DataMachineServer
 from server.bootstrap import ProcessConfig, open_runtime, stdio_identity
@@ -24,13 +25,19 @@ Serving on this terminal now (database {db}); press Ctrl-D or Ctrl-C to stop.
 
 async def serve_stdio(cfg: ProcessConfig) -> int:
     runtime = await open_runtime(cfg)
+    host: EngineHost | None = None
     try:
         resolver = await stdio_identity(runtime, cfg)
         app = DataMachineServer(runtime, load_abilities(), load_resources(), resolver)
+        if cfg.worker:
+            host = EngineHost(runtime.engine, concurrency=cfg.concurrency)
+            await host.start()
         if sys.stdin.isatty():
             sys.stderr.write(CONNECT_HINT.format(db=runtime.db.describe()))
         async with stdio_server() as (read_stream, write_stream):
-            await app.server.run(read_stream, write_stream, app.initialization_options())
+            await app.serve(read_stream, write_stream)
     finally:
+        if host is not None:
+            await host.stop()
         await runtime.db.dispose()
     return 0

@@ -1,0 +1,198 @@
+"""Jobs toolset: starting flow runs, and the wait routine every waiting tool shares (abilities.md §7, §2.9)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import Field
+
+from abilities.context import AbilityContext
+from abilities.errors import AbilityError
+from abilities.job_common import JobOut, child_counts, job_dict
+from abilities.pipeline_common import load_flow, notify_flow, owner_of
+from abilities.registry import ability
+from abilities.schema import Input, Opt, Output
+from engine import status as st
+from engine.jobs import create_flow_job, empty_first_queue
+from engine.plan import PlanError, check_initial_data, resolve_plan
+from engine.wait import wait_for_job
+from storage.crypto import SecretUnavailable
+from storage.models import Job, Pipeline
+from storage.timeutil import utcnow
+
+MAX_WAIT = 300
+IDEMPOTENCY_PATTERN = r"^[\x20-\x7e]+$"
+
+
+def uses_sampling(flow_config: dict[str, Any], pipeline_config: dict[str, Any]) -> bool:
+    for entry in flow_config.values():
+        if isinstance(entry, dict) and entry.get("step_type") == "ai":
+            pstep = pipeline_config.get(entry.get("pipeline_step_id", ""), {})
+            if pstep.get("provider") == "sampling":
+                return True
+    return False
+
+
+async def job_output(ctx: AbilityContext, job: Job, role: str | None, *, engine_data: bool = False) -> dict[str, Any]:
+    counts = (await child_counts(ctx, [job.job_id])).get(job.job_id)
+    token = None
+    gate = (job.engine_data or {}).get("webhook_gate")
+    if job.status == st.WAITING and job.wait_kind == "webhook_gate" and isinstance(gate, dict):
+        try:
+            token = ctx.runtime.box.decrypt(gate.get("token"), "webhook_gate_token")
+        except SecretUnavailable:
+            token = None
+    return job_dict(
+        job,
+        role=role,
+        counts=counts,
+        include_engine_data=engine_data,
+        include_packets=True,
+        public_base_url=ctx.runtime.public_base_url,
+        gate_token=token,
+    )
+
+
+async def wait_and_describe(
+    ctx: AbilityContext, job_id: int, seconds: float, *, stop_on_waiting: bool = False, engine_data: bool = False
+) -> dict[str, Any]:
+    """The shared wait routine of run-flow, execute-workflow, run-task and wait-for-job (§2.9)."""
+    engine = ctx.runtime.engine
+    if engine is None:
+        raise AbilityError("engine_unavailable", "This process has no engine attached; waits are not possible.")
+    result = await wait_for_job(engine, job_id, seconds, stop_on_waiting=stop_on_waiting, progress=ctx.progress)
+    if result.job is None:
+        raise AbilityError("job_not_found", f"Job {job_id} not found (it was deleted while waiting).", job_id=job_id)
+    async with ctx.reading():
+        role = await ctx.access.effective_role(await owner_of(ctx, result.job.agent_id, result.job.user_id))
+        job = await ctx.session.get(Job, job_id)
+        described = await job_output(ctx, job or result.job, role, engine_data=engine_data)
+    return {
+        "job": described,
+        "final": result.final,
+        "timed_out": result.timed_out,
+        "waited_seconds": round(result.waited_seconds, 3),
+    }
+
+
+# --- run-flow -------------------------------------------------------------------------------------
+
+
+class RunFlowIn(Input):
+    flow_id: int = Field(ge=1, description="Flow to run")
+    initial_data: dict[str, Any] = Field(
+        default_factory=dict, description="Data merged under the run's engine snapshot (inputs); no reserved keys"
+    )
+    dry_run: bool = Field(False, description="Publish/update handlers preview instead of writing")
+    wait_seconds: float = Field(0, ge=0, le=MAX_WAIT, description="Block until the job is final or this time passes")
+    idempotency_key: str | None = Field(
+        None,
+        min_length=1,
+        max_length=191,
+        pattern=IDEMPOTENCY_PATTERN,
+        description="Repeating a key returns the same job, not a new run (printable ASCII)",
+    )
+
+
+class RunFlowOut(Output):
+    flow_id: int = Field(description="Flow id")
+    job_id: int | None = Field(description="The job (null when the run was skipped)")
+    status: str | None = Field(description="Job status at return")
+    first_step: str | None = Field(description="flow_step_id of the first step")
+    replayed: bool = Field(description="An existing job was returned for this idempotency_key")
+    skipped: bool = Field(description="No job was created (e.g. empty drain queue)")
+    reason: str | None = Opt("Why the run was skipped")
+    job: JobOut | None = Opt("The job (with packets), when waited")
+    final: bool | None = Opt("The job reached a final status (when waited)")
+    timed_out: bool | None = Opt("wait_seconds passed first (when waited)")
+
+
+@ability(
+    "run-flow",
+    toolset="jobs",
+    level="operator",
+    open_world=True,
+    transaction="manual",
+    description=(
+        "Start a flow run now. Returns the job id at once (status pending); wait_seconds blocks until it "
+        "finishes. idempotency_key makes retries safe."
+    ),
+)
+async def run_flow(ctx: AbilityContext, inp: RunFlowIn) -> RunFlowOut:
+    now = utcnow()
+    async with ctx.transaction() as session:
+        flow = await load_flow(ctx, inp.flow_id, "operator", mutating=True)
+        pipeline = await session.get(Pipeline, flow.pipeline_id)
+        assert pipeline is not None
+        try:
+            check_initial_data(inp.initial_data)
+            plan = resolve_plan(flow.flow_config)
+        except PlanError as err:
+            raise AbilityError(err.code, err.message, **err.data) from None
+        first = plan.first["flow_step_id"]
+        if empty_first_queue(plan, flow.flow_config or {}):
+            return RunFlowOut(
+                flow_id=flow.flow_id,
+                job_id=None,
+                status=None,
+                first_step=first,
+                replayed=False,
+                skipped=True,
+                reason="empty_drain_queue",
+            )
+        snap = await ctx.settings()
+        key = f"client:{ctx.principal.user_id}:{inp.idempotency_key}" if inp.idempotency_key else None
+        engine = ctx.runtime.engine
+        affinity = None
+        if uses_sampling(flow.flow_config or {}, pipeline.pipeline_config or {}) and engine is not None:
+            affinity = engine.worker_id
+        try:
+            created = await create_flow_job(
+                session,
+                flow=flow,
+                pipeline=pipeline,
+                plan=plan,
+                trigger="manual",
+                initial_data=inp.initial_data,
+                dry_run=inp.dry_run,
+                idempotency_key=key,
+                request={"flow_id": flow.flow_id, "initial_data": inp.initial_data, "dry_run": inp.dry_run},
+                max_attempts=snap.int("retry_max_attempts"),
+                now=now,
+                affinity=affinity,
+                origin_session_id=ctx.principal.session_id,
+                threshold=str(snap["log_level"]),
+            )
+        except PlanError as err:
+            raise AbilityError(err.code, err.message, **err.data) from None
+        job = created.job
+        if not created.replayed:
+            await ctx.audit(
+                f"job {job.job_id} created for flow {flow.flow_id}",
+                target=("job", job.job_id),
+                agent_id=flow.agent_id,
+                job_id=job.job_id,
+                flow_id=flow.flow_id,
+                pipeline_id=flow.pipeline_id,
+                dry_run=inp.dry_run,
+            )
+            notify_flow(ctx, flow)
+            ctx.notify_updated(f"datamachine://jobs/{job.job_id}")
+        job_id, status = job.job_id, job.status
+    await ctx.flush_events()
+    if ctx.runtime.engine is not None and not created.replayed:
+        ctx.runtime.engine.wake()
+    out: dict[str, Any] = {
+        "flow_id": inp.flow_id,
+        "job_id": job_id,
+        "status": status,
+        "first_step": first,
+        "replayed": created.replayed,
+        "skipped": False,
+    }
+    if inp.wait_seconds > 0:
+        waited = await wait_and_describe(ctx, job_id, inp.wait_seconds)
+        out.update(
+            job=waited["job"], final=waited["final"], timed_out=waited["timed_out"], status=waited["job"]["base_status"]
+        )
+    return RunFlowOut.model_validate(out)

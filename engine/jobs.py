@@ -1,0 +1,232 @@
+"""Creating jobs: flow runs, direct workflows and system tasks (engine.md §3).
+
+Runs inside the caller's write transaction. Idempotency keys are namespaced by the caller
+(storage.md §6.6); a replay returns the existing job and creates nothing.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import select
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from engine import status as st
+from engine.plan import Plan, PlanError, fingerprint, first_handler, snapshot
+from storage.logs import write_log
+from storage.models import Agent, Flow, Job, Pipeline
+from storage.timeutil import iso
+
+EMPTY_QUEUE_MODES = ("drain", "loop")
+
+
+@dataclass
+class Created:
+    job: Job
+    replayed: bool
+
+
+async def find_by_key(session: AsyncSession, key: str) -> Job | None:
+    return (await session.execute(select(Job).where(Job.idempotency_key == key))).scalar_one_or_none()
+
+
+def check_replay(existing: Job, request_fingerprint: str, *, conflict_code: str) -> Created:
+    stored = ((existing.engine_data or {}).get("job") or {}).get("request_fingerprint")
+    if stored != request_fingerprint:
+        raise PlanError(
+            conflict_code,
+            f"This key was already used for a different request (job {existing.job_id}); use a new key.",
+            existing_job_id=existing.job_id,
+        )
+    return Created(existing, replayed=True)
+
+
+def empty_first_queue(plan: Plan, live_flow_config: dict[str, Any]) -> bool:
+    """engine.md §3.1 step 7: the first step drains/loops an empty queue, so the run has nothing to do."""
+    first = plan.first
+    live = live_flow_config.get(first["flow_step_id"]) or {}
+    if live.get("queue_mode") not in EMPTY_QUEUE_MODES:
+        return False
+    slot = {"ai": "prompt_queue", "fetch": "config_patch_queue"}.get(first["step_type"])
+    return slot is not None and not live.get(slot)
+
+
+async def create_flow_job(
+    session: AsyncSession,
+    *,
+    flow: Flow,
+    pipeline: Pipeline,
+    plan: Plan,
+    trigger: str,
+    initial_data: dict[str, Any],
+    dry_run: bool,
+    idempotency_key: str | None,
+    request: dict[str, Any],
+    max_attempts: int,
+    now: datetime,
+    affinity: str | None = None,
+    origin_session_id: str | None = None,
+    threshold: str = "debug",
+) -> Created:
+    """A pending job for ``flow`` (engine.md §3.1 step 9); replays an existing job for the same key."""
+    request_fingerprint = fingerprint(request)
+    if idempotency_key is not None:
+        existing = await find_by_key(session, idempotency_key)
+        if existing is not None:
+            return check_replay(existing, request_fingerprint, conflict_code="idempotency_key_conflict")
+    agent_slug = None
+    if flow.agent_id is not None:
+        agent_slug = (await session.execute(select(Agent.agent_slug).where(Agent.agent_id == flow.agent_id))).scalar()
+    job = Job(
+        user_id=flow.user_id,
+        agent_id=flow.agent_id,
+        pipeline_id=str(pipeline.pipeline_id),
+        flow_id=str(flow.flow_id),
+        pipeline_key=pipeline.pipeline_id,
+        flow_key=flow.flow_id,
+        source="pipeline",
+        label=flow.flow_name[:255],
+        status=st.PENDING,
+        run_trigger=trigger,
+        current_step_id=plan.first["flow_step_id"],
+        packets=[],
+        attempts=0,
+        max_attempts=max_attempts,
+        run_at=now,
+        created_at=now,
+        updated_at=now,
+        idempotency_key=idempotency_key,
+        affinity=affinity,
+        handler_slug=first_handler(plan),
+        engine_data={},
+    )
+    session.add(job)
+    await session.flush()
+    snap = snapshot(
+        job={
+            "job_id": job.job_id,
+            "flow_id": flow.flow_id,
+            "pipeline_id": pipeline.pipeline_id,
+            "user_id": flow.user_id,
+            "agent_id": flow.agent_id,
+            "agent_slug": agent_slug,
+            "parent_job_id": None,
+            "created_at": iso(now),
+            "trigger": trigger,
+            "origin_session_id": origin_session_id,
+            "request_fingerprint": request_fingerprint,
+        },
+        flow={"flow_id": flow.flow_id, "name": flow.flow_name, "scheduling": dict(flow.scheduling_config or {})},
+        pipeline={"pipeline_id": pipeline.pipeline_id, "name": pipeline.pipeline_name},
+        flow_config=dict(flow.flow_config or {}),
+        pipeline_config=dict(pipeline.pipeline_config or {}),
+        dry_run=dry_run,
+    )
+    job.engine_data = {**initial_data, **snap}
+    flow.last_run_at = now
+    await write_log(
+        session,
+        "debug",
+        f"Job {job.job_id} created for flow {flow.flow_id} ({trigger})",
+        {
+            "job_id": job.job_id,
+            "flow_id": flow.flow_id,
+            "pipeline_id": pipeline.pipeline_id,
+            "run_trigger": trigger,
+            "first_step": job.current_step_id,
+        },
+        agent_id=flow.agent_id,
+        user_id=flow.user_id or None,
+        threshold=threshold,
+    )
+    return Created(job, replayed=False)
+
+
+async def create_direct_job(
+    session: AsyncSession,
+    *,
+    plan: Plan,
+    flow_config: dict[str, Any],
+    pipeline_config: dict[str, Any],
+    user_id: int,
+    agent_id: int | None,
+    agent_slug: str | None,
+    source: str,
+    label: str,
+    initial_data: dict[str, Any],
+    dry_run: bool,
+    run_at: datetime,
+    idempotency_key: str | None,
+    request: dict[str, Any],
+    max_attempts: int,
+    now: datetime,
+    trigger: str = "workflow",
+    affinity: str | None = None,
+    origin_session_id: str | None = None,
+    standalone: bool = False,
+    threshold: str = "debug",
+) -> Created:
+    """A direct (ephemeral) workflow job, or with ``standalone`` a system job (engine.md §3.4)."""
+    request_fingerprint = fingerprint(request)
+    if idempotency_key is not None:
+        existing = await find_by_key(session, idempotency_key)
+        if existing is not None:
+            return check_replay(existing, request_fingerprint, conflict_code="operation_key_conflict")
+    ids = None if standalone else "direct"
+    job = Job(
+        user_id=user_id,
+        agent_id=agent_id,
+        pipeline_id=ids,
+        flow_id=ids,
+        source=source[:50],
+        label=label[:255],
+        status=st.PENDING,
+        run_trigger=trigger,
+        current_step_id=plan.first["flow_step_id"],
+        packets=[],
+        attempts=0,
+        max_attempts=max_attempts,
+        run_at=run_at,
+        created_at=now,
+        updated_at=now,
+        idempotency_key=idempotency_key,
+        affinity=affinity,
+        handler_slug=first_handler(plan),
+        engine_data={},
+    )
+    session.add(job)
+    await session.flush()
+    snap = snapshot(
+        job={
+            "job_id": job.job_id,
+            "flow_id": ids,
+            "pipeline_id": ids,
+            "user_id": user_id,
+            "agent_id": agent_id,
+            "agent_slug": agent_slug,
+            "parent_job_id": None,
+            "created_at": iso(now),
+            "trigger": trigger,
+            "origin_session_id": origin_session_id,
+            "request_fingerprint": request_fingerprint,
+        },
+        flow={"flow_id": ids, "name": label, "scheduling": {"interval": "manual"}},
+        pipeline={"pipeline_id": ids, "name": label},
+        flow_config=flow_config,
+        pipeline_config=pipeline_config,
+        dry_run=dry_run,
+        keep_queues=True,
+    )
+    job.engine_data = {**initial_data, **snap}
+    await write_log(
+        session,
+        "debug",
+        f"Job {job.job_id} created ({source})",
+        {"job_id": job.job_id, "run_trigger": trigger, "first_step": job.current_step_id},
+        agent_id=agent_id,
+        user_id=user_id or None,
+        threshold=threshold,
+    )
+    return Created(job, replayed=False)

@@ -1,0 +1,97 @@
+"""Publish and update steps (engine.md §15.3): handlers in order on the newest packet, each at most once."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from engine.catalog import HANDLERS
+from engine.configs import ConfigError, open_secrets, validate_handler_config
+from engine.handlers import PUBLISHERS
+from engine.handlers.base import HandlerContext, with_defaults
+from engine.http import Outbound
+from engine.steps import StepResult, StepRun, failure
+from storage.crypto import SecretUnavailable
+from storage.models import Job
+from storage.timeutil import iso
+
+IDENTITY_KEYS = ("source_type", "handler", "flow_step_id", "pipeline_id", "flow_id", "item_identifier", "source_url")
+
+
+async def record_progress(run: StepRun, slug: str, result: dict[str, Any]) -> None:
+    """Remember that ``slug`` succeeded, so a re-run of the step skips it (lease-checked)."""
+    async with run.lease_txn() as session:
+        job = await session.get(Job, run.job.job_id)
+        if job is None:
+            return
+        data = dict(job.engine_data or {})
+        progress = {k: dict(v) for k, v in (data.get("publish_progress") or {}).items()}
+        progress.setdefault(run.flow_step_id, {})[slug] = {"status": "done", "result": result, "at": iso(run.now())}
+        data["publish_progress"] = progress
+        job.engine_data = data
+        run.job.engine_data = data
+
+
+async def run(run: StepRun) -> StepResult:
+    step_type = run.step_type
+    packets = run.job.packets or []
+    if not packets:
+        return failure("empty_data_packet_returned", f"The {step_type} step received no input packet.", retryable=False)
+    packet = packets[0]
+    slugs: list[str] = list(run.step.get("handler_slugs") or [])
+    done = (run.engine_data.get("publish_progress") or {}).get(run.flow_step_id) or {}
+    results: list[dict[str, Any]] = []
+    engine_updates: dict[str, Any] = {}
+    for slug in slugs:
+        if slug in done:
+            previous = done[slug].get("result") or {}
+            results.append(previous.get("summary") or {"handler": slug, "status": "done"})
+            engine_updates.update(previous.get("engine_updates") or {})
+            continue
+        handler = HANDLERS[slug]
+        impl = PUBLISHERS.get(slug)
+        if impl is None:
+            return failure("handler_not_found", f"No {step_type} implementation for handler '{slug}'.", retryable=False)
+        config = dict((run.step.get("handler_configs") or {}).get(slug) or {})
+        try:
+            validate_handler_config(handler, step_type, config, files_roots=run.settings.files_roots())
+            config = open_secrets(handler, config, run.services.box)
+        except ConfigError as err:
+            return failure("handler_config_invalid", err.message, retryable=False, diagnostics=err.data, handler=slug)
+        except SecretUnavailable as err:
+            return failure("secret_unavailable", str(err), retryable=False, handler=slug)
+        config = with_defaults(handler, step_type, config)
+        view = {**run.engine_data, **engine_updates}
+        async with Outbound(run.settings, version=run.services.version) as outbound:
+            ctx = HandlerContext(
+                job_id=run.job.job_id,
+                flow_id=run.job.flow_key,
+                pipeline_id=run.job.pipeline_key,
+                flow_step_id=run.flow_step_id,
+                step_type=step_type,
+                dry_run=run.dry_run,
+                engine_data=view,
+                outbound=outbound,
+                files_roots=run.settings.files_roots(),
+                settings=run.settings,
+                version=run.services.version,
+            )
+            fn = impl.publish if step_type == "publish" else impl.update
+            outcome = await fn(config, packet, ctx)
+        summary = {"handler": slug, **{k: v for k, v in outcome.items() if k != "engine_updates" and v is not None}}
+        results.append(summary)
+        updates = dict(outcome.get("engine_updates") or {})
+        engine_updates.update(updates)
+        if not run.dry_run:
+            await record_progress(run, slug, {"summary": summary, "engine_updates": updates})
+    in_meta = packet.get("metadata") or {}
+    meta = {k: in_meta[k] for k in IDENTITY_KEYS if k in in_meta}
+    out = {
+        "type": "publish_result" if step_type == "publish" else "update_result",
+        "timestamp": iso(run.now()),
+        "data": {"title": (packet.get("data") or {}).get("title") or "", "results": results},
+        "metadata": meta,
+    }
+    preview = [r.get("preview") for r in results if r.get("preview") is not None] if run.dry_run else None
+    return StepResult(
+        status="succeeded", packets=[out], engine_updates=engine_updates, handlers=slugs, preview=preview or None
+    )

@@ -1,0 +1,34 @@
+"""The system task step (engine.md §15.7): retention, stuck-job recovery, echo."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from engine.steps import StepResult, StepRun, failure
+from storage.timeutil import iso
+
+
+async def run(run: StepRun) -> StepResult:
+    settings = dict(run.step.get("flow_step_settings") or {})
+    task = settings.get("task_type")
+    params: dict[str, Any] = dict(settings.get("params") or {})
+    if task == "echo":
+        result: Any = params
+    elif task == "recover_stuck_jobs":
+        from engine.maintenance import recover
+
+        result = await recover(run.services, **params)
+    elif task == "retention":
+        from engine.retention import run_retention
+
+        result = await run_retention(run.services, dry_run=bool(params.get("dry_run")))
+    else:
+        return failure("system_task_not_found", f"Unknown system task '{task}'.", retryable=False)
+    packet = {
+        "type": "system_task_result",
+        "timestamp": iso(run.now()),
+        "data": {"title": task, "body": json.dumps(result, default=str), "result": result},
+        "metadata": {"flow_step_id": run.flow_step_id, "task_type": task},
+    }
+    return StepResult(status="succeeded", packets=[packet], handlers=[str(task)])

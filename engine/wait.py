@@ -1,0 +1,98 @@
+"""Waiting for a job to become final (abilities.md §2.9, engine.md §14.2).
+
+No transaction is held while waiting. Changes made in this process wake the waiter at once; changes
+made by other processes are seen by polling at most once a second.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+
+from sqlalchemy import func, select
+
+from engine import status as st
+from engine.plan import PlanError, plan_of
+from engine.runtime import EngineServices
+from storage.models import Job
+
+POLL_SECONDS = 1.0
+Progress = Callable[[float, float | None, str | None], Awaitable[None]]
+
+
+@dataclass
+class WaitResult:
+    job: Job | None
+    final: bool
+    timed_out: bool
+    waited_seconds: float
+
+
+async def _progress_of(services: EngineServices, job: Job) -> tuple[float, float, str]:
+    """(finished units, total units, message): steps of the plan, plus children after a fan-out."""
+    data = job.engine_data or {}
+    try:
+        plan = plan_of(data)
+        total_steps = len(plan.steps)
+        labels = {
+            s["flow_step_id"]: (data.get("pipeline_config") or {}).get(s.get("pipeline_step_id", ""), {}).get("label")
+            for s in plan.steps
+        }
+        index = plan.index(job.current_step_id) if job.current_step_id and plan.get(job.current_step_id) else 0
+    except (PlanError, KeyError):
+        total_steps, labels, index = 1, {}, 0
+    done = float(len(data.get("step_results") or {}))
+    total = float(total_steps)
+    if data.get("batch"):
+        async with services.db.read() as session:
+            rows = await session.execute(
+                select(Job.status, func.count()).where(Job.parent_job_id == job.job_id).group_by(Job.status)
+            )
+            counts = dict(rows.all())
+        children = sum(counts.values())
+        total += children
+        done += sum(n for status, n in counts.items() if status in st.FINAL)
+    if job.status in st.FINAL:
+        done = total
+    label = labels.get(job.current_step_id or "") or job.current_step_id or ""
+    message = f"{st.display(job.status, job.status_reason)} — step {min(index + 1, total_steps)}/{total_steps}: {label}"
+    return min(done, total), total, message
+
+
+async def wait_for_job(
+    services: EngineServices,
+    job_id: int,
+    seconds: float,
+    *,
+    stop_on_waiting: bool = False,
+    progress: Progress | None = None,
+) -> WaitResult:
+    start = time.monotonic()
+    deadline = start + max(0.0, seconds)
+    sent = -1.0
+    while True:
+        waiter = services.job_waiter(job_id)
+        try:
+            async with services.db.read() as session:
+                job = await session.get(Job, job_id)
+            if job is None:
+                return WaitResult(None, False, False, time.monotonic() - start)
+            final = job.status in st.FINAL
+            if progress is not None:
+                done, total, message = await _progress_of(services, job)
+                if done > sent or final:
+                    sent = max(sent, done)
+                    await progress(sent, total, message)
+            if final or (stop_on_waiting and job.status == st.WAITING):
+                return WaitResult(job, final, False, time.monotonic() - start)
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return WaitResult(job, False, True, time.monotonic() - start)
+            try:
+                await asyncio.wait_for(waiter.wait(), min(remaining, POLL_SECONDS))
+            except TimeoutError:
+                pass
+        finally:
+            services.drop_waiter(job_id, waiter)
