@@ -1,4 +1,4 @@
-"""Running the engine inside a process: the worker and the maintenance loop (the scheduler joins later).
+"""Running the engine inside a process: the worker, the scheduler and the maintenance loop.
 
 The stdio server runs one host in-process (unless ``--no-worker``); ``datamachine-mcp worker`` runs
 hosts without an MCP transport. Every loop is safe in several processes on one database.
@@ -10,9 +10,12 @@ import asyncio
 import contextlib
 import logging
 
+from engine import retention
 from engine.maintenance import tick
 from engine.runtime import EngineServices
+from engine.scheduler import Scheduler
 from engine.worker import DEFAULT_CONCURRENCY, Worker
+from storage.timeutil import utcnow
 
 log = logging.getLogger("datamachine.engine")
 
@@ -23,12 +26,14 @@ class EngineHost:
     ) -> None:
         self.services = services
         self.worker = Worker(services, concurrency=concurrency, poll_seconds=poll_seconds)
+        self.scheduler = Scheduler(services)
         self._tasks: list[asyncio.Task[None]] = []
         self._stop = asyncio.Event()
 
     async def start(self) -> None:
         self._tasks = [
             asyncio.create_task(self.worker.run(), name="worker"),
+            asyncio.create_task(self.scheduler.run(), name="scheduler"),
             asyncio.create_task(self._maintenance(), name="maintenance"),
         ]
 
@@ -38,6 +43,8 @@ class EngineHost:
                 snap = await self.services.snapshot()
                 interval = snap.int("maintenance_interval_seconds")
                 await tick(self.services)
+                if await retention.due(self.services, utcnow()):
+                    await retention.run_retention(self.services)
             except Exception:
                 log.exception("maintenance pass failed; trying again next interval")
                 interval = 30
@@ -48,6 +55,7 @@ class EngineHost:
         """Stop claiming, hand running jobs back, end the loops (bounded by ``grace`` seconds)."""
         self._stop.set()
         self.worker.stop()
+        self.scheduler.stop()
         if self._tasks:
             _, pending = await asyncio.wait(self._tasks, timeout=grace)
             for task in pending:

@@ -13,11 +13,12 @@ from typing import Any
 from sqlalchemy import delete, select, update
 
 from engine import claims as claim_ops
+from engine import schedule as sched
 from engine import status as st
 from engine.lifecycle import Changes, cas, complete_parent, ed, finish, log_context, log_owner, reload
 from engine.runtime import EngineServices
 from storage.logs import write_log
-from storage.models import Job, ProcessedItem
+from storage.models import Flow, Job, ProcessedItem
 from storage.settings import Snapshot
 from storage.timeutil import iso, utcnow
 
@@ -278,8 +279,8 @@ async def recover(
 
 
 async def housekeeping(services: EngineServices, snap: Snapshot, now: datetime) -> dict[str, int]:
-    """Maintenance steps 4 and 6: delete inactive claims, clear stale affinity."""
-    counts = {"inactive_claims": 0, "affinity_cleared": 0}
+    """Maintenance steps 4-6: delete inactive claims, re-derive lost next runs, clear stale affinity."""
+    counts = {"inactive_claims": 0, "affinity_cleared": 0, "next_runs_restored": 0}
     async with services.db.write() as session:
         result = await session.execute(
             delete(ProcessedItem).where(
@@ -296,6 +297,23 @@ async def housekeeping(services: EngineServices, snap: Snapshot, now: datetime) 
             .execution_options(synchronize_session=False)
         )
         counts["affinity_cleared"] = int(result.rowcount or 0)
+        # Interval and cron flows always have a next run while enabled; one_time's NULL means "fired".
+        recurring = Flow.scheduling_config["interval"].as_string().not_in(("manual", "one_time"))
+        rows = (await session.execute(select(Flow).where(Flow.next_run_at.is_(None), recurring).limit(500))).scalars()
+        for flow in list(rows):
+            upcoming = sched.upcoming(flow.scheduling_config or {}, flow_id=flow.flow_id, now=now)
+            if upcoming is None:
+                continue
+            flow.next_run_at = upcoming
+            flow.scheduling_config = sched.with_next_run(dict(flow.scheduling_config or {}), upcoming)
+            counts["next_runs_restored"] += 1
+            await write_log(
+                session,
+                "warning",
+                f"Flow {flow.flow_id} had no next run; restored to {iso(upcoming)}",
+                {"flow_id": flow.flow_id, "pipeline_id": flow.pipeline_id},
+                agent_id=flow.agent_id,
+            )
     return counts
 
 

@@ -56,6 +56,12 @@ def build_parser() -> argparse.ArgumentParser:
     _common(serve)
     _serve_options(serve)
 
+    work = sub.add_parser("worker", help="Run the engine (worker, scheduler, maintenance) without MCP")
+    _common(work)
+    work.add_argument(
+        "--concurrency", type=int, default=argparse.SUPPRESS, metavar="N", help="Jobs run at once (default 4)"
+    )
+
     mig = sub.add_parser("migrate", help="Bring the database schema to the newest revision")
     _common(mig)
 
@@ -148,6 +154,10 @@ def main(argv: list[str] | None = None) -> int:
             return asyncio.run(_migrate(cfg))
         if args.command == "token":
             return asyncio.run(_token(cfg, args))
+        if args.command == "worker":
+            from server.worker_cli import run_worker
+
+            return asyncio.run(run_worker(cfg))
         from server.stdio import serve_stdio
 
         return asyncio.run(serve_stdio(cfg))
