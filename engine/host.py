@@ -36,6 +36,10 @@ class EngineHost:
             asyncio.create_task(self.scheduler.run(), name="scheduler"),
             asyncio.create_task(self._maintenance(), name="maintenance"),
         ]
+        if self.services.db.dialect == "postgresql":
+            from engine.pg_listen import listen_for_jobs
+
+            self._tasks.append(asyncio.create_task(listen_for_jobs(self.services, self._stop), name="listen"))
 
     async def _maintenance(self) -> None:
         while not self._stop.is_set():

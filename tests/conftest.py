@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -27,9 +28,60 @@ def anyio_backend() -> str:
     return "asyncio"
 
 
+PG_URL_ENV = "DATAMACHINE_TEST_PG_URL"
+BACKENDS_ENV = "DATAMACHINE_TEST_BACKENDS"
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption(
+        "--backend",
+        choices=["sqlite", "postgresql", "all"],
+        default=os.environ.get(BACKENDS_ENV, "sqlite"),
+        help=f"Database backends for tests marked 'backends' (env {BACKENDS_ENV}); "
+        f"postgresql needs {PG_URL_ENV}=postgresql://user:pass@host/db (a database the tests may wipe)",
+    )
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    """Tests marked ``backends`` run once per selected backend; every other test runs on SQLite."""
+    if "db_backend" not in metafunc.fixturenames:
+        return
+    chosen = metafunc.config.getoption("--backend")
+    backends = ["sqlite", "postgresql"] if chosen == "all" else [chosen]
+    if metafunc.definition.get_closest_marker("backends") is None:
+        backends = ["sqlite"]
+    metafunc.parametrize("db_backend", backends)
+
+
+async def _wipe_postgres(url: str) -> None:
+    """Bring the test database to head and empty every table (tests share one PostgreSQL database)."""
+    from storage.db import Database
+    from storage.migrate import migrate
+
+    db = Database(url)
+    try:
+        await migrate(db)
+        async with db.write() as session:
+            await session.execute(text(f"TRUNCATE {', '.join(TABLES)} RESTART IDENTITY CASCADE"))
+    finally:
+        await db.dispose()
+
+
+def database_url(db_backend: str, tmp_path: Path) -> str:
+    if db_backend == "postgresql":
+        url = os.environ.get(PG_URL_ENV)
+        if not url:
+            pytest.fail(f"--backend postgresql needs {PG_URL_ENV}")
+        return url
+    return str(tmp_path / "dm.db")
+
+
 @pytest.fixture
-async def runtime(tmp_path: Path) -> AsyncIterator[Runtime]:
-    cfg = ProcessConfig(db=str(tmp_path / "dm.db"), data_dir=tmp_path)
+async def runtime(tmp_path: Path, db_backend: str) -> AsyncIterator[Runtime]:
+    url = database_url(db_backend, tmp_path)
+    if db_backend == "postgresql":
+        await _wipe_postgres(url)
+    cfg = ProcessConfig(db=url, data_dir=tmp_path)
     rt = await open_runtime(cfg)
     try:
         yield rt
