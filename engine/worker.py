@@ -13,7 +13,7 @@ import logging
 import random
 from datetime import datetime, timedelta
 
-from sqlalchemy import update
+from sqlalchemy import select, update
 
 from engine import status as st
 from engine.claiming import claim_due
@@ -24,13 +24,15 @@ from engine.plan import PlanError, plan_of, step_config
 from engine.runtime import EngineServices
 from engine.steps import LeaseLost, StepResult, StepRun, executor
 from storage.logs import write_log
-from storage.models import Job
-from storage.timeutil import utcnow
+from storage.models import Job, Setting
+from storage.timeutil import iso, utcnow
 
 log = logging.getLogger("datamachine.worker")
 
 DEFAULT_CONCURRENCY = 4
 POLL_SECONDS = 1.0
+LIVENESS_KEY = "worker_heartbeat"
+LIVENESS_SECONDS = 15
 
 
 class Worker:
@@ -46,6 +48,7 @@ class Worker:
         self.poll_seconds = poll_seconds
         self._running: dict[int, asyncio.Task[None]] = {}
         self._side_tasks: set[asyncio.Task[None]] = set()
+        self._beat_at: datetime | None = None
         self._stopping = asyncio.Event()
         self.last_loop_at: datetime | None = None
         self.jobs_started = 0
@@ -63,6 +66,7 @@ class Worker:
         try:
             while not self._stopping.is_set():
                 self.last_loop_at = self.now()
+                await self._record_liveness()
                 free = self.concurrency - len(self._running)
                 claimed: list[int] = []
                 if free > 0:
@@ -88,6 +92,32 @@ class Worker:
                 await self.services.wait_for_wake(jitter)
         finally:
             await self._shutdown()
+
+    async def _record_liveness(self) -> None:
+        """Leave a timestamp for system-health-check, at most every 15 s (internal settings key)."""
+        now = self.now()
+        if self._beat_at is not None and (now - self._beat_at).total_seconds() < LIVENESS_SECONDS:
+            return
+        self._beat_at = now
+        try:
+            async with self.services.db.write() as session:
+                row = (
+                    await session.execute(
+                        self.services.db.for_update(select(Setting).where(Setting.key == LIVENESS_KEY))
+                    )
+                ).scalar_one_or_none()
+                beats = dict(row.value or {}) if row is not None else {}
+                beats = {
+                    w: at for w, at in beats.items() if isinstance(at, str) and at >= iso(now - timedelta(hours=1))
+                }
+                beats[self.worker_id] = iso(now)
+                if row is None:
+                    session.add(Setting(key=LIVENESS_KEY, value=beats, is_secret=False, updated_at=now))
+                else:
+                    row.value = beats
+                    row.updated_at = now
+        except Exception:
+            log.debug("could not record worker liveness", exc_info=True)
 
     def _done(self, job_id: int) -> None:
         self._running.pop(job_id, None)
