@@ -36,14 +36,8 @@ class Committed:
 def result_from_exception(exc: BaseException) -> StepResult:
     """Turn what a step raised into a failed StepResult (engine.md §6.1)."""
     if isinstance(exc, StepError):
-        error: dict[str, Any] = {"code": exc.code, "message": exc.message}
-        for key in ("retryable", "retry_after", "http_status", "diagnostics"):
-            value = getattr(exc, key, None)
-            if value is not None:
-                error[key] = value
-        if getattr(exc, "error_class", None):
-            error["class"] = exc.error_class
-        return StepResult(status="failed", reason=exc.code, error=error)
+        # to_dict() carries the classification (retryable, class) computed with everything the error knows.
+        return StepResult(status="failed", reason=exc.code, error=exc.to_dict())
     if isinstance(exc, TimeoutError):
         return StepResult(
             status="failed",
@@ -290,15 +284,7 @@ async def _failed(
     threshold = str(settings["log_level"])
     error = dict(result.error or {"code": result.reason or "step_failed", "message": result.reason or "step failed"})
     code = str(error.get("code") or result.reason or "step_failed")
-    retryable, error_class = classify(
-        StepError(
-            code,
-            str(error.get("message", "")),
-            retryable=error.get("retryable"),
-            http_status=error.get("http_status"),
-            error_class=error.get("class"),
-        )
-    )
+    retryable, error_class = classify(error)
     fsid = run.flow_step_id
     data = ed(job)
     retry = dict(data.get("retry") or {})

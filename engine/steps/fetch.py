@@ -13,16 +13,16 @@ from sqlalchemy import select
 from engine import claims as claim_ops
 from engine.catalog import HANDLERS
 from engine.claims import Candidate
-from engine.configs import ConfigError, open_secrets, validate_handler_config
-from engine.handlers import FETCHERS
+from engine.configs import open_secrets
+from engine.errors import StepError
+from engine.handlers import run_fetch
 from engine.handlers.base import HandlerContext, with_defaults
 from engine.http import Outbound
-from engine.items import Item, apply_filters, normalize_identifier
-from engine.steps import StepResult, StepRun, failure
+from engine.items import Item, item_to_packet
+from engine.steps import StepResult, StepRun
 from engine.steps.queues import take
 from storage.crypto import SecretUnavailable
 from storage.models import ProcessedItem
-from storage.timeutil import iso
 
 CHUNK = 500
 
@@ -79,53 +79,27 @@ async def classify(run: StepRun, source_type: str, items: list[Item]) -> tuple[l
 
 
 def packet_for(run: StepRun, slug: str, source_type: str, item: Item) -> dict[str, Any]:
-    meta: dict[str, Any] = {
-        "source_type": source_type,
-        "handler": slug,
-        "flow_step_id": run.flow_step_id,
-        "pipeline_id": run.engine_data.get("pipeline", {}).get("pipeline_id"),
-        "flow_id": run.engine_data.get("flow", {}).get("flow_id"),
-    }
-    if item.identifier:
-        meta["item_identifier"] = item.identifier
-    if item.source_url:
-        meta["source_url"] = item.source_url
-    if item.published_at is not None:
-        meta["published_at"] = iso(item.published_at)
-    if item.author:
-        meta["author"] = item.author
-    meta.update(item.metadata or {})
-    data: dict[str, Any] = {
-        "title": item.title or "",
-        "body": item.body or "",
-        "content_string": item.content_string or "",
-    }
-    if item.file_info is not None:
-        data["file_info"] = item.file_info
-    return {"type": "fetch", "timestamp": iso(run.now()), "data": data, "metadata": meta}
+    return item_to_packet(
+        item,
+        handler=slug,
+        source_type=source_type,
+        flow_step_id=run.flow_step_id,
+        pipeline_id=(run.engine_data.get("pipeline") or {}).get("pipeline_id"),
+        flow_id=(run.engine_data.get("flow") or {}).get("flow_id"),
+        timestamp=run.now(),
+    )
 
 
 async def run(run: StepRun) -> StepResult:
     slug = run.step["handler_slugs"][0]
-    handler = HANDLERS[slug]
-    fetcher = FETCHERS.get(slug)
-    if fetcher is None:
-        return failure("handler_not_found", f"No fetch implementation for handler '{slug}'.", retryable=False)
     config = dict((run.step.get("handler_configs") or {}).get(slug) or {})
     patch, empty = await take(run, "config_patch_queue")
     if empty:
         return StepResult(status="completed_no_items", reason="empty_drain_queue", handlers=[slug])
     if patch and isinstance(patch.get("patch"), dict):
         config = deep_merge(config, patch["patch"])
-    try:
-        validate_handler_config(handler, "fetch", config, files_roots=run.settings.files_roots())
-        config = open_secrets(handler, config, run.services.box)
-    except ConfigError as err:
-        return failure("handler_config_invalid", err.message, retryable=False, diagnostics=err.data)
-    except SecretUnavailable as err:
-        return failure("secret_unavailable", str(err), retryable=False)
-    config = with_defaults(handler, "fetch", config)
-    source_type = str(config.get("source_type") or slug) if slug == "webhook_payload" else slug
+    # Run-time checks (paths, URLs, secrets) raise the handler codes of engine.md §15.1.
+    config = open_config(slug, config, run.services.box)
     async with Outbound(run.settings, version=run.services.version) as outbound:
         ctx = HandlerContext(
             job_id=run.job.job_id,
@@ -140,18 +114,14 @@ async def run(run: StepRun) -> StepResult:
             settings=run.settings,
             version=run.services.version,
         )
-        fetched = await fetcher.fetch(config, ctx)
-    source_count = len(fetched)
-    items = apply_filters(fetched, config, now=run.now())
-    for item in items:
-        if item.identifier:
-            item.identifier = normalize_identifier(item.identifier)
-    eligible, stages = await classify(run, source_type, items)
-    max_items = int(config.get("max_items", 1) or 0)
+        items = await run_fetch(slug, config, ctx, now=run.now())
+    source_type = str(items.source_type or slug)
+    eligible, stages = await classify(run, source_type, list(items))
+    max_items = int(with_defaults(slug, "fetch", config).get("max_items", 1) or 0)
     fetch_stages = {
-        "source_items": source_count,
+        "source_items": items.source_count,
         "identifierless_items": stages["identifierless_items"],
-        "filtered_out": source_count - len(items),
+        "filtered_out": items.filtered_out,
         "processed_skipped": stages["processed_skipped"],
         "actively_claimed": stages["actively_claimed"],
         "duplicates": stages["duplicates"],
@@ -161,6 +131,8 @@ async def run(run: StepRun) -> StepResult:
         "final_packets": 0,
         "max_items": max_items,
     }
+    if items.skipped:
+        fetch_stages["skipped"] = dict(items.skipped)
     return StepResult(
         status="succeeded",
         candidates=eligible,
@@ -170,3 +142,13 @@ async def run(run: StepRun) -> StepResult:
         handlers=[slug],
         make_packet=lambda c: packet_for(run, slug, source_type, c.payload),
     )
+
+
+def open_config(slug: str, config: dict[str, Any], box: Any) -> dict[str, Any]:
+    """Decrypt secret fields (secret_unavailable when the key cannot)."""
+    try:
+        return open_secrets(HANDLERS[slug], config, box)
+    except SecretUnavailable as err:
+        raise StepError(
+            "secret_unavailable", f"A secret of handler '{slug}' cannot be decrypted: {err}", retryable=False
+        ) from None

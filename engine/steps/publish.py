@@ -4,13 +4,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from engine.catalog import HANDLERS
-from engine.configs import ConfigError, open_secrets, validate_handler_config
-from engine.handlers import PUBLISHERS
-from engine.handlers.base import HandlerContext, with_defaults
+from engine.handlers import run_publish
+from engine.handlers.base import HandlerContext, prepare_config, result_entry
 from engine.http import Outbound
 from engine.steps import StepResult, StepRun, failure
-from storage.crypto import SecretUnavailable
 from storage.models import Job
 from storage.timeutil import iso
 
@@ -47,19 +44,10 @@ async def run(run: StepRun) -> StepResult:
             results.append(previous.get("summary") or {"handler": slug, "status": "done"})
             engine_updates.update(previous.get("engine_updates") or {})
             continue
-        handler = HANDLERS[slug]
-        impl = PUBLISHERS.get(slug)
-        if impl is None:
-            return failure("handler_not_found", f"No {step_type} implementation for handler '{slug}'.", retryable=False)
-        config = dict((run.step.get("handler_configs") or {}).get(slug) or {})
-        try:
-            validate_handler_config(handler, step_type, config, files_roots=run.settings.files_roots())
-            config = open_secrets(handler, config, run.services.box)
-        except ConfigError as err:
-            return failure("handler_config_invalid", err.message, retryable=False, diagnostics=err.data, handler=slug)
-        except SecretUnavailable as err:
-            return failure("secret_unavailable", str(err), retryable=False, handler=slug)
-        config = with_defaults(handler, step_type, config)
+        # Run-time checks (paths, URLs, secrets) raise the handler codes of engine.md §15.1.
+        config = prepare_config(
+            slug, step_type, (run.step.get("handler_configs") or {}).get(slug) or {}, run.services.box
+        )
         view = {**run.engine_data, **engine_updates}
         async with Outbound(run.settings, version=run.services.version) as outbound:
             ctx = HandlerContext(
@@ -75,9 +63,8 @@ async def run(run: StepRun) -> StepResult:
                 settings=run.settings,
                 version=run.services.version,
             )
-            fn = impl.publish if step_type == "publish" else impl.update
-            outcome = await fn(config, packet, ctx)
-        summary = {"handler": slug, **{k: v for k, v in outcome.items() if k != "engine_updates" and v is not None}}
+            outcome = await run_publish(slug, config, packet, ctx)
+        summary = result_entry(slug, outcome)
         results.append(summary)
         updates = dict(outcome.get("engine_updates") or {})
         engine_updates.update(updates)

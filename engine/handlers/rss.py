@@ -1,0 +1,109 @@
+"""``rss`` fetch handler: RSS 2.0, RSS 1.0/RDF and Atom feeds (engine.md §15.4)."""
+
+from __future__ import annotations
+
+import io
+import time
+from datetime import UTC, datetime
+from typing import Any
+
+import anyio
+import feedparser
+
+from engine.errors import StepError
+from engine.handlers.base import FETCHERS, HandlerContext, with_defaults
+from engine.http import excerpt
+from engine.items import Item, ItemList, html_to_text, normalise_identifier, sha256_hex
+
+SOFT_PROBLEMS = (
+    feedparser.CharacterEncodingOverride,
+    feedparser.NonXMLContentType,
+)
+
+
+def _struct_time(value: Any) -> datetime | None:
+    if not isinstance(value, time.struct_time):
+        return None
+    try:
+        return datetime(*value[:6], tzinfo=UTC)
+    except (ValueError, OverflowError):
+        return None
+
+
+def _text(value: Any) -> str:
+    return value.strip() if isinstance(value, str) else ""
+
+
+def entry_to_item(entry: Any, feed_title: str) -> Item:
+    title = _text(entry.get("title"))
+    contents = entry.get("content") or []
+    body = ""
+    for content in contents:
+        value = content.get("value") if hasattr(content, "get") else None
+        if isinstance(value, str) and value.strip():
+            body = value
+            break
+    if not body:
+        body = entry.get("summary") or ""
+    link = _text(entry.get("link")) or None
+    published_raw = entry.get("published") or entry.get("updated") or ""
+    published = _struct_time(entry.get("published_parsed")) or _struct_time(entry.get("updated_parsed"))
+    identifier = _text(entry.get("id")) or link
+    if not identifier:
+        identifier = "sha256:" + sha256_hex(f"{title}{published_raw}")
+    metadata: dict[str, Any] = {}
+    if feed_title:
+        metadata["feed_title"] = feed_title
+    categories = [t.get("term") for t in entry.get("tags") or [] if hasattr(t, "get") and t.get("term")]
+    if categories:
+        metadata["categories"] = categories
+    return Item(
+        identifier=normalise_identifier(identifier),
+        title=title,
+        body=body,
+        content_string=html_to_text(body),
+        source_url=link,
+        published_at=published,
+        author=_text(entry.get("author")) or None,
+        metadata=metadata,
+    )
+
+
+def parse_feed(content: bytes, content_type: str | None, url: str, shown: str | None = None) -> ItemList:
+    """Items of a feed document (``url`` resolves relative links; ``shown`` is used in messages)."""
+    shown = shown or url.split("?", 1)[0]
+    headers = {"content-location": url}
+    if content_type:
+        headers["content-type"] = content_type
+    # A stream, never bytes/str: feedparser treats strings as URLs or file names.
+    parsed = feedparser.parse(io.BytesIO(content), response_headers=headers)
+    entries = parsed.get("entries") or []
+    problem = parsed.get("bozo_exception") if parsed.get("bozo") else None
+    if isinstance(problem, SOFT_PROBLEMS):  # a wrong Content-Type or charset label: the feed still parsed
+        problem = None
+    if not entries and (problem is not None or not parsed.get("version")):
+        detail = f"{problem.__class__.__name__}: {problem}" if problem else "not an RSS or Atom document"
+        raise StepError(
+            "invalid_response",
+            f"{shown} is not a readable feed ({detail})",
+            diagnostics={"url": shown, "body": excerpt(content)},
+        )
+    feed_title = _text((parsed.get("feed") or {}).get("title"))
+    return ItemList(entry_to_item(entry, feed_title) for entry in entries)
+
+
+class RssHandler:
+    slug = "rss"
+
+    async def fetch(self, config: dict[str, Any], ctx: HandlerContext) -> ItemList:
+        cfg = with_defaults(self.slug, "fetch", config)
+        response = await ctx.outbound.get(
+            cfg["feed_url"],
+            headers={"Accept": "application/rss+xml, application/atom+xml, application/xml;q=0.9, */*;q=0.8"},
+        )
+        return await anyio.to_thread.run_sync(
+            parse_feed, response.content, response.headers.get("content-type"), response.url
+        )
+
+
+FETCHERS["rss"] = RssHandler()
