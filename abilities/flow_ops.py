@@ -29,7 +29,7 @@ from engine.configs import (
     validate_handler_config,
     validate_step_settings,
 )
-from storage.crypto import SecretBox
+from storage.crypto import MASK, SecretBox
 from storage.models import Flow, Pipeline
 from storage.timeutil import iso, utcnow
 
@@ -165,8 +165,12 @@ def apply_step_edit(
                 changes.append("handler_configs")
             for slug in sorted(touched):
                 handler = handler_for(step_type, slug)
-                validate_handler_config(handler, step_type, configs.get(slug, {}), files_roots=files_roots)
-                configs[slug] = seal_secrets(handler, configs.get(slug, {}), box)
+                # A mask left after merging means "keep" with nothing stored: it is no value (so a required
+                # secret given only as the mask is reported missing instead of being dropped after validation).
+                secret = {n for n, f in handler.all_fields().items() if f.secret}
+                config = {k: v for k, v in configs.get(slug, {}).items() if not (k in secret and v == MASK)}
+                validate_handler_config(handler, step_type, config, files_roots=files_roots)
+                configs[slug] = seal_secrets(handler, config, box)
             out["handler_slugs"] = slugs
             out["handler_configs"] = configs
             out.pop("flow_step_settings", None)
@@ -205,8 +209,11 @@ def apply_step_edit(
                     flow_step_id=fsid,
                 )
             message = edit.user_message.strip()
-            stamp = iso(now or utcnow())
-            out["prompt_queue"] = [{"prompt": message, "added_at": stamp}] if message else []
+            queue = out.get("prompt_queue") or []
+            already = len(queue) == 1 and isinstance(queue[0], dict) and queue[0].get("prompt") == message
+            if not already:  # the same one prompt again keeps its entry (idempotent)
+                stamp = iso(now or utcnow())
+                out["prompt_queue"] = [{"prompt": message, "added_at": stamp}] if message else []
             changes.append("user_message")
         if edit.queue_mode is not None:
             if spec.queue_slot is None:

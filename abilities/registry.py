@@ -151,7 +151,14 @@ def load_all() -> dict[str, Ability]:
 
     for module in pkgutil.iter_modules(abilities.__path__):
         importlib.import_module(f"abilities.{module.name}")
-    return dict(sorted(_REGISTRY.items(), key=lambda kv: (TOOLSETS.index(kv[1].toolset), kv[1].order)))
+    return dict(sorted(_REGISTRY.items(), key=lambda kv: _listing_key(kv[1])))
+
+
+def _listing_key(a: Ability) -> tuple[int, bool, str, int]:
+    """Toolset order, then the toolset's own module (agents.py for agents, …), then source order."""
+    module, line = a.order
+    primary = module.rsplit(".", 1)[-1] == a.toolset.replace("-", "_")
+    return TOOLSETS.index(a.toolset), not primary, module, line
 
 
 def registered() -> dict[str, Ability]:

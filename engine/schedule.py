@@ -148,11 +148,25 @@ def client_keys(config: dict[str, Any] | None) -> dict[str, Any]:
 
 
 def next_cron(expression: str, timezone: str, after: datetime) -> datetime:
-    """First match strictly after ``after``, evaluated in ``timezone`` (DST-aware), in UTC."""
+    """First match strictly after ``after``, evaluated in ``timezone`` (DST-aware), in UTC.
+
+    Matches are local wall-clock times (engine.md §12.1): one that does not exist (spring forward)
+    is skipped, and one that occurs twice (fall back) fires once, at its first occurrence.
+    """
     zone = _zone(timezone)
-    local = after.astimezone(zone)
-    value = croniter(expression, local).get_next(datetime)
-    return value.astimezone(UTC)
+    after_utc = after.astimezone(UTC)
+    # croniter walks naive wall-clock times; each candidate is then placed in the zone.
+    it = croniter(expression, after_utc.astimezone(zone).replace(tzinfo=None, fold=0))
+    for _ in range(10000):
+        wall = it.get_next(datetime)
+        first = wall.replace(tzinfo=zone, fold=0)
+        first_utc = first.astimezone(UTC)
+        if first_utc.astimezone(zone).replace(tzinfo=None) != wall:
+            continue  # nonexistent local time (the gap of a spring-forward change)
+        if first_utc > after_utc:
+            return first_utc
+        # A repeated wall time whose first occurrence is not after ``after``: it has had its turn.
+    raise ScheduleError("invalid_cron_expression", f"Cron expression '{expression}' has no upcoming match.")
 
 
 def next_grid(first_run: datetime, interval_seconds: int, now: datetime) -> datetime:
@@ -190,7 +204,8 @@ def apply(
     next_run: datetime | None = None
     if interval in INTERVALS:
         seconds = INTERVALS[interval][0]
-        first = now + timedelta(seconds=stagger_seconds(flow_id, seconds))
+        # whole seconds, so the stored anchor (ISO, no microseconds) and next_run_at agree exactly
+        first = now.replace(microsecond=0) + timedelta(seconds=stagger_seconds(flow_id, seconds))
         config["interval_seconds"] = seconds
         config["first_run"] = iso(first)
         next_run = first
@@ -211,8 +226,9 @@ def resume(config: dict[str, Any], *, flow_id: int, now: datetime) -> tuple[dict
     if interval in INTERVALS and not isinstance(out.get("first_run"), str):
         seconds = INTERVALS[interval][0]
         out["interval_seconds"] = seconds
-        out["first_run"] = iso(now + timedelta(seconds=stagger_seconds(flow_id, seconds)))
-    return with_next_run(out, upcoming(out, flow_id=flow_id, now=now))
+        out["first_run"] = iso(now.replace(microsecond=0) + timedelta(seconds=stagger_seconds(flow_id, seconds)))
+    next_run = upcoming(out, flow_id=flow_id, now=now)
+    return with_next_run(out, next_run), next_run
 
 
 def pause(config: dict[str, Any]) -> dict[str, Any]:
@@ -241,7 +257,7 @@ def upcoming(
     first = (
         parse_datetime(first_raw)
         if isinstance(first_raw, str)
-        else now + timedelta(seconds=stagger_seconds(flow_id, seconds))
+        else now.replace(microsecond=0) + timedelta(seconds=stagger_seconds(flow_id, seconds))
     )
     return next_grid(first, seconds, max(now, after_slot) if after_slot is not None else now)
 
