@@ -54,7 +54,9 @@ def validation_error(ability: Ability, exc: ValidationError) -> AbilityError:
     first = exc.errors(include_url=False)[0]
     top = str(first["loc"][0]) if first["loc"] else ""
     code = "invalid_input"
-    if top in ability.error_fields and first["type"] != "missing":
+    # A missing mapped field is still invalid_input; a mapped field that is present but invalid
+    # (including a missing key inside it) uses the mapped code (abilities.md §2.2).
+    if top in ability.error_fields and not (first["type"] == "missing" and len(first["loc"]) == 1):
         code = ability.error_fields[top]
     summary = "; ".join(f"{e['field']}: {e['message']}" for e in errors[:5])
     more = f" (and {len(errors) - 5} more)" if len(errors) > 5 else ""

@@ -1,0 +1,596 @@
+"""Pipelines toolset, part 3: export-pipelines and import-pipelines (abilities.md §5).
+
+The CSV format (RFC 4180, ``\\n`` line ends) has the header
+``pipeline_id,pipeline_name,step_position,step_type,step_config,flow_id,flow_name,settings``. For
+each pipeline and each step in order there is one *structure row* (``step_config`` = the
+PipelineStep as JSON) followed by one *flow row* per flow whose step has settings (``settings`` =
+``{handler_slugs?, handler_configs?, flow_step_settings?, queue_mode?, prompt_queue?}``). Secrets
+are never exported.
+
+Two additions keep a round trip lossless where the spec's rows alone would drop something: a flow
+none of whose steps has settings still gets one flow row (at its first step, ``settings`` ``{}``),
+and a pipeline without steps gets one row with empty ``step_position``/``step_type``/``step_config``
+(its flows likewise with an empty ``step_position``).
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import Field
+from sqlalchemy import select
+
+from abilities.context import AbilityContext
+from abilities.errors import AbilityError
+from abilities.flow_ops import create_flow_record, seeded_warnings
+from abilities.pipeline_common import (
+    build_pipeline_step,
+    make_flow_step_id,
+    notify_flow,
+    notify_pipeline,
+    ordered_steps,
+    owner_of,
+    seed_flow_step,
+    step_label,
+)
+from abilities.pipelines import new_resource_owner, strip_secrets
+from abilities.registry import ability
+from abilities.schema import Input, Output
+from engine.catalog import STEP_TYPES
+from engine.configs import (
+    ConfigError,
+    handler_for,
+    seal_secrets,
+    validate_handler_config,
+    validate_step_settings,
+)
+from storage.crypto import SecretBox
+from storage.models import Flow, Pipeline
+from storage.timeutil import iso, utcnow
+
+HEADER = [
+    "pipeline_id",
+    "pipeline_name",
+    "step_position",
+    "step_type",
+    "step_config",
+    "flow_id",
+    "flow_name",
+    "settings",
+]
+SETTINGS_KEYS = ("handler_slugs", "handler_configs", "flow_step_settings", "queue_mode", "prompt_queue")
+MAX_DATA = 5 * 1024 * 1024
+
+
+def _field(value: Any) -> str:
+    """One RFC 4180 field: quoted when it holds a comma, a quote, CR or LF (quotes doubled)."""
+    text = str(value)
+    if any(c in text for c in ',"\r\n'):
+        return '"' + text.replace('"', '""') + '"'
+    return text
+
+
+class _Writer:
+    """A CSV writer with RFC 4180 quoting and ``\n`` line ends (the csv module leaves a lone CR unquoted)."""
+
+    def __init__(self) -> None:
+        self.lines: list[str] = []
+
+    def writerow(self, row: list[Any]) -> None:
+        self.lines.append(",".join(_field(v) for v in row) + "\n")
+
+    def getvalue(self) -> str:
+        return "".join(self.lines)
+
+
+def _json(value: Any) -> str:
+    return json.dumps(value, ensure_ascii=False, sort_keys=True, separators=(",", ":"))
+
+
+# --- export-pipelines -------------------------------------------------------------------------
+
+
+class ExportPipelinesIn(Input):
+    pipeline_ids: list[Annotated[int, Field(ge=1)]] | None = Field(
+        None, max_length=500, description="Pipelines to export (default: every pipeline you can read)"
+    )
+    format: Literal["csv"] = Field("csv", description="Export format (csv)")
+
+
+class ExportPipelinesOut(Output):
+    data: str = Field(description="The CSV document")
+    count: int = Field(description="Pipelines exported")
+    format: Literal["csv"] = Field(description="csv")
+    redacted_fields: list[str] = Field(
+        description='Secret fields left out, e.g. "pipeline 3 / flow 7 / step 0: webhook.secret"'
+    )
+
+
+def export_step(step: dict[str, Any], where: str, redacted: list[str]) -> dict[str, Any]:
+    """A PipelineStep for step_config: label filled in, secret handler defaults removed."""
+    out = dict(step)
+    out.setdefault("label", step_label(step.get("step_type", "")))
+    if isinstance(out.get("handler_config"), dict):
+        slug = out.get("handler_slug") or ""
+        out["handler_config"], removed = strip_secrets(slug, out["handler_config"])
+        redacted.extend(f"{where}: {slug}.{name}" for name in removed)
+    return out
+
+
+def export_settings(entry: dict[str, Any] | None, where: str, redacted: list[str]) -> dict[str, Any]:
+    """The settings of one flow step (empty parts left out; secrets removed)."""
+    if not entry:
+        return {}
+    out: dict[str, Any] = {}
+    slugs = entry.get("handler_slugs")
+    if isinstance(slugs, list) and slugs:
+        out["handler_slugs"] = list(slugs)
+        configs: dict[str, Any] = {}
+        for slug, config in (entry.get("handler_configs") or {}).items():
+            configs[slug], removed = strip_secrets(slug, config if isinstance(config, dict) else {})
+            redacted.extend(f"{where}: {slug}.{name}" for name in removed)
+        out["handler_configs"] = configs
+    if entry.get("flow_step_settings"):
+        out["flow_step_settings"] = entry["flow_step_settings"]
+    if entry.get("queue_mode") not in (None, "static"):
+        out["queue_mode"] = entry["queue_mode"]
+    if entry.get("prompt_queue"):
+        out["prompt_queue"] = entry["prompt_queue"]
+    return out
+
+
+def render_csv(pipelines: list[Pipeline], flows: dict[int, list[Flow]]) -> tuple[str, list[str]]:
+    writer = _Writer()
+    writer.writerow(HEADER)
+    redacted: list[str] = []
+    for pipeline in pipelines:
+        pid, name = pipeline.pipeline_id, pipeline.pipeline_name
+        steps = ordered_steps(pipeline.pipeline_config)
+        own_flows = flows.get(pid, [])
+        # settings[flow_id][position]
+        settings: dict[int, list[dict[str, Any]]] = {}
+        for flow in own_flows:
+            config = flow.flow_config or {}
+            settings[flow.flow_id] = [
+                export_settings(
+                    config.get(make_flow_step_id(step["pipeline_step_id"], flow.flow_id)),
+                    f"pipeline {pid} / flow {flow.flow_id} / step {pos}",
+                    redacted,
+                )
+                for pos, step in enumerate(steps)
+            ]
+        if not steps:
+            writer.writerow([pid, name, "", "", "", "", "", ""])
+            for flow in own_flows:
+                writer.writerow([pid, name, "", "", "", flow.flow_id, flow.flow_name, "{}"])
+            continue
+        for pos, step in enumerate(steps):
+            step_config = export_step(step, f"pipeline {pid} / step {pos}", redacted)
+            writer.writerow([pid, name, pos, step["step_type"], _json(step_config), "", "", ""])
+            for flow in own_flows:
+                mine = settings[flow.flow_id]
+                if mine[pos] or (pos == 0 and not any(mine)):
+                    writer.writerow([pid, name, pos, "", "", flow.flow_id, flow.flow_name, _json(mine[pos])])
+    return writer.getvalue(), redacted
+
+
+@ability(
+    "export-pipelines",
+    toolset="pipelines",
+    level="viewer",
+    read_only=True,
+    idempotent=True,
+    description=(
+        "Export pipelines and their flow step settings as CSV (credentials removed) for backup or transfer "
+        "with import-pipelines."
+    ),
+)
+async def export_pipelines(ctx: AbilityContext, inp: ExportPipelinesIn) -> ExportPipelinesOut:
+    s = ctx.session
+    if inp.pipeline_ids is not None:
+        wanted = sorted(set(inp.pipeline_ids))
+        found = list(
+            (await s.execute(select(Pipeline).where(Pipeline.pipeline_id.in_(wanted)).order_by(Pipeline.pipeline_id)))
+            .scalars()
+            .all()
+        )
+        missing = sorted(set(wanted) - {p.pipeline_id for p in found})
+        if missing:
+            raise AbilityError(
+                "pipeline_not_found",
+                f"Pipeline(s) {', '.join(map(str, missing))} not found.",
+                pipeline_ids=missing,
+            )
+        for pipeline in found:
+            await ctx.access.authorize(
+                await owner_of(ctx, pipeline.agent_id, pipeline.user_id),
+                "viewer",
+                mutating=False,
+                target={"type": "pipeline", "id": pipeline.pipeline_id},
+            )
+        pipelines = found
+    else:
+        scope = await ctx.access.scope_filter(Pipeline.agent_id, Pipeline.user_id)
+        pipelines = list((await s.execute(select(Pipeline).where(scope).order_by(Pipeline.pipeline_id))).scalars())
+    flows: dict[int, list[Flow]] = {}
+    ids = [p.pipeline_id for p in pipelines]
+    if ids:
+        readable = await ctx.access.scope_filter(Flow.agent_id, Flow.user_id)
+        rows = await s.execute(select(Flow).where(Flow.pipeline_id.in_(ids), readable).order_by(Flow.flow_id))
+        for flow in rows.scalars():
+            flows.setdefault(flow.pipeline_id, []).append(flow)
+    data, redacted = render_csv(pipelines, flows)
+    return ExportPipelinesOut(data=data, count=len(pipelines), format="csv", redacted_fields=redacted)
+
+
+# --- import-pipelines -------------------------------------------------------------------------
+
+
+class ImportPipelinesIn(Input):
+    data: str = Field(max_length=MAX_DATA, description="CSV in the export-pipelines format (≤5 MiB)")
+    format: Literal["csv"] = Field("csv", description="Import format (csv)")
+    agent_id: int | None = Field(
+        None, ge=1, description="Owning agent of the imported pipelines (default: your session's agent)"
+    )
+    on_conflict: Literal["skip", "create"] = Field(
+        "skip", description="A same-name pipeline already exists for this owner: skip it, or create another"
+    )
+
+
+class SkippedOut(Output):
+    pipeline_name: str = Field(description="Name of the pipeline not imported")
+    existing_pipeline_id: int = Field(description="The existing pipeline with that name")
+
+
+class ImportPipelinesOut(Output):
+    imported: list[int] = Field(description="Ids of the pipelines created")
+    skipped: list[SkippedOut] = Field(description="Pipelines skipped because the name exists (on_conflict=skip)")
+    flows_created: int = Field(description="Flows created")
+    count: int = Field(description="Pipelines created")
+    warnings: list[str] = Field(description="Configs that still need values (e.g. secrets the export removed)")
+    message: str = Field(description="Human-readable result")
+
+
+def bad_row(row: int, message: str) -> AbilityError:
+    where = "the header" if row == 0 else f"row {row}"
+    err = AbilityError("invalid_import_data", f"Invalid import data at {where}: {message}", row=row)
+    err.data["message"] = message  # data {row, message} (abilities.md §5); "message" is also the positional
+    return err
+
+
+@dataclass
+class StepRow:
+    row: int
+    position: int
+    step_type: str
+    config: dict[str, Any]
+
+
+@dataclass
+class FlowRow:
+    row: int
+    position: int | None
+    settings: dict[str, Any]
+
+
+@dataclass
+class SourceFlow:
+    key: str
+    name: str
+    rows: list[FlowRow] = field(default_factory=list)
+
+
+@dataclass
+class Group:
+    name: str
+    first_row: int
+    steps: dict[int, StepRow] = field(default_factory=dict)
+    flows: dict[str, SourceFlow] = field(default_factory=dict)
+
+
+def _json_object(text: str, row: int, column: str) -> dict[str, Any]:
+    if not text.strip():
+        return {}
+    try:
+        value = json.loads(text)
+    except ValueError as err:
+        raise bad_row(row, f"{column} is not valid JSON ({err.msg})") from None
+    if not isinstance(value, dict):
+        raise bad_row(row, f"{column} must be a JSON object")
+    return value
+
+
+def parse_csv(data: str) -> list[Group]:
+    """Rows grouped by source pipeline; raises invalid_import_data naming the first bad row."""
+    if not data.strip():
+        raise bad_row(0, "data is required")
+    csv.field_size_limit(max(csv.field_size_limit(), MAX_DATA))  # a long prompt queue is one field
+    reader = csv.reader(io.StringIO(data.lstrip("\ufeff"), newline=""), strict=True)
+    groups: dict[tuple[str, str], Group] = {}
+    row_no = 0
+    try:
+        header = next(reader, None)
+        if header != HEADER:
+            raise bad_row(0, "CSV header does not match the Data Machine pipeline format")
+        for record in reader:
+            row_no += 1
+            if not record or all(not c.strip() for c in record):
+                continue
+            if len(record) != len(HEADER):
+                raise bad_row(row_no, f"expected {len(HEADER)} columns, found {len(record)}")
+            source_pid, name, position, step_type, step_config, flow_id, flow_name, settings = record
+            name = name.strip()
+            if not name:
+                raise bad_row(row_no, "pipeline_name is empty")
+            key = (source_pid.strip(), name)
+            group = groups.setdefault(key, Group(name=name, first_row=row_no))
+            pos: int | None = None
+            if position.strip():
+                if not position.strip().isdigit():
+                    raise bad_row(row_no, f"step_position '{position}' is not a non-negative integer")
+                pos = int(position.strip())
+            step_type, flow_id = step_type.strip(), flow_id.strip()
+            if step_type and flow_id:
+                raise bad_row(row_no, "a row is either a structure row (step_type) or a flow row (flow_id), not both")
+            if step_type:
+                if pos is None:
+                    raise bad_row(row_no, "a structure row needs step_position")
+                if step_type not in STEP_TYPES:
+                    raise bad_row(row_no, f"unknown step_type '{step_type}' (registered: {', '.join(STEP_TYPES)})")
+                if pos in group.steps:
+                    raise bad_row(row_no, f"step_position {pos} appears twice in pipeline '{name}'")
+                group.steps[pos] = StepRow(row_no, pos, step_type, _json_object(step_config, row_no, "step_config"))
+            elif flow_id:
+                if step_config.strip():
+                    raise bad_row(row_no, "a flow row has an empty step_config")
+                flow = group.flows.setdefault(flow_id, SourceFlow(key=flow_id, name=flow_name.strip() or "Flow"))
+                flow.rows.append(FlowRow(row_no, pos, _json_object(settings, row_no, "settings")))
+            elif pos is not None or step_config.strip() or settings.strip():
+                raise bad_row(row_no, "a structure row needs step_type; a flow row needs flow_id")
+    except csv.Error as err:
+        raise bad_row(row_no + 1 if row_no else 0, f"malformed CSV ({err})") from None
+    for group in groups.values():
+        for flow in group.flows.values():
+            for frow in flow.rows:
+                if frow.position is not None and frow.position not in group.steps:
+                    raise bad_row(
+                        frow.row, f"flow row for step_position {frow.position} has no structure row before it"
+                    )
+                if frow.position is None and frow.settings:
+                    raise bad_row(frow.row, "a flow row with settings needs step_position")
+    return list(groups.values())
+
+
+def _config_error(err: ConfigError, row: int) -> AbilityError:
+    return AbilityError(err.code, f"Row {row}: {err.message}", **err.data, row=row)
+
+
+def apply_settings(
+    entry: dict[str, Any],
+    settings: dict[str, Any],
+    row: int,
+    *,
+    box: SecretBox,
+    files_roots: list[Path] | None,
+) -> dict[str, Any]:
+    """A flow step with an exported ``settings`` object applied (validated; required fields not enforced)."""
+    unknown = sorted(k for k in settings if k not in SETTINGS_KEYS)
+    if unknown:
+        raise bad_row(row, f"unknown settings key(s): {', '.join(unknown)} (allowed: {', '.join(SETTINGS_KEYS)})")
+    out = dict(entry)
+    step_type = entry["step_type"]
+    spec = STEP_TYPES[step_type]
+    try:
+        if spec.uses_handler:
+            if "flow_step_settings" in settings:
+                raise bad_row(row, f"flow_step_settings do not apply to a {step_type} step")
+            slugs = settings.get("handler_slugs", out.get("handler_slugs") or [])
+            if not isinstance(slugs, list) or not all(isinstance(s, str) for s in slugs):
+                raise bad_row(row, "handler_slugs must be a list of handler slugs")
+            if len(set(slugs)) != len(slugs):
+                raise AbilityError("invalid_handler", f"Row {row}: handler_slugs lists a handler twice.", row=row)
+            if step_type == "fetch" and len(slugs) > 1:
+                raise AbilityError("invalid_handler", f"Row {row}: a fetch step holds exactly one handler.", row=row)
+            given = settings.get("handler_configs", {})
+            if not isinstance(given, dict) or not all(isinstance(c, dict) for c in given.values()):
+                raise bad_row(row, "handler_configs must be an object of objects keyed by handler slug")
+            stray = [s for s in given if s not in slugs]
+            if stray:
+                raise AbilityError(
+                    "invalid_handler",
+                    f"Row {row}: handler_configs names {', '.join(stray)}, which is not in handler_slugs.",
+                    row=row,
+                )
+            stored = out.get("handler_configs") or {}
+            configs: dict[str, dict[str, Any]] = {}
+            for slug in slugs:
+                handler = handler_for(step_type, slug)
+                config = dict(given.get(slug, stored.get(slug, {})))
+                validate_handler_config(handler, step_type, config, check_required=False, files_roots=files_roots)
+                configs[slug] = seal_secrets(handler, config, box)
+            out["handler_slugs"] = list(slugs)
+            out["handler_configs"] = configs
+        else:
+            if "handler_slugs" in settings or "handler_configs" in settings:
+                raise AbilityError(
+                    "invalid_handler", f"Row {row}: a {step_type} step uses no handlers.", row=row, step_type=step_type
+                )
+            if "flow_step_settings" in settings:
+                values = settings["flow_step_settings"]
+                if not isinstance(values, dict):
+                    raise bad_row(row, "flow_step_settings must be an object")
+                try:
+                    validate_step_settings(step_type, values, check_required=False)
+                except ConfigError as err:
+                    raise bad_row(row, err.message) from None
+                out["flow_step_settings"] = dict(values)
+    except ConfigError as err:
+        raise _config_error(err, row) from None
+    if "queue_mode" in settings:
+        if spec.queue_slot is None:
+            raise bad_row(row, f"queue_mode applies to ai and fetch steps, not {step_type}")
+        if settings["queue_mode"] not in ("static", "drain", "loop"):
+            raise bad_row(row, "queue_mode must be static, drain or loop")
+        out["queue_mode"] = settings["queue_mode"]
+    if "prompt_queue" in settings:
+        queue = settings["prompt_queue"]
+        if step_type != "ai":
+            raise bad_row(row, f"prompt_queue applies to ai steps, not {step_type}")
+        if not isinstance(queue, list) or not all(
+            isinstance(q, dict) and isinstance(q.get("prompt"), str) for q in queue
+        ):
+            raise bad_row(row, "prompt_queue must be a list of {prompt, added_at}")
+        stamp = iso(utcnow())
+        out["prompt_queue"] = [
+            {"prompt": q["prompt"], "added_at": q["added_at"] if isinstance(q.get("added_at"), str) else stamp}
+            for q in queue
+        ]
+    return out
+
+
+@dataclass
+class Plan:
+    """One pipeline to create: its step seeds (by position) and flows (settings by step index)."""
+
+    group: Group
+    seeds: list[tuple[int, dict[str, Any]]]
+    flows: list[tuple[str, list[tuple[int, int, dict[str, Any]]]]]
+
+
+def plan_group(group: Group, *, box: SecretBox, files_roots: list[Path] | None) -> Plan:
+    """Validate a group with placeholder ids (nothing written); the plan is replayed with real ids."""
+    ordered = [group.steps[p] for p in sorted(group.steps)]
+    index = {row.position: i for i, row in enumerate(ordered)}
+    seeds: list[tuple[int, dict[str, Any]]] = []
+    probe_steps = []
+    for i, srow in enumerate(ordered):
+        seed = {**srow.config, "step_type": srow.step_type}
+        try:
+            probe_steps.append(build_pipeline_step(1, seed, i, box=box, files_roots=files_roots))
+        except AbilityError as err:
+            if err.code in ("handler_not_found", "invalid_handler", "invalid_handler_config"):
+                raise AbilityError(err.code, f"Row {srow.row}: {err.message}", **err.data, row=srow.row) from None
+            raise bad_row(srow.row, err.message) from None
+        seeds.append((srow.row, seed))
+    flows = []
+    # Source flows in their original id order (first appearance for non-numeric ids), so that an
+    # export of the imported pipeline lists them in the same order.
+    sources = sorted(
+        enumerate(group.flows.values()),
+        key=lambda item: (0, int(item[1].key), item[0]) if item[1].key.isdigit() else (1, 0, item[0]),
+    )
+    for _, source in sources:
+        applied: list[tuple[int, int, dict[str, Any]]] = []
+        for frow in source.rows:
+            if frow.position is None:
+                continue
+            i = index[frow.position]
+            entry = seed_flow_step(probe_steps[i], flow_id=1, pipeline_id=1)
+            apply_settings(entry, frow.settings, frow.row, box=box, files_roots=files_roots)
+            applied.append((frow.row, i, frow.settings))
+        flows.append((source.name, applied))
+    return Plan(group=group, seeds=seeds, flows=flows)
+
+
+@ability(
+    "import-pipelines",
+    toolset="pipelines",
+    level="admin",
+    description=(
+        "Import pipelines and flows from CSV produced by export-pipelines. Existing same-name pipelines are "
+        "skipped unless on_conflict=create."
+    ),
+)
+async def import_pipelines(ctx: AbilityContext, inp: ImportPipelinesIn) -> ImportPipelinesOut:
+    agent_id, user_id = await new_resource_owner(ctx, inp.agent_id)
+    snap = await ctx.settings()
+    roots = snap.files_roots()
+    box = ctx.runtime.box
+    plans = [plan_group(g, box=box, files_roots=roots) for g in parse_csv(inp.data)]
+
+    owner_cond = (
+        Pipeline.agent_id == agent_id
+        if agent_id is not None
+        else (Pipeline.agent_id.is_(None) & (Pipeline.user_id == user_id))
+    )
+    existing: dict[str, int] = {}
+    names = sorted({p.group.name for p in plans})
+    if names:
+        rows = await ctx.session.execute(
+            select(Pipeline.pipeline_name, Pipeline.pipeline_id)
+            .where(owner_cond, Pipeline.pipeline_name.in_(names))
+            .order_by(Pipeline.pipeline_id)
+        )
+        for pname, pid in rows.all():
+            existing.setdefault(pname, pid)
+
+    imported: list[int] = []
+    skipped: list[dict[str, Any]] = []
+    created_flows: list[Flow] = []
+    warnings: list[str] = []
+    now = utcnow()
+    for plan in plans:
+        name = plan.group.name[:255]
+        if inp.on_conflict == "skip" and name in existing:
+            skipped.append({"pipeline_name": name, "existing_pipeline_id": existing[name]})
+            continue
+        pipeline = Pipeline(
+            user_id=user_id, agent_id=agent_id, pipeline_name=name, pipeline_config={}, created_at=now, updated_at=now
+        )
+        ctx.session.add(pipeline)
+        await ctx.session.flush()
+        pid = pipeline.pipeline_id
+        steps = [
+            build_pipeline_step(pid, seed, i, box=box, files_roots=roots) for i, (_, seed) in enumerate(plan.seeds)
+        ]
+        pipeline.pipeline_config = {s["pipeline_step_id"]: s for s in steps}
+        flow_specs = plan.flows or [("Default Flow", [])]
+        for flow_name, applied in flow_specs:
+            flow, _, _ = await create_flow_record(
+                ctx,
+                pipeline,
+                flow_name=flow_name[:255],
+                agent_id=agent_id,
+                user_id=user_id,
+                schedule={"interval": "manual"},
+            )
+            config = dict(flow.flow_config)
+            for row, i, settings in applied:
+                fsid = make_flow_step_id(steps[i]["pipeline_step_id"], flow.flow_id)
+                config[fsid] = apply_settings(config[fsid], settings, row, box=box, files_roots=roots)
+            flow.flow_config = config
+            for entry in config.values():
+                warnings.extend(f"Pipeline '{name}', flow '{flow.flow_name}': {w}" for w in seeded_warnings(entry))
+            created_flows.append(flow)
+        imported.append(pid)
+
+    if imported:
+        await ctx.audit(
+            f"imported {len(imported)} pipeline(s) ({', '.join(map(str, imported))}) with "
+            f"{len(created_flows)} flow(s); skipped {len(skipped)}",
+            target=("pipeline", imported[0] if len(imported) == 1 else imported),
+            changes=["pipelines", "flows"],
+            agent_id=agent_id,
+            pipeline_id=imported[0] if len(imported) == 1 else None,
+        )
+        for pid in imported:
+            notify_pipeline(ctx, pid, list_changed=True)
+        for flow in created_flows:
+            notify_flow(ctx, flow)
+    message = f"Imported {len(imported)} pipeline(s) with {len(created_flows)} flow(s)"
+    message += f"; skipped {len(skipped)} existing." if skipped else "."
+    return ImportPipelinesOut.model_validate(
+        {
+            "imported": imported,
+            "skipped": skipped,
+            "flows_created": len(created_flows),
+            "count": len(imported),
+            "warnings": warnings,
+            "message": message,
+        }
+    )

@@ -1,0 +1,518 @@
+"""Pipelines toolset, part 2: a pipeline's steps (abilities.md §5: get-pipeline-steps,
+add-pipeline-step, update-pipeline-step, delete-pipeline-step, reorder-pipeline-steps).
+
+Every change keeps ``execution_order`` contiguous (0..n-1) and every flow of the pipeline in sync
+(storage.md §7.1-7.2) in the same transaction.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import Field
+from sqlalchemy import and_, delete, not_, or_, select
+
+from abilities.context import AbilityContext
+from abilities.errors import AbilityError
+from abilities.flow_ops import seeded_warnings
+from abilities.pipeline_common import (
+    ACTIVE_STATUSES,
+    PipelineStepOut,
+    build_pipeline_step,
+    flows_of,
+    load_pipeline,
+    make_flow_step_id,
+    notify_flow,
+    notify_pipeline,
+    ordered_steps,
+    parse_pipeline_step_id,
+    pipeline_step_dict,
+    step_label,
+    sync_flow_config,
+)
+from abilities.pipelines import StepSeedIn, renumber
+from abilities.registry import ability
+from abilities.schema import Input, Output
+from engine.catalog import PROVIDERS
+from storage.models import Flow, Job, Pipeline, ProcessedItem
+from storage.timeutil import utcnow
+
+
+def step_id_or_error(raw: str) -> tuple[str, int]:
+    """A trimmed pipeline_step_id and its pipeline id (invalid_pipeline_step_id otherwise)."""
+    psid = raw.strip()
+    if not psid:
+        raise AbilityError("invalid_pipeline_step_id", "pipeline_step_id must be a non-empty string")
+    pipeline_id = parse_pipeline_step_id(psid)
+    if pipeline_id is None:
+        raise AbilityError(
+            "invalid_pipeline_step_id",
+            f"pipeline_step_id '{psid}' is not of the form '{{pipeline_id}}_{{uuid4}}' (see get-pipeline-steps).",
+            pipeline_step_id=psid,
+        )
+    return psid, pipeline_id
+
+
+def step_not_found(psid: str, pipeline_id: int | None = None) -> AbilityError:
+    where = f" in pipeline {pipeline_id}" if pipeline_id is not None else ""
+    return AbilityError(
+        "pipeline_step_not_found",
+        f"Pipeline step '{psid}' not found{where} (see get-pipeline-steps).",
+        pipeline_step_id=psid,
+    )
+
+
+async def sync_flows(ctx: AbilityContext, pipeline: Pipeline, now: Any) -> list[Flow]:
+    """Rewrite every flow's flow_config to match the pipeline's steps (new dicts; bumps updated_at)."""
+    flows = await flows_of(ctx, pipeline.pipeline_id, lock=True)
+    for flow in flows:
+        flow.flow_config = sync_flow_config(
+            flow.flow_config, pipeline.pipeline_config, flow_id=flow.flow_id, pipeline_id=pipeline.pipeline_id
+        )
+        flow.updated_at = now
+    return flows
+
+
+def _notify_all(ctx: AbilityContext, pipeline: Pipeline, flows: list[Flow]) -> None:
+    notify_pipeline(ctx, pipeline.pipeline_id)
+    for flow in flows:
+        notify_flow(ctx, flow)
+
+
+# --- get-pipeline-steps -----------------------------------------------------------------------
+
+
+class GetPipelineStepsIn(Input):
+    pipeline_id: int | None = Field(None, ge=1, description="Pipeline (required unless pipeline_step_id)")
+    pipeline_step_id: str | None = Field(
+        None, max_length=255, description="Single step; takes priority over pipeline_id"
+    )
+
+
+class GetPipelineStepsOut(Output):
+    pipeline_id: int | None = Field(description="The pipeline, or null when the step is unknown")
+    steps: list[PipelineStepOut] = Field(description="Steps by execution_order (secrets masked)")
+    step_count: int = Field(description="Number of steps returned")
+
+
+@ability(
+    "get-pipeline-steps",
+    toolset="pipelines",
+    level="viewer",
+    read_only=True,
+    idempotent=True,
+    description="List a pipeline's steps in execution order, or get one step by pipeline_step_id.",
+)
+async def get_pipeline_steps(ctx: AbilityContext, inp: GetPipelineStepsIn) -> GetPipelineStepsOut:
+    if inp.pipeline_step_id is not None:
+        psid, pipeline_id = step_id_or_error(inp.pipeline_step_id)
+        pipeline = await ctx.session.get(Pipeline, pipeline_id)
+        if pipeline is None:
+            return GetPipelineStepsOut(pipeline_id=None, steps=[], step_count=0)
+        pipeline = await load_pipeline(ctx, pipeline_id, "viewer", mutating=False)
+        step = (pipeline.pipeline_config or {}).get(psid)
+        if step is None:
+            return GetPipelineStepsOut(pipeline_id=None, steps=[], step_count=0)
+        return GetPipelineStepsOut.model_validate(
+            {"pipeline_id": pipeline_id, "steps": [pipeline_step_dict(step)], "step_count": 1}
+        )
+    if inp.pipeline_id is None:
+        raise AbilityError("invalid_pipeline_id", "Give pipeline_id (or pipeline_step_id for one step).")
+    pipeline = await load_pipeline(ctx, inp.pipeline_id, "viewer", mutating=False)
+    steps = [pipeline_step_dict(s) for s in ordered_steps(pipeline.pipeline_config)]
+    return GetPipelineStepsOut.model_validate(
+        {"pipeline_id": pipeline.pipeline_id, "steps": steps, "step_count": len(steps)}
+    )
+
+
+# --- add-pipeline-step ------------------------------------------------------------------------
+
+
+class AddPipelineStepIn(Input):
+    pipeline_id: int = Field(ge=1, description="Pipeline to extend")
+    step_type: str = Field(
+        max_length=50,
+        description="Type of the new step: fetch, ai, publish, update, approval, webhook_gate, system_task",
+    )
+    step_config: StepSeedIn | None = Field(
+        None, description="Seed: label, AI fields, handler_slug/handler_config defaults, other keys kept"
+    )
+
+
+class FlowStepRef(Output):
+    flow_id: int = Field(description="Flow")
+    flow_step_id: str = Field(description="The flow step created for the new step")
+
+
+class AddPipelineStepOut(Output):
+    pipeline_id: int = Field(description="Pipeline")
+    pipeline_step_id: str = Field(description="The new step's id")
+    step_type: str = Field(description="Its type")
+    execution_order: int = Field(description="Its position (the last)")
+    flows_updated: int = Field(description="Flows that gained a matching flow step")
+    flow_step_ids: list[FlowStepRef] = Field(description="The flow steps created, by flow")
+    warnings: list[str] = Field(description="Seeded configs that still miss required fields")
+    message: str = Field(description="Human-readable result")
+
+
+@ability(
+    "add-pipeline-step",
+    toolset="pipelines",
+    level="admin",
+    description=(
+        "Append a step (fetch, ai, publish, update, approval, ...) to a pipeline; every flow of the pipeline "
+        "gets a matching flow step."
+    ),
+)
+async def add_pipeline_step(ctx: AbilityContext, inp: AddPipelineStepIn) -> AddPipelineStepOut:
+    pipeline = await load_pipeline(ctx, inp.pipeline_id, "admin", mutating=True, lock=True)
+    seed = {}
+    if inp.step_config is not None:
+        seed = {k: v for k, v in inp.step_config.model_dump(exclude_unset=True).items() if v is not None}
+    seed["step_type"] = inp.step_type.strip()
+    config = renumber(pipeline.pipeline_config or {})
+    snap = await ctx.settings()
+    step = build_pipeline_step(
+        pipeline.pipeline_id, seed, len(config), box=ctx.runtime.box, files_roots=snap.files_roots()
+    )
+    psid = step["pipeline_step_id"]
+    pipeline.pipeline_config = {**config, psid: step}
+    now = utcnow()
+    pipeline.updated_at = now
+    flows = await sync_flows(ctx, pipeline, now)
+    refs = [{"flow_id": f.flow_id, "flow_step_id": make_flow_step_id(psid, f.flow_id)} for f in flows]
+    warnings = [w for f in flows for w in seeded_warnings(f.flow_config[make_flow_step_id(psid, f.flow_id)])]
+    await ctx.audit(
+        f"step {psid} ({step['step_type']}) added to pipeline {pipeline.pipeline_id} and {len(flows)} flow(s)",
+        target=("pipeline_step", psid),
+        changes=["pipeline_config", *(["flow_config"] if flows else [])],
+        agent_id=pipeline.agent_id,
+        pipeline_id=pipeline.pipeline_id,
+    )
+    _notify_all(ctx, pipeline, flows)
+    return AddPipelineStepOut.model_validate(
+        {
+            "pipeline_id": pipeline.pipeline_id,
+            "pipeline_step_id": psid,
+            "step_type": step["step_type"],
+            "execution_order": step["execution_order"],
+            "flows_updated": len(flows),
+            "flow_step_ids": refs,
+            "warnings": warnings,
+            "message": f"Step '{step['label']}' added at position {step['execution_order']}; "
+            f"{len(flows)} flow(s) updated.",
+        }
+    )
+
+
+# --- update-pipeline-step ---------------------------------------------------------------------
+
+HANDLER_FIELDS = ("handler_slug", "handler_slugs", "handler_config", "handler_configs", "user_message")
+_HANDLER_FIELD_DESC = "Not accepted: handler fields are flow-scoped (use update-flow-step)"
+
+
+class UpdatePipelineStepIn(Input):
+    pipeline_step_id: str = Field(max_length=255, description="Step to update")
+    label: str | None = Field(None, max_length=255, description="Display label ('' = the step type's label)")
+    system_prompt: str | None = Field(None, max_length=50000, description="ai only: system prompt")
+    provider: str | None = Field(
+        None, max_length=50, description="ai only: openai, anthropic, sampling or '' (the default)"
+    )
+    model: str | None = Field(None, max_length=100, description="ai only: model ('' = the default)")
+    temperature: float | None = Field(
+        None, ge=0, le=2, description="ai only: sampling temperature 0..2 (null = provider default)"
+    )
+    max_tokens: int | None = Field(None, ge=1, le=32000, description="ai only: reply token cap (default 1024)")
+    skip_marker: str | None = Field(
+        None, max_length=50, description="ai only: reply prefix that skips the item (null = none)"
+    )
+    handler_slug: Any = Field(None, description=_HANDLER_FIELD_DESC)
+    handler_slugs: Any = Field(None, description=_HANDLER_FIELD_DESC)
+    handler_config: Any = Field(None, description=_HANDLER_FIELD_DESC)
+    handler_configs: Any = Field(None, description=_HANDLER_FIELD_DESC)
+    user_message: Any = Field(None, description="Not accepted: prompts are flow-scoped (use update-flow-step)")
+
+
+class UpdatePipelineStepOut(Output):
+    pipeline_step_id: str = Field(description="Step")
+    pipeline_id: int = Field(description="Its pipeline")
+    updated_fields: list[str] = Field(description="Fields whose value changed")
+    message: str = Field(description="Human-readable result")
+
+
+AI_INPUTS = ("system_prompt", "provider", "model", "temperature", "max_tokens", "skip_marker")
+
+
+@ability(
+    "update-pipeline-step",
+    toolset="pipelines",
+    level="admin",
+    idempotent=True,
+    description=(
+        "Update a pipeline step's label or AI settings (system_prompt, provider, model, temperature, "
+        "max_tokens, skip_marker). Handler settings are per flow: use update-flow-step."
+    ),
+)
+async def update_pipeline_step(ctx: AbilityContext, inp: UpdatePipelineStepIn) -> UpdatePipelineStepOut:
+    given = inp.model_fields_set - {"pipeline_step_id"}
+    handler_fields = [f for f in HANDLER_FIELDS if f in given]
+    if handler_fields:
+        raise AbilityError(
+            "invalid_pipeline_step_fields",
+            "Handler fields are flow-scoped. Use update-flow-step.",
+            fields=handler_fields,
+        )
+    psid, pipeline_id = step_id_or_error(inp.pipeline_step_id)
+    if not given:
+        raise AbilityError(
+            "invalid_pipeline_step_update",
+            "Give at least one of label, system_prompt, provider, model, temperature, max_tokens, skip_marker.",
+        )
+    pipeline = await _step_pipeline(ctx, psid, pipeline_id)
+    step = dict(pipeline.pipeline_config[psid])
+    step_type = step.get("step_type", "")
+    ai_given = [f for f in AI_INPUTS if f in given]
+    if ai_given and step_type != "ai":
+        raise AbilityError(
+            "invalid_pipeline_step_update",
+            f"{', '.join(ai_given)} apply to ai steps only; step {psid} is a {step_type} step.",
+            fields=ai_given,
+        )
+    if inp.provider and inp.provider not in PROVIDERS:
+        raise AbilityError(
+            "unknown_provider",
+            f"Unknown provider '{inp.provider}'. Use {', '.join(PROVIDERS)} or \"\" for the default.",
+            provider=inp.provider,
+        )
+    updated: list[str] = []
+    if "label" in given:
+        label = (inp.label or "").strip() or step_label(step_type)
+        if step.get("label") != label:
+            step["label"] = label
+            updated.append("label")
+    for name in AI_INPUTS:
+        if name not in given:
+            continue
+        value = getattr(inp, name)
+        if value is None or value == "":  # null / "" removes the key: the engine's default applies
+            if name in step:
+                del step[name]
+                updated.append(name)
+        elif name not in step or step[name] != value:
+            step[name] = value
+            updated.append(name)
+    if not updated:
+        return UpdatePipelineStepOut(
+            pipeline_step_id=psid, pipeline_id=pipeline_id, updated_fields=[], message="Nothing to change."
+        )
+    now = utcnow()
+    pipeline.pipeline_config = {**pipeline.pipeline_config, psid: step}
+    pipeline.updated_at = now
+    await ctx.audit(
+        f"step {psid} of pipeline {pipeline_id} updated ({', '.join(updated)})",
+        target=("pipeline_step", psid),
+        changes=updated,
+        agent_id=pipeline.agent_id,
+        pipeline_id=pipeline_id,
+    )
+    notify_pipeline(ctx, pipeline_id)
+    if "label" in updated:  # flow steps show their pipeline step's label
+        for flow in await flows_of(ctx, pipeline_id):
+            notify_flow(ctx, flow)
+    return UpdatePipelineStepOut(
+        pipeline_step_id=psid,
+        pipeline_id=pipeline_id,
+        updated_fields=updated,
+        message=f"Step updated ({', '.join(updated)}); flows use it on their next run.",
+    )
+
+
+async def _step_pipeline(ctx: AbilityContext, psid: str, pipeline_id: int) -> Pipeline:
+    """The pipeline holding ``psid`` (admin, locked); pipeline_step_not_found when either is missing."""
+    if await ctx.session.get(Pipeline, pipeline_id) is None:
+        raise step_not_found(psid)
+    pipeline = await load_pipeline(ctx, pipeline_id, "admin", mutating=True, lock=True)
+    if psid not in (pipeline.pipeline_config or {}):
+        raise step_not_found(psid, pipeline_id)
+    return pipeline
+
+
+# --- delete-pipeline-step ---------------------------------------------------------------------
+
+
+class DeletePipelineStepIn(Input):
+    pipeline_id: int = Field(ge=1, description="Pipeline containing the step")
+    pipeline_step_id: str = Field(max_length=255, description="Step to delete")
+
+
+class DeletePipelineStepOut(Output):
+    pipeline_id: int = Field(description="Pipeline")
+    pipeline_step_id: str = Field(description="Deleted step")
+    affected_flows: int = Field(description="Flows the step was removed from")
+    processed_items_deleted: int = Field(description="Processed-item rows of the step deleted")
+    message: str = Field(description="Human-readable result")
+
+
+def like_prefix(prefix: str) -> str:
+    """``prefix`` + ``_%`` as a LIKE pattern with ``\\``, ``_`` and ``%`` escaped (storage.md §3.4)."""
+    escaped = prefix.replace("\\", "\\\\").replace("_", "\\_").replace("%", "\\%")
+    return escaped + "\\_%"
+
+
+def active_claim(now: Any) -> Any:
+    """A claim held by a job that is not final and not expired (engine.md §10.3)."""
+    live_job = select(Job.job_id).where(Job.job_id == ProcessedItem.job_id, Job.status.in_(ACTIVE_STATUSES)).exists()
+    return and_(
+        ProcessedItem.status == "claimed",
+        ProcessedItem.job_id.is_not(None),
+        or_(ProcessedItem.claim_expires_at.is_(None), ProcessedItem.claim_expires_at > now),
+        live_job,
+    )
+
+
+@ability(
+    "delete-pipeline-step",
+    toolset="pipelines",
+    level="admin",
+    destructive=True,
+    idempotent=True,
+    description=(
+        "Remove a step from a pipeline and from all its flows; remaining steps are renumbered. Deletes the "
+        "step's processed-item history."
+    ),
+)
+async def delete_pipeline_step(ctx: AbilityContext, inp: DeletePipelineStepIn) -> DeletePipelineStepOut:
+    psid = inp.pipeline_step_id.strip()
+    if not psid:
+        raise AbilityError("invalid_pipeline_step_id", "pipeline_step_id must be a non-empty string")
+    pipeline = await load_pipeline(ctx, inp.pipeline_id, "admin", mutating=True, lock=True)
+    config = dict(pipeline.pipeline_config or {})
+    if psid not in config:
+        raise step_not_found(psid, pipeline.pipeline_id)
+    removed = config.pop(psid)
+    now = utcnow()
+    pipeline.pipeline_config = renumber(config)
+    pipeline.updated_at = now
+    flows = await sync_flows(ctx, pipeline, now)
+    deleted = 0
+    if flows:
+        result = await ctx.session.execute(
+            delete(ProcessedItem)
+            .where(
+                ProcessedItem.flow_key.in_([f.flow_id for f in flows]),
+                ProcessedItem.flow_step_id.like(like_prefix(psid), escape="\\"),
+                not_(active_claim(now)),
+            )
+            .execution_options(synchronize_session=False)
+        )
+        deleted = result.rowcount or 0
+    await ctx.audit(
+        f"step {psid} ({removed.get('step_type')}) deleted from pipeline {pipeline.pipeline_id}, "
+        f"{len(flows)} flow(s), {deleted} processed item(s)",
+        target=("pipeline_step", psid),
+        changes=["pipeline_config", *(["flow_config"] if flows else []), *(["processed_items"] if deleted else [])],
+        agent_id=pipeline.agent_id,
+        pipeline_id=pipeline.pipeline_id,
+    )
+    _notify_all(ctx, pipeline, flows)
+    return DeletePipelineStepOut(
+        pipeline_id=pipeline.pipeline_id,
+        pipeline_step_id=psid,
+        affected_flows=len(flows),
+        processed_items_deleted=deleted,
+        message=(
+            f"Step '{removed.get('label') or removed.get('step_type')}' deleted from the pipeline and "
+            f"{len(flows)} flow(s); {deleted} processed item(s) removed."
+        ),
+    )
+
+
+# --- reorder-pipeline-steps -------------------------------------------------------------------
+
+
+class StepOrderItem(Input):
+    pipeline_step_id: str = Field(max_length=255, description="A step of the pipeline")
+    execution_order: int | None = Field(None, description="Ignored: the position in step_order decides")
+
+
+class ReorderPipelineStepsIn(Input):
+    pipeline_id: int = Field(ge=1, description="Pipeline to reorder")
+    step_order: list[StepOrderItem] = Field(
+        min_length=1, max_length=50, description="Every step of the pipeline, in the new order"
+    )
+
+
+class StepPosition(Output):
+    pipeline_step_id: str = Field(description="Step")
+    execution_order: int = Field(description="Its new position")
+
+
+class ReorderPipelineStepsOut(Output):
+    pipeline_id: int = Field(description="Pipeline")
+    step_count: int = Field(description="Number of steps")
+    steps: list[StepPosition] = Field(description="Steps in their new order")
+    message: str = Field(description="Human-readable result")
+
+
+@ability(
+    "reorder-pipeline-steps",
+    toolset="pipelines",
+    level="admin",
+    idempotent=True,
+    description=(
+        "Set the execution order of all steps of a pipeline; the order of the step_order array is the new order."
+    ),
+    error_fields={"step_order": "invalid_step_order"},
+)
+async def reorder_pipeline_steps(ctx: AbilityContext, inp: ReorderPipelineStepsIn) -> ReorderPipelineStepsOut:
+    pipeline = await load_pipeline(ctx, inp.pipeline_id, "admin", mutating=True, lock=True)
+    config = pipeline.pipeline_config or {}
+    order = [item.pipeline_step_id.strip() for item in inp.step_order]
+    seen: set[str] = set()
+    for psid in order:
+        if psid in seen:
+            raise AbilityError(
+                "duplicate_step_order", f"Step '{psid}' appears more than once in step_order", pipeline_step_id=psid
+            )
+        seen.add(psid)
+    for psid in order:
+        if psid not in config:
+            raise step_not_found(psid, pipeline.pipeline_id)
+    missing = [s["pipeline_step_id"] for s in ordered_steps(config) if s["pipeline_step_id"] not in seen]
+    if missing:
+        raise AbilityError(
+            "step_order_mismatch",
+            f"step_order must list every step of pipeline {pipeline.pipeline_id}; missing: {', '.join(missing)}.",
+            missing=missing,
+        )
+    new_config = {psid: {**config[psid], "execution_order": i} for i, psid in enumerate(order)}
+    positions = [{"pipeline_step_id": psid, "execution_order": i} for i, psid in enumerate(order)]
+    if new_config == config:
+        return ReorderPipelineStepsOut.model_validate(
+            {
+                "pipeline_id": pipeline.pipeline_id,
+                "step_count": len(order),
+                "steps": positions,
+                "message": "The steps already run in this order.",
+            }
+        )
+    now = utcnow()
+    pipeline.pipeline_config = new_config
+    pipeline.updated_at = now
+    flows = await sync_flows(ctx, pipeline, now)
+    await ctx.audit(
+        f"steps of pipeline {pipeline.pipeline_id} reordered ({len(flows)} flow(s) synced)",
+        target=("pipeline", pipeline.pipeline_id),
+        changes=["pipeline_config", *(["flow_config"] if flows else [])],
+        agent_id=pipeline.agent_id,
+        pipeline_id=pipeline.pipeline_id,
+    )
+    _notify_all(ctx, pipeline, flows)
+    return ReorderPipelineStepsOut.model_validate(
+        {
+            "pipeline_id": pipeline.pipeline_id,
+            "step_count": len(order),
+            "steps": positions,
+            "message": f"Steps reordered; {len(flows)} flow(s) synced.",
+        }
+    )
