@@ -32,7 +32,7 @@ from storage.timeutil import utcnow
 ACTIVE = ("pending", "processing", "waiting")
 
 
-def _slug_or_error(raw: str) -> str:
+def slug_or_error(raw: str) -> str:
     if not raw.strip():
         raise AbilityError("invalid_agent_slug", "Agent slug is required.")
     slug = sanitize_slug(raw)
@@ -47,7 +47,7 @@ def _slug_or_error(raw: str) -> str:
     return slug
 
 
-async def _slug_free(ctx: AbilityContext, slug: str) -> None:
+async def slug_free(ctx: AbilityContext, slug: str) -> None:
     existing = (await ctx.session.execute(select(Agent.agent_id).where(Agent.agent_slug == slug))).scalar()
     if existing is not None:
         raise AbilityError(
@@ -55,6 +55,59 @@ async def _slug_free(ctx: AbilityContext, slug: str) -> None:
             f'Agent with slug "{slug}" already exists (ID: {existing}).',
             existing_agent_id=existing,
         )
+
+
+# --- creating agents (create-agent, import-agent) --------------------------------------------------
+
+
+def refuse_agent_bound(ctx: AbilityContext) -> None:
+    """Agent-bound principals cannot create agents (access.md §6.4)."""
+    if ctx.principal.agent_id is not None:
+        raise AccessDenied(
+            "permission_denied",
+            "Agent-bound sessions cannot create agents; use a user token or the local owner.",
+            required_role="admin",
+            effective_role=None,
+        )
+
+
+async def enforce_agent_limit(ctx: AbilityContext) -> None:
+    """Non-admins may own at most ``max_agents_per_user`` agents (``agent_limit_reached``, DM's messages)."""
+    p = ctx.principal
+    if p.is_admin:
+        return
+    limit = (await ctx.settings()).int("max_agents_per_user")
+    owned = (await ctx.session.execute(select(Agent).where(Agent.owner_id == p.user_id))).scalars().all()
+    if len(owned) < limit:
+        return
+    if limit == 0:
+        message = "Self-service agent creation is disabled (max_agents_per_user is 0); ask a global administrator."
+    elif limit == 1:
+        message = f'You already have an agent ("{owned[0].agent_name}"). Non-admin users are limited to 1 agent.'
+    else:
+        message = f"You already have {len(owned)} agent(s). Non-admin users are limited to {limit} agent(s)."
+    raise AbilityError("agent_limit_reached", message, limit=limit, owned=len(owned))
+
+
+async def insert_agent(
+    ctx: AbilityContext, *, slug: str, name: str, owner_id: int, config: dict[str, Any] | None
+) -> Agent:
+    """Insert an active agent and its owner's admin grant (no audit row: the caller writes it)."""
+    now = utcnow()
+    agent = Agent(
+        agent_slug=slug,
+        agent_name=name,
+        owner_id=owner_id,
+        agent_config=normalize_agent_config(config),
+        status="active",
+        created_at=now,
+        updated_at=now,
+    )
+    ctx.session.add(agent)
+    await ctx.session.flush()
+    await upsert_grant(ctx.session, agent.agent_id, owner_id, "admin")
+    ctx.access.forget()
+    return agent
 
 
 def _count(model: Any, *conds: Any) -> Any:
@@ -121,47 +174,14 @@ class CreateAgentOut(Output):
 )
 async def create_agent(ctx: AbilityContext, inp: CreateAgentIn) -> CreateAgentOut:
     p = ctx.principal
-    if p.agent_id is not None:
-        raise AccessDenied(
-            "permission_denied",
-            "Agent-bound sessions cannot create agents; use a user token or the local owner.",
-            required_role="admin",
-            effective_role=None,
-        )
-    slug = _slug_or_error(inp.agent_slug)
+    refuse_agent_bound(ctx)
+    slug = slug_or_error(inp.agent_slug)
     owner_id = inp.owner_id if (p.is_admin and inp.owner_id is not None) else p.user_id
-    if not p.is_admin:
-        snap = await ctx.settings()
-        limit = snap.int("max_agents_per_user")
-        owned = (await ctx.session.execute(select(Agent).where(Agent.owner_id == p.user_id))).scalars().all()
-        if len(owned) >= limit:
-            if limit == 0:
-                message = (
-                    "Self-service agent creation is disabled (max_agents_per_user is 0); ask a global administrator."
-                )
-            elif limit == 1:
-                message = (
-                    f'You already have an agent ("{owned[0].agent_name}"). Non-admin users are limited to 1 agent.'
-                )
-            else:
-                message = f"You already have {len(owned)} agent(s). Non-admin users are limited to {limit} agent(s)."
-            raise AbilityError("agent_limit_reached", message, limit=limit, owned=len(owned))
-    await _slug_free(ctx, slug)
-    now = utcnow()
-    name = (inp.agent_name or "").strip() or slug
-    agent = Agent(
-        agent_slug=slug,
-        agent_name=name,
-        owner_id=owner_id,
-        agent_config=normalize_agent_config(inp.agent_config),
-        status="active",
-        created_at=now,
-        updated_at=now,
+    await enforce_agent_limit(ctx)
+    await slug_free(ctx, slug)
+    agent = await insert_agent(
+        ctx, slug=slug, name=(inp.agent_name or "").strip() or slug, owner_id=owner_id, config=inp.agent_config
     )
-    ctx.session.add(agent)
-    await ctx.session.flush()
-    await upsert_grant(ctx.session, agent.agent_id, owner_id, "admin")
-    ctx.access.forget()
     await ctx.audit(
         f"agent '{slug}' created (owner {owner_id})", target=("agent", agent.agent_id), agent_id=agent.agent_id
     )
@@ -381,13 +401,13 @@ class RenameAgentOut(Output):
     description="Change an agent's slug (old_slug → new_slug). IDs, resources, grants and tokens are kept.",
 )
 async def rename_agent(ctx: AbilityContext, inp: RenameAgentIn) -> RenameAgentOut:
-    new_slug = _slug_or_error(inp.new_slug)
+    new_slug = slug_or_error(inp.new_slug)
     if not inp.old_slug.strip():
         raise AbilityError("invalid_agent_slug", "old_slug is required.")
     agent, _ = await load_agent(ctx, AgentSelector(agent_slug=inp.old_slug), "admin", mutating=True)
     if new_slug == agent.agent_slug:
         raise AbilityError("invalid_agent_slug", f"new_slug '{new_slug}' is the current slug; choose another.")
-    await _slug_free(ctx, new_slug)
+    await slug_free(ctx, new_slug)
     old = agent.agent_slug
     agent.agent_slug = new_slug
     agent.updated_at = utcnow()

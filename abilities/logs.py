@@ -60,8 +60,14 @@ async def _agent_for(ctx: AbilityContext, agent_id: int) -> Agent:
 async def _scope(ctx: AbilityContext, agent_id: int | None) -> list[ColumnElement[bool]]:
     conds = [await ctx.access.scope_filter(LogEntry.agent_id, LogEntry.user_id, shared=False)]
     if agent_id is not None:
-        agent = await _agent_for(ctx, agent_id)
-        await ctx.access.check_agent_filter(agent.agent_id, agent.agent_slug)
+        p = ctx.principal
+        agent = await ctx.session.get(Agent, agent_id)
+        if agent is not None:
+            await ctx.access.check_agent_filter(agent.agent_id, agent.agent_slug)
+        elif not (p.is_admin and p.agent_id is None):
+            raise AbilityError("agent_not_found", f"Agent {agent_id} not found.", agent_id=agent_id)
+        # Log rows outlive their agent (no FK): a global administrator may still filter by a deleted
+        # agent's id to read its audit trail.
         conds.append(LogEntry.agent_id == agent_id)
     return conds
 
