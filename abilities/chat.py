@@ -1,0 +1,549 @@
+"""Chat toolset: private multi-turn sessions (abilities.md §10, access.md §6.1, storage.md §3.5, §7.7).
+
+Sessions belong to one user. Someone else's session id is ``session_not_found``; global admins reach
+other users' sessions by passing ``user_id`` (get, list, delete). Agent-bound principals see and create
+only sessions of their agent. Expiry slides: ``expires_at = updated_at + chat_session_ttl_hours``.
+send-chat-message (which calls an AI provider) lives elsewhere and reuses ``title_from`` and
+``session_expiry``.
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from datetime import datetime, timedelta
+from typing import Any, Literal
+
+from pydantic import Field
+from sqlalchemy import ColumnElement, func, select, true
+
+from abilities.agent_common import agent_owner, find_agent
+from abilities.context import AbilityContext
+from abilities.errors import AbilityError
+from abilities.registry import ability
+from abilities.schema import OFFSET_DESC, PER_PAGE_DESC, Input, Output, PageOut, ts
+from storage.models import Agent, ChatSession
+from storage.timeutil import iso, parse_datetime, utcnow
+
+ContextName = Literal["chat", "pipeline", "system"]
+RoleName = Literal["user", "assistant", "system", "tool"]
+MAX_METADATA = 64 * 1024
+SERVER_KEYS = ("started_at", "message_count", "last_activity")
+TITLE_MAX = 100
+
+
+# --- shared helpers -----------------------------------------------------------------------------
+
+
+def title_from(text: str) -> str | None:
+    """A title from a message: whitespace collapsed, cut to 100 characters ending "..."."""
+    flat = " ".join(text.split())
+    if not flat:
+        return None
+    return flat if len(flat) <= TITLE_MAX else flat[: TITLE_MAX - 3] + "..."
+
+
+async def session_expiry(ctx: AbilityContext, updated_at: datetime) -> datetime | None:
+    """Sliding expiry: ``updated_at + chat_session_ttl_hours``; None when the setting is 0."""
+    hours = (await ctx.settings()).int("chat_session_ttl_hours")
+    return updated_at + timedelta(hours=hours) if hours > 0 else None
+
+
+def _metadata_size_ok(value: dict[str, Any]) -> None:
+    size = len(json.dumps(value, separators=(",", ":"), default=str).encode())
+    if size > MAX_METADATA:
+        raise AbilityError(
+            "invalid_input",
+            f"metadata is {size} bytes of JSON; the limit is {MAX_METADATA} bytes (64 KiB).",
+            errors=[{"field": "metadata", "message": "larger than 64 KiB"}],
+        )
+
+
+async def _agent_scope(ctx: AbilityContext) -> ColumnElement[bool]:
+    """Agent-bound principals reach only their agent's sessions, and only while their user may read it."""
+    p = ctx.principal
+    if p.agent_id is None:
+        return true()
+    if not p.is_admin and p.agent_id not in await ctx.access.agent_roles():
+        return ChatSession.agent_id == -1
+    return ChatSession.agent_id == p.agent_id
+
+
+def _subject(ctx: AbilityContext, user_id: int | None) -> int:
+    """Whose sessions: the caller's, or (global admins only) another user's."""
+    p = ctx.principal
+    if user_id is None or user_id == p.user_id:
+        return p.user_id
+    ctx.access.require_global_admin(f"Reaching another user's chat sessions (user_id {user_id})")
+    return user_id
+
+
+async def load_session(
+    ctx: AbilityContext, session_id: str, user_id: int | None = None, *, mutating: bool = False
+) -> ChatSession:
+    """The caller's session (or, for global admins passing ``user_id``, that user's).
+
+    Unknown ids and other users' sessions are both ``session_not_found``. A change to a session of an
+    inactive agent is ``agent_inactive`` (access.md §3.4).
+    """
+    subject = _subject(ctx, user_id)
+    sid = session_id.strip()
+    stmt = select(ChatSession).where(
+        ChatSession.session_id == sid, ChatSession.user_id == subject, await _agent_scope(ctx)
+    )
+    if mutating:
+        stmt = ctx.db.for_update(stmt)
+    session = (await ctx.session.execute(stmt)).scalar_one_or_none()
+    if session is None:
+        raise AbilityError(
+            "session_not_found",
+            f"Chat session '{sid}' not found. Use list-chat-sessions to see your sessions.",
+            session_id=sid,
+        )
+    if mutating and session.agent_id is not None:
+        agent = await ctx.session.get(Agent, session.agent_id)
+        if agent is not None and agent.status == "inactive":
+            raise AbilityError(
+                "agent_inactive",
+                f"Agent '{agent.agent_slug}' is inactive: its chat sessions are read-only until a global "
+                "administrator reactivates it with update-agent.",
+                agent_id=agent.agent_id,
+            )
+    return session
+
+
+# --- output shapes --------------------------------------------------------------------------------
+
+
+class ChatMessageOut(Output):
+    role: RoleName = Field(description="user, assistant, system or tool")
+    content: str = Field(description="Message text")
+    metadata: dict[str, Any] = Field(description="Always has timestamp; AI replies add provider, model, token_usage")
+
+
+class ChatSessionOut(Output):
+    session_id: str = Field(description="Session id (uuid4)")
+    user_id: int = Field(description="Owning user")
+    agent_id: int | None = Field(description="Agent that answers")
+    title: str | None = Field(description="Title")
+    context: ContextName = Field(description="chat, pipeline or system")
+    provider: str | None = Field(description="AI provider of the session")
+    model: str | None = Field(description="AI model of the session")
+    metadata: dict[str, Any] = Field(description="Metadata: started_at, message_count, last_activity, caller keys")
+    last_read_at: str | None = Field(description="When the owner last marked it read (ISO 8601 UTC)")
+    created_at: str = Field(description="ISO 8601 UTC")
+    updated_at: str = Field(description="Last activity (ISO 8601 UTC)")
+    expires_at: str | None = Field(description="When it expires unless used again (ISO 8601 UTC); null = never")
+
+
+def session_dict(s: ChatSession) -> dict[str, Any]:
+    return {
+        "session_id": s.session_id,
+        "user_id": s.user_id,
+        "agent_id": s.agent_id,
+        "title": s.title,
+        "context": s.context,
+        "provider": s.provider,
+        "model": s.model,
+        "metadata": s.meta or {},
+        "last_read_at": ts(s.last_read_at),
+        "created_at": ts(s.created_at),
+        "updated_at": ts(s.updated_at),
+        "expires_at": ts(s.expires_at),
+    }
+
+
+def _message_dict(m: dict[str, Any]) -> dict[str, Any]:
+    return {"role": m.get("role", "user"), "content": str(m.get("content", "")), "metadata": m.get("metadata") or {}}
+
+
+# --- create-chat-session --------------------------------------------------------------------------
+
+
+class CreateSessionIn(Input):
+    agent_id: int | None = Field(None, ge=1, description="Agent that answers (default: your session's agent)")
+    agent_slug: str | None = Field(None, max_length=200, description="Alternative to agent_id")
+    context: ContextName = Field("chat", description="Session context: chat, pipeline or system (DM mode)")
+    title: str | None = Field(None, max_length=TITLE_MAX, description="Title (else set from the first message)")
+    provider: str | None = Field(None, max_length=50, description="AI provider for the session")
+    model: str | None = Field(None, max_length=100, description="AI model for the session")
+    source: str | None = Field(None, max_length=50, description="Origin, stored as metadata.source")
+    metadata: dict[str, Any] = Field(default_factory=dict, description="Extra metadata (at most 64 KiB)")
+
+
+class CreateSessionOut(Output):
+    session_id: str = Field(description="New session id")
+    session: ChatSessionOut = Field(description="The new session")
+
+
+@ability(
+    "create-chat-session",
+    toolset="chat",
+    level="any",
+    description=(
+        "Start a chat session (conversation), optionally bound to an agent whose AI settings and system "
+        "prompt will answer."
+    ),
+)
+async def create_chat_session(ctx: AbilityContext, inp: CreateSessionIn) -> CreateSessionOut:
+    p = ctx.principal
+    _metadata_size_ok(inp.metadata)
+    agent = await find_agent(ctx.session, inp.agent_id, inp.agent_slug)
+    if agent is None and p.agent_id is not None:
+        agent = await ctx.session.get(Agent, p.agent_id)
+    if agent is not None:
+        await ctx.access.authorize(
+            agent_owner(agent), "viewer", mutating=True, target={"type": "agent", "id": agent.agent_id}
+        )
+    now = utcnow()
+    stamp = iso(now)
+    metadata = {**inp.metadata, "started_at": stamp, "message_count": 0, "last_activity": stamp}
+    if inp.source is not None:
+        metadata["source"] = inp.source
+    session = ChatSession(
+        session_id=str(uuid.uuid4()),
+        user_id=p.user_id,
+        agent_id=agent.agent_id if agent is not None else None,
+        title=(inp.title or "").strip() or None,
+        messages=[],
+        meta=metadata,
+        provider=inp.provider or None,
+        model=inp.model or None,
+        context=inp.context,
+        created_at=now,
+        updated_at=now,
+        expires_at=await session_expiry(ctx, now),
+        last_read_at=None,
+    )
+    ctx.session.add(session)
+    await ctx.session.flush()
+    await ctx.audit(
+        f"chat session {session.session_id} created",
+        target=("chat_session", session.session_id),
+        agent_id=session.agent_id,
+    )
+    return CreateSessionOut.model_validate({"session_id": session.session_id, "session": session_dict(session)})
+
+
+# --- get-chat-session -----------------------------------------------------------------------------
+
+
+class GetSessionIn(Input):
+    session_id: str = Field(max_length=50, description="Session id")
+    user_id: int | None = Field(None, ge=1, description="Owner (another user: global admins only; default: you)")
+
+
+class GetSessionOut(ChatSessionOut):
+    conversation: list[ChatMessageOut] = Field(description="Messages, oldest first")
+
+
+@ability(
+    "get-chat-session",
+    toolset="chat",
+    level="any",
+    read_only=True,
+    idempotent=True,
+    description="Get a chat session with its full conversation and metadata.",
+)
+async def get_chat_session(ctx: AbilityContext, inp: GetSessionIn) -> GetSessionOut:
+    s = await load_session(ctx, inp.session_id, inp.user_id)
+    conversation = [_message_dict(m) for m in s.messages or [] if isinstance(m, dict)]
+    return GetSessionOut.model_validate({**session_dict(s), "conversation": conversation})
+
+
+# --- list-chat-sessions ---------------------------------------------------------------------------
+
+
+class ListSessionsIn(Input):
+    user_id: int | None = Field(None, ge=1, description="Whose sessions (another user: global admins only)")
+    agent_id: int | None = Field(None, ge=1, description="Only this agent's sessions")
+    context: ContextName | None = Field(None, description="Only this context")
+    per_page: int = Field(20, ge=1, le=100, description=PER_PAGE_DESC)
+    offset: int = Field(0, ge=0, description=OFFSET_DESC)
+
+
+class SessionRow(Output):
+    session_id: str = Field(description="Session id")
+    title: str | None = Field(description="Title")
+    context: ContextName = Field(description="chat, pipeline or system")
+    agent_id: int | None = Field(description="Agent that answers")
+    agent_slug: str | None = Field(description="Its slug")
+    agent_name: str | None = Field(description="Its display name")
+    provider: str | None = Field(description="AI provider")
+    model: str | None = Field(description="AI model")
+    first_message: str | None = Field(description="First user message (at most 100 characters)")
+    message_count: int = Field(description="Messages in the conversation")
+    unread_count: int = Field(description="Assistant messages newer than last_read_at (all if never read)")
+    created_at: str = Field(description="ISO 8601 UTC")
+    updated_at: str = Field(description="Last activity (ISO 8601 UTC)")
+    expires_at: str | None = Field(description="Expiry (ISO 8601 UTC); null = never")
+
+
+class ListSessionsOut(PageOut):
+    sessions: list[SessionRow] = Field(description="Sessions, most recently active first")
+
+
+def _stamp(message: dict[str, Any]) -> datetime | None:
+    raw = (message.get("metadata") or {}).get("timestamp")
+    try:
+        return parse_datetime(raw) if isinstance(raw, str) else None
+    except ValueError:
+        return None
+
+
+def unread_count(messages: list[Any], last_read_at: datetime | None) -> int:
+    """Assistant replies (not tool calls or results) after ``last_read_at``; all when never read.
+
+    Message timestamps have whole seconds, so ``last_read_at`` is compared at that precision.
+    """
+    cutoff = last_read_at.replace(microsecond=0) if last_read_at is not None else None
+    count = 0
+    for m in messages:
+        if not isinstance(m, dict) or m.get("role") != "assistant":
+            continue
+        if (m.get("metadata") or {}).get("type") in ("tool_call", "tool_result"):
+            continue
+        stamp = _stamp(m)
+        if cutoff is None or (stamp is not None and stamp > cutoff):
+            count += 1
+    return count
+
+
+def _first_user_message(messages: list[Any]) -> str | None:
+    for m in messages:
+        if isinstance(m, dict) and m.get("role") == "user":
+            return str(m.get("content", ""))[:TITLE_MAX]
+    return None
+
+
+@ability(
+    "list-chat-sessions",
+    toolset="chat",
+    level="any",
+    read_only=True,
+    idempotent=True,
+    description="List a user's chat sessions, most recently active first, with unread counts. Paged.",
+)
+async def list_chat_sessions(ctx: AbilityContext, inp: ListSessionsIn) -> ListSessionsOut:
+    conds = [ChatSession.user_id == _subject(ctx, inp.user_id), await _agent_scope(ctx)]
+    if inp.agent_id is not None:
+        conds.append(ChatSession.agent_id == inp.agent_id)
+    if inp.context is not None:
+        conds.append(ChatSession.context == inp.context)
+    total = (await ctx.session.execute(select(func.count()).select_from(ChatSession).where(*conds))).scalar() or 0
+    rows = await ctx.session.execute(
+        select(ChatSession, Agent.agent_slug, Agent.agent_name)
+        .outerjoin(Agent, Agent.agent_id == ChatSession.agent_id)
+        .where(*conds)
+        .order_by(ChatSession.updated_at.desc(), ChatSession.session_id)
+        .limit(inp.per_page)
+        .offset(inp.offset)
+    )
+    sessions = []
+    for s, slug, name in rows.all():
+        messages = s.messages or []
+        sessions.append(
+            {
+                "session_id": s.session_id,
+                "title": s.title,
+                "context": s.context,
+                "agent_id": s.agent_id,
+                "agent_slug": slug,
+                "agent_name": name,
+                "provider": s.provider,
+                "model": s.model,
+                "first_message": _first_user_message(messages),
+                "message_count": len(messages),
+                "unread_count": unread_count(messages, s.last_read_at),
+                "created_at": ts(s.created_at),
+                "updated_at": ts(s.updated_at),
+                "expires_at": ts(s.expires_at),
+            }
+        )
+    return ListSessionsOut.model_validate(
+        {"sessions": sessions, "total": total, "per_page": inp.per_page, "offset": inp.offset}
+    )
+
+
+# --- update-chat-session --------------------------------------------------------------------------
+
+
+class ChatMessageIn(Input):
+    role: RoleName = Field(description="user, assistant, system or tool")
+    content: str = Field(max_length=100000, description="Message text (at most 100000 characters)")
+    metadata: dict[str, Any] | None = Field(None, description="Message metadata; timestamp defaults to now")
+
+
+class UpdateSessionIn(Input):
+    session_id: str = Field(max_length=50, description="Session")
+    append_messages: list[ChatMessageIn] | None = Field(
+        None, min_length=1, max_length=100, description="Messages to append (1..100), in order"
+    )
+    title: str | None = Field(None, max_length=TITLE_MAX, description='New title; "" clears it')
+    metadata: dict[str, Any] | None = Field(None, description="Merged into the metadata; null values delete keys")
+    provider: str | None = Field(None, max_length=50, description="Provider recorded on the session")
+    model: str | None = Field(None, max_length=100, description="Model recorded on the session")
+    expected_message_count: int | None = Field(
+        None, ge=0, description="Optimistic lock: fail with session_conflict if the message count differs"
+    )
+
+
+class UpdateSessionOut(Output):
+    session_id: str = Field(description="Session id")
+    message_count: int = Field(description="Messages after the update")
+    appended: int = Field(description="Messages appended by this call")
+    updated_fields: list[str] = Field(description="Fields that changed (messages, title, metadata, provider, model)")
+    updated_at: str = Field(description="Last activity (ISO 8601 UTC)")
+    expires_at: str | None = Field(description="New expiry (ISO 8601 UTC); null = never")
+
+
+def _merged_metadata(current: dict[str, Any], patch: dict[str, Any]) -> dict[str, Any]:
+    protected = [k for k in SERVER_KEYS if k in patch]
+    if protected:
+        raise AbilityError(
+            "invalid_input",
+            f"metadata may not set {', '.join(protected)}: the server maintains them.",
+            errors=[{"field": f"metadata.{k}", "message": "maintained by the server"} for k in protected],
+        )
+    out = dict(current)
+    for key, value in patch.items():
+        if value is None:
+            out.pop(key, None)
+        else:
+            out[key] = value
+    _metadata_size_ok(out)
+    return out
+
+
+@ability(
+    "update-chat-session",
+    toolset="chat",
+    level="any",
+    description="Append messages to your chat session and/or set its title, metadata, provider or model.",
+)
+async def update_chat_session(ctx: AbilityContext, inp: UpdateSessionIn) -> UpdateSessionOut:
+    given = ("append_messages", "title", "metadata", "provider", "model")
+    if all(getattr(inp, name) is None for name in given):
+        raise AbilityError(
+            "invalid_session_update",
+            "Nothing to update: give append_messages, title, metadata, provider or model.",
+        )
+    s = await load_session(ctx, inp.session_id, mutating=True)
+    messages = list(s.messages or [])
+    if inp.expected_message_count is not None and inp.expected_message_count != len(messages):
+        raise AbilityError(
+            "session_conflict",
+            f"Session {s.session_id} has {len(messages)} messages, not {inp.expected_message_count}; "
+            "re-read it with get-chat-session and retry.",
+            message_count=len(messages),
+        )
+    now = utcnow()
+    changed: list[str] = []
+    metadata = dict(s.meta or {})
+    if inp.metadata is not None:
+        merged = _merged_metadata(metadata, inp.metadata)
+        if merged != metadata:
+            metadata = merged
+            changed.append("metadata")
+    appended = 0
+    title = s.title
+    if inp.append_messages:
+        for m in inp.append_messages:
+            meta = dict(m.metadata or {})
+            meta.setdefault("timestamp", iso(now))
+            messages.append({"role": m.role, "content": m.content, "metadata": meta})
+        appended = len(inp.append_messages)
+        changed.append("messages")
+        first_user = next((m.content for m in inp.append_messages if m.role == "user"), None)
+        if title is None and inp.title is None and first_user is not None:
+            title = title_from(first_user)
+    if inp.title is not None:
+        title = inp.title.strip() or None
+    if title != s.title:
+        s.title = title
+        changed.append("title")
+    for name in ("provider", "model"):
+        value = getattr(inp, name)
+        if value is not None and (value or None) != getattr(s, name):
+            setattr(s, name, value or None)
+            changed.append(name)
+    if changed:
+        stamp = iso(now)
+        metadata.update(message_count=len(messages), last_activity=stamp)
+        s.messages = messages
+        s.meta = metadata
+        s.updated_at = now
+        s.expires_at = await session_expiry(ctx, now)
+        await ctx.audit(
+            f"chat session {s.session_id} updated ({', '.join(changed)})",
+            target=("chat_session", s.session_id),
+            changes=changed,
+            agent_id=s.agent_id,
+            appended=appended,
+        )
+    return UpdateSessionOut(
+        session_id=s.session_id,
+        message_count=len(messages),
+        appended=appended,
+        updated_fields=changed,
+        updated_at=ts(s.updated_at) or "",
+        expires_at=ts(s.expires_at),
+    )
+
+
+# --- delete-chat-session / mark-session-read ------------------------------------------------------
+
+
+class DeleteSessionIn(Input):
+    session_id: str = Field(max_length=50, description="Session")
+    user_id: int | None = Field(None, ge=1, description="Owner (another user: global admins only; default: you)")
+
+
+class DeleteSessionOut(Output):
+    session_id: str = Field(description="Deleted session id")
+    deleted: bool = Field(description="Always true")
+
+
+@ability(
+    "delete-chat-session",
+    toolset="chat",
+    level="any",
+    destructive=True,
+    idempotent=True,
+    description="Delete a chat session and its conversation.",
+)
+async def delete_chat_session(ctx: AbilityContext, inp: DeleteSessionIn) -> DeleteSessionOut:
+    s = await load_session(ctx, inp.session_id, inp.user_id, mutating=True)
+    sid, agent_id, owner = s.session_id, s.agent_id, s.user_id
+    await ctx.session.delete(s)
+    await ctx.session.flush()
+    await ctx.audit(f"chat session {sid} of user {owner} deleted", target=("chat_session", sid), agent_id=agent_id)
+    return DeleteSessionOut(session_id=sid, deleted=True)
+
+
+class MarkReadIn(Input):
+    session_id: str = Field(max_length=50, description="Session")
+
+
+class MarkReadOut(Output):
+    session_id: str = Field(description="Session id")
+    last_read_at: str = Field(description="Now (ISO 8601 UTC)")
+
+
+@ability(
+    "mark-session-read",
+    toolset="chat",
+    level="any",
+    idempotent=True,
+    description="Mark your chat session as read up to now (resets its unread count).",
+)
+async def mark_session_read(ctx: AbilityContext, inp: MarkReadIn) -> MarkReadOut:
+    s = await load_session(ctx, inp.session_id, mutating=True)
+    s.last_read_at = utcnow()
+    await ctx.audit(
+        f"chat session {s.session_id} marked read",
+        target=("chat_session", s.session_id),
+        changes=["last_read_at"],
+        agent_id=s.agent_id,
+    )
+    return MarkReadOut(session_id=s.session_id, last_read_at=ts(s.last_read_at) or "")

@@ -1,0 +1,394 @@
+"""Processed-items toolset: the dedup ledger of flow steps (abilities.md §8, engine.md §10).
+
+Rows take their owner from their flow. Reads answer "nothing processed" for a flow step id that does
+not parse or whose flow does not exist; an existing flow the caller cannot read is
+``agent_access_denied``. The database work lives in ``engine.dedup`` (shared with the fetch engine).
+"""
+
+from __future__ import annotations
+
+from datetime import timedelta
+from typing import Annotated, Any, Literal
+
+from pydantic import Field
+from sqlalchemy import bindparam, select
+
+from abilities.access import Owner, Role
+from abilities.context import AbilityContext
+from abilities.errors import AbilityError
+from abilities.pipeline_common import flows_of, load_flow, load_pipeline, parse_flow_step_id
+from abilities.registry import ability
+from abilities.schema import Input, Output, ts
+from engine import dedup
+from storage.models import Agent, Flow, Job
+from storage.timeutil import utcnow
+
+FSID_DESC = "Flow step id: {pipeline_step_id}_{flow_id}"
+SOURCE_DESC = "Source type (the handler slug, e.g. rss)"
+ITEM_DESC = "Item identifier in the source (GUID, URL, …); over 255 characters it is stored as sha256:<hex>"
+CANDIDATES_DESC = "Identifiers to evaluate (at most 5000, each at most 2048 characters)"
+Candidate = Annotated[str, Field(max_length=2048)]
+
+# A flow's owner (its columns and its agent's status and slug) in one query, on table columns so
+# that it runs on SQLAlchemy's Core path (these tools are called once per item by some clients).
+_F, _A = Flow.__table__.c, Agent.__table__.c
+_OWNER = (
+    select(_F.agent_id, _F.user_id, _A.status, _A.agent_slug)
+    .select_from(Flow.__table__.outerjoin(Agent.__table__, _A.agent_id == _F.agent_id))
+    .where(_F.flow_id == bindparam("fid"))
+)
+# mark-processed also needs the step list; check-processed-item gets the item's processed time in the
+# same round trip (returned to the caller only after the access check on the owner passed).
+_OWNER_AND_STEPS = _OWNER.add_columns(_F.pipeline_id, _F.flow_config)
+_OWNER_AND_ITEM = _OWNER.add_columns(dedup.PROCESSED_AT.scalar_subquery())
+
+
+def _trimmed(value: str, code: str, field: str) -> str:
+    text = value.strip()
+    if not text:
+        raise AbilityError(code, f"{field} is required; give a non-empty {field}.", field=field)
+    return text
+
+
+def _required(flow_step_id: str, source_type: str | None = None, item: str | None = None) -> tuple[str, str, str]:
+    """Trim the required strings; empty ones are refused in the order flow step, source, item."""
+    fsid = _trimmed(flow_step_id, "flow_step_id_required", "flow_step_id")
+    source = _trimmed(source_type, "source_type_required", "source_type") if source_type is not None else ""
+    ident = _trimmed(item, "item_identifier_required", "item_identifier") if item is not None else ""
+    return fsid, source, ident
+
+
+async def _readable(ctx: AbilityContext, flow_step_id: str) -> bool:
+    """Whether the step's flow exists (False = answer "nothing processed"); raises if it is unreadable."""
+    parsed = parse_flow_step_id(flow_step_id)
+    if parsed is None:
+        return False
+    flow_id = parsed[1]
+    row = (await ctx.session.execute(_OWNER, {"fid": flow_id})).first()
+    if row is None:
+        return False
+    await _authorize_read(ctx, flow_id, *row)
+    return True
+
+
+async def _authorize_read(
+    ctx: AbilityContext, flow_id: int, agent_id: Any, user_id: int, status: Any, slug: Any
+) -> None:
+    owner = Owner(agent_id=agent_id, user_id=user_id, agent_status=status, agent_slug=slug)
+    await ctx.access.authorize(owner, "viewer", mutating=False, target={"type": "flow", "id": flow_id})
+
+
+def _step_not_found(flow_step_id: str, why: str) -> AbilityError:
+    return AbilityError(
+        "flow_step_not_found",
+        f"Flow step '{flow_step_id}' not found: {why}. Use get-flow-steps to list a flow's step ids.",
+        flow_step_id=flow_step_id,
+    )
+
+
+# --- mark-processed ---------------------------------------------------------------------------
+
+
+class MarkProcessedIn(Input):
+    flow_step_id: str = Field(max_length=255, description="Flow step the item belongs to: {pipeline_step_id}_{flow_id}")
+    source_type: str = Field(max_length=50, description=SOURCE_DESC)
+    item_identifier: str = Field(max_length=2048, description=ITEM_DESC)
+    job_id: int | None = Field(None, ge=1, description="Job that processed the item (must belong to this flow)")
+
+
+class MarkProcessedOut(Output):
+    flow_step_id: str = Field(description="Flow step id")
+    source_type: str = Field(description="Source type")
+    item_identifier: str = Field(description="Identifier as stored (sha256:<hex> when longer than 255 characters)")
+    job_id: int | None = Field(description="Job recorded on the row")
+    processed_at: str = Field(description="When it was marked (ISO 8601 UTC)")
+    created: bool = Field(description="A new row was inserted (false: an existing row or claim was updated)")
+
+
+@ability(
+    "mark-processed",
+    toolset="processed-items",
+    level="operator",
+    idempotent=True,
+    description="Record an item as processed for a flow step so fetches skip it (dedup). Idempotent upsert.",
+)
+async def mark_processed(ctx: AbilityContext, inp: MarkProcessedIn) -> MarkProcessedOut:
+    fsid, source, ident = _required(inp.flow_step_id, inp.source_type, inp.item_identifier)
+    parsed = parse_flow_step_id(fsid)
+    if parsed is None:
+        raise _step_not_found(fsid, "it is not of the form {pipeline_step_id}_{flow_id}")
+    flow_id = parsed[1]
+    row = (await ctx.session.execute(_OWNER_AND_STEPS, {"fid": flow_id})).first()
+    if row is None:
+        raise _step_not_found(fsid, f"flow {flow_id} does not exist")
+    agent_id, user_id, status, slug, pipeline_id, flow_config = row
+    if fsid not in (flow_config or {}):
+        raise _step_not_found(fsid, f"flow {flow_id} has no such step")
+    owner = Owner(agent_id=agent_id, user_id=user_id, agent_status=status, agent_slug=slug)
+    await ctx.access.authorize(owner, "operator", mutating=True, target={"type": "flow", "id": flow_id})
+    if inp.job_id is not None:
+        job_flow = (await ctx.session.execute(select(Job.flow_key).where(Job.job_id == inp.job_id))).first()
+        if job_flow is None:
+            raise AbilityError("job_not_found", f"Job {inp.job_id} not found.", job_id=inp.job_id)
+        if job_flow[0] != flow_id:
+            raise AbilityError(
+                "job_flow_mismatch",
+                f"Job {inp.job_id} does not belong to flow {flow_id}; give a job of this flow or omit job_id.",
+                job_id=inp.job_id,
+                flow_id=flow_id,
+                job_flow_id=job_flow[0],
+            )
+    now = utcnow()
+    item, created = await dedup.mark_processed(
+        ctx.session,
+        flow_step_id=fsid,
+        flow_id=flow_id,
+        source_type=source,
+        identifier=ident,
+        job_id=inp.job_id,
+        now=now,
+    )
+    await ctx.audit(
+        f"item marked processed for flow step {fsid} ({source})",
+        target=("flow_step", fsid),
+        changes=["processed_items"],
+        agent_id=agent_id,
+        flow_id=flow_id,
+        pipeline_id=pipeline_id,
+        job_id=item.job_id,
+        created=created,
+    )
+    return MarkProcessedOut(
+        flow_step_id=fsid,
+        source_type=source,
+        item_identifier=item.item_identifier,
+        job_id=item.job_id,
+        processed_at=ts(item.processed_timestamp) or "",
+        created=created,
+    )
+
+
+# --- check-processed-item / processed-items-get-processed-at --------------------------------------
+
+
+class ItemIn(Input):
+    flow_step_id: str = Field(max_length=255, description=FSID_DESC)
+    source_type: str = Field(max_length=50, description=SOURCE_DESC)
+    item_identifier: str = Field(max_length=2048, description=ITEM_DESC)
+
+
+class CheckOut(Output):
+    is_processed: bool = Field(description="A processed row exists (in-flight claims do not count)")
+    processed_at: str | None = Field(description="When it was processed (ISO 8601 UTC), else null")
+
+
+async def _processed_at(ctx: AbilityContext, inp: ItemIn) -> Any:
+    """The item's processed time in one query with its flow's owner; None for unknown steps and flows."""
+    fsid, source, ident = _required(inp.flow_step_id, inp.source_type, inp.item_identifier)
+    parsed = parse_flow_step_id(fsid)
+    if parsed is None:
+        return None
+    params = {"fid": parsed[1], "fsid": fsid, "source": source, "item": dedup.normalize_identifier(ident)}
+    row = (await ctx.session.execute(_OWNER_AND_ITEM, params)).first()
+    if row is None:
+        return None
+    await _authorize_read(ctx, parsed[1], *row[:4])
+    return row[4]
+
+
+@ability(
+    "check-processed-item",
+    toolset="processed-items",
+    level="viewer",
+    read_only=True,
+    idempotent=True,
+    description="Check whether an item has been processed for a flow step and source type.",
+)
+async def check_processed_item(ctx: AbilityContext, inp: ItemIn) -> CheckOut:
+    stamp = await _processed_at(ctx, inp)
+    return CheckOut(is_processed=stamp is not None, processed_at=ts(stamp))
+
+
+class ProcessedAtOut(Output):
+    processed_at: int | None = Field(description="When it was last processed (Unix seconds), else null")
+    processed_at_iso: str | None = Field(description="The same time as ISO 8601 UTC, else null")
+
+
+@ability(
+    "processed-items-get-processed-at",
+    toolset="processed-items",
+    level="viewer",
+    read_only=True,
+    idempotent=True,
+    description="Get when an item was last processed for a flow step (Unix time), or null if never.",
+)
+async def get_processed_at(ctx: AbilityContext, inp: ItemIn) -> ProcessedAtOut:
+    stamp = await _processed_at(ctx, inp)
+    return ProcessedAtOut(processed_at=int(stamp.timestamp()) if stamp else None, processed_at_iso=ts(stamp))
+
+
+# --- has-processed-history ----------------------------------------------------------------------
+
+
+class HistoryIn(Input):
+    flow_step_id: str = Field(max_length=255, description=FSID_DESC)
+
+
+class HistoryOut(Output):
+    has_history: bool = Field(description="The step has processed at least one item")
+    processed_count: int = Field(description="Number of processed items of the step")
+
+
+@ability(
+    "has-processed-history",
+    toolset="processed-items",
+    level="viewer",
+    read_only=True,
+    idempotent=True,
+    description="Check whether a flow step has processed any item yet (tells 'first run' apart from 'no new items').",
+)
+async def has_processed_history(ctx: AbilityContext, inp: HistoryIn) -> HistoryOut:
+    fsid, _, _ = _required(inp.flow_step_id)
+    count = await dedup.processed_count(ctx.session, fsid) if await _readable(ctx, fsid) else 0
+    return HistoryOut(has_history=count > 0, processed_count=count)
+
+
+# --- clear-processed-items ----------------------------------------------------------------------
+
+
+class ClearIn(Input):
+    clear_type: Literal["pipeline", "flow"] = Field(description="Scope: all flows of a pipeline, or one flow")
+    target_id: int = Field(ge=1, description="Pipeline id or flow id, per clear_type")
+
+
+class ClearOut(Output):
+    deleted_count: int = Field(description="Processed rows and inactive claims deleted")
+    skipped_claimed: int = Field(description="Active claims kept (a running job still holds them)")
+    clear_type: Literal["pipeline", "flow"] = Field(description="Scope used")
+    target_id: int = Field(description="Pipeline id or flow id")
+    message: str = Field(description="Human-readable result")
+
+
+@ability(
+    "clear-processed-items",
+    toolset="processed-items",
+    level="admin",
+    destructive=True,
+    idempotent=True,
+    description=(
+        "Forget processed-item history for a flow or a whole pipeline so items can be fetched and processed again."
+    ),
+    error_fields={"clear_type": "clear_type_invalid", "target_id": "target_id_invalid"},
+)
+async def clear_processed_items(ctx: AbilityContext, inp: ClearIn) -> ClearOut:
+    role: Role = "admin"
+    if inp.clear_type == "flow":
+        flow = await load_flow(ctx, inp.target_id, role, mutating=True)
+        flow_ids, agent_id, pipeline_id, flow_id = [flow.flow_id], flow.agent_id, flow.pipeline_id, flow.flow_id
+    else:
+        pipeline = await load_pipeline(ctx, inp.target_id, role, mutating=True)
+        flow_ids = [f.flow_id for f in await flows_of(ctx, pipeline.pipeline_id)]
+        agent_id, pipeline_id, flow_id = pipeline.agent_id, pipeline.pipeline_id, None
+    deleted, skipped = await dedup.clear_flows(ctx.session, flow_ids, utcnow())
+    message = f"Deleted {deleted} processed items for {inp.clear_type} {inp.target_id}"
+    if skipped:
+        message += f"; kept {skipped} item(s) claimed by running jobs"
+    if deleted:
+        await ctx.audit(
+            f"{deleted} processed items cleared for {inp.clear_type} {inp.target_id}",
+            target=(inp.clear_type, inp.target_id),
+            changes=["processed_items"],
+            agent_id=agent_id,
+            flow_id=flow_id,
+            pipeline_id=pipeline_id,
+            deleted_count=deleted,
+            skipped_claimed=skipped,
+        )
+    return ClearOut(
+        deleted_count=deleted,
+        skipped_claimed=skipped,
+        clear_type=inp.clear_type,
+        target_id=inp.target_id,
+        message=message,
+    )
+
+
+# --- find-stale / find-never-processed ----------------------------------------------------------
+
+
+def _candidates(values: list[str]) -> dict[str, str]:
+    """``{normalised identifier: identifier as given}``: trimmed for lookup, first occurrence kept, empties dropped."""
+    out: dict[str, str] = {}
+    for given in values:
+        text = given.strip()
+        if text:
+            out.setdefault(dedup.normalize_identifier(text), given)
+    return out
+
+
+class FindStaleIn(Input):
+    flow_step_id: str = Field(max_length=255, description=FSID_DESC)
+    source_type: str = Field(max_length=50, description=SOURCE_DESC)
+    candidate_identifiers: list[Candidate] = Field(max_length=5000, description=CANDIDATES_DESC)
+    max_age_days: int = Field(ge=1, description="Staleness threshold in days")
+    limit: int = Field(100, ge=1, le=5000, description="Maximum identifiers returned")
+
+
+class FindStaleOut(Output):
+    stale_ids: list[str] = Field(
+        description="Identifiers processed longer ago than max_age_days, oldest first, as given"
+    )
+    count: int = Field(description="Number of identifiers returned")
+
+
+@ability(
+    "processed-items-find-stale",
+    toolset="processed-items",
+    level="viewer",
+    read_only=True,
+    idempotent=True,
+    description="From candidate identifiers, return those processed longer ago than max_age_days (oldest first).",
+    error_fields={"candidate_identifiers": "candidate_identifiers_invalid", "max_age_days": "max_age_days_invalid"},
+)
+async def find_stale(ctx: AbilityContext, inp: FindStaleIn) -> FindStaleOut:
+    fsid, source, _ = _required(inp.flow_step_id, inp.source_type)
+    if not await _readable(ctx, fsid):
+        return FindStaleOut(stale_ids=[], count=0)
+    wanted = _candidates(inp.candidate_identifiers)
+    times = await dedup.processed_times(ctx.session, fsid, source, wanted)
+    cutoff = utcnow() - timedelta(days=inp.max_age_days)
+    order = {key: i for i, key in enumerate(wanted)}
+    stale = sorted((key for key, stamp in times.items() if stamp < cutoff), key=lambda k: (times[k], order[k]))
+    ids = [wanted[key] for key in stale[: inp.limit]]
+    return FindStaleOut(stale_ids=ids, count=len(ids))
+
+
+class FindNeverIn(Input):
+    flow_step_id: str = Field(max_length=255, description=FSID_DESC)
+    source_type: str = Field(max_length=50, description=SOURCE_DESC)
+    candidate_identifiers: list[Candidate] = Field(max_length=5000, description=CANDIDATES_DESC)
+    limit: int = Field(100, ge=1, le=5000, description="Maximum identifiers returned (the first N)")
+
+
+class FindNeverOut(Output):
+    never_processed: list[str] = Field(description="Identifiers never processed, in input order, duplicates removed")
+    count: int = Field(description="Number of identifiers returned")
+
+
+@ability(
+    "processed-items-find-never-processed",
+    toolset="processed-items",
+    level="viewer",
+    read_only=True,
+    idempotent=True,
+    description="From candidate identifiers, return those never processed for this flow step and source type.",
+    error_fields={"candidate_identifiers": "candidate_identifiers_invalid"},
+)
+async def find_never_processed(ctx: AbilityContext, inp: FindNeverIn) -> FindNeverOut:
+    fsid, source, _ = _required(inp.flow_step_id, inp.source_type)
+    wanted = _candidates(inp.candidate_identifiers)
+    done: set[str] = set()
+    if await _readable(ctx, fsid):
+        done = set(await dedup.processed_times(ctx.session, fsid, source, wanted))
+    ids = [given for key, given in wanted.items() if key not in done][: inp.limit]
+    return FindNeverOut(never_processed=ids, count=len(ids))

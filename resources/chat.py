@@ -1,0 +1,15 @@
+"""Chat session resource."""
+
+from __future__ import annotations
+
+from resources.registry import ResourceSpec, resource
+
+resource(
+    ResourceSpec(
+        uri="datamachine://chat/{session_id}",
+        name="chat-session",
+        title="Chat session",
+        description="One of your chat sessions with its conversation (twin: get-chat-session).",
+        twin="get-chat-session",
+    )
+)
