@@ -10,13 +10,11 @@ from __future__ import annotations
 from typing import Any
 
 from pydantic import Field
-from sqlalchemy import and_, delete, not_, or_, select
 
 from abilities.context import AbilityContext
 from abilities.errors import AbilityError
 from abilities.flow_ops import seeded_warnings
 from abilities.pipeline_common import (
-    ACTIVE_STATUSES,
     PipelineStepOut,
     build_pipeline_step,
     flows_of,
@@ -33,8 +31,9 @@ from abilities.pipeline_common import (
 from abilities.pipelines import StepSeedIn, renumber
 from abilities.registry import ability
 from abilities.schema import Input, Output
+from engine import dedup
 from engine.catalog import PROVIDERS
-from storage.models import Flow, Job, Pipeline, ProcessedItem
+from storage.models import Flow, Pipeline
 from storage.timeutil import utcnow
 
 
@@ -353,23 +352,6 @@ class DeletePipelineStepOut(Output):
     message: str = Field(description="Human-readable result")
 
 
-def like_prefix(prefix: str) -> str:
-    """``prefix`` + ``_%`` as a LIKE pattern with ``\\``, ``_`` and ``%`` escaped (storage.md §3.4)."""
-    escaped = prefix.replace("\\", "\\\\").replace("_", "\\_").replace("%", "\\%")
-    return escaped + "\\_%"
-
-
-def active_claim(now: Any) -> Any:
-    """A claim held by a job that is not final and not expired (engine.md §10.3)."""
-    live_job = select(Job.job_id).where(Job.job_id == ProcessedItem.job_id, Job.status.in_(ACTIVE_STATUSES)).exists()
-    return and_(
-        ProcessedItem.status == "claimed",
-        ProcessedItem.job_id.is_not(None),
-        or_(ProcessedItem.claim_expires_at.is_(None), ProcessedItem.claim_expires_at > now),
-        live_job,
-    )
-
-
 @ability(
     "delete-pipeline-step",
     toolset="pipelines",
@@ -396,16 +378,8 @@ async def delete_pipeline_step(ctx: AbilityContext, inp: DeletePipelineStepIn) -
     flows = await sync_flows(ctx, pipeline, now)
     deleted = 0
     if flows:
-        result = await ctx.session.execute(
-            delete(ProcessedItem)
-            .where(
-                ProcessedItem.flow_key.in_([f.flow_id for f in flows]),
-                ProcessedItem.flow_step_id.like(like_prefix(psid), escape="\\"),
-                not_(active_claim(now)),
-            )
-            .execution_options(synchronize_session=False)
-        )
-        deleted = result.rowcount or 0
+        # Active claims stay so a running job's settlement is not lost (engine.md §10.4).
+        deleted, _ = await dedup.clear_pipeline_step(ctx.session, psid, now)
     await ctx.audit(
         f"step {psid} ({removed.get('step_type')}) deleted from pipeline {pipeline.pipeline_id}, "
         f"{len(flows)} flow(s), {deleted} processed item(s)",

@@ -11,27 +11,18 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import and_, delete, or_, select, update
+from sqlalchemy import and_, delete, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from engine import status as st
-from storage.models import Job, ProcessedItem
-
-CLAIMED, PROCESSED = "claimed", "processed"
+from engine.dedup import CLAIMED, PROCESSED, active_claim
+from storage.models import ProcessedItem
 
 
 def active_claim_condition(now: datetime, *, other_than_job: int | None = None) -> Any:
-    """SQL condition: the row is a claim held by a live job (engine.md §10.3)."""
-    live_job = select(Job.job_id).where(Job.job_id == ProcessedItem.job_id, Job.status.in_(st.ACTIVE)).exists()
-    cond = and_(
-        ProcessedItem.status == CLAIMED,
-        ProcessedItem.job_id.is_not(None),
-        or_(ProcessedItem.claim_expires_at.is_(None), ProcessedItem.claim_expires_at > now),
-        live_job,
-    )
-    if other_than_job is not None:
-        cond = and_(cond, ProcessedItem.job_id != other_than_job)
-    return cond
+    """SQL condition: the row is a claim held by a live job (engine.md §10.3), optionally not ``job``'s."""
+    cond = active_claim(now)
+    return and_(cond, ProcessedItem.job_id != other_than_job) if other_than_job is not None else cond
 
 
 @dataclass(frozen=True)

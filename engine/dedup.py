@@ -8,7 +8,6 @@ settlement is not lost.
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Iterable, Iterator, Sequence
 from datetime import datetime
 from typing import Any
@@ -17,6 +16,7 @@ from sqlalchemy import ColumnElement, String, and_, bindparam, cast, delete, exi
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from engine.items import normalise_identifier
 from storage.models import Job, ProcessedItem
 
 MAX_IDENTIFIER = 255
@@ -30,9 +30,7 @@ P = ProcessedItem
 
 def normalize_identifier(identifier: str) -> str:
     """Identifiers longer than 255 characters become ``sha256:<64 hex>`` of the full text (§2.7)."""
-    if len(identifier) <= MAX_IDENTIFIER:
-        return identifier
-    return "sha256:" + hashlib.sha256(identifier.encode("utf-8")).hexdigest()
+    return normalise_identifier(identifier) or identifier
 
 
 def chunks(values: Sequence[str], size: int = CHUNK) -> Iterator[Sequence[str]]:
