@@ -2,26 +2,57 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Annotated, Any, Literal
 
 from pydantic import Field
+from sqlalchemy import ColumnElement, and_, false, or_, select, true
 
+from abilities.access import ROLE_RANK, Role
 from abilities.context import AbilityContext
 from abilities.errors import AbilityError
-from abilities.job_common import JobOut, child_counts, job_dict
+from abilities.job_common import JobOut, child_counts, job_dict, load_job
 from abilities.pipeline_common import load_flow, notify_flow, owner_of
 from abilities.registry import ability
 from abilities.schema import Input, Opt, Output
 from engine import status as st
 from engine.jobs import create_flow_job, empty_first_queue
+from engine.lifecycle import Changes
 from engine.plan import PlanError, check_initial_data, resolve_plan
 from engine.wait import wait_for_job
 from storage.crypto import SecretUnavailable
-from storage.models import Job, Pipeline
+from storage.models import Agent, Job, Pipeline
 from storage.timeutil import utcnow
 
 MAX_WAIT = 300
 IDEMPOTENCY_PATTERN = r"^[\x20-\x7e]+$"
+
+# A job's pipeline_id / flow_id as an input: an id, or "direct" for ad-hoc workflows (abilities.md §2.7).
+JobRef = Annotated[int, Field(ge=1)] | Literal["direct"]
+BaseStatus = Literal[
+    "pending", "processing", "waiting", "completed", "failed", "cancelled", "completed_no_items", "agent_skipped"
+]
+
+
+def ref_condition(column_str: Any, column_key: Any, value: int | str) -> ColumnElement[bool]:
+    """Filter on a job's pipeline/flow reference: the integer key, or the "direct" sentinel."""
+    return column_str == "direct" if value == "direct" else column_key == value
+
+
+async def role_condition(ctx: AbilityContext, required: Role) -> ColumnElement[bool]:
+    """Jobs on which the principal holds at least ``required`` and whose agent is active: the rows a bulk
+    mutation may touch (abilities.md §2.3, access.md §3.2-§3.4)."""
+    p = ctx.principal
+    rank = ROLE_RANK[required]
+    if p.agent_id is not None:
+        role = "admin" if p.is_admin else await ctx.access.role_on_agent(p.agent_id)
+        base = Job.agent_id == p.agent_id if role is not None and ROLE_RANK[role] >= rank else false()
+    elif p.is_admin:
+        base = true()
+    else:
+        ids = [agent_id for agent_id, role in (await ctx.access.agent_roles()).items() if ROLE_RANK[role] >= rank]
+        base = or_(Job.agent_id.in_(ids), and_(Job.agent_id.is_(None), Job.user_id == p.user_id))
+    active = or_(Job.agent_id.is_(None), Job.agent_id.in_(select(Agent.agent_id).where(Agent.status == "active")))
+    return and_(base, active)
 
 
 def uses_sampling(flow_config: dict[str, Any], pipeline_config: dict[str, Any]) -> bool:
@@ -35,13 +66,6 @@ def uses_sampling(flow_config: dict[str, Any], pipeline_config: dict[str, Any]) 
 
 async def job_output(ctx: AbilityContext, job: Job, role: str | None, *, engine_data: bool = False) -> dict[str, Any]:
     counts = (await child_counts(ctx, [job.job_id])).get(job.job_id)
-    token = None
-    gate = (job.engine_data or {}).get("webhook_gate")
-    if job.status == st.WAITING and job.wait_kind == "webhook_gate" and isinstance(gate, dict):
-        try:
-            token = ctx.runtime.box.decrypt(gate.get("token"), "webhook_gate_token")
-        except SecretUnavailable:
-            token = None
     return job_dict(
         job,
         role=role,
@@ -49,8 +73,55 @@ async def job_output(ctx: AbilityContext, job: Job, role: str | None, *, engine_
         include_engine_data=engine_data,
         include_packets=True,
         public_base_url=ctx.runtime.public_base_url,
-        gate_token=token,
+        gate_token=gate_token(ctx, job),
     )
+
+
+def gate_token(ctx: AbilityContext, job: Job) -> str | None:
+    """The plaintext webhook-gate token of a waiting job (for its resume URL), or None."""
+    gate = (job.engine_data or {}).get("webhook_gate")
+    if job.status != st.WAITING or job.wait_kind != "webhook_gate" or not isinstance(gate, dict):
+        return None
+    try:
+        return ctx.runtime.box.decrypt(gate.get("token"), "webhook_gate_token")
+    except SecretUnavailable:
+        return None
+
+
+async def describe_jobs(
+    ctx: AbilityContext, jobs: list[Job], *, engine_data: bool = False, packets: bool = False
+) -> list[dict[str, Any]]:
+    """Job rows as the Job shape (abilities.md §3), redacted per the caller's role on each job."""
+    counts = await child_counts(ctx, [j.job_id for j in jobs if (j.engine_data or {}).get("batch")])
+    roles: dict[tuple[int | None, int], str | None] = {}
+    out = []
+    for job in jobs:
+        key = (job.agent_id, job.user_id)
+        if key not in roles:
+            roles[key] = await ctx.access.effective_role(await owner_of(ctx, job.agent_id, job.user_id))
+        out.append(
+            job_dict(
+                job,
+                role=roles[key],
+                counts=counts.get(job.job_id),
+                include_engine_data=engine_data,
+                include_packets=packets,
+                public_base_url=ctx.runtime.public_base_url,
+                gate_token=gate_token(ctx, job),
+            )
+        )
+    return out
+
+
+async def publish_changes(ctx: AbilityContext, changes: Changes, *, wake: bool = False) -> None:
+    """After commit: wake local waiters, notify subscribers of the changed jobs and flows (engine.md §14),
+    and start claimable work without waiting for the next poll."""
+    engine = ctx.runtime.engine
+    if engine is None:
+        return
+    await engine.announce(changes.jobs, changes.flows)
+    if wake:
+        engine.wake()
 
 
 async def wait_and_describe(
@@ -196,3 +267,51 @@ async def run_flow(ctx: AbilityContext, inp: RunFlowIn) -> RunFlowOut:
             job=waited["job"], final=waited["final"], timed_out=waited["timed_out"], status=waited["job"]["base_status"]
         )
     return RunFlowOut.model_validate(out)
+
+
+# --- wait-for-job ---------------------------------------------------------------------------------
+
+
+class WaitForJobIn(Input):
+    job_id: int = Field(ge=1, description="Job to wait for")
+    timeout_seconds: float = Field(
+        60, ge=0, le=MAX_WAIT, description="Maximum wait in seconds; 0 returns the current state at once"
+    )
+    stop_on_waiting: bool = Field(
+        False, description="Also return when the job enters waiting (approval or webhook gate)"
+    )
+    include_engine_data: bool = Field(False, description="Include engine_data (redacted) in job")
+
+
+class WaitForJobOut(Output):
+    job: JobOut = Field(
+        description="The job with packets: the result after success, the failed step's input after failure"
+    )
+    final: bool = Field(description="The job reached a final status")
+    timed_out: bool = Field(description="timeout_seconds passed before the job became final")
+    waited_seconds: float = Field(description="Seconds spent waiting")
+
+
+@ability(
+    "wait-for-job",
+    toolset="jobs",
+    level="viewer",
+    read_only=True,
+    idempotent=True,
+    transaction="manual",
+    description=(
+        "Wait (up to timeout_seconds, max 300) until a job reaches a final status, then return it with its "
+        "result packets. Sends progress notifications."
+    ),
+)
+async def wait_for_job_tool(ctx: AbilityContext, inp: WaitForJobIn) -> WaitForJobOut:
+    async with ctx.reading():
+        await load_job(ctx, inp.job_id, "viewer", mutating=False)
+    waited = await wait_and_describe(
+        ctx,
+        inp.job_id,
+        inp.timeout_seconds,
+        stop_on_waiting=inp.stop_on_waiting,
+        engine_data=inp.include_engine_data,
+    )
+    return WaitForJobOut.model_validate(waited)

@@ -228,15 +228,9 @@ async def child_counts(session: AsyncSession, parent_id: int) -> dict[str, int]:
     return counts
 
 
-async def complete_parent(session: AsyncSession, parent_id: int, *, now: datetime, threshold: str = "debug") -> Changes:
-    """Finish a batch parent once none of its children is active (engine.md §9.3)."""
-    parent = await session.get(Job, parent_id)
-    if parent is None or parent.status != st.PROCESSING or not (parent.engine_data or {}).get("batch"):
-        return Changes()
-    counts = await child_counts(session, parent_id)
-    if any(counts.get(s, 0) for s in st.ACTIVE):
-        return Changes()
-    total = counts["total"]
+def parent_outcome(counts: dict[str, int]) -> tuple[str, str | None, dict[str, int]]:
+    """The final status, reason and batch_results of a batch parent whose children are all final (§9.3)."""
+    total = counts.get("total", 0)
     results = {
         "completed": counts.get(st.COMPLETED, 0),
         "failed": counts.get(st.FAILED, 0),
@@ -245,11 +239,21 @@ async def complete_parent(session: AsyncSession, parent_id: int, *, now: datetim
         "total": total,
     }
     if results["completed"] >= 1:
-        final, reason = st.COMPLETED, None
-    elif total and results["failed"] == total:
-        final, reason = st.FAILED, f"All {total} child jobs failed"
-    else:
-        final, reason = st.NO_ITEMS, None
+        return st.COMPLETED, None, results
+    if total and results["failed"] == total:
+        return st.FAILED, f"All {total} child jobs failed", results
+    return st.NO_ITEMS, None, results
+
+
+async def complete_parent(session: AsyncSession, parent_id: int, *, now: datetime, threshold: str = "debug") -> Changes:
+    """Finish a batch parent once none of its children is active (engine.md §9.3)."""
+    parent = await session.get(Job, parent_id)
+    if parent is None or parent.status != st.PROCESSING or not (parent.engine_data or {}).get("batch"):
+        return Changes()
+    counts = await child_counts(session, parent_id)
+    if any(counts.get(s, 0) for s in st.ACTIVE):
+        return Changes()
+    final, reason, results = parent_outcome(counts)
     await write_log(
         session,
         "info",
@@ -303,6 +307,10 @@ async def cancel_descendants(
                 backups = data.pop("queue_backups", None)
                 if backups and job.flow_key is not None:
                     await restore_queue_entries(session, job.flow_key, backups)
+                # A gate the child was parked at can no longer be decided (engine.md §13.2).
+                for key in ("approval", "webhook_gate"):
+                    if isinstance(data.get(key), dict) and data[key].get("status") == "pending":
+                        data[key] = {**data[key], "status": "cancelled"}
                 job.engine_data = data
                 await write_log(
                     session,

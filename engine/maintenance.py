@@ -15,7 +15,18 @@ from sqlalchemy import delete, select, update
 from engine import claims as claim_ops
 from engine import schedule as sched
 from engine import status as st
-from engine.lifecycle import Changes, cas, complete_parent, ed, finish, log_context, log_owner, reload
+from engine.lifecycle import (
+    Changes,
+    cas,
+    child_counts,
+    complete_parent,
+    ed,
+    finish,
+    log_context,
+    log_owner,
+    parent_outcome,
+    reload,
+)
 from engine.runtime import EngineServices
 from storage.logs import write_log
 from storage.models import Flow, Job, ProcessedItem
@@ -158,7 +169,7 @@ async def recover(
                     )
                     changes.jobs.add(job.job_id)
             else:
-                note(job.job_id, job.status, st.FAILED, "failed")
+                note(job.job_id, job.status, st.display(st.FAILED, "lease_expired"), "failed")
                 out["failed"] += 1
                 if dry_run:
                     continue
@@ -202,7 +213,7 @@ async def recover(
             for job in list((await session.execute(waits)).scalars()):
                 budget -= 1
                 reason = "approval_timeout" if job.wait_kind == "approval" else "webhook_gate_timeout"
-                note(job.job_id, job.status, st.FAILED, "wait_timed_out")
+                note(job.job_id, job.status, st.display(st.FAILED, reason), "wait_timed_out")
                 out["timed_out_waits"] += 1
                 if dry_run:
                     continue
@@ -260,7 +271,8 @@ async def recover(
                     continue
                 budget -= 1
                 out["parents_completed"] += 1
-                note(job.job_id, job.status, "final", "parent_completed")
+                final, reason, _ = parent_outcome(await child_counts(session, job.job_id))
+                note(job.job_id, job.status, st.display(final, reason), "parent_completed")
                 if not dry_run:
                     changes.merge(await complete_parent(session, job.job_id, now=now, threshold=threshold))
                 if budget <= 0:

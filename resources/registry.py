@@ -48,6 +48,19 @@ class ResourceRefused(Exception):
 
 
 @dataclass(frozen=True)
+class Guard:
+    """A read-only ability called before the twin: the object the URI names must exist and be readable.
+
+    Used where the twin alone would answer an unknown or unreadable object with an empty list (e.g. a job's
+    log rows through read-logs). Refusals and not-found answers are those of the guard ability.
+    """
+
+    ability: str
+    args: Callable[[dict[str, Any]], dict[str, Any]]
+    exists: Callable[[dict[str, Any]], bool]
+
+
+@dataclass(frozen=True)
 class ResourceSpec:
     uri: str
     name: str
@@ -59,6 +72,7 @@ class ResourceSpec:
     # Extra fixed arguments for the twin, and a check that the output names an existing object
     fixed: Mapping[str, Any] = field(default_factory=dict)
     exists: Callable[[dict[str, Any]], bool] | None = None
+    guard: Guard | None = None
 
     @cached_property
     def template(self) -> UriTemplate | None:
@@ -116,13 +130,23 @@ async def read(
     twin = abilities.get(spec.twin)
     if twin is None:  # twin excluded by --toolsets/--read-only in this process
         raise ResourceNotFound(f"Unknown resource: {uri}")
-    outcome = await invoke(runtime, twin, {**spec.fixed, **args}, principal)
+    if spec.guard is not None:
+        guard = abilities.get(spec.guard.ability)
+        if guard is None:
+            raise ResourceNotFound(f"Unknown resource: {uri}")
+        checked = _output(uri, await invoke(runtime, guard, spec.guard.args(args), principal))
+        if not spec.guard.exists(checked):
+            raise ResourceNotFound(f"Unknown resource: {uri}")
+    output = _output(uri, await invoke(runtime, twin, {**spec.fixed, **args}, principal))
+    if spec.exists is not None and not spec.exists(output):
+        raise ResourceNotFound(f"Unknown resource: {uri}")
+    return json.dumps(output, ensure_ascii=False)
+
+
+def _output(uri: str, outcome: Any) -> dict[str, Any]:
     if outcome.error is not None:
         code = outcome.error["code"]
         if code in NOT_FOUND_CODES:
             raise ResourceNotFound(f"{code}: {outcome.error['message']}")
         raise ResourceRefused(code, outcome.error["message"], outcome.error.get("data") or {})
-    output = outcome.output or {}
-    if spec.exists is not None and not spec.exists(output):
-        raise ResourceNotFound(f"Unknown resource: {uri}")
-    return json.dumps(output, ensure_ascii=False)
+    return outcome.output or {}

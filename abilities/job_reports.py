@@ -1,0 +1,644 @@
+"""Jobs toolset, reads: jobs, summaries, flow health, problem flows and run metrics (abilities.md §7).
+
+Every listing is scoped to the rows the principal may read (access.md §5) and every count is computed
+over that same set.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any, Literal
+
+from pydantic import Field
+from sqlalchemy import func, select
+
+from abilities.context import AbilityContext
+from abilities.errors import AbilityError
+from abilities.job_common import JobOut, job_ref, load_job, redact
+from abilities.jobs import BaseStatus, JobRef, describe_jobs, ref_condition
+from abilities.pipeline_common import load_flow
+from abilities.registry import ability
+from abilities.schema import OFFSET_DESC, PER_PAGE_DESC, DateTimeIn, Input, Opt, Output, PageOut, ts
+from engine import status as st
+from storage.crypto import mask
+from storage.models import Agent, Flow, Job, Pipeline, ProcessedItem
+from storage.timeutil import iso, utcnow
+
+RunTrigger = Literal["manual", "schedule", "webhook", "batch", "workflow", "system"]
+OrderBy = Literal["job_id", "created_at", "completed_at", "updated_at", "status", "flow_id", "pipeline_id"]
+BREAKDOWN_LIMIT = 50
+ZERO_TOKENS = {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0}
+
+
+async def check_agent_filter(ctx: AbilityContext, agent_id: int) -> None:
+    """An explicit agent filter: the agent must exist and be readable (access.md §5)."""
+    agent = await ctx.session.get(Agent, agent_id)
+    if agent is None:
+        raise AbilityError("agent_not_found", f"Agent {agent_id} not found.", agent_id=agent_id)
+    await ctx.access.check_agent_filter(agent.agent_id, agent.agent_slug)
+
+
+def all_counts(pairs: dict[str, int]) -> dict[str, int]:
+    """Every base status (0 when absent) plus total."""
+    counts = {status: int(pairs.get(status, 0)) for status in st.ALL}
+    counts["total"] = sum(counts.values())
+    return counts
+
+
+# --- get-jobs ---------------------------------------------------------------------------------
+
+
+class GetJobsIn(Input):
+    job_id: int | None = Field(None, ge=1, description="Single job (with engine_data and packets); filters ignored")
+    flow_id: JobRef | None = Field(None, description='Only this flow\'s jobs, or "direct" for ad-hoc workflow jobs')
+    pipeline_id: JobRef | None = Field(
+        None, description='Only this pipeline\'s jobs, or "direct" for ad-hoc workflow jobs'
+    )
+    agent_id: int | None = Field(None, ge=1, description="Only this agent's jobs (priority over user_id)")
+    user_id: int | None = Field(None, ge=0, description="Only jobs of this user (0 = shared)")
+    status: BaseStatus | None = Field(None, description="Base status")
+    source: str | None = Field(None, max_length=50, description="Job source (pipeline, direct, system, or a label)")
+    run_trigger: RunTrigger | None = Field(None, description="What created the job")
+    handler: str | None = Field(None, max_length=100, description="Only jobs whose handler_slug is this")
+    since: DateTimeIn | None = Field(None, description="Created at or after this time (ISO 8601, UTC)")
+    parent_job_id: int | None = Field(None, ge=1, description="Only children of this batch parent")
+    hide_children: bool = Field(False, description="Exclude batch child jobs")
+    metadata: dict[str, Any] | None = Field(
+        None, description="Exact-match filters on engine_data paths, {dot.path: value}, e.g. {'job.trigger': 'manual'}"
+    )
+    metadata_scan_limit: int = Field(
+        1000, ge=1, le=5000, description="Newest candidates scanned when metadata filters are given"
+    )
+    include_engine_data: bool = Field(False, description="Include engine_data (redacted) in list rows")
+    orderby: OrderBy = Field("job_id", description="Sort column")
+    order: Literal["ASC", "DESC"] = Field("DESC", description="Sort direction")
+    per_page: int = Field(50, ge=1, le=100, description=PER_PAGE_DESC)
+    offset: int = Field(0, ge=0, description=OFFSET_DESC)
+
+
+class GetJobsOut(PageOut):
+    jobs: list[JobOut] = Field(description="Jobs (single mode: with engine_data and packets)")
+    filters_applied: dict[str, Any] = Field(description="The filters used")
+    metadata_scan_truncated: bool | None = Opt(
+        "metadata filters only: more candidates matched the SQL filters than metadata_scan_limit"
+    )
+
+
+_MISSING = object()
+
+
+def dot_path(data: Any, path: str) -> Any:
+    """The value at a dotted path (list elements by index), or a sentinel when absent."""
+    value = data
+    for part in path.split("."):
+        if isinstance(value, dict) and part in value:
+            value = value[part]
+        elif isinstance(value, list) and part.isdigit() and int(part) < len(value):
+            value = value[int(part)]
+        else:
+            return _MISSING
+    return value
+
+
+def _sort_value(job: Job, orderby: str) -> Any:
+    return {
+        "job_id": job.job_id,
+        "created_at": job.created_at,
+        "completed_at": job.completed_at,
+        "updated_at": job.updated_at,
+        "status": job.status,
+        "flow_id": job.flow_key,
+        "pipeline_id": job.pipeline_key,
+    }[orderby]
+
+
+def sort_jobs(jobs: list[Job], orderby: str, descending: bool) -> list[Job]:
+    """The SQL order in Python: the column, NULLs last in both directions, job_id as tie-break."""
+    present = [j for j in jobs if _sort_value(j, orderby) is not None]
+    absent = [j for j in jobs if _sort_value(j, orderby) is None]
+    present.sort(key=lambda j: (_sort_value(j, orderby), j.job_id), reverse=descending)
+    absent.sort(key=lambda j: j.job_id, reverse=descending)
+    return present + absent
+
+
+def _order_column(orderby: str) -> Any:
+    return {
+        "job_id": Job.job_id,
+        "created_at": Job.created_at,
+        "completed_at": Job.completed_at,
+        "updated_at": Job.updated_at,
+        "status": Job.status,
+        "flow_id": Job.flow_key,
+        "pipeline_id": Job.pipeline_key,
+    }[orderby]
+
+
+async def job_conditions(ctx: AbilityContext, inp: Any, applied: dict[str, Any]) -> list[Any]:
+    """The scope plus the explicit filters shared by get-jobs and get-jobs-summary."""
+    conds: list[Any] = [await ctx.access.scope_filter(Job.agent_id, Job.user_id)]
+    if inp.agent_id is not None:
+        await check_agent_filter(ctx, inp.agent_id)
+        conds.append(Job.agent_id == inp.agent_id)
+        applied["agent_id"] = inp.agent_id
+    elif getattr(inp, "user_id", None) is not None:
+        ctx.access.check_user_filter(inp.user_id)
+        conds.append(Job.user_id == inp.user_id)
+        applied["user_id"] = inp.user_id
+    if inp.flow_id is not None:
+        conds.append(ref_condition(Job.flow_id, Job.flow_key, inp.flow_id))
+        applied["flow_id"] = inp.flow_id
+    if inp.pipeline_id is not None:
+        conds.append(ref_condition(Job.pipeline_id, Job.pipeline_key, inp.pipeline_id))
+        applied["pipeline_id"] = inp.pipeline_id
+    if inp.status is not None:
+        conds.append(Job.status == inp.status)
+        applied["status"] = inp.status
+    if inp.source is not None:
+        conds.append(Job.source == inp.source)
+        applied["source"] = inp.source
+    if inp.handler is not None:
+        conds.append(Job.handler_slug == inp.handler)
+        applied["handler"] = inp.handler
+    if inp.since is not None:
+        conds.append(Job.created_at >= inp.since)
+        applied["since"] = iso(inp.since)
+    if getattr(inp, "run_trigger", None) is not None:
+        conds.append(Job.run_trigger == inp.run_trigger)
+        applied["run_trigger"] = inp.run_trigger
+    if getattr(inp, "parent_job_id", None) is not None:
+        conds.append(Job.parent_job_id == inp.parent_job_id)
+        applied["parent_job_id"] = inp.parent_job_id
+    if getattr(inp, "hide_children", False):
+        conds.append(Job.parent_job_id.is_(None))
+        applied["hide_children"] = True
+    return conds
+
+
+@ability(
+    "get-jobs",
+    toolset="jobs",
+    level="viewer",
+    read_only=True,
+    idempotent=True,
+    description=(
+        "Get one job (with engine data and packets) by job_id or list jobs filtered by flow, pipeline, agent, "
+        "status, source or date. Paged, newest first."
+    ),
+)
+async def get_jobs(ctx: AbilityContext, inp: GetJobsIn) -> GetJobsOut:
+    if inp.job_id is not None:
+        applied: dict[str, Any] = {"job_id": inp.job_id}
+        job = await ctx.session.get(Job, inp.job_id)
+        if job is None:
+            rows: list[dict[str, Any]] = []
+        else:
+            await load_job(ctx, inp.job_id, "viewer", mutating=False)
+            rows = await describe_jobs(ctx, [job], engine_data=True, packets=True)
+        return GetJobsOut(jobs=rows, total=len(rows), per_page=inp.per_page, offset=inp.offset, filters_applied=applied)
+    applied = {}
+    conds = await job_conditions(ctx, inp, applied)
+    descending = inp.order == "DESC"
+    truncated = None
+    if inp.metadata:
+        applied["metadata"] = inp.metadata
+        matched_sql = int(
+            (await ctx.session.execute(select(func.count()).select_from(Job).where(*conds))).scalar() or 0
+        )
+        candidates = list(
+            (
+                await ctx.session.execute(
+                    select(Job).where(*conds).order_by(Job.job_id.desc()).limit(inp.metadata_scan_limit)
+                )
+            ).scalars()
+        )
+        truncated = matched_sql > inp.metadata_scan_limit
+        wanted = list(inp.metadata.items())
+        # Matched against the redacted view (envelopes masked, no trace), so filters reveal nothing more.
+        matches = [
+            j
+            for j in candidates
+            if all(dot_path(redact(j.engine_data, admin=False), path) == value for path, value in wanted)
+        ]
+        total = len(matches)
+        page = sort_jobs(matches, inp.orderby, descending)[inp.offset : inp.offset + inp.per_page]
+    else:
+        total = int((await ctx.session.execute(select(func.count()).select_from(Job).where(*conds))).scalar() or 0)
+        column = _order_column(inp.orderby)
+        order = [column.desc().nulls_last() if descending else column.asc().nulls_last()]
+        if inp.orderby != "job_id":
+            order.append(Job.job_id.desc() if descending else Job.job_id.asc())
+        page = list(
+            (
+                await ctx.session.execute(
+                    select(Job).where(*conds).order_by(*order).limit(inp.per_page).offset(inp.offset)
+                )
+            ).scalars()
+        )
+    rows = await describe_jobs(ctx, page, engine_data=inp.include_engine_data)
+    return GetJobsOut(
+        jobs=rows,
+        total=total,
+        per_page=inp.per_page,
+        offset=inp.offset,
+        filters_applied=applied,
+        metadata_scan_truncated=truncated,
+    )
+
+
+# --- get-jobs-summary -------------------------------------------------------------------------
+
+
+class JobsSummaryIn(Input):
+    flow_id: JobRef | None = Field(None, description='Only this flow\'s jobs, or "direct"')
+    pipeline_id: JobRef | None = Field(None, description='Only this pipeline\'s jobs, or "direct"')
+    agent_id: int | None = Field(None, ge=1, description="Only this agent's jobs")
+    handler: str | None = Field(None, max_length=100, description="Only jobs whose handler_slug is this")
+    status: BaseStatus | None = Field(None, description="Only this base status")
+    source: str | None = Field(None, max_length=50, description="Only this job source")
+    since: DateTimeIn | None = Field(None, description="Created at or after this time (ISO 8601, UTC)")
+    compact: bool = Field(False, description="Totals only; skip the per-pipeline, per-flow and per-handler breakdowns")
+
+
+class StatusCounts(Output):
+    pending: int = Field(description="Jobs waiting to be claimed")
+    processing: int = Field(description="Jobs running (or batch parents waiting for children)")
+    waiting: int = Field(description="Jobs parked at an approval or webhook gate")
+    completed: int = Field(description="Jobs that ran to the end")
+    failed: int = Field(description="Failed jobs")
+    cancelled: int = Field(description="Cancelled jobs")
+    completed_no_items: int = Field(description="Jobs that found nothing to do")
+    agent_skipped: int = Field(description="Jobs a step skipped")
+
+
+class PipelineCounts(Output):
+    pipeline_id: int | str = Field(description='Pipeline id or "direct"')
+    pipeline_name: str | None = Field(description="Current pipeline name (null for direct jobs)")
+    counts: dict[str, int] = Field(description="Jobs per base status, plus total")
+
+
+class FlowCounts(Output):
+    flow_id: int | str = Field(description='Flow id or "direct"')
+    flow_name: str | None = Field(description="Current flow name (null for direct jobs)")
+    counts: dict[str, int] = Field(description="Jobs per base status, plus total")
+
+
+class HandlerCounts(Output):
+    handler: str = Field(description="handler_slug")
+    counts: dict[str, int] = Field(description="Jobs per base status, plus total")
+
+
+class JobsSummaryOut(Output):
+    summary: StatusCounts = Field(description="Jobs per base status (every status present)")
+    total: int = Field(description="All matching jobs")
+    by_pipeline: list[PipelineCounts] | None = Opt("Per pipeline, by total descending (at most 50)")
+    by_flow: list[FlowCounts] | None = Opt("Per flow, by total descending (at most 50)")
+    by_handler: list[HandlerCounts] | None = Opt("Per handler, by total descending (at most 50)")
+
+
+async def _grouped(ctx: AbilityContext, column: Any, conds: list[Any]) -> list[tuple[Any, dict[str, int]]]:
+    rows = await ctx.session.execute(
+        select(column, Job.status, func.count()).where(*conds, column.is_not(None)).group_by(column, Job.status)
+    )
+    grouped: dict[Any, dict[str, int]] = {}
+    for key, status, n in rows.all():
+        grouped.setdefault(key, {})[status] = int(n)
+    out = [(key, all_counts(pairs)) for key, pairs in grouped.items()]
+    out.sort(key=lambda kv: (-kv[1]["total"], str(kv[0]).zfill(20)))
+    return out[:BREAKDOWN_LIMIT]
+
+
+@ability(
+    "get-jobs-summary",
+    toolset="jobs",
+    level="viewer",
+    read_only=True,
+    idempotent=True,
+    description=(
+        "Count jobs by status (pending, processing, failed, ...) with optional breakdowns per pipeline, flow "
+        "and handler."
+    ),
+)
+async def get_jobs_summary(ctx: AbilityContext, inp: JobsSummaryIn) -> JobsSummaryOut:
+    conds = await job_conditions(ctx, inp, {})
+    rows = await ctx.session.execute(select(Job.status, func.count()).where(*conds).group_by(Job.status))
+    counts = all_counts({status: int(n) for status, n in rows.all()})
+    total = counts.pop("total")
+    out: dict[str, Any] = {"summary": counts, "total": total}
+    if not inp.compact:
+        by_pipeline = await _grouped(ctx, Job.pipeline_id, conds)
+        ids = [int(k) for k, _ in by_pipeline if k != "direct"]
+        names = dict(
+            (
+                await ctx.session.execute(
+                    select(Pipeline.pipeline_id, Pipeline.pipeline_name).where(Pipeline.pipeline_id.in_(ids))
+                )
+            ).all()
+        )
+        out["by_pipeline"] = [
+            {"pipeline_id": job_ref(k), "pipeline_name": names.get(job_ref(k)), "counts": c} for k, c in by_pipeline
+        ]
+        by_flow = await _grouped(ctx, Job.flow_id, conds)
+        ids = [int(k) for k, _ in by_flow if k != "direct"]
+        names = dict(
+            (await ctx.session.execute(select(Flow.flow_id, Flow.flow_name).where(Flow.flow_id.in_(ids)))).all()
+        )
+        out["by_flow"] = [{"flow_id": job_ref(k), "flow_name": names.get(job_ref(k)), "counts": c} for k, c in by_flow]
+        out["by_handler"] = [{"handler": k, "counts": c} for k, c in await _grouped(ctx, Job.handler_slug, conds)]
+    return JobsSummaryOut.model_validate(out)
+
+
+# --- get-flow-health / get-problem-flows ------------------------------------------------------
+
+
+class LatestJob(Output):
+    job_id: int = Field(description="Job id")
+    status: str = Field(description="Display status")
+    created_at: str = Field(description="ISO 8601 UTC")
+    completed_at: str | None = Field(description="ISO 8601 UTC, null while active")
+
+
+async def latest_jobs(ctx: AbilityContext, flow_ids: list[int]) -> dict[int, dict[str, Any]]:
+    """The newest top-level job of each flow."""
+    if not flow_ids:
+        return {}
+    newest = (
+        select(func.max(Job.job_id))
+        .where(Job.flow_key.in_(flow_ids), Job.parent_job_id.is_(None))
+        .group_by(Job.flow_key)
+        .scalar_subquery()
+    )
+    rows = (await ctx.session.execute(select(Job).where(Job.job_id.in_(newest)))).scalars()
+    return {
+        j.flow_key: {
+            "job_id": j.job_id,
+            "status": st.display(j.status, j.status_reason),
+            "created_at": ts(j.created_at),
+            "completed_at": ts(j.completed_at),
+        }
+        for j in rows
+        if j.flow_key is not None
+    }
+
+
+class FlowHealthIn(Input):
+    flow_id: int = Field(ge=1, description="Flow to check")
+
+
+class FlowHealthOut(Output):
+    flow_id: int = Field(description="Flow id")
+    consecutive_failures: int = Field(description="Consecutive failed runs (reset by a successful run)")
+    consecutive_no_items: int = Field(description="Consecutive runs that found no new items")
+    latest_job: LatestJob | None = Field(description="The newest top-level job, or null")
+    threshold: int = Field(description="The problem_flow_threshold setting")
+    health: Literal["ok", "failing", "idle"] = Field(
+        description="failing when failures ≥ threshold, else idle when no-items ≥ threshold, else ok"
+    )
+
+
+@ability(
+    "get-flow-health",
+    toolset="jobs",
+    level="viewer",
+    read_only=True,
+    idempotent=True,
+    description=(
+        "Get a flow's health: consecutive failed runs, consecutive runs with no new items, and its latest job."
+    ),
+)
+async def get_flow_health(ctx: AbilityContext, inp: FlowHealthIn) -> FlowHealthOut:
+    flow = await load_flow(ctx, inp.flow_id, "viewer", mutating=False)
+    threshold = (await ctx.settings()).int("problem_flow_threshold")
+    latest = (await latest_jobs(ctx, [flow.flow_id])).get(flow.flow_id)
+    if flow.consecutive_failures >= threshold:
+        health = "failing"
+    elif flow.consecutive_no_items >= threshold:
+        health = "idle"
+    else:
+        health = "ok"
+    return FlowHealthOut(
+        flow_id=flow.flow_id,
+        consecutive_failures=flow.consecutive_failures,
+        consecutive_no_items=flow.consecutive_no_items,
+        latest_job=latest,
+        threshold=threshold,
+        health=health,
+    )
+
+
+class ProblemFlowsIn(Input):
+    threshold: int | None = Field(
+        None, ge=1, description="Minimum consecutive count (default: the problem_flow_threshold setting)"
+    )
+    agent_id: int | None = Field(None, ge=1, description="Only this agent's flows")
+
+
+class FailingFlow(Output):
+    flow_id: int = Field(description="Flow id")
+    flow_name: str = Field(description="Flow name")
+    pipeline_id: int = Field(description="Pipeline id")
+    consecutive_failures: int = Field(description="Consecutive failed runs")
+    latest_job: LatestJob | None = Field(description="The newest top-level job, or null")
+
+
+class IdleFlow(Output):
+    flow_id: int = Field(description="Flow id")
+    flow_name: str = Field(description="Flow name")
+    pipeline_id: int = Field(description="Pipeline id")
+    consecutive_no_items: int = Field(description="Consecutive runs without new items")
+    latest_job: LatestJob | None = Field(description="The newest top-level job, or null")
+
+
+class ProblemFlowsOut(Output):
+    failing: list[FailingFlow] = Field(description="Flows failing at least threshold times in a row, worst first")
+    idle: list[IdleFlow] = Field(description="Flows finding nothing at least threshold times in a row, worst first")
+    count: int = Field(description="Distinct problem flows")
+    threshold: int = Field(description="Threshold used")
+    message: str = Field(description="Human-readable summary")
+
+
+@ability(
+    "get-problem-flows",
+    toolset="jobs",
+    level="viewer",
+    read_only=True,
+    idempotent=True,
+    description="List flows that keep failing or keep finding no new items (consecutive count ≥ threshold).",
+)
+async def get_problem_flows(ctx: AbilityContext, inp: ProblemFlowsIn) -> ProblemFlowsOut:
+    threshold = inp.threshold or (await ctx.settings()).int("problem_flow_threshold")
+    conds: list[Any] = [await ctx.access.scope_filter(Flow.agent_id, Flow.user_id)]
+    if inp.agent_id is not None:
+        await check_agent_filter(ctx, inp.agent_id)
+        conds.append(Flow.agent_id == inp.agent_id)
+    failing = list(
+        (
+            await ctx.session.execute(
+                select(Flow)
+                .where(*conds, Flow.consecutive_failures >= threshold)
+                .order_by(Flow.consecutive_failures.desc(), Flow.flow_id)
+            )
+        ).scalars()
+    )
+    idle = list(
+        (
+            await ctx.session.execute(
+                select(Flow)
+                .where(*conds, Flow.consecutive_no_items >= threshold)
+                .order_by(Flow.consecutive_no_items.desc(), Flow.flow_id)
+            )
+        ).scalars()
+    )
+    latest = await latest_jobs(ctx, sorted({f.flow_id for f in failing + idle}))
+    count = len({f.flow_id for f in failing + idle})
+    message = (
+        f"{count} problem flow(s) at threshold {threshold}: {len(failing)} failing, {len(idle)} finding no items."
+        if count
+        else f"No problem flows at threshold {threshold}."
+    )
+    return ProblemFlowsOut(
+        failing=[
+            {
+                "flow_id": f.flow_id,
+                "flow_name": f.flow_name,
+                "pipeline_id": f.pipeline_id,
+                "consecutive_failures": f.consecutive_failures,
+                "latest_job": latest.get(f.flow_id),
+            }
+            for f in failing
+        ],
+        idle=[
+            {
+                "flow_id": f.flow_id,
+                "flow_name": f.flow_name,
+                "pipeline_id": f.pipeline_id,
+                "consecutive_no_items": f.consecutive_no_items,
+                "latest_job": latest.get(f.flow_id),
+            }
+            for f in idle
+        ],
+        count=count,
+        threshold=threshold,
+        message=message,
+    )
+
+
+# --- get-run-metrics --------------------------------------------------------------------------
+
+
+class RunMetricsIn(Input):
+    job_id: int = Field(ge=1, description="Job")
+
+
+class RunTimestamps(Output):
+    created_at: str = Field(description="ISO 8601 UTC")
+    started_at: str | None = Field(description="First claim by a worker")
+    completed_at: str | None = Field(description="When the job became final")
+    updated_at: str = Field(description="Last change")
+
+
+class RunMetrics(Output):
+    job_id: int = Field(description="Job id")
+    status: str = Field(description="Display status")
+    run_trigger: str = Field(description="What created the job")
+    source: str = Field(description="Job source")
+    label: str | None = Field(description="Job label")
+    flow_id: int | str | None = Field(description='Flow id, "direct" or null')
+    pipeline_id: int | str | None = Field(description='Pipeline id, "direct" or null')
+    parent_job_id: int | None = Field(description="Batch parent")
+    attempts: int = Field(description="Starts of the current step")
+    max_attempts: int = Field(description="Maximum starts of one step")
+    timestamps: RunTimestamps = Field(description="Lifecycle timestamps")
+    duration_ms: int = Field(description="Run time (so far, while active)")
+    steps_run: int = Field(description="Steps that ran")
+    items_processed: int = Field(description="Items completed (so far: items claimed, while active)")
+    retries: int = Field(description="Automatic retries")
+    step_results: list[dict[str, Any]] = Field(description="Per-step results in run order, each with flow_step_id")
+    fetch_stages: dict[str, Any] | None = Opt("The fetch step's item funnel")
+    child_jobs: dict[str, int] = Field(description="Child jobs per base status, plus total")
+    batch_results: dict[str, int] | None = Opt("Batch parent results {completed, failed, skipped, cancelled, total}")
+    token_usage: dict[str, int] = Field(description="AI token usage {prompt_tokens, completion_tokens, total_tokens}")
+
+
+class RunMetricsOut(Output):
+    metrics: RunMetrics = Field(description="Metrics of the job")
+
+
+def _duration(job: Job, now: datetime) -> int:
+    start = job.started_at or job.created_at
+    end = job.completed_at or now
+    return max(0, int((end - start).total_seconds() * 1000)) if start else 0
+
+
+@ability(
+    "get-run-metrics",
+    toolset="jobs",
+    level="viewer",
+    read_only=True,
+    idempotent=True,
+    description=(
+        "Get metrics for one job: steps run, items processed, retries, timings, per-step results, child job "
+        "totals and AI token usage."
+    ),
+)
+async def get_run_metrics(ctx: AbilityContext, inp: RunMetricsIn) -> RunMetricsOut:
+    job, _ = await load_job(ctx, inp.job_id, "viewer", mutating=False)
+    data = job.engine_data or {}
+    results = [
+        {"flow_step_id": fsid, **mask(entry)}
+        for fsid, entry in (data.get("step_results") or {}).items()
+        if isinstance(entry, dict)
+    ]
+    results.sort(key=lambda r: str(r.get("started_at") or ""))
+    fetch_stages = next((r["fetch_stages"] for r in results if isinstance(r.get("fetch_stages"), dict)), None)
+    run = data.get("run_metrics") if job.status in st.FINAL else None
+    if isinstance(run, dict):
+        steps_run = int(run.get("steps_run", 0))
+        items = int(run.get("items_processed", 0))
+        retries = int(run.get("retries", 0))
+        duration = int(run.get("duration_ms", 0))
+    else:
+        steps_run = len(results)
+        items = int(
+            (
+                await ctx.session.execute(
+                    select(func.count()).select_from(ProcessedItem).where(ProcessedItem.job_id == job.job_id)
+                )
+            ).scalar()
+            or 0
+        )
+        retries = int((data.get("retry") or {}).get("total_retries", 0))
+        duration = _duration(job, utcnow())
+    rows = await ctx.session.execute(
+        select(Job.status, func.count()).where(Job.parent_job_id == job.job_id).group_by(Job.status)
+    )
+    children = {status: int(n) for status, n in rows.all()}
+    children["total"] = sum(children.values())
+    tokens = data.get("token_usage") if isinstance(data.get("token_usage"), dict) else {}
+    metrics = {
+        "job_id": job.job_id,
+        "status": st.display(job.status, job.status_reason),
+        "run_trigger": job.run_trigger,
+        "source": job.source,
+        "label": job.label,
+        "flow_id": job_ref(job.flow_id),
+        "pipeline_id": job_ref(job.pipeline_id),
+        "parent_job_id": job.parent_job_id,
+        "attempts": job.attempts,
+        "max_attempts": job.max_attempts,
+        "timestamps": {
+            "created_at": ts(job.created_at),
+            "started_at": ts(job.started_at),
+            "completed_at": ts(job.completed_at),
+            "updated_at": ts(job.updated_at),
+        },
+        "duration_ms": duration,
+        "steps_run": steps_run,
+        "items_processed": items,
+        "retries": retries,
+        "step_results": results,
+        "fetch_stages": fetch_stages,
+        "child_jobs": children,
+        "batch_results": data.get("batch_results") if isinstance(data.get("batch_results"), dict) else None,
+        "token_usage": {k: int(tokens.get(k, 0)) for k in ZERO_TOKENS},
+    }
+    return RunMetricsOut.model_validate({"metrics": metrics})

@@ -1,0 +1,403 @@
+"""Jobs toolset, approvals: list, read and decide pending actions (abilities.md §7, engine.md §13.1-§13.2).
+
+A pending action is a job parked at an ``approval`` step: ``wait_ref`` holds its ``pa_<32 hex>`` id and
+``engine_data.approval`` its state, kept (with the decision record) after the job moves on.
+"""
+
+from __future__ import annotations
+
+from datetime import timedelta
+from typing import Any, Literal
+
+from pydantic import Field
+from sqlalchemy import func, select, update
+
+from abilities.context import AbilityContext
+from abilities.errors import AbilityError
+from abilities.job_common import job_ref
+from abilities.job_reports import check_agent_filter
+from abilities.jobs import publish_changes
+from abilities.pipeline_common import owner_of
+from abilities.registry import ability
+from abilities.schema import OFFSET_DESC, PER_PAGE_DESC, Input, Output, PageOut
+from engine import claims
+from engine import status as st
+from engine.lifecycle import Changes, ed, finish
+from engine.plan import step_config
+from storage.crypto import mask
+from storage.models import Job
+from storage.timeutil import iso, utcnow
+
+ACTION_PATTERN = r"^pa_[0-9a-f]{32}$"
+APPROVAL_KEYS = (
+    "action_id",
+    "flow_step_id",
+    "next_flow_step_id",
+    "description",
+    "preview",
+    "requested_at",
+    "expires_at",
+    "status",
+)
+DECISION_KEYS = ("decided_by_user_id", "decided_by_agent_id", "decided_at", "note")
+
+
+class PendingAction(Output):
+    action_id: str = Field(description="Action id (pa_ + 32 hex)")
+    flow_step_id: str | None = Field(description="The approval step")
+    next_flow_step_id: str | None = Field(description="Step an acceptance resumes at (null: the job completes)")
+    description: str | None = Field(description="What the reviewer is asked to check")
+    preview: dict[str, Any] | None = Field(description="{title, body}: the newest input packet, body cut at 2,000")
+    requested_at: str | None = Field(description="When the job parked (ISO 8601 UTC)")
+    expires_at: str | None = Field(description="When the action times out, or null")
+    status: str = Field(description="pending, accepted, rejected, expired or cancelled")
+    job_id: int = Field(description="The waiting job")
+    flow_id: int | str | None = Field(description='Flow id, or "direct"')
+    flow_name: str | None = Field(description="Flow name at run time")
+    pipeline_id: int | str | None = Field(description='Pipeline id, or "direct"')
+    agent_id: int | None = Field(description="Agent the job runs for")
+    job_status: str = Field(description="The job's display status")
+
+
+class DecidedAction(PendingAction):
+    decided_by_user_id: int | None = Field(description="Who decided (null while pending)")
+    decided_by_agent_id: int | None = Field(description="Agent context of the decision (null while pending)")
+    decided_at: str | None = Field(description="When it was decided (null while pending)")
+    note: str | None = Field(description="Reason recorded with the decision")
+
+
+def action_dict(job: Job, *, decided: bool = False) -> dict[str, Any]:
+    data = job.engine_data or {}
+    approval = data.get("approval") if isinstance(data.get("approval"), dict) else {}
+    out: dict[str, Any] = {key: mask(approval.get(key)) for key in APPROVAL_KEYS}
+    out["action_id"] = approval.get("action_id") or job.wait_ref
+    out["status"] = approval.get("status") or "pending"
+    out.update(
+        job_id=job.job_id,
+        flow_id=job_ref(job.flow_id),
+        flow_name=(data.get("flow") or {}).get("name") if job.flow_id else None,
+        pipeline_id=job_ref(job.pipeline_id),
+        agent_id=job.agent_id,
+        job_status=st.display(job.status, job.status_reason),
+    )
+    if decided:
+        out.update({key: approval.get(key) for key in DECISION_KEYS})
+    return out
+
+
+async def find_action(ctx: AbilityContext, action_id: str) -> Job:
+    """The job of an approval action, current (wait_ref) or past (engine_data.approval.action_id)."""
+    job = (
+        await ctx.session.execute(select(Job).where(Job.wait_ref == action_id, Job.wait_kind == "approval"))
+    ).scalar_one_or_none()
+    if job is None:
+        # A job that moved on to a webhook gate has a new wait_ref; its decided approval stays in engine_data.
+        job = (
+            (
+                await ctx.session.execute(
+                    select(Job)
+                    .where(
+                        Job.wait_kind.is_not(None),
+                        Job.engine_data[("approval", "action_id")].as_string() == action_id,
+                    )
+                    .order_by(Job.job_id)
+                )
+            )
+            .scalars()
+            .first()
+        )
+    if job is None:
+        raise AbilityError(
+            "pending_action_not_found",
+            f"Pending action {action_id} not found; list-pending-actions shows the open ones.",
+            action_id=action_id,
+        )
+    return job
+
+
+# --- list-pending-actions ---------------------------------------------------------------------
+
+
+class ListPendingIn(Input):
+    agent_id: int | None = Field(None, ge=1, description="Only this agent's jobs")
+    flow_id: int | None = Field(None, ge=1, description="Only this flow's jobs")
+    pipeline_id: int | None = Field(None, ge=1, description="Only this pipeline's jobs")
+    per_page: int = Field(20, ge=1, le=100, description=PER_PAGE_DESC)
+    offset: int = Field(0, ge=0, description=OFFSET_DESC)
+
+
+class ListPendingOut(PageOut):
+    actions: list[PendingAction] = Field(description="Open approvals, oldest request first")
+
+
+@ability(
+    "list-pending-actions",
+    toolset="jobs",
+    level="viewer",
+    read_only=True,
+    idempotent=True,
+    description="List jobs waiting at an approval step for a human decision.",
+)
+async def list_pending_actions(ctx: AbilityContext, inp: ListPendingIn) -> ListPendingOut:
+    conds: list[Any] = [
+        await ctx.access.scope_filter(Job.agent_id, Job.user_id),
+        Job.status == st.WAITING,
+        Job.wait_kind == "approval",
+    ]
+    if inp.agent_id is not None:
+        await check_agent_filter(ctx, inp.agent_id)
+        conds.append(Job.agent_id == inp.agent_id)
+    if inp.flow_id is not None:
+        conds.append(Job.flow_key == inp.flow_id)
+    if inp.pipeline_id is not None:
+        conds.append(Job.pipeline_key == inp.pipeline_id)
+    total = int((await ctx.session.execute(select(func.count()).select_from(Job).where(*conds))).scalar() or 0)
+    rows = await ctx.session.execute(
+        select(Job)
+        .where(*conds)
+        .order_by(Job.engine_data[("approval", "requested_at")].as_string(), Job.job_id)
+        .limit(inp.per_page)
+        .offset(inp.offset)
+    )
+    return ListPendingOut(
+        actions=[action_dict(j) for j in rows.scalars()], total=total, per_page=inp.per_page, offset=inp.offset
+    )
+
+
+# --- get-pending-action -----------------------------------------------------------------------
+
+
+class GetPendingIn(Input):
+    action_id: str = Field(pattern=ACTION_PATTERN, description="Action id (pa_ + 32 hex)")
+
+
+class GetPendingOut(Output):
+    action: DecidedAction = Field(description="The action with its decision record")
+
+
+@ability(
+    "get-pending-action",
+    toolset="jobs",
+    level="viewer",
+    read_only=True,
+    idempotent=True,
+    description="Get one approval action by its action_id, pending or already decided, with its decision record.",
+)
+async def get_pending_action(ctx: AbilityContext, inp: GetPendingIn) -> GetPendingOut:
+    job = await find_action(ctx, inp.action_id)
+    await ctx.access.authorize(
+        await owner_of(ctx, job.agent_id, job.user_id),
+        "viewer",
+        mutating=False,
+        target={"type": "job", "id": job.job_id},
+    )
+    action = action_dict(job, decided=True)
+    if action["action_id"] != inp.action_id:  # found through history: the job has parked again since
+        action["action_id"] = inp.action_id
+    return GetPendingOut(action=action)
+
+
+# --- resolve-pending-action -------------------------------------------------------------------
+
+
+class ResolveIn(Input):
+    action_id: str = Field(pattern=ACTION_PATTERN, description="Action from list-pending-actions (pa_ + 32 hex)")
+    decision: Literal["accepted", "rejected"] = Field(
+        description="accepted resumes the job after the approval step; rejected ends it"
+    )
+    note: str | None = Field(None, max_length=1000, description="Reason recorded with the decision")
+
+
+class ResolveOut(Output):
+    action_id: str = Field(description="Action id")
+    job_id: int = Field(description="The job")
+    decision: Literal["accepted", "rejected"] = Field(description="The decision recorded")
+    decided_at: str = Field(description="ISO 8601 UTC")
+    job_status: str = Field(description="The job's display status after the decision")
+    message: str = Field(description="Human-readable result")
+
+
+def already_resolved(job: Job, action_id: str) -> AbilityError:
+    approval = (job.engine_data or {}).get("approval") or {}
+    if approval.get("action_id") != action_id:
+        approval = {}  # the job parked at a new approval since; this action's record was superseded
+    status = approval.get("status") or "pending"
+    if status == "pending":  # recorded as pending, but the job left waiting some other way
+        status = "cancelled" if job.status == st.CANCELLED else "expired"
+    decided_at = approval.get("decided_at")
+    when = f" at {decided_at}" if decided_at else ""
+    return AbilityError(
+        "pending_action_already_resolved",
+        f"Pending action {action_id} is already {status}{when} (job {job.job_id} is "
+        f"{st.display(job.status, job.status_reason)}); it cannot be decided again.",
+        action_id=action_id,
+        job_id=job.job_id,
+        status=status,
+        decided_at=decided_at,
+        decided_by_user_id=approval.get("decided_by_user_id"),
+    )
+
+
+def _on_reject(data: dict[str, Any], approval: dict[str, Any]) -> str:
+    value = approval.get("on_reject")
+    if value not in ("skip", "fail"):
+        step = step_config(data, str(approval.get("flow_step_id") or "")) or {}
+        value = (step.get("flow_step_settings") or {}).get("on_reject")
+    return "fail" if value == "fail" else "skip"
+
+
+@ability(
+    "resolve-pending-action",
+    toolset="jobs",
+    level="operator",
+    idempotent=True,
+    transaction="manual",
+    description=(
+        "Decide an approval: accepted resumes the job after the approval step; rejected ends it (failed or "
+        "skipped, per the step's on_reject). Decided once."
+    ),
+)
+async def resolve_pending_action(ctx: AbilityContext, inp: ResolveIn) -> ResolveOut:
+    now = utcnow()
+    p = ctx.principal
+    resumed = False
+    async with ctx.transaction() as session:
+        job = await find_action(ctx, inp.action_id)
+        await ctx.access.authorize(
+            await owner_of(ctx, job.agent_id, job.user_id),
+            "operator",
+            mutating=True,
+            target={"type": "job", "id": job.job_id},
+        )
+        job_id = job.job_id
+        data = ed(job)
+        approval = dict(data.get("approval") or {})
+        if job.status != st.WAITING or job.wait_ref != inp.action_id or approval.get("status") != "pending":
+            raise already_resolved(job, inp.action_id)
+        # Compare-and-set on the waiting job: of two concurrent decisions exactly one matches a row (the other
+        # blocks on the row lock, then finds the job no longer waiting).
+        won = await session.execute(
+            update(Job)
+            .where(Job.job_id == job_id, Job.status == st.WAITING, Job.wait_ref == inp.action_id)
+            .values(updated_at=now)
+            .execution_options(synchronize_session=False)
+        )
+        if not won.rowcount:
+            current = await session.get(Job, job_id, populate_existing=True)
+            raise already_resolved(current or job, inp.action_id)
+        threshold = str((await ctx.settings())["log_level"])
+        decided = {
+            **approval,
+            "status": inp.decision,
+            "decided_by_user_id": p.user_id,
+            "decided_by_agent_id": p.agent_id,
+            "decided_at": iso(now),
+            "note": inp.note,
+        }
+        gate = str(approval.get("flow_step_id") or job.current_step_id or "")
+        step_results = dict(data.get("step_results") or {})
+        if isinstance(step_results.get(gate), dict):
+            outcome = "succeeded" if inp.decision == "accepted" else "rejected"
+            step_results[gate] = {**step_results[gate], "status": outcome, "decision": inp.decision}
+        updates: dict[str, Any] = {"approval": decided, "step_results": step_results}
+        if inp.decision == "accepted":
+            packets = list(job.packets or []) or [
+                {
+                    "type": "approval_decision",
+                    "timestamp": iso(now),
+                    "data": {
+                        "title": approval.get("description") or "",
+                        "body": inp.note or "",
+                        "decision": inp.decision,
+                    },
+                    "metadata": {"flow_step_id": gate, "action_id": inp.action_id},
+                }
+            ]
+            next_step = approval.get("next_flow_step_id")
+            if next_step:
+                await session.execute(
+                    update(Job)
+                    .where(Job.job_id == job_id, Job.status == st.WAITING)
+                    .values(
+                        status=st.PENDING,
+                        current_step_id=next_step,
+                        packets=packets,
+                        attempts=0,
+                        run_at=now,
+                        wait_expires_at=None,
+                        updated_at=now,
+                        engine_data={**data, **updates},
+                    )
+                    .execution_options(synchronize_session=False)
+                )
+                snap = await ctx.settings()
+                await claims.push_expiry(session, job_id, now + timedelta(seconds=snap.int("claim_ttl_seconds")))
+                changes = Changes(jobs={job_id})
+                resumed = True
+            else:
+                done = await finish(
+                    session,
+                    job_id,
+                    st.COMPLETED,
+                    None,
+                    now=now,
+                    allowed_from=(st.WAITING,),
+                    packets=packets,
+                    engine_updates=updates,
+                    threshold=threshold,
+                )
+                assert done is not None
+                changes = done
+        else:
+            if _on_reject(data, approval) == "fail":
+                to_status = st.FAILED
+                updates["error"] = {
+                    "reason": "approval_rejected",
+                    "flow_step_id": gate,
+                    "message": f"Rejected by user {p.user_id}" + (f": {inp.note}" if inp.note else "."),
+                    "class": "approval",
+                    "handler": None,
+                    "http_status": None,
+                    "diagnostics": None,
+                }
+            else:
+                to_status = st.SKIPPED
+            done = await finish(
+                session,
+                job_id,
+                to_status,
+                "approval_rejected",
+                now=now,
+                allowed_from=(st.WAITING,),
+                engine_updates=updates,
+                threshold=threshold,
+            )
+            assert done is not None
+            changes = done
+        current = await session.get(Job, job_id, populate_existing=True)
+        assert current is not None
+        job_status = st.display(current.status, current.status_reason)
+        await ctx.audit(
+            f"approval {inp.action_id} of job {job_id} {inp.decision}; job is {job_status}",
+            target=("job", job_id),
+            changes=[f"approval: pending -> {inp.decision}", f"status: waiting -> {job_status}"],
+            agent_id=current.agent_id,
+            job_id=job_id,
+            flow_id=current.flow_key,
+            pipeline_id=current.pipeline_key,
+        )
+    await publish_changes(ctx, changes, wake=resumed)
+    if resumed:
+        message = f"Accepted: job {job_id} resumes at step {approval.get('next_flow_step_id')}."
+    elif inp.decision == "accepted":
+        message = f"Accepted: job {job_id} completed (the approval was its last step)."
+    else:
+        message = f"Rejected: job {job_id} is {job_status}."
+    return ResolveOut(
+        action_id=inp.action_id,
+        job_id=job_id,
+        decision=inp.decision,
+        decided_at=iso(now),
+        job_status=job_status,
+        message=message,
+    )
