@@ -29,6 +29,7 @@ from abilities.errors import AbilityError
 from abilities.registry import Ability
 from abilities.runner import invoke, visible
 from resources.registry import ResourceNotFound, ResourceRefused, ResourceSpec, read
+from server.sampling import SamplingBridge
 from storage.models import Job
 from storage.timeutil import utcnow
 
@@ -93,8 +94,10 @@ class DataMachineServer:
         self._sessions: dict[int, Any] = {}
         self._subscriptions: dict[int, set[str]] = {}
         runtime.events = self
+        self.sampling = SamplingBridge(runtime.engine)
         if runtime.engine is not None:
             runtime.engine.events = self
+            runtime.engine.sampling = self.sampling
         self.server: Server[Any] = Server(
             "datamachine-mcp",
             version=runtime.version,
@@ -124,8 +127,11 @@ class DataMachineServer:
         return key
 
     async def _principal(self, ctx: ServerRequestContext[Any, Any]) -> Principal:
-        self._remember(ctx)
-        return await self.resolve_principal(ctx)
+        key = self._remember(ctx)
+        principal = await self.resolve_principal(ctx)
+        if key in self._sessions:  # the sampling provider's back channel (engine.md §16.3)
+            self.sampling.remember(key, ctx.session, principal.user_id, principal.session_id)
+        return principal
 
     # --- tools ----------------------------------------------------------------------------------
 
