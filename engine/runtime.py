@@ -55,6 +55,9 @@ class EngineServices:
     _local_waiters: dict[int, list[asyncio.Event]] = field(default_factory=dict)
 
     async def snapshot(self) -> Snapshot:
+        cached = self.settings.cached()
+        if cached is not None:
+            return cached
         async with self.db.read() as session:
             return await self.settings.snapshot(session)
 

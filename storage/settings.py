@@ -200,6 +200,12 @@ class SettingsStore:
     def invalidate(self) -> None:
         self._cache = None
 
+    def cached(self) -> Snapshot | None:
+        """The cached snapshot while it is fresh (lets hot paths skip opening a session)."""
+        if self._cache is not None and time.monotonic() - self._cache[0] < CACHE_SECONDS:
+            return self._cache[1]
+        return None
+
     async def snapshot(self, session: AsyncSession, *, fresh: bool = False) -> Snapshot:
         now = time.monotonic()
         if not fresh and self._cache is not None and now - self._cache[0] < CACHE_SECONDS:
