@@ -18,7 +18,8 @@ from storage.timeutil import iso, parse_datetime
 class Input(BaseModel):
     """Base of every ability input model."""
 
-    model_config = ConfigDict(extra="forbid", strict=True, populate_by_name=False)
+    # defer_build: validators are built on first use, so starting the server does not build ~90 of them.
+    model_config = ConfigDict(extra="forbid", strict=True, populate_by_name=False, defer_build=True)
 
 
 def _is_none(value: Any) -> bool:
@@ -33,7 +34,7 @@ def Opt(description: str, **kwargs: Any) -> Any:
 class Output(BaseModel):
     """Base of every ability output model: exactly the listed fields, ``|null`` ones always present."""
 
-    model_config = ConfigDict(extra="forbid", json_schema_serialization_defaults_required=True)
+    model_config = ConfigDict(extra="forbid", json_schema_serialization_defaults_required=True, defer_build=True)
 
 
 def _parse_dt(value: Any) -> Any:

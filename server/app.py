@@ -29,6 +29,7 @@ from abilities.errors import AbilityError
 from abilities.registry import Ability
 from abilities.runner import invoke, visible
 from resources.registry import ResourceNotFound, ResourceRefused, ResourceSpec, read
+from server import tool_cache
 from server.sampling import SamplingBridge
 from storage.models import Job
 from storage.timeutil import utcnow
@@ -56,14 +57,14 @@ def exposed_abilities(abilities: dict[str, Ability], runtime: Runtime) -> dict[s
     }
 
 
-def tool_definition(ability: Ability) -> types.Tool:
+def tool_definition(ability: Ability, schemas: dict[str, Any] | None = None) -> types.Tool:
     hints = ability.annotations()
     return types.Tool(
         name=ability.slug,
         title=ability.title,
         description=ability.description,
-        input_schema=ability.input_schema,
-        output_schema=ability.output_schema,
+        input_schema=schemas["input"] if schemas else ability.input_schema,
+        output_schema=schemas["output"] if schemas else ability.output_schema,
         annotations=types.ToolAnnotations(
             title=hints["title"],
             read_only_hint=hints["readOnlyHint"],
@@ -88,7 +89,8 @@ class DataMachineServer:
         self.abilities = exposed_abilities(abilities, runtime)
         self.resources = resources
         self.resolve_principal = resolve_principal
-        self._tools = {slug: tool_definition(a) for slug, a in self.abilities.items()}
+        cached = tool_cache.schemas(self.abilities, runtime.data_dir / "cache", runtime.version)
+        self._tools = {slug: tool_definition(a, cached.get(slug)) for slug, a in self.abilities.items()}
         self.bus = InMemorySubscriptionBus()
         # Legacy-era sessions by connection, with the URIs each subscribed to.
         self._sessions: dict[int, Any] = {}
