@@ -180,7 +180,8 @@ def grant_dict(grant: AgentAccess, owner_id: int) -> dict[str, Any]:
     }
 
 
-def grants_order(owner_id: int) -> tuple[Any, ...]:
+def grants_order(owner_id: Any) -> tuple[Any, ...]:
+    """Owner first, then by granted_at (``owner_id`` may be a bind parameter)."""
     return (case((AgentAccess.user_id == owner_id, 0), else_=1), AgentAccess.granted_at, AgentAccess.id)
 
 

@@ -122,7 +122,11 @@ _COUNTS = select(
     _count(Job, Job.agent_id == _AID, Job.status.in_(ACTIVE)),
     _count(ChatSession, ChatSession.agent_id == _AID),
 )
-_GRANTS = select(AgentAccess).where(AgentAccess.agent_id == _AID)
+_GRANTS = (
+    select(AgentAccess)
+    .where(AgentAccess.agent_id == _AID)
+    .order_by(*grants_order(bindparam("owner")))
+)
 
 
 async def agent_detail(ctx: AbilityContext, agent: Agent, role: str | None) -> dict[str, Any]:
@@ -134,7 +138,7 @@ async def agent_detail(ctx: AbilityContext, agent: Agent, role: str | None) -> d
     caller_role = ctx.principal.cap_role(role)
     access = None
     if ctx.principal.is_admin or (caller_role is not None and ROLE_RANK[caller_role] >= ROLE_RANK["admin"]):
-        rows = await s.execute(_GRANTS.order_by(*grants_order(agent.owner_id)), {"aid": aid})
+        rows = await s.execute(_GRANTS, {"aid": aid, "owner": agent.owner_id})
         access = [grant_dict(g, agent.owner_id) for g in rows.scalars()]
     return {**agent_dict(agent), "resource_counts": counts, "access": access, "caller_role": caller_role}
 
