@@ -191,7 +191,10 @@ async def system_health_check(ctx: AbilityContext, inp: HealthIn) -> HealthOut:
     results: dict[str, dict[str, Any]] = {}
     for name in wanted:
         try:
-            result = await RUNNERS[name](ctx)
+            # A savepoint per check: a failed statement (PostgreSQL aborts the whole transaction)
+            # must not turn the remaining checks into errors too.
+            async with ctx.session.begin_nested():
+                result = await RUNNERS[name](ctx)
         except Exception:  # a failing check is a result, never a traceback
             result = {"status": "error", "message": "check failed", "details": {}}
         if not ctx.principal.is_admin:

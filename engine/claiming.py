@@ -1,7 +1,7 @@
 """Claiming due jobs under a lease (engine.md §5.2). The one place that knows how each backend claims.
 
 SQLite: one ``BEGIN IMMEDIATE`` transaction picks candidates and updates them with a status guard.
-PostgreSQL: ``FOR UPDATE SKIP LOCKED`` so concurrent workers skip each other's rows.
+PostgreSQL: ``FOR UPDATE SKIP LOCKED`` so concurrent workers skip each other's rows (in a materialized CTE).
 """
 
 from __future__ import annotations
@@ -41,9 +41,15 @@ async def claim_due(db: Database, worker_id: str, limit: int, *, now: datetime, 
     }
     async with db.write() as session:
         if db.dialect == "postgresql":
+            # The candidates come from a MATERIALIZED CTE, evaluated exactly once. The literal form
+            # ``WHERE job_id IN (SELECT … LIMIT n FOR UPDATE SKIP LOCKED)`` is unsafe: with a nested
+            # loop semi join (chosen e.g. on stale statistics right after a large fan-out) the subquery
+            # is re-run per outer row, skips the rows this statement already updated, and the UPDATE
+            # claims far more than n jobs.
+            picked = due.cte("due").prefix_with("MATERIALIZED")
             stmt = (
                 update(Job)
-                .where(Job.job_id.in_(due.scalar_subquery()))
+                .where(Job.job_id == picked.c.job_id)
                 .values(**values)
                 .returning(Job.job_id, Job.run_at)
                 .execution_options(synchronize_session=False)

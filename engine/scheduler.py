@@ -17,6 +17,7 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from sqlalchemy import func, select, update
+from sqlalchemy.exc import IntegrityError
 
 from engine import schedule as sched
 from engine import status as st
@@ -71,7 +72,11 @@ class Scheduler:
             ).scalar_one_or_none()
             value = {"owner": self.holder, "expires_at": iso(now + timedelta(seconds=ttl_seconds))}
             if row is None:
-                session.add(Setting(key=LEASE_KEY, value=value, is_secret=False, updated_at=now))
+                try:
+                    async with session.begin_nested():
+                        session.add(Setting(key=LEASE_KEY, value=value, is_secret=False, updated_at=now))
+                except IntegrityError:
+                    return False  # another process created the lease row at the same moment (PostgreSQL)
                 return True
             current = row.value or {}
             expires = current.get("expires_at")

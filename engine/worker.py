@@ -14,11 +14,13 @@ import random
 from datetime import datetime, timedelta
 
 from sqlalchemy import select, update
+from sqlalchemy.exc import IntegrityError
 
 from engine import status as st
 from engine.claiming import claim_due
 from engine.claims import push_expiry
 from engine.commit import commit_step, fail_plan_result, result_from_exception
+from engine.maintenance import recover
 from engine.notify import post_wait_notification
 from engine.plan import PlanError, plan_of, step_config
 from engine.runtime import EngineServices
@@ -81,6 +83,11 @@ class Worker:
                         )
                     except Exception:
                         log.exception("claiming jobs failed; retrying after the poll interval")
+                    if len(claimed) > free:  # never expected: hand back what exceeds the free slots
+                        for job_id in claimed[free:]:
+                            with contextlib.suppress(Exception):
+                                await self.release(job_id)
+                        claimed = claimed[:free]
                 for job_id in claimed:
                     self.jobs_started += 1
                     task = asyncio.create_task(self._run_job(job_id), name=f"job-{job_id}")
@@ -101,21 +108,24 @@ class Worker:
         self._beat_at = now
         try:
             async with self.services.db.write() as session:
-                row = (
-                    await session.execute(
-                        self.services.db.for_update(select(Setting).where(Setting.key == LIVENESS_KEY))
-                    )
-                ).scalar_one_or_none()
-                beats = dict(row.value or {}) if row is not None else {}
+                query = self.services.db.for_update(select(Setting).where(Setting.key == LIVENESS_KEY))
+                row = (await session.execute(query)).scalar_one_or_none()
+                if row is None:
+                    try:
+                        async with session.begin_nested():
+                            first = {self.worker_id: iso(now)}
+                            session.add(Setting(key=LIVENESS_KEY, value=first, is_secret=False, updated_at=now))
+                        return
+                    except IntegrityError:  # another process created the row at the same moment (PostgreSQL)
+                        row = (await session.execute(query)).scalar_one()
                 beats = {
-                    w: at for w, at in beats.items() if isinstance(at, str) and at >= iso(now - timedelta(hours=1))
+                    w: at
+                    for w, at in dict(row.value or {}).items()
+                    if isinstance(at, str) and at >= iso(now - timedelta(hours=1))
                 }
                 beats[self.worker_id] = iso(now)
-                if row is None:
-                    session.add(Setting(key=LIVENESS_KEY, value=beats, is_secret=False, updated_at=now))
-                else:
-                    row.value = beats
-                    row.updated_at = now
+                row.value = beats
+                row.updated_at = now
         except Exception:
             log.debug("could not record worker liveness", exc_info=True)
 
@@ -167,7 +177,27 @@ class Worker:
         except asyncio.CancelledError:
             raise
         except Exception:
-            log.exception("job %s: unexpected worker error; the lease will expire and recovery takes over", job_id)
+            log.exception("job %s: unexpected worker error; handing the job to lease recovery now", job_id)
+            await self._recover_now(job_id)
+
+    async def _recover_now(self, job_id: int) -> None:
+        """After an unexpected error (e.g. a step commit that failed on a transient database error),
+        expire this worker's own lease and run lease recovery (engine.md §11.4) for the job at once:
+        requeued with the transport backoff, or failed after max_attempts, instead of sitting in
+        ``processing`` for a whole lease TTL."""
+        now = self.now()
+        try:
+            async with self.services.db.write() as session:
+                voided = await session.execute(
+                    update(Job)
+                    .where(Job.job_id == job_id, Job.status == st.PROCESSING, Job.lease_owner == self.worker_id)
+                    .values(lease_expires_at=now - timedelta(seconds=1))
+                    .execution_options(synchronize_session=False)
+                )
+            if voided.rowcount:
+                await recover(self.services, job_id=job_id, now=now)
+        except Exception:
+            log.exception("job %s: immediate recovery failed; the lease will expire and recovery takes over", job_id)
 
     async def _lease_lost(self, job_id: int) -> None:
         log.warning("job %s: lease lost; step abandoned", job_id)
@@ -225,6 +255,7 @@ class Worker:
                     "flow_step_id": fsid,
                     "step_type": run.step_type,
                     "attempt": job.attempts,
+                    "worker_id": self.worker_id,
                 },
                 agent_id=job.agent_id,
                 user_id=job.user_id or None,
