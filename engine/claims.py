@@ -12,11 +12,21 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from sqlalchemy import and_, delete, select, update
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from engine import status as st
 from engine.dedup import CLAIMED, PROCESSED, active_claim
 from storage.models import ProcessedItem
+
+_ITEM_KEY = ("flow_step_id", "source_type", "item_identifier")
+
+
+def _insert(session: AsyncSession) -> Any:
+    """The dialect's INSERT construct (both offer ``on_conflict_do_nothing``)."""
+    name = session.get_bind().dialect.name
+    return pg_insert(ProcessedItem) if name == "postgresql" else sqlite_insert(ProcessedItem)
 
 
 def active_claim_condition(now: datetime, *, other_than_job: int | None = None) -> Any:
@@ -62,29 +72,44 @@ async def claim(
         if ident is None:
             taken.append(candidate)
             continue
+        values = {
+            "flow_step_id": flow_step_id,
+            "source_type": source_type,
+            "item_identifier": ident,
+            "flow_key": flow_key,
+            "job_id": job_id,
+            "status": CLAIMED,
+            "claim_expires_at": expires,
+            "processed_timestamp": now,
+        }
+        # INSERT … ON CONFLICT DO NOTHING: a concurrent claim of the same item (PostgreSQL) makes this a
+        # no-op instead of a unique-key error that would abort the whole step commit.
+        inserted = (
+            await session.execute(
+                _insert(session)
+                .values(**values)
+                .on_conflict_do_nothing(index_elements=_ITEM_KEY)
+                .returning(ProcessedItem.id)
+            )
+        ).scalar()
+        if inserted is not None:
+            taken.append(candidate)
+            kept_ids.add(ident)
+            continue
         row = (
             await session.execute(
-                select(ProcessedItem).where(
+                select(ProcessedItem)
+                .where(
                     ProcessedItem.flow_step_id == flow_step_id,
                     ProcessedItem.source_type == source_type,
                     ProcessedItem.item_identifier == ident,
                 )
+                .execution_options(populate_existing=True)
             )
         ).scalar_one_or_none()
-        if row is None:
-            session.add(
-                ProcessedItem(
-                    flow_step_id=flow_step_id,
-                    source_type=source_type,
-                    item_identifier=ident,
-                    flow_key=flow_key,
-                    job_id=job_id,
-                    status=CLAIMED,
-                    claim_expires_at=expires,
-                    processed_timestamp=now,
-                )
-            )
-            await session.flush()
+        if row is None:  # the conflicting row was deleted meanwhile: the item is free next run
+            conflicts += 1
+            continue
         elif row.job_id != job_id or row.status != CLAIMED:
             # Take the row over only if it is not processed and not actively claimed by another job.
             result = await session.execute(

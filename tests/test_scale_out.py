@@ -265,12 +265,6 @@ async def test_10000_item_feed_fans_out_to_child_jobs_on_four_workers(pg, worker
     assert {ident: job_id for ident, _, job_id in rows} == delivered
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="engine/claims.py claim(): on PostgreSQL two concurrent step commits inserting the same item "
-    "raise UniqueViolation, which aborts the whole commit (engine.md §10.1 step 7 wants the conflict handled "
-    "in the commit: savepoint around the INSERT, then the take-over path); remove this mark with the fix",
-)
 async def test_concurrent_runs_of_a_feed_never_share_an_item(pg, workers, feed):
     """RACE_RUNS runs of one flow fetch the 10,000-item feed at the same time on four processes, each
     taking RACE_PER items (max_items): they all pick the same first items, so the claims collide at
