@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import and_, delete, select, update
+from sqlalchemy import and_, bindparam, delete, select, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.ext.asyncio import AsyncSession
@@ -163,24 +163,30 @@ async def settle(session: AsyncSession, job_id: int, final_status: str, now: dat
     return int(result.rowcount or 0)
 
 
-async def transfer(
-    session: AsyncSession, *, parent_id: int, child_id: int, packet: dict[str, Any], expires: datetime
+async def transfer_many(
+    session: AsyncSession, *, parent_id: int, children: Sequence[tuple[int, dict[str, Any]]], expires: datetime
 ) -> None:
-    """Move the claim of the item in ``packet`` from a batch parent to its child (engine.md §9.1 step 3)."""
-    meta = packet.get("metadata") or {}
-    ident, source, fsid = meta.get("item_identifier"), meta.get("source_type"), meta.get("flow_step_id")
-    if not ident or not source or not fsid:
+    """``transfer`` for a whole fan-out in one executemany UPDATE."""
+    params = []
+    for child_id, packet in children:
+        meta = packet.get("metadata") or {}
+        ident, source, fsid = meta.get("item_identifier"), meta.get("source_type"), meta.get("flow_step_id")
+        if ident and source and fsid:
+            params.append({"b_child": child_id, "b_ident": ident, "b_source": source, "b_fsid": fsid})
+    if not params:
         return
+    t = ProcessedItem.__table__.c
     await session.execute(
-        update(ProcessedItem)
+        update(ProcessedItem.__table__)
         .where(
-            ProcessedItem.job_id == parent_id,
-            ProcessedItem.status == CLAIMED,
-            ProcessedItem.flow_step_id == fsid,
-            ProcessedItem.source_type == source,
-            ProcessedItem.item_identifier == ident,
+            t.job_id == parent_id,
+            t.status == CLAIMED,
+            t.flow_step_id == bindparam("b_fsid"),
+            t.source_type == bindparam("b_source"),
+            t.item_identifier == bindparam("b_ident"),
         )
-        .values(job_id=child_id, claim_expires_at=expires)
+        .values(job_id=bindparam("b_child"), claim_expires_at=expires),
+        params,
     )
 
 

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
+from sqlalchemy import bindparam, insert, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from engine import claims as claim_ops
@@ -31,6 +32,7 @@ class Committed:
     continue_inline: bool = False
     created_children: bool = False
     notify: dict[str, Any] | None = None
+    job: Job | None = None  # the row after an inline continuation, reused by the next step
 
 
 def result_from_exception(exc: BaseException) -> StepResult:
@@ -221,6 +223,7 @@ async def commit_step(
         job.updated_at = now
         out.changes.jobs.add(job.job_id)
         out.continue_inline = True
+        out.job = job
         return out
     return await _fan_out(session, run, job, packets, following, now, out)
 
@@ -422,7 +425,43 @@ async def _fan_out(
     parent.lease_expires_at = None
     parent.updated_at = now
     base = {k: v for k, v in data.items() if k not in CONTROL_KEYS and k not in OBSERVABILITY_KEYS}
-    for index, packet in enumerate(packets):
+    # Children are written in bulk (one INSERT … RETURNING, one UPDATE, one claim transfer) so a large
+    # fan-out is a handful of statements, not three per child.
+    rows = [
+        {
+            "user_id": parent.user_id,
+            "agent_id": parent.agent_id,
+            "pipeline_id": parent.pipeline_id,
+            "flow_id": parent.flow_id,
+            "pipeline_key": parent.pipeline_key,
+            "flow_key": parent.flow_key,
+            "source": parent.source,
+            "label": (str((packet.get("data") or {}).get("title") or "") or "Untitled")[:255],
+            "parent_job_id": parent.job_id,
+            "status": st.PENDING,
+            "run_trigger": "batch",
+            "current_step_id": following["flow_step_id"],
+            "packets": [packet],
+            "attempts": 0,
+            "max_attempts": parent.max_attempts,
+            "run_at": now,
+            "created_at": now,
+            "updated_at": now,
+            "idempotency_key": f"batch:{parent.job_id}:{index}",
+            "affinity": parent.affinity,
+            "handler_slug": parent.handler_slug,
+            "engine_data": {},
+        }
+        for index, packet in enumerate(packets)
+    ]
+    jobs_table = Job.__table__
+    child_ids = list(
+        (
+            await session.execute(insert(jobs_table).returning(jobs_table.c.job_id, sort_by_parameter_order=True), rows)
+        ).scalars()
+    )
+    updates = []
+    for child_id, packet in zip(child_ids, packets, strict=True):
         meta = packet.get("metadata") or {}
         child_data = dict(base)
         extra = meta.get("_engine_data")
@@ -431,41 +470,21 @@ async def _fan_out(
         for key in ("item_identifier", "source_type", "source_url"):
             if meta.get(key) is not None:
                 child_data[key] = meta[key]
-        child = Job(
-            user_id=parent.user_id,
-            agent_id=parent.agent_id,
-            pipeline_id=parent.pipeline_id,
-            flow_id=parent.flow_id,
-            pipeline_key=parent.pipeline_key,
-            flow_key=parent.flow_key,
-            source=parent.source,
-            label=(str((packet.get("data") or {}).get("title") or "") or "Untitled")[:255],
-            parent_job_id=parent.job_id,
-            status=st.PENDING,
-            run_trigger="batch",
-            current_step_id=following["flow_step_id"],
-            packets=[packet],
-            attempts=0,
-            max_attempts=parent.max_attempts,
-            run_at=now,
-            created_at=now,
-            updated_at=now,
-            idempotency_key=f"batch:{parent.job_id}:{index}",
-            affinity=parent.affinity,
-            handler_slug=parent.handler_slug,
-            engine_data={},
-        )
-        session.add(child)
-        await session.flush()
         job_meta = dict(child_data.get("job") or {})
-        job_meta.update(job_id=child.job_id, parent_job_id=parent.job_id, created_at=iso(now), trigger="batch")
+        job_meta.update(job_id=child_id, parent_job_id=parent.job_id, created_at=iso(now), trigger="batch")
         child_data["job"] = job_meta
-        child.engine_data = child_data
-        if run.dedupes and not run.dry_run:
-            await claim_ops.transfer(
-                session, parent_id=parent.job_id, child_id=child.job_id, packet=packet, expires=expires
-            )
-        out.changes.jobs.add(child.job_id)
+        updates.append({"b_id": child_id, "b_data": child_data})
+        out.changes.jobs.add(child_id)
+    await session.execute(
+        update(jobs_table)
+        .where(jobs_table.c.job_id == bindparam("b_id"))
+        .values(engine_data=bindparam("b_data", type_=jobs_table.c.engine_data.type)),
+        updates,
+    )
+    if run.dedupes and not run.dry_run:
+        await claim_ops.transfer_many(
+            session, parent_id=parent.job_id, children=list(zip(child_ids, packets, strict=True)), expires=expires
+        )
     await _step_log(
         session,
         parent,

@@ -247,8 +247,19 @@ def parent_outcome(counts: dict[str, int]) -> tuple[str, str | None, dict[str, i
 
 async def complete_parent(session: AsyncSession, parent_id: int, *, now: datetime, threshold: str = "debug") -> Changes:
     """Finish a batch parent once none of its children is active (engine.md §9.3)."""
+    # Cheap checks first: every child's completion calls this, and the parent row carries all packets.
+    status = (await session.execute(select(Job.status).where(Job.job_id == parent_id))).scalar()
+    if status != st.PROCESSING:
+        return Changes()
+    active_child = (
+        await session.execute(
+            select(Job.job_id).where(Job.parent_job_id == parent_id, Job.status.in_(st.ACTIVE)).limit(1)
+        )
+    ).scalar()
+    if active_child is not None:
+        return Changes()
     parent = await session.get(Job, parent_id)
-    if parent is None or parent.status != st.PROCESSING or not (parent.engine_data or {}).get("batch"):
+    if parent is None or not (parent.engine_data or {}).get("batch"):
         return Changes()
     counts = await child_counts(session, parent_id)
     if any(counts.get(s, 0) for s in st.ACTIVE):

@@ -25,7 +25,7 @@ from engine.notify import post_wait_notification
 from engine.plan import PlanError, plan_of, step_config
 from engine.runtime import EngineServices
 from engine.steps import LeaseLost, StepResult, StepRun, executor
-from storage.logs import write_log
+from storage.logs import level_allows, write_log
 from storage.models import Job, Setting
 from storage.timeutil import iso, utcnow
 
@@ -170,8 +170,9 @@ class Worker:
 
     async def _run_job(self, job_id: int) -> None:
         try:
-            while await self._run_step(job_id):
-                pass
+            job = await self._run_step(job_id)
+            while job is not None:
+                job = await self._run_step(job_id, job)
         except LeaseLost:
             await self._lease_lost(job_id)
         except asyncio.CancelledError:
@@ -210,14 +211,19 @@ class Worker:
                     {"job_id": job_id, "lease_owner": self.worker_id},
                 )
 
-    async def _run_step(self, job_id: int) -> bool:
-        """Run the job's current step and commit it; True to continue inline with the next step."""
+    async def _run_step(self, job_id: int, job: Job | None = None) -> Job | None:
+        """Run the job's current step and commit it; returns the job to continue inline with, if any.
+
+        ``job`` is the row as the previous step's commit left it (inline continuation), which saves
+        reading it again.
+        """
         services = self.services
         snap = await services.snapshot()
-        async with services.db.read() as session:
-            job = await session.get(Job, job_id)
+        if job is None:
+            async with services.db.read() as session:
+                job = await session.get(Job, job_id)
         if job is None or job.status != st.PROCESSING or job.lease_owner != self.worker_id:
-            return False
+            return None
         data = job.engine_data or {}
         started = self.now()
         try:
@@ -243,24 +249,26 @@ class Worker:
             worker_id=self.worker_id,
             now=self.now,
         )
-        async with services.db.write() as session:
-            await write_log(
-                session,
-                "debug",
-                f"Step {fsid} started",
-                {
-                    "job_id": job_id,
-                    "flow_id": job.flow_key,
-                    "pipeline_id": job.pipeline_key,
-                    "flow_step_id": fsid,
-                    "step_type": run.step_type,
-                    "attempt": job.attempts,
-                    "worker_id": self.worker_id,
-                },
-                agent_id=job.agent_id,
-                user_id=job.user_id or None,
-                threshold=str(snap["log_level"]),
-            )
+        threshold = str(snap["log_level"])
+        if level_allows("debug", threshold):  # no transaction for a row the threshold would drop
+            async with services.db.write() as session:
+                await write_log(
+                    session,
+                    "debug",
+                    f"Step {fsid} started",
+                    {
+                        "job_id": job_id,
+                        "flow_id": job.flow_key,
+                        "pipeline_id": job.pipeline_key,
+                        "flow_step_id": fsid,
+                        "step_type": run.step_type,
+                        "attempt": job.attempts,
+                        "worker_id": self.worker_id,
+                    },
+                    agent_id=job.agent_id,
+                    user_id=job.user_id or None,
+                    threshold=str(snap["log_level"]),
+                )
         result = await self._execute(run)
         now = self.now()
         async with services.db.write() as session:
@@ -272,9 +280,9 @@ class Worker:
             task = asyncio.create_task(post_wait_notification(services, snap, job, fsid, committed.notify))
             self._side_tasks.add(task)
             task.add_done_callback(self._side_tasks.discard)
-        return committed.continue_inline
+        return committed.job if committed.continue_inline else None
 
-    async def _commit_plain(self, job: Job, snap: object, result: StepResult, started: datetime) -> bool:
+    async def _commit_plain(self, job: Job, snap: object, result: StepResult, started: datetime) -> None:
         """Commit a failure found before the step could run (plan or step config problems)."""
         from engine.plan import Plan
 
@@ -292,7 +300,6 @@ class Worker:
         async with self.services.db.write() as session:
             committed = await commit_step(session, run, result, started_at=started, now=self.now())
         await self.services.announce(committed.changes.jobs, committed.changes.flows)
-        return False
 
     async def _execute(self, run: StepRun) -> StepResult:
         """Run the step with a timeout and a heartbeat; map exceptions to failed results."""
