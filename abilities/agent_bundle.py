@@ -1,198 +1,32 @@
-"""export-agent and import-agent: an agent with its pipelines and flows as a portable bundle (abilities.md §4).
+"""The agent bundle (abilities.md §4): its format and the validation of a bundle to import.
 
 Bundle v1: ``{format, version, exported_at, agent, pipelines, flows}``. Refs are the source ids as
 strings (pipelines: pipeline_id, steps: pipeline_step_id). Secrets never leave the server: they are
 dropped and their paths listed in ``redacted_fields``. Import validates the whole bundle before it
 writes anything, then creates the agent, its pipelines (fresh ids) and flows in the call's one
 transaction; schedules start paused unless ``activate_schedules``.
+
+export-agent is in ``abilities.agent_export``, import-agent in ``abilities.agent_import``; this module
+checks a bundle and plans what import-agent creates, writing nothing.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from datetime import datetime
-from typing import Any, Literal
+from typing import Any
 
-from pydantic import Field
-from sqlalchemy import select
-
-from abilities.agent_common import AgentSelector, agent_uri, load_agent
-from abilities.agents import enforce_agent_limit, insert_agent, refuse_agent_bound, slug_free, slug_or_error
 from abilities.context import AbilityContext
 from abilities.errors import AbilityError
-from abilities.flow_ops import create_flow_record, normalize_schedule, seeded_warnings
-from abilities.pipeline_common import (
-    build_pipeline_step,
-    new_pipeline_step_id,
-    notify_flow,
-    notify_pipeline,
-    ordered_steps,
-    seed_flow_step,
-)
-from abilities.registry import ability
-from abilities.schema import Input, Output
-from engine.catalog import HANDLERS, STEP_TYPES
+from abilities.flow_ops import normalize_schedule, seeded_warnings
+from abilities.pipeline_common import build_pipeline_step, seed_flow_step
+from engine.catalog import STEP_TYPES
 from engine.configs import ConfigError, handler_for, seal_secrets, validate_handler_config, validate_step_settings
 from engine.schedule import client_keys
-from storage.crypto import MASK, is_envelope
-from storage.models import Agent, Flow, Pipeline
 from storage.timeutil import iso, utcnow
 
 FORMAT = "datamachine-mcp.agent-bundle"
 VERSION = 1
 QUEUE_MODES = ("static", "drain", "loop")
-
-
-# --- export -------------------------------------------------------------------------------------
-
-
-def _secret_names(slug: str | None) -> set[str]:
-    handler = HANDLERS.get(slug or "")
-    return {n for n, f in handler.all_fields().items() if f.secret} if handler else set()
-
-
-def _strip(value: Any, path: str, redacted: list[str], secret: set[str] | frozenset[str] = frozenset()) -> Any:
-    """``value`` without secret fields and encryption envelopes (at any depth); their paths go to ``redacted``."""
-    if isinstance(value, dict):
-        out = {}
-        for key, item in value.items():
-            if key in secret or is_envelope(item) or item == MASK:
-                redacted.append(f"{path}.{key}")
-            else:
-                out[key] = _strip(item, f"{path}.{key}", redacted)
-        return out
-    if isinstance(value, list):
-        return [_strip(item, f"{path}[{i}]", redacted) for i, item in enumerate(value)]
-    return value
-
-
-def _export_step(step: dict[str, Any], path: str, redacted: list[str]) -> dict[str, Any]:
-    out: dict[str, Any] = {"ref": step["pipeline_step_id"]}
-    for key, value in step.items():
-        if key == "pipeline_step_id":
-            continue
-        if key == "handler_config" and isinstance(value, dict):
-            value = _strip(value, f"{path}.handler_config", redacted, _secret_names(step.get("handler_slug")))
-        else:
-            value = _strip(value, f"{path}.{key}", redacted)
-        out[key] = value
-    return out
-
-
-def _export_flow_step(entry: dict[str, Any], path: str, redacted: list[str], queues: bool) -> dict[str, Any]:
-    out: dict[str, Any] = {"step_ref": entry["pipeline_step_id"]}
-    if "handler_slugs" in entry:
-        out["handler_slugs"] = list(entry.get("handler_slugs") or [])
-        out["handler_configs"] = {
-            slug: _strip(cfg, f"{path}.handler_configs.{slug}", redacted, _secret_names(slug))
-            for slug, cfg in (entry.get("handler_configs") or {}).items()
-        }
-    if "flow_step_settings" in entry:
-        out["flow_step_settings"] = _strip(
-            entry.get("flow_step_settings") or {}, f"{path}.flow_step_settings", redacted
-        )
-    if "queue_mode" in entry:
-        out["queue_mode"] = entry["queue_mode"]
-    if queues and entry.get("step_type") == "ai":
-        out["prompt_queue"] = [dict(q) for q in entry.get("prompt_queue") or []]
-    return out
-
-
-class ExportAgentIn(AgentSelector):
-    include_flows: bool = Field(True, description="Include flows (step configs and schedules)")
-    include_queues: bool = Field(True, description="Include prompt queues of ai flow steps")
-
-
-class BundleCounts(Output):
-    pipelines: int = Field(description="Pipelines in the bundle")
-    flows: int = Field(description="Flows in the bundle")
-
-
-class ExportAgentOut(Output):
-    agent_id: int = Field(description="Exported agent's id")
-    agent_slug: str = Field(description="Exported agent's slug")
-    bundle: dict[str, Any] = Field(
-        description="Bundle v1 (format datamachine-mcp.agent-bundle); give it to import-agent"
-    )
-    counts: BundleCounts = Field(description="What the bundle holds")
-    redacted_fields: list[str] = Field(description="Bundle paths of secrets that were removed")
-
-
-@ability(
-    "export-agent",
-    toolset="agents",
-    level="viewer",
-    read_only=True,
-    idempotent=True,
-    description=(
-        "Export an agent with its pipelines, flows and prompt queues as a portable JSON bundle (secrets removed). "
-        "Use import-agent to recreate it."
-    ),
-)
-async def export_agent(ctx: AbilityContext, inp: ExportAgentIn) -> ExportAgentOut:
-    agent, _ = await load_agent(ctx, inp, "viewer", mutating=False)
-    redacted: list[str] = []
-    rows = await ctx.session.execute(
-        select(Pipeline).where(Pipeline.agent_id == agent.agent_id).order_by(Pipeline.pipeline_id)
-    )
-    pipelines, steps_of = [], {}
-    for i, pipeline in enumerate(rows.scalars()):
-        steps = ordered_steps(pipeline.pipeline_config)
-        steps_of[pipeline.pipeline_id] = {s["pipeline_step_id"] for s in steps}
-        pipelines.append(
-            {
-                "ref": str(pipeline.pipeline_id),
-                "pipeline_name": pipeline.pipeline_name,
-                "steps": [_export_step(s, f"pipelines[{i}].steps[{j}]", redacted) for j, s in enumerate(steps)],
-            }
-        )
-    flows: list[dict[str, Any]] = []
-    if inp.include_flows and steps_of:
-        found = await ctx.session.execute(
-            select(Flow)
-            .where(Flow.agent_id == agent.agent_id, Flow.pipeline_id.in_(list(steps_of)))
-            .order_by(Flow.flow_id)
-        )
-        for flow in found.scalars():
-            i = len(flows)
-            entries = [
-                e for e in ordered_steps(flow.flow_config) if e.get("pipeline_step_id") in steps_of[flow.pipeline_id]
-            ]
-            flows.append(
-                {
-                    "pipeline_ref": str(flow.pipeline_id),
-                    "flow_name": flow.flow_name,
-                    "scheduling_config": client_keys(flow.scheduling_config) or {"interval": "manual"},
-                    "steps": [
-                        _export_flow_step(e, f"flows[{i}].steps[{j}]", redacted, inp.include_queues)
-                        for j, e in enumerate(entries)
-                    ],
-                }
-            )
-    bundle = {
-        "format": FORMAT,
-        "version": VERSION,
-        "exported_at": iso(utcnow()),
-        "agent": {
-            "agent_slug": agent.agent_slug,
-            "agent_name": agent.agent_name,
-            "agent_config": _strip(dict(agent.agent_config or {}), "agent.agent_config", redacted),
-        },
-        "pipelines": pipelines,
-        "flows": flows,
-    }
-    return ExportAgentOut.model_validate(
-        {
-            "agent_id": agent.agent_id,
-            "agent_slug": agent.agent_slug,
-            "bundle": bundle,
-            "counts": {"pipelines": len(pipelines), "flows": len(flows)},
-            "redacted_fields": redacted,
-        }
-    )
-
-
-# --- import: validation and plan (nothing is written) -------------------------------------------
 
 
 @dataclass
@@ -384,20 +218,10 @@ def _plan_flow_step(step: dict[str, Any], step_type: str, path: str, roots: Any,
     return out
 
 
-def _import_schedule(raw: dict[str, Any], *, activate: bool, now: datetime) -> tuple[dict[str, Any], bool]:
-    """The imported schedule and whether it is paused: paused unless activating; a past one_time becomes manual."""
-    client = dict(raw)
-    if client["interval"] == "one_time" and client["timestamp"] <= now.timestamp():
-        return {"interval": "manual"}, False
-    if client["interval"] != "manual" and not activate:
-        client["enabled"] = False
-    return client, client["interval"] != "manual" and client.get("enabled") is False
-
-
 _HANDLER_CODES = ("handler_not_found", "invalid_handler", "invalid_handler_config")
 
 
-async def _plan(ctx: AbilityContext, bundle: dict[str, Any]) -> tuple[list[PipelinePlan], list[FlowPlan]]:
+async def plan_bundle(ctx: AbilityContext, bundle: dict[str, Any]) -> tuple[list[PipelinePlan], list[FlowPlan]]:
     """Validate everything; raise ``invalid_bundle`` (all structural problems) or the first config error."""
     errs = BundleErrors()
     refs = _check_structure(bundle, errs)
@@ -436,7 +260,7 @@ async def _plan(ctx: AbilityContext, bundle: dict[str, Any]) -> tuple[list[Pipel
     return pipelines, flows
 
 
-def _dry_run_warnings(pipelines: list[PipelinePlan], flows: list[FlowPlan]) -> list[str]:
+def dry_run_warnings(pipelines: list[PipelinePlan], flows: list[FlowPlan]) -> list[str]:
     """Missing required handler fields the imported flows would have (labelled by bundle position)."""
     steps_of = {p.ref: p.steps for p in pipelines}
     warnings = []
@@ -446,140 +270,3 @@ def _dry_run_warnings(pipelines: list[PipelinePlan], flows: list[FlowPlan]) -> l
             entry["flow_step_id"] = f"flows[{i}] step {sref}"
             warnings.extend(seeded_warnings(entry))
     return warnings
-
-
-# --- import-agent -------------------------------------------------------------------------------
-
-
-class ImportAgentIn(Input):
-    bundle: dict[str, Any] = Field(
-        description="Bundle from export-agent (format datamachine-mcp.agent-bundle, version 1)"
-    )
-    agent_slug: str | None = Field(None, max_length=400, description="Override the new agent's slug (sanitised)")
-    agent_name: str | None = Field(None, max_length=200, description="Override the display name")
-    owner_id: int | None = Field(None, ge=1, description="Owner (honoured for global admins only; default: you)")
-    on_conflict: Literal["error", "skip"] = Field(
-        "error", description="If the slug exists: error (agent_slug_conflict) or skip (write nothing)"
-    )
-    activate_schedules: bool = Field(False, description="Keep imported schedules enabled (default: paused)")
-    dry_run: bool = Field(False, description="Validate and summarise only; write nothing")
-
-
-class ImportedOut(Output):
-    pipelines: int = Field(description="Pipelines created (dry run: that would be created)")
-    flows: int = Field(description="Flows created (dry run: that would be created)")
-    pipeline_ids: list[int] = Field(description="Ids of the new pipelines")
-    flow_ids: list[int] = Field(description="Ids of the new flows")
-
-
-class ImportAgentOut(Output):
-    agent_id: int | None = Field(description="New agent (existing one when skipped; null on a dry run)")
-    agent_slug: str = Field(description="Slug of the agent")
-    skipped: bool = Field(description="The slug existed and on_conflict was skip: nothing was written")
-    dry_run: bool = Field(description="Nothing was written")
-    imported: ImportedOut = Field(description="What was (or would be) created")
-    paused_flow_ids: list[int] = Field(description="New flows whose schedule is paused (resume-flow starts them)")
-    warnings: list[str] = Field(description="Things to do before running, e.g. secrets to set with update-flow-step")
-
-
-def _result(agent_id: int | None, slug: str, *, skipped: bool = False, dry_run: bool = False, **rest: Any) -> Any:
-    imported = {"pipelines": 0, "flows": 0, "pipeline_ids": [], "flow_ids": [], **rest.pop("imported", {})}
-    return ImportAgentOut.model_validate(
-        {
-            "agent_id": agent_id,
-            "agent_slug": slug,
-            "skipped": skipped,
-            "dry_run": dry_run,
-            "imported": imported,
-            "paused_flow_ids": rest.get("paused", []),
-            "warnings": rest.get("warnings", []),
-        }
-    )
-
-
-@ability(
-    "import-agent",
-    toolset="agents",
-    level="admin",
-    description=(
-        "Create an agent with its pipelines and flows from a bundle produced by export-agent. "
-        "Supports dry_run and slug override; imported schedules start paused."
-    ),
-)
-async def import_agent(ctx: AbilityContext, inp: ImportAgentIn) -> ImportAgentOut:
-    p = ctx.principal
-    refuse_agent_bound(ctx)
-    pipelines, flows = await _plan(ctx, inp.bundle)
-    meta = inp.bundle["agent"]
-    raw_slug = inp.agent_slug if inp.agent_slug is not None else meta.get("agent_slug")
-    if not isinstance(raw_slug, str):
-        BundleErrors.raise_one("agent.agent_slug", "is required (or pass agent_slug)")
-    slug = slug_or_error(raw_slug)
-    name = (inp.agent_name or "").strip() or (meta.get("agent_name") or "").strip() or slug
-    existing = (await ctx.session.execute(select(Agent.agent_id).where(Agent.agent_slug == slug))).scalar()
-    if existing is not None and inp.on_conflict == "skip":
-        return _result(existing, slug, skipped=True, dry_run=inp.dry_run)
-    await enforce_agent_limit(ctx)
-    await slug_free(ctx, slug)
-    if inp.dry_run:
-        counts = {"pipelines": len(pipelines), "flows": len(flows)}
-        return _result(None, slug, dry_run=True, imported=counts, warnings=_dry_run_warnings(pipelines, flows))
-    owner_id = inp.owner_id if (p.is_admin and inp.owner_id is not None) else p.user_id
-    agent = await insert_agent(ctx, slug=slug, name=name, owner_id=owner_id, config=meta.get("agent_config") or {})
-    now = utcnow()
-    created: dict[str, tuple[Pipeline, dict[str, str]]] = {}
-    for plan in pipelines:
-        pipeline = Pipeline(
-            user_id=p.user_id,
-            agent_id=agent.agent_id,
-            pipeline_name=plan.name,
-            pipeline_config={},
-            created_at=now,
-            updated_at=now,
-        )
-        ctx.session.add(pipeline)
-        await ctx.session.flush()
-        config, refmap = {}, {}
-        for order, (sref, step) in enumerate(plan.steps):
-            psid = new_pipeline_step_id(pipeline.pipeline_id)
-            config[psid] = {**step, "pipeline_step_id": psid, "execution_order": order}
-            refmap[sref] = psid
-        pipeline.pipeline_config = config
-        created[plan.ref] = (pipeline, refmap)
-    flow_ids, paused_ids, warnings = [], [], []
-    for plan in flows:
-        pipeline, refmap = created[plan.pipeline_ref]
-        schedule, paused = _import_schedule(plan.schedule, activate=inp.activate_schedules, now=now)
-        flow, _, _ = await create_flow_record(
-            ctx, pipeline, flow_name=plan.name, agent_id=agent.agent_id, user_id=p.user_id, schedule=schedule
-        )
-        config = dict(flow.flow_config)
-        for sref, values in plan.steps.items():
-            fsid = f"{refmap[sref]}_{flow.flow_id}"
-            config[fsid] = {**config[fsid], **values}
-        flow.flow_config = config
-        warnings.extend(w for entry in ordered_steps(config) for w in seeded_warnings(entry))
-        flow_ids.append(flow.flow_id)
-        if paused:
-            paused_ids.append(flow.flow_id)
-        notify_flow(ctx, flow)
-    pipeline_ids = [pl.pipeline_id for pl, _ in created.values()]
-    await ctx.audit(
-        f"agent '{slug}' imported ({len(pipeline_ids)} pipelines, {len(flow_ids)} flows)",
-        target=("agent", agent.agent_id),
-        agent_id=agent.agent_id,
-        pipeline_ids=pipeline_ids[:100],
-        flow_ids=flow_ids[:100],
-    )
-    for pid in pipeline_ids:
-        notify_pipeline(ctx, pid, list_changed=True)
-    ctx.notify_updated(agent_uri(slug))
-    ctx.notify_list_changed()
-    counts = {"pipelines": len(pipeline_ids), "flows": len(flow_ids)}
-    return _result(
-        agent.agent_id,
-        slug,
-        imported={**counts, "pipeline_ids": pipeline_ids, "flow_ids": flow_ids},
-        paused=paused_ids,
-        warnings=warnings,
-    )

@@ -1,4 +1,8 @@
-"""Agents toolset: create, read, list, update, rename and delete agents (abilities.md §4)."""
+"""Agents toolset: create, read, list, update, rename and delete agents (abilities.md §4).
+
+The creation helpers shared with import-agent are in ``abilities.agent_creation``; export-agent and
+import-agent in ``abilities.agent_export`` and ``abilities.agent_import``.
+"""
 
 from __future__ import annotations
 
@@ -18,10 +22,9 @@ from abilities.agent_common import (
     grants_order,
     load_agent,
     normalize_agent_config,
-    sanitize_slug,
     upsert_grant,
-    valid_slug,
 )
+from abilities.agent_creation import enforce_agent_limit, insert_agent, refuse_agent_bound, slug_free, slug_or_error
 from abilities.context import AbilityContext
 from abilities.errors import AbilityError, AccessDenied
 from abilities.registry import ability
@@ -30,84 +33,6 @@ from storage.models import Agent, AgentAccess, AgentToken, ChatSession, Flow, Jo
 from storage.timeutil import utcnow
 
 ACTIVE = ("pending", "processing", "waiting")
-
-
-def slug_or_error(raw: str) -> str:
-    if not raw.strip():
-        raise AbilityError("invalid_agent_slug", "Agent slug is required.")
-    slug = sanitize_slug(raw)
-    if not slug:
-        raise AbilityError("invalid_agent_slug", "Agent slug is required.", agent_slug=raw)
-    if len(slug) > 200 or not valid_slug(slug):
-        raise AbilityError(
-            "invalid_agent_slug",
-            f"Agent slug '{slug}' must be 1-200 characters of a-z, 0-9, '_' or '-' and start with a letter or digit.",
-            agent_slug=slug,
-        )
-    return slug
-
-
-async def slug_free(ctx: AbilityContext, slug: str) -> None:
-    existing = (await ctx.session.execute(select(Agent.agent_id).where(Agent.agent_slug == slug))).scalar()
-    if existing is not None:
-        raise AbilityError(
-            "agent_slug_conflict",
-            f'Agent with slug "{slug}" already exists (ID: {existing}).',
-            existing_agent_id=existing,
-        )
-
-
-# --- creating agents (create-agent, import-agent) --------------------------------------------------
-
-
-def refuse_agent_bound(ctx: AbilityContext) -> None:
-    """Agent-bound principals cannot create agents (access.md §6.4)."""
-    if ctx.principal.agent_id is not None:
-        raise AccessDenied(
-            "permission_denied",
-            "Agent-bound sessions cannot create agents; use a user token or the local owner.",
-            required_role="admin",
-            effective_role=None,
-        )
-
-
-async def enforce_agent_limit(ctx: AbilityContext) -> None:
-    """Non-admins may own at most ``max_agents_per_user`` agents (``agent_limit_reached``, DM's messages)."""
-    p = ctx.principal
-    if p.is_admin:
-        return
-    limit = (await ctx.settings()).int("max_agents_per_user")
-    owned = (await ctx.session.execute(select(Agent).where(Agent.owner_id == p.user_id))).scalars().all()
-    if len(owned) < limit:
-        return
-    if limit == 0:
-        message = "Self-service agent creation is disabled (max_agents_per_user is 0); ask a global administrator."
-    elif limit == 1:
-        message = f'You already have an agent ("{owned[0].agent_name}"). Non-admin users are limited to 1 agent.'
-    else:
-        message = f"You already have {len(owned)} agent(s). Non-admin users are limited to {limit} agent(s)."
-    raise AbilityError("agent_limit_reached", message, limit=limit, owned=len(owned))
-
-
-async def insert_agent(
-    ctx: AbilityContext, *, slug: str, name: str, owner_id: int, config: dict[str, Any] | None
-) -> Agent:
-    """Insert an active agent and its owner's admin grant (no audit row: the caller writes it)."""
-    now = utcnow()
-    agent = Agent(
-        agent_slug=slug,
-        agent_name=name,
-        owner_id=owner_id,
-        agent_config=normalize_agent_config(config),
-        status="active",
-        created_at=now,
-        updated_at=now,
-    )
-    ctx.session.add(agent)
-    await ctx.session.flush()
-    await upsert_grant(ctx.session, agent.agent_id, owner_id, "admin")
-    ctx.access.forget()
-    return agent
 
 
 def _count(model: Any, *conds: Any) -> Any:
@@ -122,11 +47,7 @@ _COUNTS = select(
     _count(Job, Job.agent_id == _AID, Job.status.in_(ACTIVE)),
     _count(ChatSession, ChatSession.agent_id == _AID),
 )
-_GRANTS = (
-    select(AgentAccess)
-    .where(AgentAccess.agent_id == _AID)
-    .order_by(*grants_order(bindparam("owner")))
-)
+_GRANTS = select(AgentAccess).where(AgentAccess.agent_id == _AID).order_by(*grants_order(bindparam("owner")))
 
 
 async def agent_detail(ctx: AbilityContext, agent: Agent, role: str | None) -> dict[str, Any]:

@@ -3,159 +3,42 @@
 Sessions belong to one user. Someone else's session id is ``session_not_found``; global admins reach
 other users' sessions by passing ``user_id`` (get, list, delete). Agent-bound principals see and create
 only sessions of their agent. Expiry slides: ``expires_at = updated_at + chat_session_ttl_hours``.
-send-chat-message (which calls an AI provider) lives elsewhere and reuses ``title_from`` and
-``session_expiry``.
+send-chat-message (which calls an AI provider) is in ``abilities.chat_message``; the pieces both use are
+in ``abilities.chat_common``.
 """
 
 from __future__ import annotations
 
-import json
 import uuid
-from datetime import datetime, timedelta
-from typing import Any, Literal
+from datetime import datetime
+from typing import Any
 
 from pydantic import Field
-from sqlalchemy import ColumnElement, func, select, true
+from sqlalchemy import func, select
 
 from abilities.agent_common import agent_owner, find_agent
+from abilities.chat_common import (
+    SERVER_KEYS,
+    TITLE_MAX,
+    ChatMessageOut,
+    ChatSessionOut,
+    ContextName,
+    RoleName,
+    agent_scope,
+    load_session,
+    message_dict,
+    metadata_size_ok,
+    session_dict,
+    session_expiry,
+    subject_user,
+    title_from,
+)
 from abilities.context import AbilityContext
 from abilities.errors import AbilityError
 from abilities.registry import ability
 from abilities.schema import OFFSET_DESC, PER_PAGE_DESC, Input, Output, PageOut, ts
 from storage.models import Agent, ChatSession
 from storage.timeutil import iso, parse_datetime, utcnow
-
-ContextName = Literal["chat", "pipeline", "system"]
-RoleName = Literal["user", "assistant", "system", "tool"]
-MAX_METADATA = 64 * 1024
-SERVER_KEYS = ("started_at", "message_count", "last_activity")
-TITLE_MAX = 100
-
-
-# --- shared helpers -----------------------------------------------------------------------------
-
-
-def title_from(text: str) -> str | None:
-    """A title from a message: whitespace collapsed, cut to 100 characters ending "..."."""
-    flat = " ".join(text.split())
-    if not flat:
-        return None
-    return flat if len(flat) <= TITLE_MAX else flat[: TITLE_MAX - 3] + "..."
-
-
-async def session_expiry(ctx: AbilityContext, updated_at: datetime) -> datetime | None:
-    """Sliding expiry: ``updated_at + chat_session_ttl_hours``; None when the setting is 0."""
-    hours = (await ctx.settings()).int("chat_session_ttl_hours")
-    return updated_at + timedelta(hours=hours) if hours > 0 else None
-
-
-def _metadata_size_ok(value: dict[str, Any]) -> None:
-    size = len(json.dumps(value, separators=(",", ":"), default=str).encode())
-    if size > MAX_METADATA:
-        raise AbilityError(
-            "invalid_input",
-            f"metadata is {size} bytes of JSON; the limit is {MAX_METADATA} bytes (64 KiB).",
-            errors=[{"field": "metadata", "message": "larger than 64 KiB"}],
-        )
-
-
-async def _agent_scope(ctx: AbilityContext) -> ColumnElement[bool]:
-    """Agent-bound principals reach only their agent's sessions, and only while their user may read it."""
-    p = ctx.principal
-    if p.agent_id is None:
-        return true()
-    if not p.is_admin and p.agent_id not in await ctx.access.agent_roles():
-        return ChatSession.agent_id == -1
-    return ChatSession.agent_id == p.agent_id
-
-
-def _subject(ctx: AbilityContext, user_id: int | None) -> int:
-    """Whose sessions: the caller's, or (global admins only) another user's."""
-    p = ctx.principal
-    if user_id is None or user_id == p.user_id:
-        return p.user_id
-    ctx.access.require_global_admin(f"Reaching another user's chat sessions (user_id {user_id})")
-    return user_id
-
-
-async def load_session(
-    ctx: AbilityContext, session_id: str, user_id: int | None = None, *, mutating: bool = False
-) -> ChatSession:
-    """The caller's session (or, for global admins passing ``user_id``, that user's).
-
-    Unknown ids and other users' sessions are both ``session_not_found``. A change to a session of an
-    inactive agent is ``agent_inactive`` (access.md §3.4).
-    """
-    subject = _subject(ctx, user_id)
-    sid = session_id.strip()
-    stmt = select(ChatSession).where(
-        ChatSession.session_id == sid, ChatSession.user_id == subject, await _agent_scope(ctx)
-    )
-    if mutating:
-        stmt = ctx.db.for_update(stmt)
-    session = (await ctx.session.execute(stmt)).scalar_one_or_none()
-    if session is None:
-        raise AbilityError(
-            "session_not_found",
-            f"Chat session '{sid}' not found. Use list-chat-sessions to see your sessions.",
-            session_id=sid,
-        )
-    if mutating and session.agent_id is not None:
-        agent = await ctx.session.get(Agent, session.agent_id)
-        if agent is not None and agent.status == "inactive":
-            raise AbilityError(
-                "agent_inactive",
-                f"Agent '{agent.agent_slug}' is inactive: its chat sessions are read-only until a global "
-                "administrator reactivates it with update-agent.",
-                agent_id=agent.agent_id,
-            )
-    return session
-
-
-# --- output shapes --------------------------------------------------------------------------------
-
-
-class ChatMessageOut(Output):
-    role: RoleName = Field(description="user, assistant, system or tool")
-    content: str = Field(description="Message text")
-    metadata: dict[str, Any] = Field(description="Always has timestamp; AI replies add provider, model, token_usage")
-
-
-class ChatSessionOut(Output):
-    session_id: str = Field(description="Session id (uuid4)")
-    user_id: int = Field(description="Owning user")
-    agent_id: int | None = Field(description="Agent that answers")
-    title: str | None = Field(description="Title")
-    context: ContextName = Field(description="chat, pipeline or system")
-    provider: str | None = Field(description="AI provider of the session")
-    model: str | None = Field(description="AI model of the session")
-    metadata: dict[str, Any] = Field(description="Metadata: started_at, message_count, last_activity, caller keys")
-    last_read_at: str | None = Field(description="When the owner last marked it read (ISO 8601 UTC)")
-    created_at: str = Field(description="ISO 8601 UTC")
-    updated_at: str = Field(description="Last activity (ISO 8601 UTC)")
-    expires_at: str | None = Field(description="When it expires unless used again (ISO 8601 UTC); null = never")
-
-
-def session_dict(s: ChatSession) -> dict[str, Any]:
-    return {
-        "session_id": s.session_id,
-        "user_id": s.user_id,
-        "agent_id": s.agent_id,
-        "title": s.title,
-        "context": s.context,
-        "provider": s.provider,
-        "model": s.model,
-        "metadata": s.meta or {},
-        "last_read_at": ts(s.last_read_at),
-        "created_at": ts(s.created_at),
-        "updated_at": ts(s.updated_at),
-        "expires_at": ts(s.expires_at),
-    }
-
-
-def _message_dict(m: dict[str, Any]) -> dict[str, Any]:
-    return {"role": m.get("role", "user"), "content": str(m.get("content", "")), "metadata": m.get("metadata") or {}}
-
 
 # --- create-chat-session --------------------------------------------------------------------------
 
@@ -187,7 +70,7 @@ class CreateSessionOut(Output):
 )
 async def create_chat_session(ctx: AbilityContext, inp: CreateSessionIn) -> CreateSessionOut:
     p = ctx.principal
-    _metadata_size_ok(inp.metadata)
+    metadata_size_ok(inp.metadata)
     agent = await find_agent(ctx.session, inp.agent_id, inp.agent_slug)
     if agent is None and p.agent_id is not None:
         agent = await ctx.session.get(Agent, p.agent_id)
@@ -247,7 +130,7 @@ class GetSessionOut(ChatSessionOut):
 )
 async def get_chat_session(ctx: AbilityContext, inp: GetSessionIn) -> GetSessionOut:
     s = await load_session(ctx, inp.session_id, inp.user_id)
-    conversation = [_message_dict(m) for m in s.messages or [] if isinstance(m, dict)]
+    conversation = [message_dict(m) for m in s.messages or [] if isinstance(m, dict)]
     return GetSessionOut.model_validate({**session_dict(s), "conversation": conversation})
 
 
@@ -325,7 +208,7 @@ def _first_user_message(messages: list[Any]) -> str | None:
     description="List a user's chat sessions, most recently active first, with unread counts. Paged.",
 )
 async def list_chat_sessions(ctx: AbilityContext, inp: ListSessionsIn) -> ListSessionsOut:
-    conds = [ChatSession.user_id == _subject(ctx, inp.user_id), await _agent_scope(ctx)]
+    conds = [ChatSession.user_id == subject_user(ctx, inp.user_id), await agent_scope(ctx)]
     if inp.agent_id is not None:
         conds.append(ChatSession.agent_id == inp.agent_id)
     if inp.context is not None:
@@ -411,7 +294,7 @@ def _merged_metadata(current: dict[str, Any], patch: dict[str, Any]) -> dict[str
             out.pop(key, None)
         else:
             out[key] = value
-    _metadata_size_ok(out)
+    metadata_size_ok(out)
     return out
 
 

@@ -31,7 +31,7 @@ from typing import Any, Literal
 from pydantic import Field
 
 from abilities.agent_common import agent_owner
-from abilities.chat import ChatMessageOut, load_session, session_expiry, title_from
+from abilities.chat_common import ChatMessageOut, load_session, session_expiry, title_from
 from abilities.context import AbilityContext
 from abilities.errors import AbilityError
 from abilities.registry import ability

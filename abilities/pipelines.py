@@ -1,28 +1,24 @@
 """Pipelines toolset, part 1: get, create, update, delete and duplicate pipelines (abilities.md §5).
 
-Steps are edited in ``abilities.pipeline_steps``; export/import live in ``abilities.pipeline_io``;
-the step-type and handler registries in ``abilities.handler_catalog``.
+Steps are edited in ``abilities.pipeline_steps`` and ``abilities.pipeline_steps_order``; export/import live
+in ``abilities.pipeline_export`` and ``abilities.pipeline_import``; the step-type and handler registries in
+``abilities.handler_catalog``. Workflow steps (create-pipeline's workflow mode) are checked by
+``abilities.pipeline_workflow``.
 """
 
 from __future__ import annotations
 
 import copy
-import uuid
 from typing import Any, Literal
 
-from pydantic import ConfigDict, Field
+from pydantic import Field
 from sqlalchemy import ColumnElement, delete, func, or_, select
 
 from abilities.access import Owner
 from abilities.agent_common import agent_owner
 from abilities.context import AbilityContext
 from abilities.errors import AbilityError
-from abilities.flow_ops import (
-    StepEdit,
-    apply_step_edit,
-    create_flow_record,
-    normalize_schedule,
-)
+from abilities.flow_ops import create_flow_record, normalize_schedule
 from abilities.pipeline_common import (
     PipelineOut,
     build_pipeline_step,
@@ -36,18 +32,18 @@ from abilities.pipeline_common import (
     owner_of,
     pipeline_dict,
     pipeline_step_dict,
-    seed_flow_step,
     sync_flow_config,
 )
+from abilities.pipeline_copy import copied_schedule, remap_flow_config, strip_step_secrets
+from abilities.pipeline_shapes import StepSeedIn, agent_or_error, new_resource_owner, seed_of
+from abilities.pipeline_workflow import WorkflowIn, validate_workflow
 from abilities.registry import ability
 from abilities.schema import OFFSET_DESC, PER_PAGE_DESC, Input, Output
-from engine import schedule as sched
-from engine.catalog import AI_FIELDS, HANDLERS, PROVIDERS, STEP_TYPES
-from storage.crypto import is_envelope, mask
 from storage.models import Agent, Flow, Job, Pipeline, ProcessedItem
 from storage.timeutil import utcnow
 
 OutputMode = Literal["full", "list", "summary", "ids"]
+
 
 # --- shared by the pipeline tools ---------------------------------------------------------------
 
@@ -57,74 +53,6 @@ def pipeline_name_or_error(raw: str) -> str:
     if not name:
         raise AbilityError("invalid_pipeline_name", "Pipeline name cannot be empty")
     return name
-
-
-async def agent_or_error(ctx: AbilityContext, agent_id: int) -> Agent:
-    agent = await ctx.session.get(Agent, agent_id)
-    if agent is None:
-        raise AbilityError("agent_not_found", f"Agent {agent_id} not found.", agent_id=agent_id)
-    return agent
-
-
-async def new_resource_owner(
-    ctx: AbilityContext, agent_id: int | None, *, shared: bool = False, what: str = "pipeline"
-) -> tuple[int | None, int]:
-    """(agent_id, user_id) of a new pipeline, with admin on it checked (abilities.md §2.3, access.md §3.5).
-
-    The ``agent_id`` input, else the principal's agent, else the caller's user; ``shared`` (global
-    administrators) makes a user-0 resource without an agent.
-    """
-    p = ctx.principal
-    if shared:
-        ctx.access.require_global_admin(f"Creating a shared {what} (shared: true)", target={"type": "user", "id": 0})
-        if agent_id is not None:
-            raise AbilityError(
-                "invalid_input",
-                f"A shared {what} belongs to no agent: omit agent_id, or omit shared to create it for the agent.",
-                errors=[{"field": "agent_id", "message": "not allowed with shared: true"}],
-            )
-        await ctx.access.authorize(
-            Owner(agent_id=None, user_id=0), "admin", mutating=True, target={"type": "user", "id": 0}
-        )
-        return None, 0
-    target = agent_id if agent_id is not None else p.agent_id
-    if target is not None:
-        agent = await agent_or_error(ctx, target)
-        await ctx.access.authorize(agent_owner(agent), "admin", mutating=True, target={"type": "agent", "id": target})
-        return target, p.user_id
-    await ctx.access.authorize(
-        Owner(agent_id=None, user_id=p.user_id), "admin", mutating=True, target={"type": "user", "id": p.user_id}
-    )
-    return None, p.user_id
-
-
-def secret_field_names(slug: str, config: dict[str, Any]) -> list[str]:
-    """Keys of ``config`` that hold secrets: secret FieldSpecs of the handler, and any envelope."""
-    handler = HANDLERS.get(slug)
-    secret = {n for n, f in handler.all_fields().items() if f.secret} if handler is not None else set()
-    return sorted(k for k, v in config.items() if k in secret or is_envelope(v))
-
-
-def strip_secrets(slug: str, config: dict[str, Any] | None) -> tuple[dict[str, Any], list[str]]:
-    """``config`` without its secret fields, and the names removed."""
-    data = dict(config or {})
-    removed = secret_field_names(slug, data)
-    return {k: v for k, v in data.items() if k not in removed}, removed
-
-
-def strip_step_secrets(entry: dict[str, Any]) -> dict[str, Any]:
-    """A flow step (or pipeline step) with every secret handler field removed."""
-    out = dict(entry)
-    if isinstance(out.get("handler_configs"), dict):
-        out["handler_configs"] = {s: strip_secrets(s, c)[0] for s, c in out["handler_configs"].items()}
-    if isinstance(out.get("handler_config"), dict):
-        out["handler_config"] = strip_secrets(out.get("handler_slug") or "", out["handler_config"])[0]
-    return out
-
-
-def renumber(config: dict[str, Any]) -> dict[str, Any]:
-    """A pipeline_config with execution_order 0..n-1 in the current order (new step dicts)."""
-    return {s["pipeline_step_id"]: {**s, "execution_order": i} for i, s in enumerate(ordered_steps(config))}
 
 
 async def readable_flow_filter(ctx: AbilityContext) -> ColumnElement[bool]:
@@ -268,60 +196,10 @@ async def get_pipelines(ctx: AbilityContext, inp: GetPipelinesIn) -> GetPipeline
 # --- create-pipeline --------------------------------------------------------------------------
 
 
-class StepSeedIn(Input):
-    """A pipeline-step seed: label, AI fields, handler defaults; other keys are kept (storage.md §7.1)."""
-
-    model_config = ConfigDict(extra="allow")
-
-    label: str | None = Field(None, max_length=255, description="Display label (default: the step type's label)")
-    handler_slug: str | None = Field(
-        None, max_length=100, description="fetch/publish/update: default handler seeded into new flow steps"
-    )
-    handler: str | None = Field(None, max_length=100, description="Alternative spelling of handler_slug")
-    handler_config: dict[str, Any] | None = Field(
-        None, description="Default config of handler_slug (validated; secrets encrypted)"
-    )
-    system_prompt: str | None = Field(None, max_length=50000, description="ai: system prompt")
-    provider: str | None = Field(None, max_length=50, description="ai: openai, anthropic, sampling or '' (default)")
-    model: str | None = Field(None, max_length=100, description="ai: model ('' = default)")
-    temperature: float | None = Field(None, ge=0, le=2, description="ai: sampling temperature 0..2")
-    max_tokens: int | None = Field(None, ge=1, le=32000, description="ai: reply token cap")
-    skip_marker: str | None = Field(None, max_length=50, description="ai: reply prefix that skips the item")
-
-
 class PipelineStepIn(StepSeedIn):
     step_type: str = Field(
         max_length=50, description="fetch, ai, publish, update, approval, webhook_gate or system_task"
     )
-
-
-class WorkflowStepIn(Input):
-    """WorkflowStep (abilities.md §3)."""
-
-    step_type: str = Field(
-        max_length=50, description="fetch, ai, publish, update, approval, webhook_gate or system_task"
-    )
-    label: str | None = Field(None, max_length=255, description="Display label (default: the step type's label)")
-    handler_slugs: list[str] | None = Field(
-        None, max_length=10, description="fetch: exactly one handler; publish/update: one or more, in run order"
-    )
-    handler_configs: dict[str, dict[str, Any]] | None = Field(None, description="Config per handler slug")
-    flow_step_settings: dict[str, Any] | None = Field(
-        None, description="Settings of an approval, webhook_gate or system_task step"
-    )
-    user_message: str | None = Field(None, max_length=20000, description="ai: the prompt (a one-entry static queue)")
-    system_prompt: str | None = Field(None, max_length=50000, description="ai: system prompt")
-    provider: str | None = Field(None, max_length=50, description="ai: openai, anthropic, sampling or '' (default)")
-    model: str | None = Field(None, max_length=100, description="ai: model ('' = default)")
-    temperature: float | None = Field(None, ge=0, le=2, description="ai: sampling temperature 0..2")
-    max_tokens: int | None = Field(None, ge=1, le=32000, description="ai: reply token cap")
-    skip_marker: str | None = Field(None, max_length=50, description="ai: reply prefix that skips the item")
-    handler_slug: Any = Field(None, description="Legacy, rejected (invalid_workflow): use handler_slugs")
-    handler_config: Any = Field(None, description="Legacy, rejected (invalid_workflow): use handler_configs")
-
-
-class WorkflowIn(Input):
-    steps: list[WorkflowStepIn] = Field(min_length=1, max_length=50, description="Steps in execution order")
 
 
 class FlowConfigIn(Input):
@@ -373,109 +251,6 @@ class CreatePipelineValidateOut(Output):
     would_create: WouldCreateOut = Field(description="What a real call would create")
 
 
-def _seed(model: Input) -> dict[str, Any]:
-    return {k: v for k, v in model.model_dump(exclude_unset=True).items() if v is not None}
-
-
-PREVIEW_KEYS = ("handler_slugs", "handler_configs", "flow_step_settings", "queue_mode", "prompt_queue")
-
-
-def validate_workflow(ctx: AbilityContext, steps: list[WorkflowStepIn], files_roots: Any) -> list[dict[str, Any]]:
-    """Semantic checks of workflow steps (invalid_workflow lists every problem); returns the edits per step.
-
-    Each result is ``{seed, edit}``: the pipeline-step seed (type, label, AI fields) and the flow-step
-    configuration (handler_slugs, handler_configs, flow_step_settings, user_message).
-    """
-    problems: list[dict[str, Any]] = []
-    out: list[dict[str, Any]] = []
-
-    def problem(i: int, message: str, field: str | None = None) -> None:
-        entry: dict[str, Any] = {"step": i, "message": message}
-        if field is not None:
-            entry["field"] = field
-        problems.append(entry)
-
-    for i, step in enumerate(steps):
-        given = step.model_fields_set
-        count_before = len(problems)
-        spec = STEP_TYPES.get(step.step_type)
-        for legacy in ("handler_slug", "handler_config"):
-            if legacy in given:
-                problem(
-                    i,
-                    f"Step {i} uses unsupported legacy field {legacy}; use handler_slugs and handler_configs",
-                    legacy,
-                )
-        if spec is None:
-            problem(i, f"Step {i} has unknown step_type '{step.step_type}'", "step_type")
-            continue
-        slugs = step.handler_slugs or []
-        if spec.uses_handler:
-            for slug in slugs:
-                if slug not in HANDLERS:
-                    raise AbilityError(
-                        "handler_not_found",
-                        f"Handler '{slug}' not found. Registered handlers: {', '.join(HANDLERS)}.",
-                        handler_slug=slug,
-                        step=i,
-                    )
-            if step.step_type == "fetch" and len(slugs) != 1:
-                problem(i, f"Step {i} (fetch) requires exactly one handler", "handler_slugs")
-            elif not slugs:
-                problem(i, f"Step {i} requires at least one handler", "handler_slugs")
-            if step.flow_step_settings is not None:
-                problem(
-                    i,
-                    f"Step {i} ({step.step_type}) uses handlers; flow_step_settings do not apply",
-                    "flow_step_settings",
-                )
-        else:
-            for name in ("handler_slugs", "handler_configs"):
-                if getattr(step, name) is not None:
-                    problem(i, f"Step {i} ({step.step_type}) uses no handler; remove {name}", name)
-        if step.step_type != "ai":
-            for name in ("user_message", *AI_FIELDS):
-                if getattr(step, name) is not None:
-                    problem(i, f"Step {i} ({step.step_type}): {name} applies to ai steps only", name)
-        elif step.provider is not None and step.provider not in ("", *PROVIDERS):
-            problem(
-                i, f"Step {i} has unknown provider '{step.provider}' (use {', '.join(PROVIDERS)} or '')", "provider"
-            )
-        edit = {
-            k: v
-            for k, v in (
-                ("handler_slugs", step.handler_slugs),
-                ("handler_configs", step.handler_configs),
-                ("flow_step_settings", step.flow_step_settings),
-                ("user_message", step.user_message),
-            )
-            if v is not None
-        }
-        probe = seed_flow_step(
-            {"pipeline_step_id": f"1_{uuid.uuid4()}", "step_type": step.step_type, "execution_order": i},
-            flow_id=1,
-            pipeline_id=1,
-        )
-        if len(problems) == count_before and edit:
-            try:
-                probe = apply_step_edit(
-                    probe, StepEdit.from_input(edit), box=ctx.runtime.box, files_roots=files_roots
-                ).entry
-            except AbilityError as err:
-                if err.code == "handler_not_found":
-                    raise AbilityError(err.code, err.message, **err.data, step=i) from None
-                field = f"handler_configs.{err.data['handler_slug']}" if "handler_slug" in err.data else None
-                problem(i, f"Step {i}: {err.message}", field)
-        seed = {k: v for k, v in _seed(step).items() if k in ("step_type", "label", *AI_FIELDS)}
-        preview = {k: v for k, v in mask(probe).items() if k in PREVIEW_KEYS}
-        out.append({"seed": seed, "edit": edit, "preview": preview})
-    if problems:
-        summary = "; ".join(p["message"] for p in problems[:5])
-        more = f" (and {len(problems) - 5} more)" if len(problems) > 5 else ""
-        raise AbilityError("invalid_workflow", f"Invalid workflow: {summary}{more}.", errors=problems)
-    return out
-
-
 def _with_step(err: AbilityError, index: int) -> AbilityError:
     return AbilityError(err.code, err.message, **{**err.data, "step": index})
 
@@ -507,7 +282,7 @@ async def create_pipeline(ctx: AbilityContext, inp: CreatePipelineIn) -> CreateP
     roots = snap.files_roots()
     # Everything that can fail on the input is checked before anything is written.
     workflow_steps = validate_workflow(ctx, inp.workflow.steps, roots) if inp.workflow is not None else []
-    seeds = [w["seed"] for w in workflow_steps] if mode == "workflow" else [_seed(s) for s in inp.steps or []]
+    seeds = [w["seed"] for w in workflow_steps] if mode == "workflow" else [seed_of(s) for s in inp.steps or []]
     preview_steps = []
     for i, seed in enumerate(seeds):
         try:
@@ -775,42 +550,6 @@ class DuplicatePipelineOut(Output):
     source_pipeline_name: str = Field(description="Source pipeline name")
     flows_created: int = Field(description="Flows copied")
     flow_ids: list[int] = Field(description="Ids of the copied flows, in source order")
-
-
-def copied_schedule(config: dict[str, Any] | None) -> dict[str, Any]:
-    """A flow schedule for a copy: client keys only; a one_time schedule becomes manual."""
-    client = sched.client_keys(config)
-    if client.get("interval", "manual") == "one_time" or "interval" not in client:
-        return {"interval": "manual"}
-    try:
-        return normalize_schedule(client)
-    except AbilityError:  # a stored schedule no longer valid (e.g. a removed zone): start manual
-        return {"interval": "manual"}
-
-
-def remap_flow_config(
-    source: dict[str, Any] | None,
-    step_map: dict[str, str],
-    *,
-    flow_id: int,
-    pipeline_id: int,
-    keep_secrets: bool,
-) -> dict[str, Any]:
-    """A flow_config copied onto new step ids (queues and settings kept; secrets only with keep_secrets)."""
-    out: dict[str, Any] = {}
-    for entry in (source or {}).values():
-        if not isinstance(entry, dict):
-            continue
-        new_psid = step_map.get(entry.get("pipeline_step_id", ""))
-        if new_psid is None:
-            continue
-        copied = copy.deepcopy(entry)
-        if not keep_secrets:
-            copied = strip_step_secrets(copied)
-        fsid = make_flow_step_id(new_psid, flow_id)
-        copied.update(flow_step_id=fsid, pipeline_step_id=new_psid, pipeline_id=pipeline_id, flow_id=flow_id)
-        out[fsid] = copied
-    return out
 
 
 @ability(

@@ -18,7 +18,7 @@ from abilities.errors import AbilityError
 from abilities.flow_ops import StepEdit, apply_step_edit
 from abilities.job_common import JobOut
 from abilities.jobs import MAX_WAIT, publish_changes, wait_and_describe
-from abilities.pipelines import WorkflowIn, validate_workflow
+from abilities.pipeline_workflow import WorkflowIn, validate_workflow
 from abilities.registry import ability
 from abilities.schema import Input, Opt, Output
 from engine.catalog import HANDLERS, STEP_TYPES

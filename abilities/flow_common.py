@@ -1,0 +1,83 @@
+"""Shared pieces of the flow tools (abilities.md §6, §2.10): the schedule input, names, owners of new flows."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import Field
+
+from abilities.access import Owner
+from abilities.context import AbilityContext
+from abilities.errors import AbilityError
+from abilities.flow_ops import normalize_schedule
+from abilities.pipeline_common import flows_out, owner_of
+from abilities.schema import Input
+from engine import schedule as sched
+from storage.models import Agent, Flow
+
+DEFAULT_FLOW_NAME = "Flow"
+SCHEDULE_DESC = (
+    "Schedule: {interval (manual, one_time, cron, an interval key such as hourly or daily), timestamp (one_time), "
+    "cron_expression, timezone (IANA, cron), enabled (false = paused), allow_overlap}"
+)
+
+
+class ScheduleIn(Input):
+    """The client keys of a scheduling_config (abilities.md §2.10); derived keys are accepted and ignored."""
+
+    interval: str = Field(
+        max_length=200,
+        description="manual, one_time, cron, one of the interval keys (get-scheduling-intervals) or an alias; "
+        "a cron expression given here is read as cron",
+    )
+    timestamp: int | str | None = Field(None, description="one_time: Unix seconds or ISO 8601 date-time")
+    cron_expression: str | None = Field(
+        None, max_length=200, description="cron: 5 fields (minute hour day month weekday) or a macro such as @daily"
+    )
+    timezone: str | None = Field(None, max_length=100, description="cron: IANA zone name (default UTC)")
+    enabled: bool | None = Field(None, description="false pauses the schedule without losing it")
+    allow_overlap: bool | None = Field(None, description="true lets a scheduled run start while another is active")
+    interval_seconds: Any = Field(None, description="Derived by the server; ignored on input")
+    first_run: Any = Field(None, description="Derived by the server; ignored on input")
+    next_run: Any = Field(None, description="Derived by the server; ignored on input")
+    last_skip: Any = Field(None, description="Derived by the server; ignored on input")
+    webhook: Any = Field(None, description="Managed by the webhook-trigger tools; ignored on input")
+
+    def client(self) -> dict[str, Any]:
+        return {k: v for k, v in self.model_dump().items() if k in sched.CLIENT_KEYS and v is not None}
+
+
+def schedule_from(value: ScheduleIn | None) -> dict[str, Any]:
+    """Validated client keys (the §2.10 codes); no input means manual."""
+    return normalize_schedule(value.client() if value is not None else {"interval": "manual"})
+
+
+def clean_name(raw: str | None, default: str) -> str:
+    name = (raw or "").strip()
+    return name[:255] if name else default
+
+
+async def flow_data(ctx: AbilityContext, flow: Flow) -> dict[str, Any]:
+    await ctx.session.flush()
+    return (await flows_out(ctx, [flow]))[0]
+
+
+def flow_target(flow_id: int | None) -> dict[str, Any]:
+    return {"type": "flow", "id": flow_id}
+
+
+async def new_flow_owner(
+    ctx: AbilityContext, agent_id: int | None, fallback_agent: int | None
+) -> tuple[int | None, Owner]:
+    """Owner of a new flow (access.md §3.5): the agent_id input, else the pipeline's agent, else the caller's."""
+    p = ctx.principal
+    if agent_id is not None:
+        if await ctx.session.get(Agent, agent_id) is None:
+            raise AbilityError("agent_not_found", f"Agent {agent_id} not found.", agent_id=agent_id)
+        chosen: int | None = agent_id
+    else:
+        chosen = fallback_agent if fallback_agent is not None else p.agent_id
+    owner = await owner_of(ctx, chosen, p.user_id)
+    target = {"type": "agent", "id": chosen} if chosen is not None else {"type": "user", "id": p.user_id}
+    await ctx.access.authorize(owner, "admin", mutating=True, target=target)
+    return chosen, owner

@@ -1,0 +1,337 @@
+"""Flow schedules: pause-flow, resume-flow, schedule-flow and get-scheduling-intervals (abilities.md §6, §2.10)."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import Field
+from sqlalchemy import select
+
+from abilities.access import Owner
+from abilities.agent_common import agent_owner
+from abilities.context import AbilityContext
+from abilities.errors import AbilityError, AccessDenied
+from abilities.flow_common import flow_target
+from abilities.flow_ops import normalize_schedule, set_schedule
+from abilities.pipeline_common import flows_of, load_flow, load_pipeline, mask_schedule, notify_flow, owner_of
+from abilities.registry import ability
+from abilities.schema import Input, Opt, Output
+from engine import schedule as sched
+from storage.models import Agent, Flow
+from storage.timeutil import iso, utcnow
+
+# --- pause-flow / resume-flow -----------------------------------------------------------------
+
+
+class FlowScopeIn(Input):
+    flow_id: int | None = Field(None, ge=1, description="This flow")
+    pipeline_id: int | None = Field(None, ge=1, description="Every flow of this pipeline")
+    agent_id: int | None = Field(None, ge=1, description="Every flow of this agent")
+
+
+class PausedFlow(Output):
+    flow_id: int = Field(description="Flow id")
+    status: Literal["paused", "already_paused", "agent_access_denied", "agent_inactive", "pause_error"] = Field(
+        description="What happened to this flow"
+    )
+    message: str | None = Opt("Why the flow was not paused")
+
+
+class PauseFlowOut(Output):
+    paused: int = Field(description="Flows paused by this call")
+    skipped: int = Field(description="Flows that were already paused")
+    errors: int = Field(description="Flows that could not be paused")
+    partial: bool = Field(description="Some but not all targeted flows failed")
+    flows: list[PausedFlow] = Field(description="Result per flow, by flow_id")
+
+
+class ResumedFlow(Output):
+    flow_id: int = Field(description="Flow id")
+    status: Literal["resumed", "not_paused", "agent_access_denied", "agent_inactive", "resume_error"] = Field(
+        description="What happened to this flow"
+    )
+    next_run: str | None = Opt("Next scheduled run after resuming (ISO 8601 UTC)")
+
+
+class ResumeFlowOut(Output):
+    resumed: int = Field(description="Flows resumed by this call")
+    skipped: int = Field(description="Flows that were not paused")
+    errors: int = Field(description="Flows that could not be resumed")
+    partial: bool = Field(description="Some but not all targeted flows failed")
+    flows: list[ResumedFlow] = Field(description="Result per flow, by flow_id")
+
+
+async def _scope_flows(ctx: AbilityContext, inp: FlowScopeIn) -> tuple[list[Flow], bool, tuple[str, int], int | None]:
+    """The targeted flows (locked), whether it is the single form, the audit target and its agent."""
+    given = [n for n in ("flow_id", "pipeline_id", "agent_id") if getattr(inp, n) is not None]
+    if len(given) != 1:
+        raise AbilityError(
+            "invalid_flow_scope",
+            "Give exactly one of flow_id, pipeline_id or agent_id" + (f" (got {', '.join(given)})." if given else "."),
+            given=given,
+        )
+    if inp.flow_id is not None:
+        flow = await load_flow(ctx, inp.flow_id, "operator", mutating=True, lock=True)
+        return [flow], True, ("flow", flow.flow_id), flow.agent_id
+    if inp.pipeline_id is not None:
+        pipeline = await load_pipeline(ctx, inp.pipeline_id, "viewer", mutating=False)
+        return (
+            await flows_of(ctx, pipeline.pipeline_id, lock=True),
+            False,
+            ("pipeline", inp.pipeline_id),
+            pipeline.agent_id,
+        )
+    assert inp.agent_id is not None
+    agent = await ctx.session.get(Agent, inp.agent_id)
+    if agent is None:
+        raise AbilityError("agent_not_found", f"Agent {inp.agent_id} not found.", agent_id=inp.agent_id)
+    await ctx.access.authorize(
+        agent_owner(agent), "viewer", mutating=False, target={"type": "agent", "id": agent.agent_id}
+    )
+    stmt = ctx.db.for_update(select(Flow).where(Flow.agent_id == agent.agent_id).order_by(Flow.flow_id))
+    return list((await ctx.session.execute(stmt)).scalars()), False, ("agent", agent.agent_id), agent.agent_id
+
+
+async def _operable(ctx: AbilityContext, flow: Flow, cache: dict[Any, Owner]) -> tuple[str, str] | None:
+    """None when the caller may operate the flow, else (status, message)."""
+    key = (flow.agent_id, flow.user_id)
+    if key not in cache:
+        cache[key] = await owner_of(ctx, flow.agent_id, flow.user_id)
+    try:
+        await ctx.access.authorize(cache[key], "operator", mutating=True, target=flow_target(flow.flow_id))
+    except AccessDenied as err:
+        return "agent_access_denied", err.message
+    except AbilityError as err:
+        return err.code, err.message
+    return None
+
+
+@ability(
+    "pause-flow",
+    toolset="flows",
+    level="operator",
+    idempotent=True,
+    description=(
+        "Pause scheduled runs of one flow, all flows of a pipeline, or all flows of an agent. The schedule is kept "
+        "for resume-flow."
+    ),
+)
+async def pause_flow(ctx: AbilityContext, inp: FlowScopeIn) -> PauseFlowOut:
+    flows, single, target, agent_id = await _scope_flows(ctx, inp)
+    now = utcnow()
+    results: list[dict[str, Any]] = []
+    changed: list[Flow] = []
+    owners: dict[Any, Owner] = {}
+    for flow in flows:
+        if not single:
+            refusal = await _operable(ctx, flow, owners)
+            if refusal is not None:
+                results.append({"flow_id": flow.flow_id, "status": refusal[0], "message": refusal[1]})
+                continue
+        config = flow.scheduling_config or {"interval": "manual"}
+        if config.get("enabled") is False:
+            results.append({"flow_id": flow.flow_id, "status": "already_paused"})
+            continue
+        flow.scheduling_config = sched.pause(config)
+        flow.next_run_at = None
+        flow.updated_at = now
+        changed.append(flow)
+        results.append({"flow_id": flow.flow_id, "status": "paused"})
+    counts = {
+        "paused": sum(r["status"] == "paused" for r in results),
+        "skipped": sum(r["status"] == "already_paused" for r in results),
+    }
+    counts["errors"] = len(results) - counts["paused"] - counts["skipped"]
+    out = {**counts, "partial": 0 < counts["errors"] < len(results), "flows": results}
+    if results and counts["errors"] == len(results):
+        raise AbilityError("flow_pause_failed", f"None of the {len(results)} targeted flow(s) could be paused.", **out)
+    if changed:
+        await ctx.audit(
+            f"{len(changed)} flow(s) paused",
+            target=target,
+            changes=["scheduling_config.enabled"],
+            agent_id=agent_id,
+            flow_id=changed[0].flow_id if single else None,
+            flow_ids=[f.flow_id for f in changed],
+        )
+        for flow in changed:
+            notify_flow(ctx, flow)
+    return PauseFlowOut.model_validate(out)
+
+
+@ability(
+    "resume-flow",
+    toolset="flows",
+    level="operator",
+    idempotent=True,
+    description="Resume paused flows (one flow, a pipeline's flows or an agent's flows) and recompute their next run.",
+)
+async def resume_flow(ctx: AbilityContext, inp: FlowScopeIn) -> ResumeFlowOut:
+    flows, single, target, agent_id = await _scope_flows(ctx, inp)
+    now = utcnow()
+    results: list[dict[str, Any]] = []
+    changed: list[Flow] = []
+    owners: dict[Any, Owner] = {}
+    for flow in flows:
+        if not single:
+            refusal = await _operable(ctx, flow, owners)
+            if refusal is not None:
+                results.append({"flow_id": flow.flow_id, "status": refusal[0]})
+                continue
+        config = flow.scheduling_config or {"interval": "manual"}
+        if config.get("enabled") is not False:
+            results.append({"flow_id": flow.flow_id, "status": "not_paused"})
+            continue
+        try:
+            new_config, next_run = sched.resume(config, flow_id=flow.flow_id, now=now)
+        except (sched.ScheduleError, KeyError, ValueError, TypeError):
+            results.append({"flow_id": flow.flow_id, "status": "resume_error"})
+            continue
+        flow.scheduling_config = new_config
+        flow.next_run_at = next_run
+        flow.updated_at = now
+        changed.append(flow)
+        entry: dict[str, Any] = {"flow_id": flow.flow_id, "status": "resumed"}
+        if next_run is not None:
+            entry["next_run"] = iso(next_run)
+        results.append(entry)
+    resumed = sum(r["status"] == "resumed" for r in results)
+    skipped = sum(r["status"] == "not_paused" for r in results)
+    errors = len(results) - resumed - skipped
+    out = {
+        "resumed": resumed,
+        "skipped": skipped,
+        "errors": errors,
+        "partial": 0 < errors < len(results),
+        "flows": results,
+    }
+    if results and errors == len(results):
+        raise AbilityError(
+            "flow_resume_failed", f"None of the {len(results)} targeted flow(s) could be resumed.", **out
+        )
+    if changed:
+        await ctx.audit(
+            f"{len(changed)} flow(s) resumed",
+            target=target,
+            changes=["scheduling_config.enabled"],
+            agent_id=agent_id,
+            flow_id=changed[0].flow_id if single else None,
+            flow_ids=[f.flow_id for f in changed],
+        )
+        for flow in changed:
+            notify_flow(ctx, flow)
+    return ResumeFlowOut.model_validate(out)
+
+
+# --- schedule-flow ----------------------------------------------------------------------------
+
+
+class ScheduleFlowIn(Input):
+    flow_id: int = Field(ge=1, description="Flow to schedule")
+    interval_or_timestamp: str | int = Field(
+        description='"manual", an interval key or alias (e.g. hourly), a cron expression ("0 9 * * 1-5", "@daily"), '
+        "or Unix seconds for one run"
+    )
+
+
+class ScheduleFlowOut(Output):
+    flow_id: int = Field(description="Flow id")
+    schedule_type: Literal["manual", "one_time", "cron", "recurring"] = Field(description="Kind of schedule")
+    scheduled_time: str | None = Field(description="Next run (ISO 8601 UTC); null when manual or paused")
+    scheduling_config: dict[str, Any] = Field(description="The stored schedule")
+    scheduling_unchanged: bool = Field(description="True when the schedule already was this one")
+
+
+def interpret_schedule_value(value: str | int, previous: dict[str, Any]) -> dict[str, Any]:
+    """schedule-flow's single value as client keys; enabled, a cron's timezone and allow_overlap are kept."""
+    if isinstance(value, int):
+        raw: dict[str, Any] = {"interval": "one_time", "timestamp": value}
+    else:
+        text = value.strip()
+        if text == "manual":
+            raw = {"interval": "manual"}
+        elif text.isdigit():
+            raw = {"interval": "one_time", "timestamp": int(text)}
+        elif sched.looks_like_cron(text):
+            raw = {"interval": "cron", "cron_expression": text}
+            if isinstance(previous.get("timezone"), str):
+                raw["timezone"] = previous["timezone"]
+        else:
+            raw = {"interval": text}
+    if isinstance(raw.get("timestamp"), int) and raw["timestamp"] <= 0:
+        raise AbilityError("missing_timestamp", "A one-time run needs a positive Unix timestamp.")
+    if previous.get("enabled") is False:
+        raw["enabled"] = False
+    if isinstance(previous.get("allow_overlap"), bool):
+        raw["allow_overlap"] = previous["allow_overlap"]  # a flag of the flow, not part of the value
+    return raw
+
+
+@ability(
+    "schedule-flow",
+    toolset="flows",
+    level="admin",
+    idempotent=True,
+    description=(
+        "Set a flow's schedule in one value: 'manual', an interval key (e.g. hourly), a cron expression, or a Unix "
+        "timestamp for one run."
+    ),
+)
+async def schedule_flow(ctx: AbilityContext, inp: ScheduleFlowIn) -> ScheduleFlowOut:
+    flow = await load_flow(ctx, inp.flow_id, "admin", mutating=True, lock=True)
+    previous = sched.client_keys(flow.scheduling_config)
+    client = normalize_schedule(interpret_schedule_value(inp.interval_or_timestamp, previous))
+    now = utcnow()
+    changed = set_schedule(flow, client, now=now)
+    if changed:
+        flow.updated_at = now
+        await ctx.audit(
+            f"flow {flow.flow_id} scheduled ({client['interval']})",
+            target=("flow", flow.flow_id),
+            changes=["scheduling_config"],
+            agent_id=flow.agent_id,
+            flow_id=flow.flow_id,
+            pipeline_id=flow.pipeline_id,
+        )
+        notify_flow(ctx, flow)
+    interval = client["interval"]
+    kind = interval if interval in ("manual", "one_time", "cron") else "recurring"
+    return ScheduleFlowOut(
+        flow_id=flow.flow_id,
+        schedule_type=kind,
+        scheduled_time=iso(flow.next_run_at),
+        scheduling_config=mask_schedule(flow.scheduling_config),
+        scheduling_unchanged=not changed,
+    )
+
+
+# --- get-scheduling-intervals -----------------------------------------------------------------
+
+
+class NoInput(Input):
+    pass
+
+
+class IntervalOut(Output):
+    value: str = Field(description="Value for scheduling_config.interval")
+    label: str = Field(description="Display label")
+    seconds: int | None = Field(description="Period in seconds (null for manual, one_time and cron)")
+
+
+class IntervalsOut(Output):
+    intervals: list[IntervalOut] = Field(description="manual, one_time, cron, then the interval keys by period")
+    aliases: dict[str, str] = Field(description="Accepted aliases and the key each is stored as")
+
+
+@ability(
+    "get-scheduling-intervals",
+    toolset="flows",
+    level="any",
+    read_only=True,
+    idempotent=True,
+    description=(
+        "List the valid schedule interval values (manual, one_time, cron and named intervals such as hourly, daily)."
+    ),
+)
+async def get_scheduling_intervals(ctx: AbilityContext, inp: NoInput) -> IntervalsOut:
+    return IntervalsOut.model_validate({"intervals": sched.describe_intervals(), "aliases": dict(sched.ALIASES)})

@@ -1,0 +1,87 @@
+"""Shared pieces of the pipeline tools (abilities.md §5): the step-seed input, the owner of a new pipeline
+and step renumbering, used by create-pipeline, the step tools, import-pipelines and the workflow checks.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import ConfigDict, Field
+
+from abilities.access import Owner
+from abilities.agent_common import agent_owner
+from abilities.context import AbilityContext
+from abilities.errors import AbilityError
+from abilities.pipeline_common import ordered_steps
+from abilities.schema import Input
+from storage.models import Agent
+
+
+class StepSeedIn(Input):
+    """A pipeline-step seed: label, AI fields, handler defaults; other keys are kept (storage.md §7.1)."""
+
+    model_config = ConfigDict(extra="allow")
+
+    label: str | None = Field(None, max_length=255, description="Display label (default: the step type's label)")
+    handler_slug: str | None = Field(
+        None, max_length=100, description="fetch/publish/update: default handler seeded into new flow steps"
+    )
+    handler: str | None = Field(None, max_length=100, description="Alternative spelling of handler_slug")
+    handler_config: dict[str, Any] | None = Field(
+        None, description="Default config of handler_slug (validated; secrets encrypted)"
+    )
+    system_prompt: str | None = Field(None, max_length=50000, description="ai: system prompt")
+    provider: str | None = Field(None, max_length=50, description="ai: openai, anthropic, sampling or '' (default)")
+    model: str | None = Field(None, max_length=100, description="ai: model ('' = default)")
+    temperature: float | None = Field(None, ge=0, le=2, description="ai: sampling temperature 0..2")
+    max_tokens: int | None = Field(None, ge=1, le=32000, description="ai: reply token cap")
+    skip_marker: str | None = Field(None, max_length=50, description="ai: reply prefix that skips the item")
+
+
+def seed_of(model: Input) -> dict[str, Any]:
+    """The fields the caller set, without ``None`` values (a step seed as a dict)."""
+    return {k: v for k, v in model.model_dump(exclude_unset=True).items() if v is not None}
+
+
+async def agent_or_error(ctx: AbilityContext, agent_id: int) -> Agent:
+    agent = await ctx.session.get(Agent, agent_id)
+    if agent is None:
+        raise AbilityError("agent_not_found", f"Agent {agent_id} not found.", agent_id=agent_id)
+    return agent
+
+
+async def new_resource_owner(
+    ctx: AbilityContext, agent_id: int | None, *, shared: bool = False, what: str = "pipeline"
+) -> tuple[int | None, int]:
+    """(agent_id, user_id) of a new pipeline, with admin on it checked (abilities.md §2.3, access.md §3.5).
+
+    The ``agent_id`` input, else the principal's agent, else the caller's user; ``shared`` (global
+    administrators) makes a user-0 resource without an agent.
+    """
+    p = ctx.principal
+    if shared:
+        ctx.access.require_global_admin(f"Creating a shared {what} (shared: true)", target={"type": "user", "id": 0})
+        if agent_id is not None:
+            raise AbilityError(
+                "invalid_input",
+                f"A shared {what} belongs to no agent: omit agent_id, or omit shared to create it for the agent.",
+                errors=[{"field": "agent_id", "message": "not allowed with shared: true"}],
+            )
+        await ctx.access.authorize(
+            Owner(agent_id=None, user_id=0), "admin", mutating=True, target={"type": "user", "id": 0}
+        )
+        return None, 0
+    target = agent_id if agent_id is not None else p.agent_id
+    if target is not None:
+        agent = await agent_or_error(ctx, target)
+        await ctx.access.authorize(agent_owner(agent), "admin", mutating=True, target={"type": "agent", "id": target})
+        return target, p.user_id
+    await ctx.access.authorize(
+        Owner(agent_id=None, user_id=p.user_id), "admin", mutating=True, target={"type": "user", "id": p.user_id}
+    )
+    return None, p.user_id
+
+
+def renumber(config: dict[str, Any]) -> dict[str, Any]:
+    """A pipeline_config with execution_order 0..n-1 in the current order (new step dicts)."""
+    return {s["pipeline_step_id"]: {**s, "execution_order": i} for i, s in enumerate(ordered_steps(config))}

@@ -1,0 +1,147 @@
+"""Workflow steps (abilities.md §3 WorkflowStep): the input models and their semantic validation, shared by
+create-pipeline's workflow mode and execute-workflow.
+"""
+
+from __future__ import annotations
+
+import uuid
+from typing import Any
+
+from pydantic import Field
+
+from abilities.context import AbilityContext
+from abilities.errors import AbilityError
+from abilities.flow_ops import StepEdit, apply_step_edit
+from abilities.pipeline_common import seed_flow_step
+from abilities.pipeline_shapes import seed_of
+from abilities.schema import Input
+from engine.catalog import AI_FIELDS, HANDLERS, PROVIDERS, STEP_TYPES
+from storage.crypto import mask
+
+
+class WorkflowStepIn(Input):
+    """WorkflowStep (abilities.md §3)."""
+
+    step_type: str = Field(
+        max_length=50, description="fetch, ai, publish, update, approval, webhook_gate or system_task"
+    )
+    label: str | None = Field(None, max_length=255, description="Display label (default: the step type's label)")
+    handler_slugs: list[str] | None = Field(
+        None, max_length=10, description="fetch: exactly one handler; publish/update: one or more, in run order"
+    )
+    handler_configs: dict[str, dict[str, Any]] | None = Field(None, description="Config per handler slug")
+    flow_step_settings: dict[str, Any] | None = Field(
+        None, description="Settings of an approval, webhook_gate or system_task step"
+    )
+    user_message: str | None = Field(None, max_length=20000, description="ai: the prompt (a one-entry static queue)")
+    system_prompt: str | None = Field(None, max_length=50000, description="ai: system prompt")
+    provider: str | None = Field(None, max_length=50, description="ai: openai, anthropic, sampling or '' (default)")
+    model: str | None = Field(None, max_length=100, description="ai: model ('' = default)")
+    temperature: float | None = Field(None, ge=0, le=2, description="ai: sampling temperature 0..2")
+    max_tokens: int | None = Field(None, ge=1, le=32000, description="ai: reply token cap")
+    skip_marker: str | None = Field(None, max_length=50, description="ai: reply prefix that skips the item")
+    handler_slug: Any = Field(None, description="Legacy, rejected (invalid_workflow): use handler_slugs")
+    handler_config: Any = Field(None, description="Legacy, rejected (invalid_workflow): use handler_configs")
+
+
+class WorkflowIn(Input):
+    steps: list[WorkflowStepIn] = Field(min_length=1, max_length=50, description="Steps in execution order")
+
+
+PREVIEW_KEYS = ("handler_slugs", "handler_configs", "flow_step_settings", "queue_mode", "prompt_queue")
+
+
+def validate_workflow(ctx: AbilityContext, steps: list[WorkflowStepIn], files_roots: Any) -> list[dict[str, Any]]:
+    """Semantic checks of workflow steps (invalid_workflow lists every problem); returns the edits per step.
+
+    Each result is ``{seed, edit}``: the pipeline-step seed (type, label, AI fields) and the flow-step
+    configuration (handler_slugs, handler_configs, flow_step_settings, user_message).
+    """
+    problems: list[dict[str, Any]] = []
+    out: list[dict[str, Any]] = []
+
+    def problem(i: int, message: str, field: str | None = None) -> None:
+        entry: dict[str, Any] = {"step": i, "message": message}
+        if field is not None:
+            entry["field"] = field
+        problems.append(entry)
+
+    for i, step in enumerate(steps):
+        given = step.model_fields_set
+        count_before = len(problems)
+        spec = STEP_TYPES.get(step.step_type)
+        for legacy in ("handler_slug", "handler_config"):
+            if legacy in given:
+                problem(
+                    i,
+                    f"Step {i} uses unsupported legacy field {legacy}; use handler_slugs and handler_configs",
+                    legacy,
+                )
+        if spec is None:
+            problem(i, f"Step {i} has unknown step_type '{step.step_type}'", "step_type")
+            continue
+        slugs = step.handler_slugs or []
+        if spec.uses_handler:
+            for slug in slugs:
+                if slug not in HANDLERS:
+                    raise AbilityError(
+                        "handler_not_found",
+                        f"Handler '{slug}' not found. Registered handlers: {', '.join(HANDLERS)}.",
+                        handler_slug=slug,
+                        step=i,
+                    )
+            if step.step_type == "fetch" and len(slugs) != 1:
+                problem(i, f"Step {i} (fetch) requires exactly one handler", "handler_slugs")
+            elif not slugs:
+                problem(i, f"Step {i} requires at least one handler", "handler_slugs")
+            if step.flow_step_settings is not None:
+                problem(
+                    i,
+                    f"Step {i} ({step.step_type}) uses handlers; flow_step_settings do not apply",
+                    "flow_step_settings",
+                )
+        else:
+            for name in ("handler_slugs", "handler_configs"):
+                if getattr(step, name) is not None:
+                    problem(i, f"Step {i} ({step.step_type}) uses no handler; remove {name}", name)
+        if step.step_type != "ai":
+            for name in ("user_message", *AI_FIELDS):
+                if getattr(step, name) is not None:
+                    problem(i, f"Step {i} ({step.step_type}): {name} applies to ai steps only", name)
+        elif step.provider is not None and step.provider not in ("", *PROVIDERS):
+            problem(
+                i, f"Step {i} has unknown provider '{step.provider}' (use {', '.join(PROVIDERS)} or '')", "provider"
+            )
+        edit = {
+            k: v
+            for k, v in (
+                ("handler_slugs", step.handler_slugs),
+                ("handler_configs", step.handler_configs),
+                ("flow_step_settings", step.flow_step_settings),
+                ("user_message", step.user_message),
+            )
+            if v is not None
+        }
+        probe = seed_flow_step(
+            {"pipeline_step_id": f"1_{uuid.uuid4()}", "step_type": step.step_type, "execution_order": i},
+            flow_id=1,
+            pipeline_id=1,
+        )
+        if len(problems) == count_before and edit:
+            try:
+                probe = apply_step_edit(
+                    probe, StepEdit.from_input(edit), box=ctx.runtime.box, files_roots=files_roots
+                ).entry
+            except AbilityError as err:
+                if err.code == "handler_not_found":
+                    raise AbilityError(err.code, err.message, **err.data, step=i) from None
+                field = f"handler_configs.{err.data['handler_slug']}" if "handler_slug" in err.data else None
+                problem(i, f"Step {i}: {err.message}", field)
+        seed = {k: v for k, v in seed_of(step).items() if k in ("step_type", "label", *AI_FIELDS)}
+        preview = {k: v for k, v in mask(probe).items() if k in PREVIEW_KEYS}
+        out.append({"seed": seed, "edit": edit, "preview": preview})
+    if problems:
+        summary = "; ".join(p["message"] for p in problems[:5])
+        more = f" (and {len(problems) - 5} more)" if len(problems) > 5 else ""
+        raise AbilityError("invalid_workflow", f"Invalid workflow: {summary}{more}.", errors=problems)
+    return out
