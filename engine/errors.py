@@ -8,6 +8,7 @@ class (``transport``, ``rate_limit``, ``upstream``), following engine.md §11.2 
 from __future__ import annotations
 
 import email.utils
+import re
 from collections.abc import Mapping
 from datetime import UTC, datetime
 from typing import Any
@@ -91,8 +92,12 @@ def _status_class(status: int | None) -> str | None:
     return None
 
 
+_URL = re.compile(r"\b[a-z][a-z0-9+.-]*://\S+", re.IGNORECASE)
+
+
 def _heuristic(message: str) -> bool:
-    lowered = message.lower()
+    # Addresses are not words: a URL whose port reads "50429" must not make a 401 look like a rate limit.
+    lowered = _URL.sub(" ", message).lower()
     return any(word in lowered for word in HEURISTIC_WORDS)
 
 

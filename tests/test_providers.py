@@ -246,3 +246,15 @@ async def test_ai_slots_limit_requests_in_flight(server, out):
     assert peak == 2 and len(server.requests) == 5
     assert ai_slots(3) is ai_slots(3)  # one process-wide limiter, resized
     assert ai_slots(4).total_tokens == 4
+
+
+def test_a_port_number_in_the_message_is_not_a_retry_hint():
+    """A 401 from a server on port 50429 is not a rate limit: the heuristic reads words, not URLs."""
+    error = StepError(
+        "http_auth_failed",
+        "POST http://127.0.0.1:50429/v1/chat/completions answered 401",
+        http_status=401,
+        provider="openai",
+    )
+    assert classify(error) == (False, None)
+    assert classify(error.to_dict() | {"provider": "openai"}) == (False, None)
