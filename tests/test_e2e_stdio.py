@@ -21,6 +21,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
+import anyio
 import pytest
 from mcp import Client
 from mcp.client.stdio import StdioServerParameters
@@ -262,6 +263,94 @@ async def test_idempotency_key_returns_the_same_job(env):
     assert again["job"]["status"] == "completed"
     jobs = await call(client, "get-jobs", {"flow_id": flow["flow_id"]})
     assert jobs["total"] == 1 and len(env.written()) == 1
+
+
+# --- cancelling and approving ----------------------------------------------------------------------
+
+
+async def test_cancel_during_a_long_step_abandons_it(env):
+    """cancel-job while the model call hangs: the job ends cancelled, the worker's heartbeat finds its
+    lease gone and drops the step, nothing is published and the item is released for a later run."""
+    url = env.feed(("slow", "Slow story"))
+    env.answers(FakeResponse(200, completion("Too late."), delay=12))
+    client, node = env.client, env.node
+    await call(client, "update-settings", {"settings": {"lease_ttl_seconds": 15}})  # heartbeat every 3.75 s
+    flow = await pipeline(client, [feed_step(url), AI_STEP, files_step(env.outbox)])
+    started = await call(client, "run-flow", {"flow_id": flow["flow_id"]})
+
+    async def model_called() -> bool:
+        return bool(env.model_requests())
+
+    await wait_until(model_called, seconds=20)
+    cancelled = await call(client, "cancel-job", {"job_id": started["job_id"], "reason": "operator said stop"})
+    assert cancelled["changed"] is True and cancelled["new_status"] == "cancelled - operator said stop"
+    assert node.processed(flow["flow_id"]) == []  # released at once
+    # Past the model's answer: the abandoned step committed nothing and wrote nothing.
+    final = await call(client, "wait-for-job", {"job_id": started["job_id"], "timeout_seconds": 0})
+    await anyio.sleep(14)
+    after = await job(client, started["job_id"])
+    assert after["status"] == "cancelled - operator said stop" and final["final"] is True
+    assert env.written() == [] and node.processed(flow["flow_id"]) == []
+    lost = node.rows(
+        "SELECT count(*) FROM datamachine_logs WHERE job_id = ? AND message LIKE '%lease lost%'", after["job_id"]
+    )
+    assert lost[0][0] == 1
+    # The item is free: a later run (with a prompt model) takes it.
+    env.answers(FakeResponse(200, completion("On time.")))
+    again = await run(client, flow["flow_id"])
+    assert again["job"]["status"] == "completed", again["job"]
+    assert len(env.written()) == 1
+
+
+def approval_step(on_reject: str) -> dict[str, Any]:
+    return {
+        "step_type": "approval",
+        "flow_step_settings": {"description": "Check before publishing", "on_reject": on_reject},
+    }
+
+
+async def gated_run(env: Env, item: str, on_reject: str) -> tuple[dict[str, Any], dict[str, Any], str]:
+    """Run feed → approval → files until the job waits; returns (flow, pending action, job status)."""
+    url = env.world.script(f"/{env.name}/{item}.xml", FakeResponse(200, rss((item, f"Story {item}")), RSS_HEADERS))
+    flow = await pipeline(env.client, [feed_step(url), approval_step(on_reject), files_step(env.outbox)], name=item)
+    started = await call(env.client, "run-flow", {"flow_id": flow["flow_id"]})
+    waited = await call(
+        env.client, "wait-for-job", {"job_id": started["job_id"], "timeout_seconds": 20, "stop_on_waiting": True}
+    )
+    assert waited["job"]["base_status"] == "waiting", waited["job"]
+    actions = await call(env.client, "list-pending-actions", {"flow_id": flow["flow_id"]})
+    (action,) = actions["actions"]
+    assert action["description"] == "Check before publishing" and action["preview"]["title"] == f"Story {item}"
+    return flow, action, waited["job"]["status"]
+
+
+async def test_approval_gate_approve_reject_skip_and_reject_fail(env):
+    client, node = env.client, env.node
+    # accepted: the job resumes after the gate and publishes
+    flow, action, _ = await gated_run(env, "yes", "skip")
+    decided = await call(client, "resolve-pending-action", {"action_id": action["action_id"], "decision": "accepted"})
+    done = await call(client, "wait-for-job", {"job_id": decided["job_id"], "timeout_seconds": 20})
+    assert done["job"]["status"] == "completed" and [p.name for p in env.written()] == ["story-yes.md"]
+    assert node.processed(flow["flow_id"]) == [(ident("yes"), "processed")]
+    second = await fail(client, "resolve-pending-action", {"action_id": action["action_id"], "decision": "rejected"})
+    assert second["code"] == "pending_action_already_resolved" and second["data"]["status"] == "accepted"
+    # rejected with on_reject skip: agent_skipped, the item stays processed (not proposed again)
+    flow, action, _ = await gated_run(env, "skip", "skip")
+    decided = await call(
+        client,
+        "resolve-pending-action",
+        {"action_id": action["action_id"], "decision": "rejected", "note": "off-topic"},
+    )
+    assert decided["job_status"] == "agent_skipped - approval_rejected"
+    assert node.processed(flow["flow_id"]) == [(ident("skip"), "processed")]
+    # rejected with on_reject fail: failed, the item is released
+    flow, action, _ = await gated_run(env, "fail", "fail")
+    decided = await call(client, "resolve-pending-action", {"action_id": action["action_id"], "decision": "rejected"})
+    assert decided["job_status"] == "failed - approval_rejected"
+    assert node.processed(flow["flow_id"]) == []
+    assert [p.name for p in env.written()] == ["story-yes.md"]  # only the accepted item was published
+    recorded = await call(client, "get-pending-action", {"action_id": action["action_id"]})
+    assert recorded["action"]["status"] == "rejected" and recorded["action"]["decided_by_user_id"] == 1
 
 
 # --- publishing safely -----------------------------------------------------------------------------
