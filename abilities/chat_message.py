@@ -36,9 +36,9 @@ from abilities.context import AbilityContext
 from abilities.errors import AbilityError
 from abilities.registry import ability
 from abilities.schema import Input, Output
+from engine.ai_call import complete_http, resolve_provider_model
 from engine.errors import StepError, classify
-from engine.http import Outbound
-from engine.providers import AIRequest, AIResponse, complete
+from engine.providers import AIRequest, AIResponse
 from storage.crypto import SecretUnavailable
 from storage.models import Agent
 from storage.timeutil import iso, utcnow
@@ -75,28 +75,11 @@ class SendChatMessageOut(Output):
     title: str | None = Field(description="Session title (set from the first user message if it had none)")
 
 
-def _first(*values: Any) -> str:
-    for value in values:
-        if isinstance(value, str) and value.strip():
-            return value.strip()
-    return ""
-
-
 def resolve(inp: SendChatMessageIn, session: Any, agent_cfg: dict[str, Any], snap: Any) -> tuple[str, str]:
     """Provider and model, each from the first non-empty of input, session, agent chat mode, agent default,
     settings default (abilities.md §10 note 1)."""
-    mode = (agent_cfg.get("mode_models") or {}).get("chat") or {}
-    if not isinstance(mode, dict):
-        mode = {}
-    provider = _first(
-        inp.provider,
-        session.provider,
-        mode.get("provider"),
-        agent_cfg.get("default_provider"),
-        snap["default_provider"],
-    )
-    model = _first(inp.model, session.model, mode.get("model"), agent_cfg.get("default_model"), snap["default_model"])
-    return provider, model
+    overrides = [(inp.provider, inp.model), (session.provider, session.model)]
+    return resolve_provider_model(overrides, agent_cfg, "chat", snap)
 
 
 def provider_error(err: StepError, provider: str) -> AbilityError:
@@ -131,18 +114,7 @@ async def _call(ctx: AbilityContext, provider: str, request: AIRequest, snap: An
             api_key = ctx.runtime.settings.decrypt_api_key(snap, provider)
         except SecretUnavailable as err:
             raise StepError("secret_unavailable", f"The {provider} API key cannot be decrypted: {err}") from None
-        options = dict((snap["ai_providers"] or {}).get(provider) or {})
-        timeout = snap.int("ai_request_timeout_seconds")
-        async with Outbound(snap, version=ctx.runtime.version, timeout=timeout) as outbound:
-            return await complete(
-                provider,
-                request,
-                base_url=options.get("base_url"),
-                api_key=api_key,
-                version=options.get("version"),
-                outbound=outbound,
-                timeout=timeout,
-            )
+        return await complete_http(provider, request, settings=snap, api_key=api_key, version=ctx.runtime.version)
 
 
 @ability(

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from datetime import datetime
 from typing import Any, Literal
 
 from pydantic import Field
@@ -106,6 +108,81 @@ async def _operable(ctx: AbilityContext, flow: Flow, cache: dict[Any, Owner]) ->
     return None
 
 
+async def _for_each_flow(
+    ctx: AbilityContext,
+    inp: FlowScopeIn,
+    act: Callable[[Flow, datetime], dict[str, Any]],
+    *,
+    done: str,
+    skipped: str,
+    code: str,
+    refusal_message: bool,
+) -> dict[str, Any]:
+    """pause-flow / resume-flow: ``act`` on each targeted flow the caller may operate (its result entry;
+    status ``done`` when it changed the flow), then the output counts (``done`` also names that count).
+    Fails with ``code`` when every targeted flow failed, else audits and announces the changed flows."""
+    flows, single, target, agent_id = await _scope_flows(ctx, inp)
+    now = utcnow()
+    results: list[dict[str, Any]] = []
+    changed: list[Flow] = []
+    owners: dict[Any, Owner] = {}
+    for flow in flows:
+        if not single:
+            refusal = await _operable(ctx, flow, owners)
+            if refusal is not None:
+                entry = {"flow_id": flow.flow_id, "status": refusal[0]}
+                results.append({**entry, "message": refusal[1]} if refusal_message else entry)
+                continue
+        result = act(flow, now)
+        if result["status"] == done:
+            changed.append(flow)
+        results.append(result)
+    counts = {done: sum(r["status"] == done for r in results), "skipped": sum(r["status"] == skipped for r in results)}
+    counts["errors"] = len(results) - counts[done] - counts["skipped"]
+    out = {**counts, "partial": 0 < counts["errors"] < len(results), "flows": results}
+    if results and counts["errors"] == len(results):
+        raise AbilityError(code, f"None of the {len(results)} targeted flow(s) could be {done}.", **out)
+    if changed:
+        await ctx.audit(
+            f"{len(changed)} flow(s) {done}",
+            target=target,
+            changes=["scheduling_config.enabled"],
+            agent_id=agent_id,
+            flow_id=changed[0].flow_id if single else None,
+            flow_ids=[f.flow_id for f in changed],
+        )
+        for flow in changed:
+            notify_flow(ctx, flow)
+    return out
+
+
+def _pause(flow: Flow, now: datetime) -> dict[str, Any]:
+    config = flow.scheduling_config or {"interval": "manual"}
+    if config.get("enabled") is False:
+        return {"flow_id": flow.flow_id, "status": "already_paused"}
+    flow.scheduling_config = sched.pause(config)
+    flow.next_run_at = None
+    flow.updated_at = now
+    return {"flow_id": flow.flow_id, "status": "paused"}
+
+
+def _resume(flow: Flow, now: datetime) -> dict[str, Any]:
+    config = flow.scheduling_config or {"interval": "manual"}
+    if config.get("enabled") is not False:
+        return {"flow_id": flow.flow_id, "status": "not_paused"}
+    try:
+        new_config, next_run = sched.resume(config, flow_id=flow.flow_id, now=now)
+    except (sched.ScheduleError, KeyError, ValueError, TypeError):
+        return {"flow_id": flow.flow_id, "status": "resume_error"}
+    flow.scheduling_config = new_config
+    flow.next_run_at = next_run
+    flow.updated_at = now
+    entry: dict[str, Any] = {"flow_id": flow.flow_id, "status": "resumed"}
+    if next_run is not None:
+        entry["next_run"] = iso(next_run)
+    return entry
+
+
 @ability(
     "pause-flow",
     toolset="flows",
@@ -117,45 +194,9 @@ async def _operable(ctx: AbilityContext, flow: Flow, cache: dict[Any, Owner]) ->
     ),
 )
 async def pause_flow(ctx: AbilityContext, inp: FlowScopeIn) -> PauseFlowOut:
-    flows, single, target, agent_id = await _scope_flows(ctx, inp)
-    now = utcnow()
-    results: list[dict[str, Any]] = []
-    changed: list[Flow] = []
-    owners: dict[Any, Owner] = {}
-    for flow in flows:
-        if not single:
-            refusal = await _operable(ctx, flow, owners)
-            if refusal is not None:
-                results.append({"flow_id": flow.flow_id, "status": refusal[0], "message": refusal[1]})
-                continue
-        config = flow.scheduling_config or {"interval": "manual"}
-        if config.get("enabled") is False:
-            results.append({"flow_id": flow.flow_id, "status": "already_paused"})
-            continue
-        flow.scheduling_config = sched.pause(config)
-        flow.next_run_at = None
-        flow.updated_at = now
-        changed.append(flow)
-        results.append({"flow_id": flow.flow_id, "status": "paused"})
-    counts = {
-        "paused": sum(r["status"] == "paused" for r in results),
-        "skipped": sum(r["status"] == "already_paused" for r in results),
-    }
-    counts["errors"] = len(results) - counts["paused"] - counts["skipped"]
-    out = {**counts, "partial": 0 < counts["errors"] < len(results), "flows": results}
-    if results and counts["errors"] == len(results):
-        raise AbilityError("flow_pause_failed", f"None of the {len(results)} targeted flow(s) could be paused.", **out)
-    if changed:
-        await ctx.audit(
-            f"{len(changed)} flow(s) paused",
-            target=target,
-            changes=["scheduling_config.enabled"],
-            agent_id=agent_id,
-            flow_id=changed[0].flow_id if single else None,
-            flow_ids=[f.flow_id for f in changed],
-        )
-        for flow in changed:
-            notify_flow(ctx, flow)
+    out = await _for_each_flow(
+        ctx, inp, _pause, done="paused", skipped="already_paused", code="flow_pause_failed", refusal_message=True
+    )
     return PauseFlowOut.model_validate(out)
 
 
@@ -167,59 +208,10 @@ async def pause_flow(ctx: AbilityContext, inp: FlowScopeIn) -> PauseFlowOut:
     description="Resume paused flows (one flow, a pipeline's flows or an agent's flows) and recompute their next run.",
 )
 async def resume_flow(ctx: AbilityContext, inp: FlowScopeIn) -> ResumeFlowOut:
-    flows, single, target, agent_id = await _scope_flows(ctx, inp)
-    now = utcnow()
-    results: list[dict[str, Any]] = []
-    changed: list[Flow] = []
-    owners: dict[Any, Owner] = {}
-    for flow in flows:
-        if not single:
-            refusal = await _operable(ctx, flow, owners)
-            if refusal is not None:
-                results.append({"flow_id": flow.flow_id, "status": refusal[0]})
-                continue
-        config = flow.scheduling_config or {"interval": "manual"}
-        if config.get("enabled") is not False:
-            results.append({"flow_id": flow.flow_id, "status": "not_paused"})
-            continue
-        try:
-            new_config, next_run = sched.resume(config, flow_id=flow.flow_id, now=now)
-        except (sched.ScheduleError, KeyError, ValueError, TypeError):
-            results.append({"flow_id": flow.flow_id, "status": "resume_error"})
-            continue
-        flow.scheduling_config = new_config
-        flow.next_run_at = next_run
-        flow.updated_at = now
-        changed.append(flow)
-        entry: dict[str, Any] = {"flow_id": flow.flow_id, "status": "resumed"}
-        if next_run is not None:
-            entry["next_run"] = iso(next_run)
-        results.append(entry)
-    resumed = sum(r["status"] == "resumed" for r in results)
-    skipped = sum(r["status"] == "not_paused" for r in results)
-    errors = len(results) - resumed - skipped
-    out = {
-        "resumed": resumed,
-        "skipped": skipped,
-        "errors": errors,
-        "partial": 0 < errors < len(results),
-        "flows": results,
-    }
-    if results and errors == len(results):
-        raise AbilityError(
-            "flow_resume_failed", f"None of the {len(results)} targeted flow(s) could be resumed.", **out
-        )
-    if changed:
-        await ctx.audit(
-            f"{len(changed)} flow(s) resumed",
-            target=target,
-            changes=["scheduling_config.enabled"],
-            agent_id=agent_id,
-            flow_id=changed[0].flow_id if single else None,
-            flow_ids=[f.flow_id for f in changed],
-        )
-        for flow in changed:
-            notify_flow(ctx, flow)
+    # ResumedFlow has no message field: a refused flow shows only its status.
+    out = await _for_each_flow(
+        ctx, inp, _resume, done="resumed", skipped="not_paused", code="flow_resume_failed", refusal_message=False
+    )
     return ResumeFlowOut.model_validate(out)
 
 

@@ -19,9 +19,10 @@ from abilities.registry import ability
 from abilities.schema import Input, Output
 from engine import claims
 from engine import status as st
+from engine.jobs import flow_snapshot
 from engine.lifecycle import cancel_descendants, ed, finish
 from engine.maintenance import reopen_for_retry
-from engine.plan import SNAPSHOT_KEYS, PlanError, first_handler, resolve_plan, snapshot
+from engine.plan import SNAPSHOT_KEYS, PlanError, first_handler, resolve_plan
 from storage.models import Flow, Job, Pipeline
 from storage.timeutil import utcnow
 
@@ -208,14 +209,12 @@ async def _resnapshot(ctx: AbilityContext, job: Job) -> None:
     except PlanError as err:
         raise AbilityError(err.code, err.message, **err.data) from None
     data = ed(job)
-    snap = snapshot(
+    snap = flow_snapshot(
+        flow,
+        pipeline,
         job=dict(
             data.get("job") or {"job_id": job.job_id, "flow_id": flow.flow_id, "pipeline_id": pipeline.pipeline_id}
         ),
-        flow={"flow_id": flow.flow_id, "name": flow.flow_name, "scheduling": dict(flow.scheduling_config or {})},
-        pipeline={"pipeline_id": pipeline.pipeline_id, "name": pipeline.pipeline_name},
-        flow_config=dict(flow.flow_config or {}),
-        pipeline_config=dict(pipeline.pipeline_config or {}),
         dry_run=bool(data.get("dry_run_mode")),
     )
     job.engine_data = {**{k: v for k, v in data.items() if k not in SNAPSHOT_KEYS}, **snap}

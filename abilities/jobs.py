@@ -146,6 +146,17 @@ async def wait_and_describe(
     }
 
 
+async def wait_into(ctx: AbilityContext, out: dict[str, Any], job_id: int, seconds: float) -> None:
+    """run-flow / execute-workflow with wait_seconds: wait, then put the job, final, timed_out and the status
+    it reached into ``out`` (nothing when ``seconds`` is 0)."""
+    if seconds <= 0:
+        return
+    waited = await wait_and_describe(ctx, job_id, seconds)
+    out.update(
+        job=waited["job"], final=waited["final"], timed_out=waited["timed_out"], status=waited["job"]["base_status"]
+    )
+
+
 # --- run-flow -------------------------------------------------------------------------------------
 
 
@@ -261,11 +272,7 @@ async def run_flow(ctx: AbilityContext, inp: RunFlowIn) -> RunFlowOut:
         "replayed": created.replayed,
         "skipped": False,
     }
-    if inp.wait_seconds > 0:
-        waited = await wait_and_describe(ctx, job_id, inp.wait_seconds)
-        out.update(
-            job=waited["job"], final=waited["final"], timed_out=waited["timed_out"], status=waited["job"]["base_status"]
-        )
+    await wait_into(ctx, out, job_id, inp.wait_seconds)
     return RunFlowOut.model_validate(out)
 
 

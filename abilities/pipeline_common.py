@@ -11,7 +11,7 @@ import re
 import uuid
 from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from pydantic import ConfigDict, Field
 from sqlalchemy import func, select
@@ -28,6 +28,7 @@ from storage.models import Agent, Flow, Job, Pipeline
 ACTIVE_STATUSES = ("pending", "processing", "waiting")
 UUID4 = r"[0-9a-f]{8}-[0-9a-f]{4}-4[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}"
 PIPELINE_STEP_RE = re.compile(rf"^([0-9]+)_{UUID4}$")
+Owned = TypeVar("Owned", Pipeline, Flow)
 
 
 # --- identifiers (storage.md §6.1-6.2) -----------------------------------------------------------
@@ -71,38 +72,34 @@ async def owner_of(ctx: AbilityContext, agent_id: int | None, user_id: int) -> O
     return Owner(agent_id=agent_id, user_id=user_id, agent_status=status, agent_slug=slug)
 
 
+async def _load_owned(
+    ctx: AbilityContext, model: type[Owned], kind: str, key: int, required: Role, *, mutating: bool, lock: bool
+) -> Owned:
+    """The ``kind`` row ``key`` (``{kind}_not_found`` first), once the caller holds ``required`` on its owner."""
+    id_column = getattr(model, f"{kind}_id")
+    stmt = select(model).where(id_column == key)
+    if lock:
+        stmt = ctx.db.for_update(stmt)
+    row = (await ctx.session.execute(stmt)).scalar_one_or_none()
+    if row is None:
+        raise AbilityError(f"{kind}_not_found", f"{kind.capitalize()} {key} not found.", **{f"{kind}_id": key})
+    await ctx.access.authorize(
+        await owner_of(ctx, row.agent_id, row.user_id),
+        required,
+        mutating=mutating,
+        target={"type": kind, "id": key},
+    )
+    return row
+
+
 async def load_pipeline(
     ctx: AbilityContext, pipeline_id: int, required: Role, *, mutating: bool, lock: bool = False
 ) -> Pipeline:
-    stmt = select(Pipeline).where(Pipeline.pipeline_id == pipeline_id)
-    if lock:
-        stmt = ctx.db.for_update(stmt)
-    pipeline = (await ctx.session.execute(stmt)).scalar_one_or_none()
-    if pipeline is None:
-        raise AbilityError("pipeline_not_found", f"Pipeline {pipeline_id} not found.", pipeline_id=pipeline_id)
-    await ctx.access.authorize(
-        await owner_of(ctx, pipeline.agent_id, pipeline.user_id),
-        required,
-        mutating=mutating,
-        target={"type": "pipeline", "id": pipeline_id},
-    )
-    return pipeline
+    return await _load_owned(ctx, Pipeline, "pipeline", pipeline_id, required, mutating=mutating, lock=lock)
 
 
 async def load_flow(ctx: AbilityContext, flow_id: int, required: Role, *, mutating: bool, lock: bool = False) -> Flow:
-    stmt = select(Flow).where(Flow.flow_id == flow_id)
-    if lock:
-        stmt = ctx.db.for_update(stmt)
-    flow = (await ctx.session.execute(stmt)).scalar_one_or_none()
-    if flow is None:
-        raise AbilityError("flow_not_found", f"Flow {flow_id} not found.", flow_id=flow_id)
-    await ctx.access.authorize(
-        await owner_of(ctx, flow.agent_id, flow.user_id),
-        required,
-        mutating=mutating,
-        target={"type": "flow", "id": flow_id},
-    )
-    return flow
+    return await _load_owned(ctx, Flow, "flow", flow_id, required, mutating=mutating, lock=lock)
 
 
 # --- steps and syncing -------------------------------------------------------------------------

@@ -11,6 +11,7 @@ from typing import Any, Literal
 
 from pydantic import Field
 
+from abilities.access import Role
 from abilities.context import AbilityContext
 from abilities.errors import AbilityError
 from abilities.flow_steps import FSID_DESC, lookup_flow_step, replace_step
@@ -142,6 +143,16 @@ def _mode(entry: dict[str, Any]) -> str:
     return mode if mode in ("static", "drain", "loop") else "static"
 
 
+async def _ai_queue(
+    ctx: AbilityContext, inp: QueueTarget, *, write: bool
+) -> tuple[Flow, dict[str, Any], list[dict[str, Any]]]:
+    """The flow (locked, operator, when ``write``; else viewer), its ai step and that step's prompt queue."""
+    role: Role = "operator" if write else "viewer"
+    flow, entry, _ = await lookup_flow_step(ctx, inp.flow_step_id, inp.flow_id, role, mutating=write, lock=write)
+    _require_ai(entry)
+    return flow, entry, _queue(entry)
+
+
 async def _store(ctx: AbilityContext, flow: Flow, entry: dict[str, Any], summary: str, change: str) -> None:
     replace_step(flow, entry)
     await ctx.audit(
@@ -187,12 +198,10 @@ class QueueAddOut(Output):
     ),
 )
 async def queue_add(ctx: AbilityContext, inp: QueueAddIn) -> QueueAddOut:
-    flow, entry, _ = await lookup_flow_step(ctx, inp.flow_step_id, inp.flow_id, "operator", mutating=True, lock=True)
-    _require_ai(entry)
+    flow, entry, queue = await _ai_queue(ctx, inp, write=True)
     prompt = inp.prompt.strip()
     if not prompt:
         raise AbilityError("prompt_required", "prompt is required: give a non-empty prompt to queue.")
-    queue = _queue(entry)
     if not inp.skip_validation:
         match = best_match(prompt, queue)
         if match is not None:
@@ -263,9 +272,7 @@ class QueueListOut(Output):
     description="List the prompts queued on an AI flow step, with the step's queue mode.",
 )
 async def queue_list(ctx: AbilityContext, inp: QueueListIn) -> QueueListOut:
-    flow, entry, _ = await lookup_flow_step(ctx, inp.flow_step_id, inp.flow_id, "viewer", mutating=False)
-    _require_ai(entry)
-    queue = _queue(entry)
+    flow, entry, queue = await _ai_queue(ctx, inp, write=False)
     page = [
         {"index": i, "prompt": str(item.get("prompt", "")), "added_at": item.get("added_at")}
         for i, item in enumerate(queue)
@@ -306,9 +313,7 @@ class QueueRemoveOut(Output):
     description="Remove one prompt from an AI flow step's queue by its 0-based index.",
 )
 async def queue_remove(ctx: AbilityContext, inp: QueueRemoveIn) -> QueueRemoveOut:
-    flow, entry, _ = await lookup_flow_step(ctx, inp.flow_step_id, inp.flow_id, "operator", mutating=True, lock=True)
-    _require_ai(entry)
-    queue = _queue(entry)
+    flow, entry, queue = await _ai_queue(ctx, inp, write=True)
     if inp.index >= len(queue):
         raise AbilityError(
             "queue_index_out_of_range",
@@ -354,9 +359,8 @@ class QueueClearOut(Output):
     description="Remove every prompt from an AI flow step's queue.",
 )
 async def queue_clear(ctx: AbilityContext, inp: QueueTarget) -> QueueClearOut:
-    flow, entry, _ = await lookup_flow_step(ctx, inp.flow_step_id, inp.flow_id, "operator", mutating=True, lock=True)
-    _require_ai(entry)
-    count = len(_queue(entry))
+    flow, entry, queue = await _ai_queue(ctx, inp, write=True)
+    count = len(queue)
     if count:
         await _store(
             ctx,

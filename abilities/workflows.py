@@ -17,7 +17,7 @@ from abilities.context import AbilityContext
 from abilities.errors import AbilityError
 from abilities.flow_ops import StepEdit, apply_step_edit
 from abilities.job_common import JobOut
-from abilities.jobs import MAX_WAIT, publish_changes, wait_and_describe
+from abilities.jobs import MAX_WAIT, publish_changes, wait_into
 from abilities.pipeline_workflow import WorkflowIn, validate_workflow
 from abilities.registry import ability
 from abilities.schema import Input, Opt, Output
@@ -230,9 +230,5 @@ async def execute_workflow(ctx: AbilityContext, inp: ExecuteWorkflowIn) -> Execu
         "scheduled_for": scheduled_for,
         "message": message,
     }
-    if inp.wait_seconds > 0:
-        waited = await wait_and_describe(ctx, job_id, inp.wait_seconds)
-        out.update(
-            job=waited["job"], final=waited["final"], timed_out=waited["timed_out"], status=waited["job"]["base_status"]
-        )
+    await wait_into(ctx, out, job_id, inp.wait_seconds)
     return ExecuteWorkflowOut.model_validate(out)

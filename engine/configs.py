@@ -6,6 +6,7 @@ what a valid config is.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from collections.abc import Mapping
 from pathlib import Path
@@ -113,6 +114,10 @@ def filename_template_error(value: str) -> str | None:
     return None
 
 
+def _missing(fields: Mapping[str, FieldSpec], config: Mapping[str, Any]) -> list[str]:
+    return [n for n, f in fields.items() if f.required and config.get(n) in (None, "")]
+
+
 def check_fields(
     fields: Mapping[str, FieldSpec],
     config: Mapping[str, Any],
@@ -125,7 +130,7 @@ def check_fields(
     if unknown:
         return {"unknown_fields": unknown, "field_specs": {n: f.public() for n, f in fields.items()}}
     if check_required:
-        missing = [n for n, f in fields.items() if f.required and config.get(n) in (None, "")]
+        missing = _missing(fields, config)
         if missing:
             return {"missing_fields": missing}
     errors = []
@@ -138,6 +143,39 @@ def check_fields(
     return {"field_errors": errors} if errors else None
 
 
+def handler_config_problem(
+    handler: HandlerSpec,
+    step_type: str,
+    config: Mapping[str, Any],
+    *,
+    check_required: bool = True,
+    files_roots: list[Path] | None = None,
+    check_kinds: bool = True,
+) -> dict[str, Any] | None:
+    """Problems of a handler config as error data (see :func:`check_fields`), or None when it is valid.
+
+    With ``check_required``, webhook_payload also needs title_path or body_path. ``check_kinds=False``
+    leaves the safety of url/directory/file name fields to the run (the handlers judge the real values).
+    """
+    fields = handler.fields_for(step_type)
+    if not check_kinds:
+        fields = {n: dataclasses.replace(f, kind=None) for n, f in fields.items()}
+    problem = check_fields(fields, config, check_required=check_required, files_roots=files_roots)
+    needs_path = check_required and handler.slug == "webhook_payload"
+    if problem is None and needs_path and not config.get("title_path") and not config.get("body_path"):
+        problem = {"missing_fields": ["title_path|body_path"]}
+    return problem
+
+
+def problem_detail(problem: Mapping[str, Any]) -> str:
+    """The human-readable part of a :func:`check_fields` problem."""
+    if "unknown_fields" in problem:
+        return f"unknown fields: {', '.join(problem['unknown_fields'])}"
+    if "missing_fields" in problem:
+        return f"missing required fields: {', '.join(problem['missing_fields'])}"
+    return "; ".join(e["message"] for e in problem["field_errors"])
+
+
 def validate_handler_config(
     handler: HandlerSpec,
     step_type: str,
@@ -146,23 +184,12 @@ def validate_handler_config(
     check_required: bool = True,
     files_roots: list[Path] | None = None,
 ) -> None:
-    problem = check_fields(
-        handler.fields_for(step_type), config, check_required=check_required, files_roots=files_roots
-    )
-    needs_path = check_required and handler.slug == "webhook_payload"
-    if problem is None and needs_path and not config.get("title_path") and not config.get("body_path"):
-        problem = {"missing_fields": ["title_path|body_path"]}
+    problem = handler_config_problem(handler, step_type, config, check_required=check_required, files_roots=files_roots)
     if problem is None:
         return
-    if "unknown_fields" in problem:
-        detail = f"unknown fields: {', '.join(problem['unknown_fields'])}"
-    elif "missing_fields" in problem:
-        detail = f"missing required fields: {', '.join(problem['missing_fields'])}"
-    else:
-        detail = "; ".join(e["message"] for e in problem["field_errors"])
     raise ConfigError(
         "invalid_handler_config",
-        f"Invalid config for handler '{handler.slug}': {detail}.",
+        f"Invalid config for handler '{handler.slug}': {problem_detail(problem)}.",
         handler_slug=handler.slug,
         **problem,
     )
@@ -173,15 +200,9 @@ def validate_step_settings(step_type: str, settings: Mapping[str, Any], *, check
     problem = check_fields(spec.settings_fields, settings, check_required=check_required, files_roots=None)
     if problem is None:
         return
-    if "unknown_fields" in problem:
-        detail = f"unknown fields: {', '.join(problem['unknown_fields'])}"
-    elif "missing_fields" in problem:
-        detail = f"missing required fields: {', '.join(problem['missing_fields'])}"
-    else:
-        detail = "; ".join(e["message"] for e in problem["field_errors"])
     raise ConfigError(
         "invalid_step_settings",
-        f"Invalid flow_step_settings for a {step_type} step: {detail}.",
+        f"Invalid flow_step_settings for a {step_type} step: {problem_detail(problem)}.",
         step_type=step_type,
         **problem,
     )
@@ -224,4 +245,4 @@ def open_secrets(handler: HandlerSpec, config: Mapping[str, Any], box: SecretBox
 
 
 def missing_required(handler: HandlerSpec, step_type: str, config: Mapping[str, Any]) -> list[str]:
-    return [n for n, f in handler.fields_for(step_type).items() if f.required and config.get(n) in (None, "")]
+    return _missing(handler.fields_for(step_type), config)

@@ -43,6 +43,93 @@ def check_replay(existing: Job, request_fingerprint: str, *, conflict_code: str)
     return Created(existing, replayed=True)
 
 
+async def _replay(
+    session: AsyncSession, idempotency_key: str | None, request_fingerprint: str, *, conflict_code: str
+) -> Created | None:
+    """The existing job of ``idempotency_key`` (a replay), or None when a new job is to be created."""
+    if idempotency_key is None:
+        return None
+    existing = await find_by_key(session, idempotency_key)
+    if existing is None:
+        return None
+    return check_replay(existing, request_fingerprint, conflict_code=conflict_code)
+
+
+def pending_job(
+    *,
+    trigger: str,
+    now: datetime,
+    idempotency_key: str | None,
+    plan: Plan | None,
+    run_at: datetime | None = None,
+    engine_data: dict[str, Any] | None = None,
+    **columns: Any,
+) -> Job:
+    """A new pending Job row: the columns every creator sets alike, plus ``columns`` (owner, ids, label…).
+
+    ``plan`` gives the first step and handler (None: a job created without a plan, failed at once).
+    """
+    return Job(
+        status=st.PENDING,
+        run_trigger=trigger,
+        current_step_id=plan.first["flow_step_id"] if plan is not None else None,
+        handler_slug=first_handler(plan) if plan is not None else None,
+        packets=[],
+        attempts=0,
+        run_at=run_at or now,
+        created_at=now,
+        updated_at=now,
+        idempotency_key=idempotency_key,
+        engine_data={} if engine_data is None else engine_data,
+        **columns,
+    )
+
+
+def flow_job_columns(flow: Flow, pipeline: Pipeline) -> dict[str, Any]:
+    """Owner, ids and label of a job of ``flow`` (a pipeline run)."""
+    return {
+        "user_id": flow.user_id,
+        "agent_id": flow.agent_id,
+        "pipeline_id": str(pipeline.pipeline_id),
+        "flow_id": str(flow.flow_id),
+        "pipeline_key": pipeline.pipeline_id,
+        "flow_key": flow.flow_id,
+        "source": "pipeline",
+        "label": flow.flow_name[:255],
+    }
+
+
+def job_block(
+    job: Job, *, agent_slug: str | None, origin_session_id: str | None, request_fingerprint: str
+) -> dict[str, Any]:
+    """The ``job`` block of a new job's snapshot, from its flushed row (flow/pipeline ids as numbers)."""
+    return {
+        "job_id": job.job_id,
+        "flow_id": job.flow_key if job.flow_key is not None else job.flow_id,
+        "pipeline_id": job.pipeline_key if job.pipeline_key is not None else job.pipeline_id,
+        "user_id": job.user_id,
+        "agent_id": job.agent_id,
+        "agent_slug": agent_slug,
+        "parent_job_id": None,
+        "created_at": iso(job.created_at),
+        "trigger": job.run_trigger,
+        "origin_session_id": origin_session_id,
+        "request_fingerprint": request_fingerprint,
+    }
+
+
+def flow_snapshot(flow: Flow, pipeline: Pipeline, *, job: dict[str, Any], dry_run: bool) -> dict[str, Any]:
+    """The snapshot keys of a run of ``flow`` (its flow, pipeline and both configs as they are now)."""
+    return snapshot(
+        job=job,
+        flow={"flow_id": flow.flow_id, "name": flow.flow_name, "scheduling": dict(flow.scheduling_config or {})},
+        pipeline={"pipeline_id": pipeline.pipeline_id, "name": pipeline.pipeline_name},
+        flow_config=dict(flow.flow_config or {}),
+        pipeline_config=dict(pipeline.pipeline_config or {}),
+        dry_run=dry_run,
+    )
+
+
 def empty_first_queue(plan: Plan, live_flow_config: dict[str, Any]) -> bool:
     """engine.md §3.1 step 7: the first step drains/loops an empty queue, so the run has nothing to do."""
     first = plan.first
@@ -72,58 +159,27 @@ async def create_flow_job(
 ) -> Created:
     """A pending job for ``flow`` (engine.md §3.1 step 9); replays an existing job for the same key."""
     request_fingerprint = fingerprint(request)
-    if idempotency_key is not None:
-        existing = await find_by_key(session, idempotency_key)
-        if existing is not None:
-            return check_replay(existing, request_fingerprint, conflict_code="idempotency_key_conflict")
+    replay = await _replay(session, idempotency_key, request_fingerprint, conflict_code="idempotency_key_conflict")
+    if replay is not None:
+        return replay
     agent_slug = None
     if flow.agent_id is not None:
         agent_slug = (await session.execute(select(Agent.agent_slug).where(Agent.agent_id == flow.agent_id))).scalar()
-    job = Job(
-        user_id=flow.user_id,
-        agent_id=flow.agent_id,
-        pipeline_id=str(pipeline.pipeline_id),
-        flow_id=str(flow.flow_id),
-        pipeline_key=pipeline.pipeline_id,
-        flow_key=flow.flow_id,
-        source="pipeline",
-        label=flow.flow_name[:255],
-        status=st.PENDING,
-        run_trigger=trigger,
-        current_step_id=plan.first["flow_step_id"],
-        packets=[],
-        attempts=0,
-        max_attempts=max_attempts,
-        run_at=now,
-        created_at=now,
-        updated_at=now,
+    job = pending_job(
+        trigger=trigger,
+        now=now,
         idempotency_key=idempotency_key,
+        plan=plan,
+        max_attempts=max_attempts,
         affinity=affinity,
-        handler_slug=first_handler(plan),
-        engine_data={},
+        **flow_job_columns(flow, pipeline),
     )
     session.add(job)
     await session.flush()
-    snap = snapshot(
-        job={
-            "job_id": job.job_id,
-            "flow_id": flow.flow_id,
-            "pipeline_id": pipeline.pipeline_id,
-            "user_id": flow.user_id,
-            "agent_id": flow.agent_id,
-            "agent_slug": agent_slug,
-            "parent_job_id": None,
-            "created_at": iso(now),
-            "trigger": trigger,
-            "origin_session_id": origin_session_id,
-            "request_fingerprint": request_fingerprint,
-        },
-        flow={"flow_id": flow.flow_id, "name": flow.flow_name, "scheduling": dict(flow.scheduling_config or {})},
-        pipeline={"pipeline_id": pipeline.pipeline_id, "name": pipeline.pipeline_name},
-        flow_config=dict(flow.flow_config or {}),
-        pipeline_config=dict(pipeline.pipeline_config or {}),
-        dry_run=dry_run,
+    block = job_block(
+        job, agent_slug=agent_slug, origin_session_id=origin_session_id, request_fingerprint=request_fingerprint
     )
+    snap = flow_snapshot(flow, pipeline, job=block, dry_run=dry_run)
     job.engine_data = {**initial_data, **snap}
     flow.last_run_at = now
     await write_log(
@@ -170,48 +226,31 @@ async def create_direct_job(
 ) -> Created:
     """A direct (ephemeral) workflow job, or with ``standalone`` a system job (engine.md §3.4)."""
     request_fingerprint = fingerprint(request)
-    if idempotency_key is not None:
-        existing = await find_by_key(session, idempotency_key)
-        if existing is not None:
-            return check_replay(existing, request_fingerprint, conflict_code="operation_key_conflict")
+    replay = await _replay(session, idempotency_key, request_fingerprint, conflict_code="operation_key_conflict")
+    if replay is not None:
+        return replay
     ids = None if standalone else "direct"
-    job = Job(
+    job = pending_job(
+        trigger=trigger,
+        now=now,
+        run_at=run_at,
+        idempotency_key=idempotency_key,
+        plan=plan,
+        max_attempts=max_attempts,
+        affinity=affinity,
         user_id=user_id,
         agent_id=agent_id,
         pipeline_id=ids,
         flow_id=ids,
         source=source[:50],
         label=label[:255],
-        status=st.PENDING,
-        run_trigger=trigger,
-        current_step_id=plan.first["flow_step_id"],
-        packets=[],
-        attempts=0,
-        max_attempts=max_attempts,
-        run_at=run_at,
-        created_at=now,
-        updated_at=now,
-        idempotency_key=idempotency_key,
-        affinity=affinity,
-        handler_slug=first_handler(plan),
-        engine_data={},
     )
     session.add(job)
     await session.flush()
     snap = snapshot(
-        job={
-            "job_id": job.job_id,
-            "flow_id": ids,
-            "pipeline_id": ids,
-            "user_id": user_id,
-            "agent_id": agent_id,
-            "agent_slug": agent_slug,
-            "parent_job_id": None,
-            "created_at": iso(now),
-            "trigger": trigger,
-            "origin_session_id": origin_session_id,
-            "request_fingerprint": request_fingerprint,
-        },
+        job=job_block(
+            job, agent_slug=agent_slug, origin_session_id=origin_session_id, request_fingerprint=request_fingerprint
+        ),
         flow={"flow_id": ids, "name": label, "scheduling": {"interval": "manual"}},
         pipeline={"pipeline_id": ids, "name": label},
         flow_config=flow_config,

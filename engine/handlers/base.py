@@ -29,14 +29,13 @@ characters of a webhook receiver's reply) is an addition. :func:`result_entry` g
 from __future__ import annotations
 
 import copy
-import dataclasses
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NotRequired, Protocol, TypedDict
 
 from engine.catalog import HANDLERS, HandlerSpec
-from engine.configs import check_fields, open_secrets
+from engine.configs import handler_config_problem, open_secrets, problem_detail
 from engine.errors import StepError
 from engine.http import Outbound
 from engine.items import ItemList
@@ -125,24 +124,11 @@ def with_defaults(handler: HandlerSpec | str, step_type: str, config: Mapping[st
                 )
         if value is not None:
             cleaned[name] = value
-    plain = {n: dataclasses.replace(f, kind=None) for n, f in fields.items()}
-    problem = check_fields(plain, cleaned, check_required=True, files_roots=None)
-    if (
-        problem is None
-        and spec.slug == "webhook_payload"
-        and not (cleaned.get("title_path") or cleaned.get("body_path"))
-    ):
-        problem = {"missing_fields": ["title_path|body_path"]}
+    problem = handler_config_problem(spec, step_type, cleaned, check_kinds=False)
     if problem is not None:
-        if "unknown_fields" in problem:
-            detail = f"unknown fields: {', '.join(problem['unknown_fields'])}"
-        elif "missing_fields" in problem:
-            detail = f"missing required fields: {', '.join(problem['missing_fields'])}"
-        else:
-            detail = "; ".join(e["message"] for e in problem["field_errors"])
         raise StepError(
             "handler_config_invalid",
-            f"Invalid config for handler '{spec.slug}': {detail}",
+            f"Invalid config for handler '{spec.slug}': {problem_detail(problem)}",
             diagnostics={"handler": spec.slug, **{k: v for k, v in problem.items() if k != "field_specs"}},
         )
     out = {name: copy.deepcopy(f.default) for name, f in fields.items() if f.default is not None}

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from typing import Any
 
+from engine.ai_call import complete_http, resolve_provider_model
 from engine.errors import StepError
-from engine.http import Outbound
-from engine.providers import AIRequest, AIResponse, complete
+from engine.providers import AIRequest, AIResponse
 from engine.steps import StepResult, StepRun, failure
 from engine.steps.queues import take
 from storage.crypto import SecretUnavailable
@@ -27,15 +27,7 @@ async def agent_config(run: StepRun) -> dict[str, Any]:
 
 def resolve(step: dict[str, Any], agent_cfg: dict[str, Any], settings: Any) -> tuple[str, str]:
     """Provider and model, each from the first non-empty of step, agent pipeline mode, agent default, settings."""
-    mode = (agent_cfg.get("mode_models") or {}).get("pipeline") or {}
-    provider = (
-        step.get("provider")
-        or mode.get("provider")
-        or agent_cfg.get("default_provider")
-        or settings["default_provider"]
-    )
-    model = step.get("model") or mode.get("model") or agent_cfg.get("default_model") or settings["default_model"]
-    return provider or "", model or ""
+    return resolve_provider_model([(step.get("provider"), step.get("model"))], agent_cfg, "pipeline", settings)
 
 
 def user_message(prompt: str | None, packet: dict[str, Any] | None) -> str:
@@ -75,18 +67,7 @@ async def call_provider(run: StepRun, provider: str, request: AIRequest) -> AIRe
         api_key = run.services.settings.decrypt_api_key(settings, provider)
     except SecretUnavailable as err:
         raise StepError("secret_unavailable", str(err), retryable=False) from None
-    options = providers[provider]
-    timeout = settings.int("ai_request_timeout_seconds")
-    async with Outbound(settings, version=run.services.version, timeout=timeout) as outbound:
-        return await complete(
-            provider,
-            request,
-            base_url=options.get("base_url"),
-            api_key=api_key,
-            version=options.get("version"),
-            outbound=outbound,
-            timeout=timeout,
-        )
+    return await complete_http(provider, request, settings=settings, api_key=api_key, version=run.services.version)
 
 
 async def run(run: StepRun) -> StepResult:
