@@ -15,6 +15,7 @@ from engine.maintenance import tick
 from engine.runtime import EngineServices
 from engine.scheduler import Scheduler
 from engine.worker import DEFAULT_CONCURRENCY, Worker
+from storage.db import is_transient_conflict
 from storage.timeutil import utcnow
 
 log = logging.getLogger("datamachine.engine")
@@ -47,11 +48,15 @@ class EngineHost:
                 snap = await self.services.snapshot()
                 interval = snap.int("maintenance_interval_seconds")
                 await tick(self.services)
-                if await retention.due(self.services, utcnow()):
+                if await retention.claim_due(self.services, utcnow()):
                     await retention.run_retention(self.services)
-            except Exception:
-                log.exception("maintenance pass failed; trying again next interval")
-                interval = 30
+            except Exception as exc:
+                if is_transient_conflict(exc):  # another process's sweep or commit crossed this one
+                    log.warning("maintenance pass met a concurrent change; trying again shortly")
+                    interval = 1
+                else:
+                    log.exception("maintenance pass failed; trying again next interval")
+                    interval = 30
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._stop.wait(), interval)
 

@@ -36,6 +36,9 @@ from storage.timeutil import iso, utcnow
 log = logging.getLogger("datamachine.maintenance")
 
 
+CLAIM_SWEEP = 5000
+
+
 def _scope(query: Any, flow_id: int | None, job_id: int | None, where: Any) -> Any:
     if flow_id is not None:
         query = query.where(Job.flow_key == flow_id)
@@ -74,8 +77,15 @@ async def recover(
     changes = Changes()
     budget = limit
 
-    def note(job_id_: int, previous: str, new: str, action: str) -> None:
-        out["jobs"].append({"job_id": job_id_, "previous_status": previous, "new_status": new, "action": action})
+    def note(job: Job, new: str, action: str, counter: str) -> None:
+        out["jobs"].append({"job_id": job.job_id, "previous_status": job.status, "new_status": new, "action": action})
+        out[counter] += 1
+
+    def candidates(*conditions: Any, limit: int) -> Any:
+        """Jobs in ``conditions`` and the call's filters, by id, locked: the passes of several
+        processes each act on different jobs and never wait on one another."""
+        query = _scope(select(Job).where(*conditions), flow_id, job_id, where).order_by(Job.job_id).limit(limit)
+        return services.db.for_update(query, skip_locked=True)
 
     if older_than_minutes:
         cutoff = now - timedelta(minutes=older_than_minutes)
@@ -100,23 +110,13 @@ async def recover(
             out["leases_voided"] = len(ids)
     # 1. expired leases
     async with services.db.write() as session:
-        expired = (
-            _scope(
-                select(Job).where(
-                    Job.status == st.PROCESSING, Job.lease_expires_at.is_not(None), Job.lease_expires_at < now
-                ),
-                flow_id,
-                job_id,
-                where,
-            )
-            .order_by(Job.job_id)
-            .limit(budget)
+        expired = candidates(
+            Job.status == st.PROCESSING, Job.lease_expires_at.is_not(None), Job.lease_expires_at < now, limit=budget
         )
         for job in list((await session.execute(expired)).scalars()):
             budget -= 1
             if job.attempts < job.max_attempts:
-                note(job.job_id, job.status, st.PENDING, "requeued")
-                out["requeued"] += 1
+                note(job, st.PENDING, "requeued", "requeued")
                 if dry_run:
                     continue
                 delay = min(
@@ -169,8 +169,7 @@ async def recover(
                     )
                     changes.jobs.add(job.job_id)
             else:
-                note(job.job_id, job.status, st.display(st.FAILED, "lease_expired"), "failed")
-                out["failed"] += 1
+                note(job, st.display(st.FAILED, "lease_expired"), "failed", "failed")
                 if dry_run:
                     continue
                 data = ed(job)
@@ -198,23 +197,13 @@ async def recover(
     # 2. wait timeouts
     if budget > 0:
         async with services.db.write() as session:
-            waits = (
-                _scope(
-                    select(Job).where(
-                        Job.status == st.WAITING, Job.wait_expires_at.is_not(None), Job.wait_expires_at < now
-                    ),
-                    flow_id,
-                    job_id,
-                    where,
-                )
-                .order_by(Job.job_id)
-                .limit(budget)
+            waits = candidates(
+                Job.status == st.WAITING, Job.wait_expires_at.is_not(None), Job.wait_expires_at < now, limit=budget
             )
             for job in list((await session.execute(waits)).scalars()):
                 budget -= 1
                 reason = "approval_timeout" if job.wait_kind == "approval" else "webhook_gate_timeout"
-                note(job.job_id, job.status, st.display(st.FAILED, reason), "wait_timed_out")
-                out["timed_out_waits"] += 1
+                note(job, st.display(st.FAILED, reason), "wait_timed_out", "timed_out_waits")
                 if dry_run:
                     continue
                 data = ed(job)
@@ -247,17 +236,8 @@ async def recover(
     # 3. batch parents whose children are all final
     if budget > 0:
         async with services.db.write() as session:
-            parents = (
-                _scope(
-                    select(Job).where(
-                        Job.status == st.PROCESSING, Job.lease_owner.is_(None), Job.lease_expires_at.is_(None)
-                    ),
-                    flow_id,
-                    job_id,
-                    where,
-                )
-                .order_by(Job.job_id)
-                .limit(budget * 4)
+            parents = candidates(
+                Job.status == st.PROCESSING, Job.lease_owner.is_(None), Job.lease_expires_at.is_(None), limit=budget * 4
             )
             for job in list((await session.execute(parents)).scalars()):
                 if not (job.engine_data or {}).get("batch"):
@@ -270,9 +250,8 @@ async def recover(
                 if active is not None:
                     continue
                 budget -= 1
-                out["parents_completed"] += 1
                 final, reason, _ = parent_outcome(await child_counts(session, job.job_id))
-                note(job.job_id, job.status, st.display(final, reason), "parent_completed")
+                note(job, st.display(final, reason), "parent_completed", "parents_completed")
                 if not dry_run:
                     changes.merge(await complete_parent(session, job.job_id, now=now, threshold=threshold))
                 if budget <= 0:
@@ -294,13 +273,15 @@ async def housekeeping(services: EngineServices, snap: Snapshot, now: datetime) 
     """Maintenance steps 4-6: delete inactive claims, re-derive lost next runs, clear stale affinity."""
     counts = {"inactive_claims": 0, "affinity_cleared": 0, "next_runs_restored": 0}
     async with services.db.write() as session:
-        result = await session.execute(
-            delete(ProcessedItem).where(
-                ProcessedItem.status == claim_ops.CLAIMED,
-                ~claim_ops.active_claim_condition(now),
-            )
-        )
-        counts["inactive_claims"] = int(result.rowcount or 0)
+        inactive = (
+            select(ProcessedItem.id)
+            .where(ProcessedItem.status == claim_ops.CLAIMED, ~claim_ops.active_claim_condition(now))
+            .limit(CLAIM_SWEEP)
+        )  # bounded per pass (one IN list); the next pass takes the rest
+        ids = [r[0] for r in (await session.execute(services.db.for_update(inactive, skip_locked=True))).all()]
+        if ids:
+            await session.execute(delete(ProcessedItem).where(ProcessedItem.id.in_(ids)))
+        counts["inactive_claims"] = len(ids)
         stale = now - timedelta(seconds=snap.int("lease_ttl_seconds"))
         result = await session.execute(
             update(Job)

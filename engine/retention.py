@@ -13,7 +13,7 @@ from engine.chat_cleanup import delete_expired_sessions
 from engine.runtime import EngineServices
 from storage.logs import write_log
 from storage.models import ChatSession, Job, LogEntry, ProcessedItem
-from storage.timeutil import iso, parse_datetime, utcnow
+from storage.timeutil import iso, utcnow
 
 BATCH = 1000
 LAST_RUN_KEY = "maintenance_last_retention_at"
@@ -34,7 +34,8 @@ async def _delete_in_batches(services: EngineServices, model: Any, pk: Any, cond
     total = 0
     while True:
         async with services.db.write() as session:
-            ids = [r[0] for r in (await session.execute(select(pk).where(condition).limit(BATCH))).all()]
+            batch = services.db.for_update(select(pk).where(condition).limit(BATCH), skip_locked=True)
+            ids = [r[0] for r in (await session.execute(batch)).all()]
             if not ids:
                 return total
             await session.execute(delete(model).where(pk.in_(ids)))
@@ -100,14 +101,20 @@ async def run_retention(
                     context["days"] = days
                 message = f"Retention: deleted {deleted} {PART_NAMES[part]}{older}"
                 await write_log(session, "info", message, context, threshold=str(snap["log_level"]))
-            await services.settings.internal_set(session, LAST_RUN_KEY, iso(now))
+            await services.settings.internal_set(session, LAST_RUN_KEY, iso(now), at=_stamp(now))
     return result
 
 
-async def due(services: EngineServices, now: datetime) -> bool:
-    """Retention runs at start when the last run is older than 24 h, then every 24 hours."""
-    async with services.db.read() as session:
-        last = await services.settings.internal_get(session, LAST_RUN_KEY)
-    if not isinstance(last, str):
-        return True
-    return now - parse_datetime(last) >= timedelta(hours=24)
+def _stamp(now: datetime) -> datetime:
+    """The run's time as its stored value gives it (whole seconds), so the value and the row agree."""
+    return now.replace(microsecond=0)
+
+
+async def claim_due(services: EngineServices, now: datetime) -> bool:
+    """True when a retention run is due (never ran, or the last run is 24 hours old) and this process
+    took it: the run is stamped in the same statement, so of several processes starting together
+    exactly one runs retention."""
+    async with services.db.write() as session:
+        return await services.settings.internal_claim(
+            session, LAST_RUN_KEY, iso(now), at=_stamp(now), unless_after=now - timedelta(hours=24)
+        )

@@ -21,10 +21,11 @@ from sqlalchemy.exc import IntegrityError
 
 from engine import schedule as sched
 from engine import status as st
-from engine.jobs import create_flow_job, empty_first_queue
+from engine.jobs import create_flow_job, empty_first_queue, flow_job_columns, pending_job
 from engine.lifecycle import Changes, finish
 from engine.plan import PlanError, resolve_plan
 from engine.runtime import EngineServices
+from storage.db import is_transient_conflict
 from storage.logs import write_log
 from storage.models import Agent, Flow, Job, Pipeline, Setting
 from storage.timeutil import iso, parse_datetime, utcnow
@@ -51,8 +52,11 @@ class Scheduler:
                 snap = await self.services.snapshot()
                 interval = snap.int("scheduler_tick_seconds")
                 await self.tick()
-            except Exception:
-                log.exception("scheduler tick failed; trying again next tick")
+            except Exception as exc:
+                if is_transient_conflict(exc):
+                    log.warning("scheduler tick met a concurrent change; trying again next tick")
+                else:
+                    log.exception("scheduler tick failed; trying again next tick")
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._stop.wait(), interval)
         await self.release()
@@ -240,28 +244,17 @@ class Scheduler:
         changes: Changes,
     ) -> None:
         """An automated run of an invalid flow is created and failed at once, so flow health shows it."""
-        job = Job(
-            user_id=flow.user_id,
-            agent_id=flow.agent_id,
-            pipeline_id=str(pipeline.pipeline_id),
-            flow_id=str(flow.flow_id),
-            pipeline_key=pipeline.pipeline_id,
-            flow_key=flow.flow_id,
-            source="pipeline",
-            label=flow.flow_name[:255],
-            status=st.PENDING,
-            run_trigger="schedule",
-            current_step_id=None,
-            packets=[],
-            run_at=now,
-            created_at=now,
-            updated_at=now,
+        job = pending_job(
+            trigger="schedule",
+            now=now,
             idempotency_key=key,
+            plan=None,
             engine_data={
                 "flow": {"flow_id": flow.flow_id, "name": flow.flow_name},
                 "pipeline": {"pipeline_id": pipeline.pipeline_id, "name": pipeline.pipeline_name},
                 "dry_run_mode": False,
             },
+            **flow_job_columns(flow, pipeline),
         )
         session.add(job)
         await session.flush()

@@ -152,13 +152,14 @@ class Database:
         async with self._reader() as session:
             yield session
 
-    def for_update(self, stmt: Select[Any]) -> Select[Any]:
+    def for_update(self, stmt: Select[Any], *, skip_locked: bool = False) -> Select[Any]:
         """Lock the selected rows for a read-modify-write (storage.md §11 rule 4).
 
         SQLite's ``BEGIN IMMEDIATE`` already holds the database write lock; PostgreSQL takes
-        row locks.
+        row locks. ``skip_locked`` leaves rows another transaction holds to it (sweeps that several
+        processes run at once, which must neither wait on each other nor act twice).
         """
-        return stmt.with_for_update() if self.dialect == "postgresql" else stmt
+        return stmt.with_for_update(skip_locked=skip_locked) if self.dialect == "postgresql" else stmt
 
     async def dispose(self) -> None:
         await self.write_engine.dispose()
@@ -169,6 +170,21 @@ class Database:
         if self.path is not None:
             return f"sqlite:{self.path}"
         return self.url.split("@")[-1] if self.dialect == "postgresql" else self.url
+
+
+# PostgreSQL's "try again" errors: a deadlock the server broke, a serialization failure.
+_TRANSIENT_SQLSTATES = frozenset({"40P01", "40001"})
+
+
+def is_transient_conflict(exc: BaseException) -> bool:
+    """Whether ``exc`` is a concurrency conflict that the same work, run again, gets past."""
+    orig = getattr(exc, "orig", None)
+    for err in (exc, orig, getattr(orig, "__cause__", None)):
+        if getattr(err, "sqlstate", None) in _TRANSIENT_SQLSTATES:
+            return True
+        if isinstance(err, sqlite3.OperationalError) and "locked" in str(err):
+            return True
+    return False
 
 
 def default_data_dir() -> Path:

@@ -11,11 +11,14 @@ import copy
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
 from sqlalchemy import select
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from storage.crypto import MASK, SecretBox, is_envelope, mask
@@ -45,6 +48,11 @@ class IntSpec:
     default: int
     low: int
     high: int | None = None
+
+
+def _insert(session: AsyncSession) -> Any:
+    """The dialect's INSERT construct (both offer ``on_conflict_do_update``)."""
+    return pg_insert(Setting) if session.get_bind().dialect.name == "postgresql" else sqlite_insert(Setting)
 
 
 def _default_providers() -> dict[str, dict[str, Any]]:
@@ -238,14 +246,31 @@ class SettingsStore:
         row = await session.get(Setting, key)
         return None if row is None else row.value
 
-    async def internal_set(self, session: AsyncSession, key: str, value: Any) -> None:
-        """Write an internal key (not a §9 setting, never listed), e.g. the last retention run."""
-        row = await session.get(Setting, key)
-        if row is None:
-            session.add(Setting(key=key, value=value, is_secret=False, updated_at=utcnow()))
-        else:
-            row.value = value
-            row.updated_at = utcnow()
+    async def internal_set(self, session: AsyncSession, key: str, value: Any, *, at: datetime | None = None) -> None:
+        """Write an internal key (not a §9 setting, never listed), e.g. the last retention run, as of ``at``."""
+        # an upsert: two processes writing the same key never collide on its primary key
+        now = at or utcnow()
+        stmt = _insert(session).values(key=key, value=value, is_secret=False, updated_at=now)
+        await session.execute(
+            stmt.on_conflict_do_update(index_elements=["key"], set_={"value": stmt.excluded.value, "updated_at": now})
+        )
+
+    async def internal_claim(
+        self, session: AsyncSession, key: str, value: Any, *, at: datetime, unless_after: datetime
+    ) -> bool:
+        """Write an internal key as of ``at`` unless it was written after ``unless_after``; True when this call wrote it.
+
+        One statement, so of several processes racing for the same key exactly one wins: the engine's
+        once-a-day jobs (retention) run on one process even when several start together.
+        """
+        now = at
+        stmt = _insert(session).values(key=key, value=value, is_secret=False, updated_at=now)
+        stmt = stmt.on_conflict_do_update(
+            index_elements=["key"],
+            set_={"value": stmt.excluded.value, "updated_at": now},
+            where=Setting.updated_at <= unless_after,
+        ).returning(Setting.key)
+        return (await session.execute(stmt)).first() is not None
 
     def decrypt_api_key(self, snap: Snapshot, provider: str) -> str | None:
         value = snap["ai_providers"].get(provider, {}).get("api_key")

@@ -328,7 +328,8 @@ async def test_deletes_in_batches_of_1000_rows(runtime, owner):
 async def test_maintenance_loop_runs_retention_at_start_and_then_daily(runtime, owner):
     s = await seed(runtime, owner)
     old = await s.log("old", 40 * DAY)
-    assert await retention.due(runtime.engine, utcnow())  # never ran
+    async with runtime.db.read() as session:
+        assert await runtime.settings.internal_get(session, retention.LAST_RUN_KEY) is None  # never ran
     host = EngineHost(runtime.engine, concurrency=1, poll_seconds=0.2)
     await host.start()
     try:
@@ -341,10 +342,30 @@ async def test_maintenance_loop_runs_retention_at_start_and_then_daily(runtime, 
         await host.stop(grace=5)
     async with runtime.db.read() as session:
         last = parse_datetime(await runtime.settings.internal_get(session, retention.LAST_RUN_KEY))
-    assert not await retention.due(runtime.engine, last + timedelta(hours=23, minutes=59))
-    assert await retention.due(runtime.engine, last + timedelta(hours=24))
+    assert not await retention.claim_due(runtime.engine, last + timedelta(hours=23, minutes=59))
+    assert await retention.claim_due(runtime.engine, last + timedelta(hours=24))
+    # taking the run stamps it: the same moment is not due again
+    assert not await retention.claim_due(runtime.engine, last + timedelta(hours=24))
 
     # the internal key is neither listed nor settable
     settings = await call(owner, "get-settings")
     assert retention.LAST_RUN_KEY not in settings["settings"] and retention.LAST_RUN_KEY not in settings["defaults"]
     await fail(owner, "update-settings", {"settings": {retention.LAST_RUN_KEY: iso(utcnow())}}, "invalid_setting")
+
+
+async def test_processes_starting_together_run_retention_once(runtime):
+    """Workers started at the same moment all find retention due; exactly one takes the run."""
+    import anyio
+
+    now = utcnow()
+    won: list[bool] = []
+
+    async def take() -> None:
+        won.append(await retention.claim_due(runtime.engine, now))
+
+    async with anyio.create_task_group() as tg:
+        for _ in range(8):
+            tg.start_soon(take)
+    assert sorted(won) == [False] * 7 + [True]
+    later = now + timedelta(hours=24)
+    assert await retention.claim_due(runtime.engine, later) and not await retention.claim_due(runtime.engine, later)
