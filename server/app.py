@@ -7,7 +7,9 @@ and per-principal tool lists, which the decorator API cannot express.
 
 from __future__ import annotations
 
+import contextlib
 import logging
+from collections import Counter
 from collections.abc import Awaitable, Callable, Iterable
 from datetime import datetime
 from typing import Any
@@ -19,7 +21,7 @@ from mcp.server.lowlevel import NotificationOptions, Server
 from mcp.server.models import InitializationOptions
 from mcp.server.subscriptions import InMemorySubscriptionBus, ListenHandler
 from mcp.shared.exceptions import MCPError
-from mcp.shared.subscriptions import ResourcesListChanged, ResourceUpdated
+from mcp.shared.subscriptions import ResourcesListChanged, ResourceUpdated, ServerEvent
 from mcp_types.version import MODERN_PROTOCOL_VERSIONS
 from sqlalchemy import func, select
 
@@ -30,6 +32,7 @@ from abilities.registry import Ability
 from abilities.runner import invoke, visible
 from resources.registry import ResourceNotFound, ResourceRefused, ResourceSpec, read
 from server import tool_cache
+from server.delivery import Coalescer
 from server.sampling import SamplingBridge
 from storage.models import Job
 from storage.timeutil import utcnow
@@ -95,6 +98,12 @@ class DataMachineServer:
         # Legacy-era sessions by connection, with the URIs each subscribed to.
         self._sessions: dict[int, Any] = {}
         self._subscriptions: dict[int, set[str]] = {}
+        # Who each connection and each open listen stream acts as: notifications go to readers only.
+        self._principals: dict[int, Principal] = {}
+        self._listeners: Counter[Principal] = Counter()
+        self._bus_hidden: set[tuple[Principal, str]] = set()
+        self._seen: dict[tuple[Principal, str], bool] = {}
+        self._updates = Coalescer(self._deliver_updated)
         runtime.events = self
         self.sampling = SamplingBridge(runtime.engine)
         if runtime.engine is not None:
@@ -112,7 +121,7 @@ class DataMachineServer:
             on_read_resource=self._read_resource,
             on_subscribe_resource=self._subscribe,
             on_unsubscribe_resource=self._unsubscribe,
-            on_subscriptions_listen=ListenHandler(self.bus),
+            on_subscriptions_listen=self._listen,
         )
 
     def initialization_options(self) -> InitializationOptions:
@@ -131,6 +140,7 @@ class DataMachineServer:
     async def _principal(self, ctx: ServerRequestContext[Any, Any]) -> Principal:
         key = self._remember(ctx)
         principal = await self.resolve_principal(ctx)
+        self._principals[key] = principal
         if key in self._sessions:  # the sampling provider's back channel (engine.md §16.3)
             self.sampling.remember(key, ctx.session, principal.user_id, principal.session_id)
         return principal
@@ -237,9 +247,25 @@ class DataMachineServer:
     async def _subscribe(
         self, ctx: ServerRequestContext[Any, Any], params: types.SubscribeRequestParams
     ) -> types.EmptyResult:
+        uri = str(params.uri)
         key = self._remember(ctx)
-        self._subscriptions.setdefault(key, set()).add(str(params.uri))
+        with contextlib.suppress(AbilityError):
+            await self._may_read(await self._principal(ctx), uri, {})  # remembers what it can see now
+        self._subscriptions.setdefault(key, set()).add(uri)
         return types.EmptyResult()
+
+    async def _listen(
+        self, ctx: ServerRequestContext[Any, Any], params: types.SubscriptionsListenRequestParams
+    ) -> types.SubscriptionsListenResult:
+        """A 2026-era subscription stream, seeing only the updates its principal may read."""
+        principal = await self._principal(ctx)
+        self._listeners[principal] += 1
+        try:
+            return await ListenHandler(_PrincipalBus(self, principal))(ctx, params)
+        finally:
+            self._listeners[principal] -= 1
+            if self._listeners[principal] <= 0:
+                del self._listeners[principal]
 
     async def _unsubscribe(
         self, ctx: ServerRequestContext[Any, Any], params: types.UnsubscribeRequestParams
@@ -251,10 +277,45 @@ class DataMachineServer:
     # --- EventSink: notifications after commit --------------------------------------------------
 
     async def resource_updated(self, uri: str) -> None:
+        """Schedule ``resources/updated`` for ``uri`` (coalesced per URI, engine.md §14.1)."""
+        self._updates.push(uri)
+
+    async def _deliver_updated(self, uri: str) -> None:
+        seen: dict[Principal, bool] = {}
         for key, uris in list(self._subscriptions.items()):
-            if uri in uris and key in self._sessions:
-                await _best_effort(self._sessions[key].send_resource_updated(uri))
-        await self.bus.publish(ResourceUpdated(uri=uri))
+            session = self._sessions.get(key)
+            principal = self._principals.get(key)
+            if (
+                uri in uris
+                and session is not None
+                and principal is not None
+                and await self._may_read(principal, uri, seen)
+            ):
+                await _best_effort(session.send_resource_updated(uri))
+        hidden = {(p, uri) for p in list(self._listeners) if not await self._may_read(p, uri, seen)}
+        self._bus_hidden |= hidden
+        try:
+            await self.bus.publish(ResourceUpdated(uri=uri))  # listeners filter synchronously
+        finally:
+            self._bus_hidden -= hidden
+
+    async def _may_read(self, principal: Principal, uri: str, seen: dict[Principal, bool]) -> bool:
+        """Whether ``principal`` may be told that ``uri`` changed: it can read it, or could until it was
+        deleted (a hidden resource reads as not found, so only what was seen before counts)."""
+        if principal.is_admin and principal.agent_id is None:
+            return True  # the owner and site admins read everything
+        if principal in seen:
+            return seen[principal]
+        key = (principal, uri)
+        try:
+            await read(self.runtime, self.abilities, self.resources, uri, principal)
+            allowed = self._seen[key] = True
+        except ResourceNotFound:
+            allowed = self._seen.pop(key, False)
+        except Exception:
+            allowed = False
+        seen[principal] = allowed
+        return allowed
 
     async def resources_list_changed(self) -> None:
         for session in list(self._sessions.values()):
@@ -279,6 +340,7 @@ class DataMachineServer:
         async with anyio.create_task_group() as tg:
             tg.start_soon(self._watch_other_processes)
             await self.server.run(read_stream, write_stream, self.initialization_options())
+            self._updates.close()
             tg.cancel_scope.cancel()
 
     async def _watch_other_processes(self) -> None:
@@ -311,6 +373,25 @@ class DataMachineServer:
             if rows:
                 seen = max(r[1] for r in rows)
                 await self.jobs_changed(r[0] for r in rows)
+
+
+class _PrincipalBus:
+    """The server's bus as one listen stream sees it: updates its principal may not read are dropped."""
+
+    def __init__(self, server: DataMachineServer, principal: Principal) -> None:
+        self._server = server
+        self._principal = principal
+
+    async def publish(self, event: ServerEvent) -> None:
+        await self._server.bus.publish(event)
+
+    def subscribe(self, listener: Callable[[ServerEvent], None]) -> Callable[[], None]:
+        def filtered(event: ServerEvent) -> None:
+            if isinstance(event, ResourceUpdated) and (self._principal, event.uri) in self._server._bus_hidden:
+                return
+            listener(event)
+
+        return self._server.bus.subscribe(filtered)
 
 
 async def _best_effort(send: Awaitable[None]) -> None:
