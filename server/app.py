@@ -21,7 +21,7 @@ from mcp.server.lowlevel import NotificationOptions, Server
 from mcp.server.models import InitializationOptions
 from mcp.server.subscriptions import InMemorySubscriptionBus, ListenHandler
 from mcp.shared.exceptions import MCPError
-from mcp.shared.subscriptions import ResourcesListChanged, ResourceUpdated, ServerEvent
+from mcp.shared.subscriptions import ResourcesListChanged, ResourceUpdated
 from mcp_types.version import MODERN_PROTOCOL_VERSIONS
 from sqlalchemy import func, select
 
@@ -32,7 +32,7 @@ from abilities.registry import Ability
 from abilities.runner import invoke, visible
 from resources.registry import ResourceNotFound, ResourceRefused, ResourceSpec, read
 from server import tool_cache
-from server.delivery import Coalescer
+from server.delivery import Coalescer, PrincipalBus
 from server.sampling import SamplingBridge
 from storage.models import Job
 from storage.timeutil import utcnow
@@ -261,7 +261,7 @@ class DataMachineServer:
         principal = await self._principal(ctx)
         self._listeners[principal] += 1
         try:
-            return await ListenHandler(_PrincipalBus(self, principal))(ctx, params)
+            return await ListenHandler(PrincipalBus(self.bus, self._bus_hidden, principal))(ctx, params)
         finally:
             self._listeners[principal] -= 1
             if self._listeners[principal] <= 0:
@@ -373,25 +373,6 @@ class DataMachineServer:
             if rows:
                 seen = max(r[1] for r in rows)
                 await self.jobs_changed(r[0] for r in rows)
-
-
-class _PrincipalBus:
-    """The server's bus as one listen stream sees it: updates its principal may not read are dropped."""
-
-    def __init__(self, server: DataMachineServer, principal: Principal) -> None:
-        self._server = server
-        self._principal = principal
-
-    async def publish(self, event: ServerEvent) -> None:
-        await self._server.bus.publish(event)
-
-    def subscribe(self, listener: Callable[[ServerEvent], None]) -> Callable[[], None]:
-        def filtered(event: ServerEvent) -> None:
-            if isinstance(event, ResourceUpdated) and (self._principal, event.uri) in self._server._bus_hidden:
-                return
-            listener(event)
-
-        return self._server.bus.subscribe(filtered)
 
 
 async def _best_effort(send: Awaitable[None]) -> None:

@@ -11,6 +11,10 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Awaitable, Callable
+from typing import Any
+
+from mcp.server.subscriptions import SubscriptionBus
+from mcp.shared.subscriptions import ResourceUpdated, ServerEvent
 
 log = logging.getLogger("datamachine.server")
 
@@ -63,3 +67,27 @@ class Coalescer:
     def close(self) -> None:
         for task in list(self._tasks):
             task.cancel()
+
+
+class PrincipalBus:
+    """The server's bus as one listen stream sees it: updates its principal may not read are dropped.
+
+    ``hidden`` holds the ``(principal, uri)`` pairs the publisher found unreadable for the event it is
+    publishing (the check needs the database, the bus's listeners are synchronous).
+    """
+
+    def __init__(self, bus: SubscriptionBus, hidden: set[tuple[Any, str]], principal: Any) -> None:
+        self._bus = bus
+        self._hidden = hidden
+        self._principal = principal
+
+    async def publish(self, event: ServerEvent) -> None:
+        await self._bus.publish(event)
+
+    def subscribe(self, listener: Callable[[ServerEvent], None]) -> Callable[[], None]:
+        def filtered(event: ServerEvent) -> None:
+            if isinstance(event, ResourceUpdated) and (self._principal, event.uri) in self._hidden:
+                return
+            listener(event)
+
+        return self._bus.subscribe(filtered)
