@@ -105,7 +105,14 @@ HANDLERS: dict[str, HandlerSpec] = {
             "RSS / Atom feed",
             "Fetch items from an RSS 2.0, RSS 1.0/RDF or Atom feed.",
             (FETCH,),
-            {"feed_url": FieldSpec("string", "Feed URL (http or https)", required=True, kind="url")},
+            {
+                "feed_url": FieldSpec(
+                    "string",
+                    "Feed URL: http(s), or file:///absolute/path of a feed file inside files_allowed_roots",
+                    required=True,
+                    kind="feed_url",
+                )
+            },
         ),
         HandlerSpec(
             "http_json",

@@ -11,7 +11,7 @@ import os
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlparse
+from urllib.parse import unquote, urlparse
 
 from engine.catalog import HANDLERS, STEP_TYPES, FieldSpec, HandlerSpec, handlers_for
 from storage.crypto import MASK, SecretBox, is_envelope
@@ -84,10 +84,12 @@ def _value_error(name: str, spec: FieldSpec, value: Any, files_roots: list[Path]
         }.get(spec.items, lambda v: True)
         if not all(item_ok(v) for v in value):
             return f"must be an array of {spec.items} values"
-    if spec.kind == "url":
+    if spec.kind in ("url", "feed_url"):
         parsed = urlparse(value)
+        if spec.kind == "feed_url" and parsed.scheme == "file":
+            return file_url_error(value, files_roots)
         if parsed.scheme not in ("http", "https") or not parsed.netloc:
-            return "must be an http(s) URL"
+            return "must be an http(s) URL" + (" or a file:/// URL" if spec.kind == "feed_url" else "")
     elif spec.kind == "directory":
         return directory_error(value, files_roots)
     elif spec.kind == "filename_template":
@@ -106,6 +108,22 @@ def directory_error(value: str, files_roots: list[Path] | None) -> str | None:
         if resolved == root_real or root_real in resolved.parents:
             return None
     return f"must be inside files_allowed_roots ({', '.join(str(r) for r in files_roots)})"
+
+
+def file_url_path(value: str) -> str | None:
+    """The local path of a ``file:`` URL (``file:///p`` or ``file://localhost/p``), else None."""
+    parsed = urlparse(value)
+    if parsed.scheme != "file" or parsed.netloc not in ("", "localhost") or parsed.query or parsed.fragment:
+        return None
+    path = unquote(parsed.path)
+    return path if os.path.isabs(path) and "\x00" not in path else None
+
+
+def file_url_error(value: str, files_roots: list[Path] | None) -> str | None:
+    path = file_url_path(value)
+    if path is None:
+        return "must be a file:///absolute/path URL naming a local file"
+    return directory_error(path, files_roots)
 
 
 def filename_template_error(value: str) -> str | None:

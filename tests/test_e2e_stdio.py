@@ -459,10 +459,12 @@ async def test_readme_first_flow_walkthrough_works_as_written(tmp_path):
         digest = listing(Path(root, "digest"))
         assert [name.split("-", 3)[-1] for name in digest] == ["groceries.md", "hello.md"]
         text = read(Path(root, "digest", digest[1]))
-        assert text.startswith('---\ntitle: "Hello"\n') and "job_id: " in text and text.endswith("My first note.\n")
+        assert text.startswith('---\ntitle: "Hello"\n') and "job_id: " in text and text.endswith("My first item.\n")
         again = await call(client, "run-flow", {"flow_id": 1, "wait_seconds": 30})
         assert again["job"]["status"] == "completed_no_items"
-        write(Path(root, "notes", "third.md"), "---\ntitle: Third\n---\nOne more.\n")
+        feed = Path(root, "feed.xml")
+        item = "<item><title>Third</title><guid>third</guid><description>One more.</description></item>\n"
+        write(feed, read(feed).replace("</channel>", item + "</channel>"))
         third = await call(client, "run-flow", {"flow_id": 1, "wait_seconds": 30})
         assert third["job"]["status"] == "completed" and len(listing(Path(root, "digest"))) == 3
         assert (await call(client, "schedule-flow", {"flow_id": 1, "interval_or_timestamp": "hourly"}))[

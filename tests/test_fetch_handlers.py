@@ -192,7 +192,8 @@ async def test_rss_http_errors_and_ssrf(server, tmp_path):
     async with Outbound(snap, "1") as o:
         ctx = make_context(snap, o)
         await fail("url_not_allowed", FETCHERS["rss"].fetch({"feed_url": server.url("/feed")}, ctx))
-        await fail("url_not_allowed", FETCHERS["rss"].fetch({"feed_url": "file:///etc/passwd"}, ctx))
+        # a file: URL reads only feed files inside files_allowed_roots (tests/test_local_feeds.py)
+        await fail("path_not_allowed", FETCHERS["rss"].fetch({"feed_url": "file:///etc/passwd"}, ctx))
 
 
 # -- common filters and run_fetch --------------------------------------------------------------

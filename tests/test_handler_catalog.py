@@ -88,7 +88,7 @@ async def test_get_handler_config_fields(runtime, owner):
         "type": "string",
         "required": True,
         "secret": False,
-        "description": "Feed URL (http or https)",
+        "description": "Feed URL: http(s), or file:///absolute/path of a feed file inside files_allowed_roots",
     }
     assert rss["fields"]["max_items"] == {
         "type": "integer",

@@ -5,13 +5,16 @@ from __future__ import annotations
 import io
 import time
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 import anyio
 import feedparser
 
+from engine.configs import file_url_path
 from engine.errors import StepError
 from engine.handlers.base import FETCHERS, HandlerContext, with_defaults
+from engine.handlers.files import allowed_directory
 from engine.http import excerpt
 from engine.items import Item, ItemList, html_to_text, normalise_identifier, sha256_hex
 
@@ -92,13 +95,38 @@ def parse_feed(content: bytes, content_type: str | None, url: str, shown: str | 
     return ItemList(entry_to_item(entry, feed_title) for entry in entries)
 
 
+def read_feed_file(url: str, roots: list[Path], max_bytes: int) -> bytes:
+    """The bytes of a ``file:`` feed URL, checked like the files handler's paths (inside
+    files_allowed_roots after resolving links) and capped like a response (http_max_response_bytes)."""
+    path = file_url_path(url)
+    if path is None:
+        raise StepError("url_not_allowed", f"{url} is not a file:///absolute/path URL", diagnostics={"url": url})
+    real = allowed_directory(path, roots)
+    if not real.is_file():
+        raise StepError("file_not_found", f"Feed file {path} does not exist", diagnostics={"path": path})
+    with real.open("rb") as handle:
+        content = handle.read(max_bytes + 1)
+    if len(content) > max_bytes:
+        raise StepError(
+            "response_too_large",
+            f"Feed file {path} is larger than http_max_response_bytes ({max_bytes} bytes)",
+            diagnostics={"path": path, "limit": max_bytes},
+        )
+    return content
+
+
 class RssHandler:
     slug = "rss"
 
     async def fetch(self, config: dict[str, Any], ctx: HandlerContext) -> ItemList:
         cfg = with_defaults(self.slug, "fetch", config)
+        url = cfg["feed_url"]
+        if url.lower().startswith("file:"):  # a local feed file (no network, no outbound rules)
+            limit = int(ctx.settings["http_max_response_bytes"])
+            content = await anyio.to_thread.run_sync(read_feed_file, url, ctx.files_roots, limit)
+            return await anyio.to_thread.run_sync(parse_feed, content, None, url)
         response = await ctx.outbound.get(
-            cfg["feed_url"],
+            url,
             headers={"Accept": "application/rss+xml, application/atom+xml, application/xml;q=0.9, */*;q=0.8"},
         )
         return await anyio.to_thread.run_sync(
