@@ -117,8 +117,13 @@ async def invoke(
     request_id: str | None = None,
     progress: ProgressFn | None = None,
     client: Any = None,
+    record_denials: bool = True,
 ) -> Outcome:
-    """Run one ability call as ``principal`` and report its outcome. Never raises."""
+    """Run one ability call as ``principal`` and report its outcome. Never raises.
+
+    ``record_denials=False`` is for the server's own probes (may this subscriber see that URI?): a
+    refusal there is an answer, not a caller's attempt, and is not written to the audit trail.
+    """
     try:
         if not visible(ability, principal):
             raise AccessDenied(
@@ -144,7 +149,8 @@ async def invoke(
         await ctx.flush_events()
         return Outcome(output=output)
     except AccessDenied as err:
-        await _record_denial(runtime, ability, principal, err)
+        if record_denials:
+            await _record_denial(runtime, ability, principal, err)
         return Outcome(error=err.payload())
     except AbilityError as err:
         log.info("%s failed: %s", ability.slug, err.code)

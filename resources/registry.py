@@ -124,8 +124,10 @@ async def read(
     specs: list[ResourceSpec],
     uri: str,
     principal: Principal,
+    *,
+    record_denials: bool = True,
 ) -> str:
-    """The resource's JSON text: exactly its twin's structured output."""
+    """The resource's JSON text: exactly its twin's structured output (``record_denials``: see invoke)."""
     spec, args = match(uri, specs)
     twin = abilities.get(spec.twin)
     if twin is None:  # twin excluded by --toolsets/--read-only in this process
@@ -134,10 +136,12 @@ async def read(
         guard = abilities.get(spec.guard.ability)
         if guard is None:
             raise ResourceNotFound(f"Unknown resource: {uri}")
-        checked = _output(uri, await invoke(runtime, guard, spec.guard.args(args), principal))
+        checked = _output(
+            uri, await invoke(runtime, guard, spec.guard.args(args), principal, record_denials=record_denials)
+        )
         if not spec.guard.exists(checked):
             raise ResourceNotFound(f"Unknown resource: {uri}")
-    output = _output(uri, await invoke(runtime, twin, {**spec.fixed, **args}, principal))
+    output = _output(uri, await invoke(runtime, twin, {**spec.fixed, **args}, principal, record_denials=record_denials))
     if spec.exists is not None and not spec.exists(output):
         raise ResourceNotFound(f"Unknown resource: {uri}")
     return json.dumps(output, ensure_ascii=False)

@@ -308,7 +308,7 @@ class DataMachineServer:
             return seen[principal]
         key = (principal, uri)
         try:
-            await read(self.runtime, self.abilities, self.resources, uri, principal)
+            await read(self.runtime, self.abilities, self.resources, uri, principal, record_denials=False)
             allowed = self._seen[key] = True
         except ResourceNotFound:
             allowed = self._seen.pop(key, False)

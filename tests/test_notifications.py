@@ -10,7 +10,7 @@ import pytest
 from mcp import Client
 from mcp.shared.subscriptions import ResourceUpdated
 
-from tests.conftest import call, connect, make_server
+from tests.conftest import call, connect, log_rows, make_server
 from tests.jobs_support import USER2, USER3, files_flow, grant, make_agent, run
 from tests.test_resources import Inbox
 
@@ -73,6 +73,8 @@ async def test_job_updates_reach_only_principals_that_may_read_the_job(runtime, 
     uris = [str(n.params.uri) for n in inbox.of(types.ResourceUpdatedNotification)]
     assert "datamachine://pipelines" in uris
     assert (job_uri in uris) is told
+    # the server's visibility checks are not the subscriber's attempts: no denial rows
+    assert [r["message"] for r in await log_rows(runtime) if "denied" in r["message"]] == []
 
 
 async def test_listen_streams_see_only_what_their_principal_may_read(runtime, owner):
