@@ -278,7 +278,8 @@ class DataMachineServer:
 
     async def resource_updated(self, uri: str) -> None:
         """Schedule ``resources/updated`` for ``uri`` (coalesced per URI, engine.md §14.1)."""
-        self._updates.push(uri)
+        if self._listeners or any(uri in uris for uris in self._subscriptions.values()):
+            self._updates.push(uri)  # nobody subscribed: nothing to schedule (the engine's common case)
 
     async def _deliver_updated(self, uri: str) -> None:
         seen: dict[Principal, bool] = {}
