@@ -13,8 +13,8 @@ from typing import Any, Literal
 from sqlalchemy import ColumnElement, and_, false, or_, select, true
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from abilities.errors import AbilityError, AccessDenied
-from storage.models import Agent, AgentAccess
+from datamachine_mcp.abilities.errors import AbilityError, AccessDenied
+from datamachine_mcp.storage.models import Agent, AgentAccess
 
 Role = Literal["viewer", "operator", "admin"]
 Level = Literal["any", "viewer", "operator", "admin", "global_admin"]

@@ -15,14 +15,20 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from abilities.context import AbilityContext
-from abilities.errors import AbilityError
-from abilities.flow_ops import normalize_schedule, seeded_warnings
-from abilities.pipeline_common import build_pipeline_step, seed_flow_step
-from engine.catalog import STEP_TYPES
-from engine.configs import ConfigError, handler_for, seal_secrets, validate_handler_config, validate_step_settings
-from engine.schedule import client_keys
-from storage.timeutil import iso, utcnow
+from datamachine_mcp.abilities.context import AbilityContext
+from datamachine_mcp.abilities.errors import AbilityError
+from datamachine_mcp.abilities.flow_ops import normalize_schedule, seeded_warnings
+from datamachine_mcp.abilities.pipeline_common import build_pipeline_step, seed_flow_step
+from datamachine_mcp.engine.catalog import STEP_TYPES
+from datamachine_mcp.engine.configs import (
+    ConfigError,
+    handler_for,
+    seal_secrets,
+    validate_handler_config,
+    validate_step_settings,
+)
+from datamachine_mcp.engine.schedule import client_keys
+from datamachine_mcp.storage.timeutil import iso, utcnow
 
 FORMAT = "datamachine-mcp.agent-bundle"
 VERSION = 1

@@ -10,12 +10,12 @@ from pydantic import Field
 from sqlalchemy import bindparam, case, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from abilities.access import Owner
-from abilities.context import AbilityContext
-from abilities.errors import AbilityError
-from abilities.schema import Input, Output, ts
-from storage.models import Agent, AgentAccess
-from storage.timeutil import utcnow
+from datamachine_mcp.abilities.access import Owner
+from datamachine_mcp.abilities.context import AbilityContext
+from datamachine_mcp.abilities.errors import AbilityError
+from datamachine_mcp.abilities.schema import Input, Output, ts
+from datamachine_mcp.storage.models import Agent, AgentAccess
+from datamachine_mcp.storage.timeutil import utcnow
 
 RoleName = Literal["viewer", "operator", "admin"]
 _TAGS = re.compile(r"<[^>]*>")

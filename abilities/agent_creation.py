@@ -8,11 +8,11 @@ from typing import Any
 
 from sqlalchemy import select
 
-from abilities.agent_common import normalize_agent_config, sanitize_slug, upsert_grant, valid_slug
-from abilities.context import AbilityContext
-from abilities.errors import AbilityError, AccessDenied
-from storage.models import Agent
-from storage.timeutil import utcnow
+from datamachine_mcp.abilities.agent_common import normalize_agent_config, sanitize_slug, upsert_grant, valid_slug
+from datamachine_mcp.abilities.context import AbilityContext
+from datamachine_mcp.abilities.errors import AbilityError, AccessDenied
+from datamachine_mcp.storage.models import Agent
+from datamachine_mcp.storage.timeutil import utcnow
 
 
 def slug_or_error(raw: str) -> str:

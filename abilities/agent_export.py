@@ -11,17 +11,17 @@ from typing import Any
 from pydantic import Field
 from sqlalchemy import select
 
-from abilities.agent_bundle import FORMAT, VERSION
-from abilities.agent_common import AgentSelector, load_agent
-from abilities.context import AbilityContext
-from abilities.pipeline_common import ordered_steps
-from abilities.registry import ability
-from abilities.schema import Output
-from engine.catalog import HANDLERS
-from engine.schedule import client_keys
-from storage.crypto import MASK, is_envelope
-from storage.models import Flow, Pipeline
-from storage.timeutil import iso, utcnow
+from datamachine_mcp.abilities.agent_bundle import FORMAT, VERSION
+from datamachine_mcp.abilities.agent_common import AgentSelector, load_agent
+from datamachine_mcp.abilities.context import AbilityContext
+from datamachine_mcp.abilities.pipeline_common import ordered_steps
+from datamachine_mcp.abilities.registry import ability
+from datamachine_mcp.abilities.schema import Output
+from datamachine_mcp.engine.catalog import HANDLERS
+from datamachine_mcp.engine.schedule import client_keys
+from datamachine_mcp.storage.crypto import MASK, is_envelope
+from datamachine_mcp.storage.models import Flow, Pipeline
+from datamachine_mcp.storage.timeutil import iso, utcnow
 
 
 def _secret_names(slug: str | None) -> set[str]:

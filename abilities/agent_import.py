@@ -13,16 +13,22 @@ from typing import Any, Literal
 from pydantic import Field
 from sqlalchemy import select
 
-from abilities.agent_bundle import BundleErrors, dry_run_warnings, plan_bundle
-from abilities.agent_common import agent_uri
-from abilities.agent_creation import enforce_agent_limit, insert_agent, refuse_agent_bound, slug_free, slug_or_error
-from abilities.context import AbilityContext
-from abilities.flow_ops import create_flow_record, seeded_warnings
-from abilities.pipeline_common import new_pipeline_step_id, notify_flow, notify_pipeline, ordered_steps
-from abilities.registry import ability
-from abilities.schema import Input, Output
-from storage.models import Agent, Pipeline
-from storage.timeutil import utcnow
+from datamachine_mcp.abilities.agent_bundle import BundleErrors, dry_run_warnings, plan_bundle
+from datamachine_mcp.abilities.agent_common import agent_uri
+from datamachine_mcp.abilities.agent_creation import (
+    enforce_agent_limit,
+    insert_agent,
+    refuse_agent_bound,
+    slug_free,
+    slug_or_error,
+)
+from datamachine_mcp.abilities.context import AbilityContext
+from datamachine_mcp.abilities.flow_ops import create_flow_record, seeded_warnings
+from datamachine_mcp.abilities.pipeline_common import new_pipeline_step_id, notify_flow, notify_pipeline, ordered_steps
+from datamachine_mcp.abilities.registry import ability
+from datamachine_mcp.abilities.schema import Input, Output
+from datamachine_mcp.storage.models import Agent, Pipeline
+from datamachine_mcp.storage.timeutil import utcnow
 
 
 def _import_schedule(raw: dict[str, Any], *, activate: bool, now: datetime) -> tuple[dict[str, Any], bool]:

@@ -11,8 +11,8 @@ from typing import Any, Literal
 from pydantic import Field
 from sqlalchemy import and_, bindparam, func, or_, select
 
-from abilities.access import ROLE_RANK
-from abilities.agent_common import (
+from datamachine_mcp.abilities.access import ROLE_RANK
+from datamachine_mcp.abilities.agent_common import (
     AgentDetail,
     AgentSelector,
     agent_dict,
@@ -24,13 +24,19 @@ from abilities.agent_common import (
     normalize_agent_config,
     upsert_grant,
 )
-from abilities.agent_creation import enforce_agent_limit, insert_agent, refuse_agent_bound, slug_free, slug_or_error
-from abilities.context import AbilityContext
-from abilities.errors import AbilityError, AccessDenied
-from abilities.registry import ability
-from abilities.schema import OFFSET_DESC, PER_PAGE_DESC, Input, Opt, Output, PageOut
-from storage.models import Agent, AgentAccess, AgentToken, ChatSession, Flow, Job, Pipeline
-from storage.timeutil import utcnow
+from datamachine_mcp.abilities.agent_creation import (
+    enforce_agent_limit,
+    insert_agent,
+    refuse_agent_bound,
+    slug_free,
+    slug_or_error,
+)
+from datamachine_mcp.abilities.context import AbilityContext
+from datamachine_mcp.abilities.errors import AbilityError, AccessDenied
+from datamachine_mcp.abilities.registry import ability
+from datamachine_mcp.abilities.schema import OFFSET_DESC, PER_PAGE_DESC, Input, Opt, Output, PageOut
+from datamachine_mcp.storage.models import Agent, AgentAccess, AgentToken, ChatSession, Flow, Job, Pipeline
+from datamachine_mcp.storage.timeutil import utcnow
 
 ACTIVE = ("pending", "processing", "waiting")
 

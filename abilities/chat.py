@@ -16,8 +16,8 @@ from typing import Any
 from pydantic import Field
 from sqlalchemy import func, select
 
-from abilities.agent_common import agent_owner, find_agent
-from abilities.chat_common import (
+from datamachine_mcp.abilities.agent_common import agent_owner, find_agent
+from datamachine_mcp.abilities.chat_common import (
     SERVER_KEYS,
     TITLE_MAX,
     ChatMessageOut,
@@ -33,12 +33,12 @@ from abilities.chat_common import (
     subject_user,
     title_from,
 )
-from abilities.context import AbilityContext
-from abilities.errors import AbilityError
-from abilities.registry import ability
-from abilities.schema import OFFSET_DESC, PER_PAGE_DESC, Input, Output, PageOut, ts
-from storage.models import Agent, ChatSession
-from storage.timeutil import iso, parse_datetime, utcnow
+from datamachine_mcp.abilities.context import AbilityContext
+from datamachine_mcp.abilities.errors import AbilityError
+from datamachine_mcp.abilities.registry import ability
+from datamachine_mcp.abilities.schema import OFFSET_DESC, PER_PAGE_DESC, Input, Output, PageOut, ts
+from datamachine_mcp.storage.models import Agent, ChatSession
+from datamachine_mcp.storage.timeutil import iso, parse_datetime, utcnow
 
 # --- create-chat-session --------------------------------------------------------------------------
 

@@ -12,10 +12,10 @@ from typing import Any, Literal
 from pydantic import Field
 from sqlalchemy import ColumnElement, select, true
 
-from abilities.context import AbilityContext
-from abilities.errors import AbilityError
-from abilities.schema import Output, ts
-from storage.models import Agent, ChatSession
+from datamachine_mcp.abilities.context import AbilityContext
+from datamachine_mcp.abilities.errors import AbilityError
+from datamachine_mcp.abilities.schema import Output, ts
+from datamachine_mcp.storage.models import Agent, ChatSession
 
 ContextName = Literal["chat", "pipeline", "system"]
 RoleName = Literal["user", "assistant", "system", "tool"]

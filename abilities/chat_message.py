@@ -30,18 +30,18 @@ from typing import Any, Literal
 
 from pydantic import Field
 
-from abilities.agent_common import agent_owner
-from abilities.chat_common import ChatMessageOut, load_session, session_expiry, title_from
-from abilities.context import AbilityContext
-from abilities.errors import AbilityError
-from abilities.registry import ability
-from abilities.schema import Input, Output
-from engine.ai_call import complete_http, resolve_provider_model
-from engine.errors import StepError, classify
-from engine.providers import AIRequest, AIResponse
-from storage.crypto import SecretUnavailable
-from storage.models import Agent
-from storage.timeutil import iso, utcnow
+from datamachine_mcp.abilities.agent_common import agent_owner
+from datamachine_mcp.abilities.chat_common import ChatMessageOut, load_session, session_expiry, title_from
+from datamachine_mcp.abilities.context import AbilityContext
+from datamachine_mcp.abilities.errors import AbilityError
+from datamachine_mcp.abilities.registry import ability
+from datamachine_mcp.abilities.schema import Input, Output
+from datamachine_mcp.engine.ai_call import complete_http, resolve_provider_model
+from datamachine_mcp.engine.errors import StepError, classify
+from datamachine_mcp.engine.providers import AIRequest, AIResponse
+from datamachine_mcp.storage.crypto import SecretUnavailable
+from datamachine_mcp.storage.models import Agent
+from datamachine_mcp.storage.timeutil import iso, utcnow
 
 PROVIDERS = ("openai", "anthropic", "sampling")
 HISTORY = 100

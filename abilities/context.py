@@ -10,14 +10,14 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from abilities.access import Access, Principal
-from storage.crypto import SecretBox
-from storage.db import Database
-from storage.logs import write_log
-from storage.settings import SettingsStore, Snapshot
+from datamachine_mcp.abilities.access import Access, Principal
+from datamachine_mcp.storage.crypto import SecretBox
+from datamachine_mcp.storage.db import Database
+from datamachine_mcp.storage.logs import write_log
+from datamachine_mcp.storage.settings import SettingsStore, Snapshot
 
 if TYPE_CHECKING:
-    from abilities.registry import Ability
+    from datamachine_mcp.abilities.registry import Ability
 
 
 class EventSink(Protocol):

@@ -12,16 +12,16 @@ from typing import Any
 
 from pydantic import Field
 
-from abilities.access import Owner
-from abilities.context import AbilityContext
-from abilities.errors import AbilityError, AccessDenied
-from abilities.flow_ops import StepEdit, apply_step_edit
-from abilities.pipeline_common import ordered_steps, owner_of
-from abilities.schema import Input
-from engine.catalog import HANDLERS, STEP_TYPES
-from storage.crypto import SecretBox, SecretUnavailable, is_envelope
-from storage.models import Flow
-from storage.timeutil import utcnow
+from datamachine_mcp.abilities.access import Owner
+from datamachine_mcp.abilities.context import AbilityContext
+from datamachine_mcp.abilities.errors import AbilityError, AccessDenied
+from datamachine_mcp.abilities.flow_ops import StepEdit, apply_step_edit
+from datamachine_mcp.abilities.pipeline_common import ordered_steps, owner_of
+from datamachine_mcp.abilities.schema import Input
+from datamachine_mcp.engine.catalog import HANDLERS, STEP_TYPES
+from datamachine_mcp.storage.crypto import SecretBox, SecretUnavailable, is_envelope
+from datamachine_mcp.storage.models import Flow
+from datamachine_mcp.storage.timeutil import utcnow
 
 
 # An item of configure-flow-steps' flow_configs: one flow's override of a pipeline-scope change.

@@ -6,14 +6,14 @@ from typing import Any
 
 from pydantic import Field
 
-from abilities.access import Owner
-from abilities.context import AbilityContext
-from abilities.errors import AbilityError
-from abilities.flow_ops import normalize_schedule
-from abilities.pipeline_common import flows_out, owner_of
-from abilities.schema import Input
-from engine import schedule as sched
-from storage.models import Agent, Flow
+from datamachine_mcp.abilities.access import Owner
+from datamachine_mcp.abilities.context import AbilityContext
+from datamachine_mcp.abilities.errors import AbilityError
+from datamachine_mcp.abilities.flow_ops import normalize_schedule
+from datamachine_mcp.abilities.pipeline_common import flows_out, owner_of
+from datamachine_mcp.abilities.schema import Input
+from datamachine_mcp.engine import schedule as sched
+from datamachine_mcp.storage.models import Agent, Flow
 
 DEFAULT_FLOW_NAME = "Flow"
 SCHEDULE_DESC = (

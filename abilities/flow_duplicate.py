@@ -8,15 +8,27 @@ from typing import Any
 
 from pydantic import Field
 
-from abilities.context import AbilityContext
-from abilities.errors import AbilityError
-from abilities.flow_common import SCHEDULE_DESC, ScheduleIn, clean_name, new_flow_owner, schedule_from
-from abilities.flow_ops import StepConfigInput, StepEdit, apply_step_edit, create_flow_record, normalize_schedule
-from abilities.pipeline_common import load_flow, load_pipeline, mask_schedule, notify_flow, ordered_steps
-from abilities.registry import ability
-from abilities.schema import Input, Output
-from engine import schedule as sched
-from storage.timeutil import utcnow
+from datamachine_mcp.abilities.context import AbilityContext
+from datamachine_mcp.abilities.errors import AbilityError
+from datamachine_mcp.abilities.flow_common import SCHEDULE_DESC, ScheduleIn, clean_name, new_flow_owner, schedule_from
+from datamachine_mcp.abilities.flow_ops import (
+    StepConfigInput,
+    StepEdit,
+    apply_step_edit,
+    create_flow_record,
+    normalize_schedule,
+)
+from datamachine_mcp.abilities.pipeline_common import (
+    load_flow,
+    load_pipeline,
+    mask_schedule,
+    notify_flow,
+    ordered_steps,
+)
+from datamachine_mcp.abilities.registry import ability
+from datamachine_mcp.abilities.schema import Input, Output
+from datamachine_mcp.engine import schedule as sched
+from datamachine_mcp.storage.timeutil import utcnow
 
 # --- duplicate-flow ---------------------------------------------------------------------------
 

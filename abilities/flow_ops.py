@@ -14,13 +14,13 @@ from typing import Any, Literal
 
 from pydantic import Field
 
-from abilities.context import AbilityContext
-from abilities.errors import AbilityError
-from abilities.pipeline_common import ordered_steps, sync_flow_config
-from abilities.schema import Input
-from engine import schedule as sched
-from engine.catalog import STEP_TYPES
-from engine.configs import (
+from datamachine_mcp.abilities.context import AbilityContext
+from datamachine_mcp.abilities.errors import AbilityError
+from datamachine_mcp.abilities.pipeline_common import ordered_steps, sync_flow_config
+from datamachine_mcp.abilities.schema import Input
+from datamachine_mcp.engine import schedule as sched
+from datamachine_mcp.engine.catalog import STEP_TYPES
+from datamachine_mcp.engine.configs import (
     ConfigError,
     handler_for,
     merge,
@@ -29,9 +29,9 @@ from engine.configs import (
     validate_handler_config,
     validate_step_settings,
 )
-from storage.crypto import MASK, SecretBox
-from storage.models import Flow, Pipeline
-from storage.timeutil import iso, utcnow
+from datamachine_mcp.storage.crypto import MASK, SecretBox
+from datamachine_mcp.storage.models import Flow, Pipeline
+from datamachine_mcp.storage.timeutil import iso, utcnow
 
 QueueMode = Literal["static", "drain", "loop"]
 

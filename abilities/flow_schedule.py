@@ -9,18 +9,25 @@ from typing import Any, Literal
 from pydantic import Field
 from sqlalchemy import select
 
-from abilities.access import Owner
-from abilities.agent_common import agent_owner
-from abilities.context import AbilityContext
-from abilities.errors import AbilityError, AccessDenied
-from abilities.flow_common import flow_target
-from abilities.flow_ops import normalize_schedule, set_schedule
-from abilities.pipeline_common import flows_of, load_flow, load_pipeline, mask_schedule, notify_flow, owner_of
-from abilities.registry import ability
-from abilities.schema import Input, Opt, Output
-from engine import schedule as sched
-from storage.models import Agent, Flow
-from storage.timeutil import iso, utcnow
+from datamachine_mcp.abilities.access import Owner
+from datamachine_mcp.abilities.agent_common import agent_owner
+from datamachine_mcp.abilities.context import AbilityContext
+from datamachine_mcp.abilities.errors import AbilityError, AccessDenied
+from datamachine_mcp.abilities.flow_common import flow_target
+from datamachine_mcp.abilities.flow_ops import normalize_schedule, set_schedule
+from datamachine_mcp.abilities.pipeline_common import (
+    flows_of,
+    load_flow,
+    load_pipeline,
+    mask_schedule,
+    notify_flow,
+    owner_of,
+)
+from datamachine_mcp.abilities.registry import ability
+from datamachine_mcp.abilities.schema import Input, Opt, Output
+from datamachine_mcp.engine import schedule as sched
+from datamachine_mcp.storage.models import Agent, Flow
+from datamachine_mcp.storage.timeutil import iso, utcnow
 
 # --- pause-flow / resume-flow -----------------------------------------------------------------
 

@@ -13,11 +13,11 @@ from typing import Any
 from pydantic import Field
 from sqlalchemy import select
 
-from abilities.access import Owner, Role
-from abilities.context import AbilityContext
-from abilities.errors import AbilityError
-from abilities.flow_ops import StepEdit, apply_step_edit, seeded_warnings
-from abilities.pipeline_common import (
+from datamachine_mcp.abilities.access import Owner, Role
+from datamachine_mcp.abilities.context import AbilityContext
+from datamachine_mcp.abilities.errors import AbilityError
+from datamachine_mcp.abilities.flow_ops import StepEdit, apply_step_edit, seeded_warnings
+from datamachine_mcp.abilities.pipeline_common import (
     FlowStepOut,
     flow_step_dict,
     notify_flow,
@@ -25,10 +25,10 @@ from abilities.pipeline_common import (
     owner_of,
     parse_flow_step_id,
 )
-from abilities.registry import ability
-from abilities.schema import Input, Output
-from storage.models import Flow, Pipeline
-from storage.timeutil import utcnow
+from datamachine_mcp.abilities.registry import ability
+from datamachine_mcp.abilities.schema import Input, Output
+from datamachine_mcp.storage.models import Flow, Pipeline
+from datamachine_mcp.storage.timeutil import utcnow
 
 FSID_DESC = "Flow step id: {pipeline_step_id}_{flow_id}"
 

@@ -11,10 +11,10 @@ from typing import Any, Literal
 from pydantic import Field
 from sqlalchemy import select
 
-from abilities.access import Owner
-from abilities.context import AbilityContext
-from abilities.errors import AbilityError
-from abilities.flow_bulk_edit import (
+from datamachine_mcp.abilities.access import Owner
+from datamachine_mcp.abilities.context import AbilityContext
+from datamachine_mcp.abilities.errors import AbilityError
+from datamachine_mcp.abilities.flow_bulk_edit import (
     BulkChange,
     FlowConfigIn,
     Plan,
@@ -25,14 +25,14 @@ from abilities.flow_bulk_edit import (
     try_edit,
     unused_warnings,
 )
-from abilities.flow_ops import StepConfigInput
-from abilities.flow_steps import replace_step
-from abilities.pipeline_common import flows_of, load_pipeline, notify_flow, ordered_steps, owner_of
-from abilities.registry import ability
-from abilities.schema import Input, Opt, Output
-from engine.catalog import HANDLERS
-from storage.models import Flow
-from storage.timeutil import utcnow
+from datamachine_mcp.abilities.flow_ops import StepConfigInput
+from datamachine_mcp.abilities.flow_steps import replace_step
+from datamachine_mcp.abilities.pipeline_common import flows_of, load_pipeline, notify_flow, ordered_steps, owner_of
+from datamachine_mcp.abilities.registry import ability
+from datamachine_mcp.abilities.schema import Input, Opt, Output
+from datamachine_mcp.engine.catalog import HANDLERS
+from datamachine_mcp.storage.models import Flow
+from datamachine_mcp.storage.timeutil import utcnow
 
 # --- configure-flow-steps ---------------------------------------------------------------------
 

@@ -12,10 +12,10 @@ from typing import Any, Literal
 from pydantic import Field
 from sqlalchemy import delete, func, or_, select
 
-from abilities.agent_common import agent_owner
-from abilities.context import AbilityContext
-from abilities.errors import AbilityError
-from abilities.flow_common import (
+from datamachine_mcp.abilities.agent_common import agent_owner
+from datamachine_mcp.abilities.context import AbilityContext
+from datamachine_mcp.abilities.errors import AbilityError
+from datamachine_mcp.abilities.flow_common import (
     DEFAULT_FLOW_NAME,
     SCHEDULE_DESC,
     ScheduleIn,
@@ -25,8 +25,8 @@ from abilities.flow_common import (
     new_flow_owner,
     schedule_from,
 )
-from abilities.flow_ops import StepConfigInput, create_flow_record, set_schedule
-from abilities.pipeline_common import (
+from datamachine_mcp.abilities.flow_ops import StepConfigInput, create_flow_record, set_schedule
+from datamachine_mcp.abilities.pipeline_common import (
     FlowOut,
     flow_step_dict,
     flows_out,
@@ -37,10 +37,10 @@ from abilities.pipeline_common import (
     ordered_steps,
     owner_of,
 )
-from abilities.registry import ability
-from abilities.schema import OFFSET_DESC, PER_PAGE_DESC, Input, Output
-from storage.models import Agent, Flow, Job, ProcessedItem
-from storage.timeutil import iso, utcnow
+from datamachine_mcp.abilities.registry import ability
+from datamachine_mcp.abilities.schema import OFFSET_DESC, PER_PAGE_DESC, Input, Output
+from datamachine_mcp.storage.models import Agent, Flow, Job, ProcessedItem
+from datamachine_mcp.storage.timeutil import iso, utcnow
 
 # --- get-flows --------------------------------------------------------------------------------
 

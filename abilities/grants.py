@@ -5,7 +5,7 @@ from __future__ import annotations
 from pydantic import Field
 from sqlalchemy import func, select
 
-from abilities.agent_common import (
+from datamachine_mcp.abilities.agent_common import (
     AccessGrantOut,
     AgentSelector,
     RoleName,
@@ -14,11 +14,11 @@ from abilities.agent_common import (
     load_agent,
     upsert_grant,
 )
-from abilities.context import AbilityContext
-from abilities.errors import AbilityError
-from abilities.registry import ability
-from abilities.schema import OFFSET_DESC, PER_PAGE_DESC, Output, PageOut
-from storage.models import AgentAccess
+from datamachine_mcp.abilities.context import AbilityContext
+from datamachine_mcp.abilities.errors import AbilityError
+from datamachine_mcp.abilities.registry import ability
+from datamachine_mcp.abilities.schema import OFFSET_DESC, PER_PAGE_DESC, Output, PageOut
+from datamachine_mcp.storage.models import AgentAccess
 
 
 class GrantIn(AgentSelector):

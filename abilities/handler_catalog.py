@@ -10,11 +10,11 @@ from typing import Any, Literal
 
 from pydantic import Field
 
-from abilities.context import AbilityContext
-from abilities.errors import AbilityError
-from abilities.registry import ability
-from abilities.schema import Input, Opt, Output
-from engine.catalog import HANDLERS, STEP_TYPES, FieldSpec, HandlerSpec, StepType
+from datamachine_mcp.abilities.context import AbilityContext
+from datamachine_mcp.abilities.errors import AbilityError
+from datamachine_mcp.abilities.registry import ability
+from datamachine_mcp.abilities.schema import Input, Opt, Output
+from datamachine_mcp.engine.catalog import HANDLERS, STEP_TYPES, FieldSpec, HandlerSpec, StepType
 
 
 class FieldSpecOut(Output):

@@ -7,14 +7,14 @@ from typing import Any
 from pydantic import Field
 from sqlalchemy import func, select
 
-from abilities.access import ROLE_RANK, Role
-from abilities.context import AbilityContext
-from abilities.errors import AbilityError
-from abilities.pipeline_common import owner_of
-from abilities.schema import Opt, Output, ts
-from engine import status as st
-from storage.crypto import MASK, mask
-from storage.models import Job
+from datamachine_mcp.abilities.access import ROLE_RANK, Role
+from datamachine_mcp.abilities.context import AbilityContext
+from datamachine_mcp.abilities.errors import AbilityError
+from datamachine_mcp.abilities.pipeline_common import owner_of
+from datamachine_mcp.abilities.schema import Opt, Output, ts
+from datamachine_mcp.engine import status as st
+from datamachine_mcp.storage.crypto import MASK, mask
+from datamachine_mcp.storage.models import Job
 
 
 def job_ref(value: str | None) -> int | str | None:

@@ -11,20 +11,20 @@ from typing import Any, Literal
 
 from pydantic import Field
 
-from abilities.context import AbilityContext
-from abilities.errors import AbilityError
-from abilities.job_common import load_job
-from abilities.jobs import publish_changes
-from abilities.registry import ability
-from abilities.schema import Input, Output
-from engine import claims
-from engine import status as st
-from engine.jobs import flow_snapshot
-from engine.lifecycle import cancel_descendants, ed, finish
-from engine.maintenance import reopen_for_retry
-from engine.plan import SNAPSHOT_KEYS, PlanError, first_handler, resolve_plan
-from storage.models import Flow, Job, Pipeline
-from storage.timeutil import utcnow
+from datamachine_mcp.abilities.context import AbilityContext
+from datamachine_mcp.abilities.errors import AbilityError
+from datamachine_mcp.abilities.job_common import load_job
+from datamachine_mcp.abilities.jobs import publish_changes
+from datamachine_mcp.abilities.registry import ability
+from datamachine_mcp.abilities.schema import Input, Output
+from datamachine_mcp.engine import claims
+from datamachine_mcp.engine import status as st
+from datamachine_mcp.engine.jobs import flow_snapshot
+from datamachine_mcp.engine.lifecycle import cancel_descendants, ed, finish
+from datamachine_mcp.engine.maintenance import reopen_for_retry
+from datamachine_mcp.engine.plan import SNAPSHOT_KEYS, PlanError, first_handler, resolve_plan
+from datamachine_mcp.storage.models import Flow, Job, Pipeline
+from datamachine_mcp.storage.timeutil import utcnow
 
 # --- fail-job / cancel-job --------------------------------------------------------------------
 

@@ -11,18 +11,18 @@ from typing import Any, Literal
 from pydantic import Field
 from sqlalchemy import delete, func, select
 
-from abilities.agent_common import agent_owner
-from abilities.context import AbilityContext
-from abilities.errors import AbilityError
-from abilities.job_common import load_job
-from abilities.jobs import JobRef, publish_changes, ref_condition, role_condition
-from abilities.pipeline_common import load_flow, load_pipeline
-from abilities.registry import ability
-from abilities.schema import Input, Output
-from engine import status as st
-from engine.lifecycle import Changes
-from engine.maintenance import recover
-from storage.models import Agent, Job, ProcessedItem
+from datamachine_mcp.abilities.agent_common import agent_owner
+from datamachine_mcp.abilities.context import AbilityContext
+from datamachine_mcp.abilities.errors import AbilityError
+from datamachine_mcp.abilities.job_common import load_job
+from datamachine_mcp.abilities.jobs import JobRef, publish_changes, ref_condition, role_condition
+from datamachine_mcp.abilities.pipeline_common import load_flow, load_pipeline
+from datamachine_mcp.abilities.registry import ability
+from datamachine_mcp.abilities.schema import Input, Output
+from datamachine_mcp.engine import status as st
+from datamachine_mcp.engine.lifecycle import Changes
+from datamachine_mcp.engine.maintenance import recover
+from datamachine_mcp.storage.models import Agent, Job, ProcessedItem
 
 CHUNK = 500
 

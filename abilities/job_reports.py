@@ -11,15 +11,15 @@ from typing import Any, Literal
 from pydantic import Field
 from sqlalchemy import func, select
 
-from abilities.context import AbilityContext
-from abilities.errors import AbilityError
-from abilities.job_common import JobOut, job_ref, load_job, redact
-from abilities.jobs import BaseStatus, JobRef, describe_jobs, ref_condition
-from abilities.registry import ability
-from abilities.schema import OFFSET_DESC, PER_PAGE_DESC, DateTimeIn, Input, Opt, Output, PageOut
-from engine import status as st
-from storage.models import Agent, Flow, Job, Pipeline
-from storage.timeutil import iso
+from datamachine_mcp.abilities.context import AbilityContext
+from datamachine_mcp.abilities.errors import AbilityError
+from datamachine_mcp.abilities.job_common import JobOut, job_ref, load_job, redact
+from datamachine_mcp.abilities.jobs import BaseStatus, JobRef, describe_jobs, ref_condition
+from datamachine_mcp.abilities.registry import ability
+from datamachine_mcp.abilities.schema import OFFSET_DESC, PER_PAGE_DESC, DateTimeIn, Input, Opt, Output, PageOut
+from datamachine_mcp.engine import status as st
+from datamachine_mcp.storage.models import Agent, Flow, Job, Pipeline
+from datamachine_mcp.storage.timeutil import iso
 
 RunTrigger = Literal["manual", "schedule", "webhook", "batch", "workflow", "system"]
 OrderBy = Literal["job_id", "created_at", "completed_at", "updated_at", "status", "flow_id", "pipeline_id"]

@@ -11,16 +11,16 @@ from typing import Any, Literal
 from pydantic import Field
 from sqlalchemy import func, select
 
-from abilities.context import AbilityContext
-from abilities.job_common import job_ref, load_job
-from abilities.job_reports import check_agent_filter
-from abilities.pipeline_common import load_flow
-from abilities.registry import ability
-from abilities.schema import Input, Opt, Output, ts
-from engine import status as st
-from storage.crypto import mask
-from storage.models import Flow, Job, ProcessedItem
-from storage.timeutil import utcnow
+from datamachine_mcp.abilities.context import AbilityContext
+from datamachine_mcp.abilities.job_common import job_ref, load_job
+from datamachine_mcp.abilities.job_reports import check_agent_filter
+from datamachine_mcp.abilities.pipeline_common import load_flow
+from datamachine_mcp.abilities.registry import ability
+from datamachine_mcp.abilities.schema import Input, Opt, Output, ts
+from datamachine_mcp.engine import status as st
+from datamachine_mcp.storage.crypto import mask
+from datamachine_mcp.storage.models import Flow, Job, ProcessedItem
+from datamachine_mcp.storage.timeutil import utcnow
 
 ZERO_TOKENS = {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0}
 

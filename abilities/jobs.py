@@ -7,21 +7,21 @@ from typing import Annotated, Any, Literal
 from pydantic import Field
 from sqlalchemy import ColumnElement, and_, false, or_, select, true
 
-from abilities.access import ROLE_RANK, Role
-from abilities.context import AbilityContext
-from abilities.errors import AbilityError
-from abilities.job_common import JobOut, child_counts, job_dict, load_job
-from abilities.pipeline_common import load_flow, notify_flow, owner_of
-from abilities.registry import ability
-from abilities.schema import Input, Opt, Output
-from engine import status as st
-from engine.jobs import create_flow_job, empty_first_queue
-from engine.lifecycle import Changes
-from engine.plan import PlanError, check_initial_data, resolve_plan
-from engine.wait import wait_for_job
-from storage.crypto import SecretUnavailable
-from storage.models import Agent, Job, Pipeline
-from storage.timeutil import utcnow
+from datamachine_mcp.abilities.access import ROLE_RANK, Role
+from datamachine_mcp.abilities.context import AbilityContext
+from datamachine_mcp.abilities.errors import AbilityError
+from datamachine_mcp.abilities.job_common import JobOut, child_counts, job_dict, load_job
+from datamachine_mcp.abilities.pipeline_common import load_flow, notify_flow, owner_of
+from datamachine_mcp.abilities.registry import ability
+from datamachine_mcp.abilities.schema import Input, Opt, Output
+from datamachine_mcp.engine import status as st
+from datamachine_mcp.engine.jobs import create_flow_job, empty_first_queue
+from datamachine_mcp.engine.lifecycle import Changes
+from datamachine_mcp.engine.plan import PlanError, check_initial_data, resolve_plan
+from datamachine_mcp.engine.wait import wait_for_job
+from datamachine_mcp.storage.crypto import SecretUnavailable
+from datamachine_mcp.storage.models import Agent, Job, Pipeline
+from datamachine_mcp.storage.timeutil import utcnow
 
 MAX_WAIT = 300
 IDEMPOTENCY_PATTERN = r"^[\x20-\x7e]+$"

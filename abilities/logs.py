@@ -8,14 +8,14 @@ from typing import Any, Literal
 from pydantic import Field
 from sqlalchemy import ColumnElement, delete, func, select
 
-from abilities.access import Owner
-from abilities.agent_common import agent_owner
-from abilities.context import AbilityContext
-from abilities.errors import AbilityError
-from abilities.registry import ability
-from abilities.schema import OFFSET_DESC, PER_PAGE_DESC, DateTimeIn, Input, Output, PageOut, ts
-from storage.logs import LEVEL_RANK, write_log
-from storage.models import LOG_LEVELS, Agent, LogEntry
+from datamachine_mcp.abilities.access import Owner
+from datamachine_mcp.abilities.agent_common import agent_owner
+from datamachine_mcp.abilities.context import AbilityContext
+from datamachine_mcp.abilities.errors import AbilityError
+from datamachine_mcp.abilities.registry import ability
+from datamachine_mcp.abilities.schema import OFFSET_DESC, PER_PAGE_DESC, DateTimeIn, Input, Output, PageOut, ts
+from datamachine_mcp.storage.logs import LEVEL_RANK, write_log
+from datamachine_mcp.storage.models import LOG_LEVELS, Agent, LogEntry
 
 LevelName = Literal["debug", "info", "warning", "error", "critical"]
 RESERVED_CONTEXT = ("audit", "ability", "actor_user_id", "actor_agent_id", "actor_token_id", "transport")

@@ -12,21 +12,21 @@ from typing import Any, Literal
 from pydantic import Field
 from sqlalchemy import func, select, update
 
-from abilities.context import AbilityContext
-from abilities.errors import AbilityError
-from abilities.job_common import job_ref
-from abilities.job_reports import check_agent_filter
-from abilities.jobs import publish_changes
-from abilities.pipeline_common import owner_of
-from abilities.registry import ability
-from abilities.schema import OFFSET_DESC, PER_PAGE_DESC, Input, Output, PageOut
-from engine import claims
-from engine import status as st
-from engine.lifecycle import Changes, ed, finish
-from engine.plan import step_config
-from storage.crypto import mask
-from storage.models import Job
-from storage.timeutil import iso, utcnow
+from datamachine_mcp.abilities.context import AbilityContext
+from datamachine_mcp.abilities.errors import AbilityError
+from datamachine_mcp.abilities.job_common import job_ref
+from datamachine_mcp.abilities.job_reports import check_agent_filter
+from datamachine_mcp.abilities.jobs import publish_changes
+from datamachine_mcp.abilities.pipeline_common import owner_of
+from datamachine_mcp.abilities.registry import ability
+from datamachine_mcp.abilities.schema import OFFSET_DESC, PER_PAGE_DESC, Input, Output, PageOut
+from datamachine_mcp.engine import claims
+from datamachine_mcp.engine import status as st
+from datamachine_mcp.engine.lifecycle import Changes, ed, finish
+from datamachine_mcp.engine.plan import step_config
+from datamachine_mcp.storage.crypto import mask
+from datamachine_mcp.storage.models import Job
+from datamachine_mcp.storage.timeutil import iso, utcnow
 
 ACTION_PATTERN = r"^pa_[0-9a-f]{32}$"
 APPROVAL_KEYS = (

@@ -16,14 +16,14 @@ from typing import Any, TypeVar
 from pydantic import ConfigDict, Field
 from sqlalchemy import func, select
 
-from abilities.access import Owner, Role
-from abilities.context import AbilityContext
-from abilities.errors import AbilityError
-from abilities.schema import Opt, Output, ts
-from engine.catalog import PROVIDERS, STEP_TYPES
-from engine.configs import ConfigError, handler_for, seal_secrets, validate_handler_config
-from storage.crypto import MASK, SecretBox, mask
-from storage.models import Agent, Flow, Job, Pipeline
+from datamachine_mcp.abilities.access import Owner, Role
+from datamachine_mcp.abilities.context import AbilityContext
+from datamachine_mcp.abilities.errors import AbilityError
+from datamachine_mcp.abilities.schema import Opt, Output, ts
+from datamachine_mcp.engine.catalog import PROVIDERS, STEP_TYPES
+from datamachine_mcp.engine.configs import ConfigError, handler_for, seal_secrets, validate_handler_config
+from datamachine_mcp.storage.crypto import MASK, SecretBox, mask
+from datamachine_mcp.storage.models import Agent, Flow, Job, Pipeline
 
 ACTIVE_STATUSES = ("pending", "processing", "waiting")
 UUID4 = r"[0-9a-f]{8}-[0-9a-f]{4}-4[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}"

@@ -8,12 +8,12 @@ from __future__ import annotations
 import copy
 from typing import Any
 
-from abilities.errors import AbilityError
-from abilities.flow_ops import normalize_schedule
-from abilities.pipeline_common import make_flow_step_id
-from engine import schedule as sched
-from engine.catalog import HANDLERS
-from storage.crypto import is_envelope
+from datamachine_mcp.abilities.errors import AbilityError
+from datamachine_mcp.abilities.flow_ops import normalize_schedule
+from datamachine_mcp.abilities.pipeline_common import make_flow_step_id
+from datamachine_mcp.engine import schedule as sched
+from datamachine_mcp.engine.catalog import HANDLERS
+from datamachine_mcp.storage.crypto import is_envelope
 
 
 def secret_field_names(slug: str, config: dict[str, Any]) -> list[str]:

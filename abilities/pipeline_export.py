@@ -23,13 +23,13 @@ from typing import Annotated, Any, Literal
 from pydantic import Field
 from sqlalchemy import select
 
-from abilities.context import AbilityContext
-from abilities.errors import AbilityError
-from abilities.pipeline_common import make_flow_step_id, ordered_steps, owner_of, step_label
-from abilities.pipeline_copy import strip_secrets
-from abilities.registry import ability
-from abilities.schema import Input, Output
-from storage.models import Flow, Pipeline
+from datamachine_mcp.abilities.context import AbilityContext
+from datamachine_mcp.abilities.errors import AbilityError
+from datamachine_mcp.abilities.pipeline_common import make_flow_step_id, ordered_steps, owner_of, step_label
+from datamachine_mcp.abilities.pipeline_copy import strip_secrets
+from datamachine_mcp.abilities.registry import ability
+from datamachine_mcp.abilities.schema import Input, Output
+from datamachine_mcp.storage.models import Flow, Pipeline
 
 HEADER = [
     "pipeline_id",

@@ -16,25 +16,31 @@ from typing import Any, Literal
 from pydantic import Field
 from sqlalchemy import select
 
-from abilities.context import AbilityContext
-from abilities.errors import AbilityError
-from abilities.flow_ops import create_flow_record, seeded_warnings
-from abilities.pipeline_common import (
+from datamachine_mcp.abilities.context import AbilityContext
+from datamachine_mcp.abilities.errors import AbilityError
+from datamachine_mcp.abilities.flow_ops import create_flow_record, seeded_warnings
+from datamachine_mcp.abilities.pipeline_common import (
     build_pipeline_step,
     make_flow_step_id,
     notify_flow,
     notify_pipeline,
     seed_flow_step,
 )
-from abilities.pipeline_export import HEADER, SETTINGS_KEYS
-from abilities.pipeline_shapes import new_resource_owner
-from abilities.registry import ability
-from abilities.schema import Input, Output
-from engine.catalog import STEP_TYPES
-from engine.configs import ConfigError, handler_for, seal_secrets, validate_handler_config, validate_step_settings
-from storage.crypto import SecretBox
-from storage.models import Flow, Pipeline
-from storage.timeutil import iso, utcnow
+from datamachine_mcp.abilities.pipeline_export import HEADER, SETTINGS_KEYS
+from datamachine_mcp.abilities.pipeline_shapes import new_resource_owner
+from datamachine_mcp.abilities.registry import ability
+from datamachine_mcp.abilities.schema import Input, Output
+from datamachine_mcp.engine.catalog import STEP_TYPES
+from datamachine_mcp.engine.configs import (
+    ConfigError,
+    handler_for,
+    seal_secrets,
+    validate_handler_config,
+    validate_step_settings,
+)
+from datamachine_mcp.storage.crypto import SecretBox
+from datamachine_mcp.storage.models import Flow, Pipeline
+from datamachine_mcp.storage.timeutil import iso, utcnow
 
 MAX_DATA = 5 * 1024 * 1024
 

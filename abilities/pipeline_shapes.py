@@ -8,13 +8,13 @@ from typing import Any
 
 from pydantic import ConfigDict, Field
 
-from abilities.access import Owner
-from abilities.agent_common import agent_owner
-from abilities.context import AbilityContext
-from abilities.errors import AbilityError
-from abilities.pipeline_common import ordered_steps
-from abilities.schema import Input
-from storage.models import Agent
+from datamachine_mcp.abilities.access import Owner
+from datamachine_mcp.abilities.agent_common import agent_owner
+from datamachine_mcp.abilities.context import AbilityContext
+from datamachine_mcp.abilities.errors import AbilityError
+from datamachine_mcp.abilities.pipeline_common import ordered_steps
+from datamachine_mcp.abilities.schema import Input
+from datamachine_mcp.storage.models import Agent
 
 
 class StepSeedIn(Input):

@@ -12,10 +12,10 @@ from typing import Any
 
 from pydantic import Field
 
-from abilities.context import AbilityContext
-from abilities.errors import AbilityError
-from abilities.flow_ops import seeded_warnings
-from abilities.pipeline_common import (
+from datamachine_mcp.abilities.context import AbilityContext
+from datamachine_mcp.abilities.errors import AbilityError
+from datamachine_mcp.abilities.flow_ops import seeded_warnings
+from datamachine_mcp.abilities.pipeline_common import (
     PipelineStepOut,
     build_pipeline_step,
     flows_of,
@@ -29,12 +29,12 @@ from abilities.pipeline_common import (
     step_label,
     sync_flow_config,
 )
-from abilities.pipeline_shapes import StepSeedIn, renumber
-from abilities.registry import ability
-from abilities.schema import Input, Output
-from engine.catalog import PROVIDERS
-from storage.models import Flow, Pipeline
-from storage.timeutil import utcnow
+from datamachine_mcp.abilities.pipeline_shapes import StepSeedIn, renumber
+from datamachine_mcp.abilities.registry import ability
+from datamachine_mcp.abilities.schema import Input, Output
+from datamachine_mcp.engine.catalog import PROVIDERS
+from datamachine_mcp.storage.models import Flow, Pipeline
+from datamachine_mcp.storage.timeutil import utcnow
 
 
 def step_id_or_error(raw: str) -> tuple[str, int]:

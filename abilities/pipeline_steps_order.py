@@ -9,15 +9,15 @@ from __future__ import annotations
 
 from pydantic import Field
 
-from abilities.context import AbilityContext
-from abilities.errors import AbilityError
-from abilities.pipeline_common import load_pipeline, ordered_steps
-from abilities.pipeline_shapes import renumber
-from abilities.pipeline_steps import notify_pipeline_and_flows, step_not_found, sync_flows
-from abilities.registry import ability
-from abilities.schema import Input, Output
-from engine import dedup
-from storage.timeutil import utcnow
+from datamachine_mcp.abilities.context import AbilityContext
+from datamachine_mcp.abilities.errors import AbilityError
+from datamachine_mcp.abilities.pipeline_common import load_pipeline, ordered_steps
+from datamachine_mcp.abilities.pipeline_shapes import renumber
+from datamachine_mcp.abilities.pipeline_steps import notify_pipeline_and_flows, step_not_found, sync_flows
+from datamachine_mcp.abilities.registry import ability
+from datamachine_mcp.abilities.schema import Input, Output
+from datamachine_mcp.engine import dedup
+from datamachine_mcp.storage.timeutil import utcnow
 
 # --- delete-pipeline-step ---------------------------------------------------------------------
 

@@ -9,14 +9,14 @@ from typing import Any
 
 from pydantic import Field
 
-from abilities.context import AbilityContext
-from abilities.errors import AbilityError
-from abilities.flow_ops import StepEdit, apply_step_edit
-from abilities.pipeline_common import seed_flow_step
-from abilities.pipeline_shapes import seed_of
-from abilities.schema import Input
-from engine.catalog import AI_FIELDS, HANDLERS, PROVIDERS, STEP_TYPES
-from storage.crypto import mask
+from datamachine_mcp.abilities.context import AbilityContext
+from datamachine_mcp.abilities.errors import AbilityError
+from datamachine_mcp.abilities.flow_ops import StepEdit, apply_step_edit
+from datamachine_mcp.abilities.pipeline_common import seed_flow_step
+from datamachine_mcp.abilities.pipeline_shapes import seed_of
+from datamachine_mcp.abilities.schema import Input
+from datamachine_mcp.engine.catalog import AI_FIELDS, HANDLERS, PROVIDERS, STEP_TYPES
+from datamachine_mcp.storage.crypto import mask
 
 
 class WorkflowStepIn(Input):

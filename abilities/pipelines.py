@@ -14,12 +14,12 @@ from typing import Any, Literal
 from pydantic import Field
 from sqlalchemy import ColumnElement, delete, func, or_, select
 
-from abilities.access import Owner
-from abilities.agent_common import agent_owner
-from abilities.context import AbilityContext
-from abilities.errors import AbilityError
-from abilities.flow_ops import create_flow_record, normalize_schedule
-from abilities.pipeline_common import (
+from datamachine_mcp.abilities.access import Owner
+from datamachine_mcp.abilities.agent_common import agent_owner
+from datamachine_mcp.abilities.context import AbilityContext
+from datamachine_mcp.abilities.errors import AbilityError
+from datamachine_mcp.abilities.flow_ops import create_flow_record, normalize_schedule
+from datamachine_mcp.abilities.pipeline_common import (
     PipelineOut,
     build_pipeline_step,
     flows_out,
@@ -34,13 +34,13 @@ from abilities.pipeline_common import (
     pipeline_step_dict,
     sync_flow_config,
 )
-from abilities.pipeline_copy import copied_schedule, remap_flow_config, strip_step_secrets
-from abilities.pipeline_shapes import StepSeedIn, agent_or_error, new_resource_owner, seed_of
-from abilities.pipeline_workflow import WorkflowIn, validate_workflow
-from abilities.registry import ability
-from abilities.schema import OFFSET_DESC, PER_PAGE_DESC, Input, Output
-from storage.models import Agent, Flow, Job, Pipeline, ProcessedItem
-from storage.timeutil import utcnow
+from datamachine_mcp.abilities.pipeline_copy import copied_schedule, remap_flow_config, strip_step_secrets
+from datamachine_mcp.abilities.pipeline_shapes import StepSeedIn, agent_or_error, new_resource_owner, seed_of
+from datamachine_mcp.abilities.pipeline_workflow import WorkflowIn, validate_workflow
+from datamachine_mcp.abilities.registry import ability
+from datamachine_mcp.abilities.schema import OFFSET_DESC, PER_PAGE_DESC, Input, Output
+from datamachine_mcp.storage.models import Agent, Flow, Job, Pipeline, ProcessedItem
+from datamachine_mcp.storage.timeutil import utcnow
 
 OutputMode = Literal["full", "list", "summary", "ids"]
 

@@ -13,15 +13,15 @@ from typing import Annotated, Any, Literal
 from pydantic import Field
 from sqlalchemy import bindparam, select
 
-from abilities.access import Owner, Role
-from abilities.context import AbilityContext
-from abilities.errors import AbilityError
-from abilities.pipeline_common import flows_of, load_flow, load_pipeline, parse_flow_step_id
-from abilities.registry import ability
-from abilities.schema import Input, Output, ts
-from engine import dedup
-from storage.models import Agent, Flow, Job
-from storage.timeutil import utcnow
+from datamachine_mcp.abilities.access import Owner, Role
+from datamachine_mcp.abilities.context import AbilityContext
+from datamachine_mcp.abilities.errors import AbilityError
+from datamachine_mcp.abilities.pipeline_common import flows_of, load_flow, load_pipeline, parse_flow_step_id
+from datamachine_mcp.abilities.registry import ability
+from datamachine_mcp.abilities.schema import Input, Output, ts
+from datamachine_mcp.engine import dedup
+from datamachine_mcp.storage.models import Agent, Flow, Job
+from datamachine_mcp.storage.timeutil import utcnow
 
 FSID_DESC = "Flow step id: {pipeline_step_id}_{flow_id}"
 SOURCE_DESC = "Source type (the handler slug, e.g. rss)"

@@ -11,16 +11,16 @@ from typing import Any, Literal
 
 from pydantic import Field
 
-from abilities.access import Role
-from abilities.context import AbilityContext
-from abilities.errors import AbilityError
-from abilities.flow_steps import FSID_DESC, lookup_flow_step, replace_step
-from abilities.pipeline_common import notify_flow
-from abilities.registry import ability
-from abilities.schema import OFFSET_DESC, PER_PAGE_DESC, Input, Output
-from engine.catalog import STEP_TYPES
-from storage.models import Flow
-from storage.timeutil import iso, utcnow
+from datamachine_mcp.abilities.access import Role
+from datamachine_mcp.abilities.context import AbilityContext
+from datamachine_mcp.abilities.errors import AbilityError
+from datamachine_mcp.abilities.flow_steps import FSID_DESC, lookup_flow_step, replace_step
+from datamachine_mcp.abilities.pipeline_common import notify_flow
+from datamachine_mcp.abilities.registry import ability
+from datamachine_mcp.abilities.schema import OFFSET_DESC, PER_PAGE_DESC, Input, Output
+from datamachine_mcp.engine.catalog import STEP_TYPES
+from datamachine_mcp.storage.models import Flow
+from datamachine_mcp.storage.timeutil import iso, utcnow
 
 QueueMode = Literal["static", "drain", "loop"]
 

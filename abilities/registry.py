@@ -16,8 +16,8 @@ from typing import Any, Literal, get_type_hints
 
 from pydantic import BaseModel, TypeAdapter
 
-from abilities.access import Level
-from abilities.schema import Input
+from datamachine_mcp.abilities.access import Level
+from datamachine_mcp.abilities.schema import Input
 
 TOOLSETS = ("agents", "pipelines", "flows", "jobs", "processed-items", "logs", "chat", "settings", "system")
 MAX_DESCRIPTION = 200
@@ -175,10 +175,10 @@ def _check_described(slug: str, model: type[BaseModel]) -> None:
 
 def load_all() -> dict[str, Ability]:
     """Import every module of the package (declarations register themselves) and return the registry."""
-    import abilities
+    from datamachine_mcp import abilities
 
     for module in pkgutil.iter_modules(abilities.__path__):
-        importlib.import_module(f"abilities.{module.name}")
+        importlib.import_module(f"datamachine_mcp.abilities.{module.name}")
     return dict(sorted(_REGISTRY.items(), key=lambda kv: _listing_key(kv[1])))
 
 

@@ -12,11 +12,11 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from abilities.access import Principal, level_visible
-from abilities.context import AbilityContext, ProgressFn, Runtime
-from abilities.errors import AbilityError, AccessDenied
-from abilities.registry import Ability
-from storage.logs import write_log
+from datamachine_mcp.abilities.access import Principal, level_visible
+from datamachine_mcp.abilities.context import AbilityContext, ProgressFn, Runtime
+from datamachine_mcp.abilities.errors import AbilityError, AccessDenied
+from datamachine_mcp.abilities.registry import Ability
+from datamachine_mcp.storage.logs import write_log
 
 log = logging.getLogger("datamachine.abilities")
 

@@ -12,7 +12,7 @@ from typing import Annotated, Any
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, WithJsonSchema
 
-from storage.timeutil import iso, parse_datetime
+from datamachine_mcp.storage.timeutil import iso, parse_datetime
 
 
 class Input(BaseModel):

@@ -6,11 +6,11 @@ from typing import Any
 
 from pydantic import Field
 
-from abilities.context import AbilityContext
-from abilities.errors import AbilityError
-from abilities.registry import ability
-from abilities.schema import Input, Output, ts
-from storage.settings import SETTING_KEYS, SettingError, Snapshot, default_value
+from datamachine_mcp.abilities.context import AbilityContext
+from datamachine_mcp.abilities.errors import AbilityError
+from datamachine_mcp.abilities.registry import ability
+from datamachine_mcp.abilities.schema import Input, Output, ts
+from datamachine_mcp.storage.settings import SETTING_KEYS, SettingError, Snapshot, default_value
 
 
 class NoInput(Input):

@@ -6,10 +6,10 @@ from typing import Literal
 
 from pydantic import Field
 
-from abilities.context import AbilityContext
-from abilities.registry import TOOLSETS, ability, registered
-from abilities.runner import visible
-from abilities.schema import Input, Output
+from datamachine_mcp.abilities.context import AbilityContext
+from datamachine_mcp.abilities.registry import TOOLSETS, ability, registered
+from datamachine_mcp.abilities.runner import visible
+from datamachine_mcp.abilities.schema import Input, Output
 
 
 class WhoamiIn(Input):

@@ -8,19 +8,19 @@ from typing import Any, Literal
 from pydantic import Field
 from sqlalchemy import func, select, text
 
-from abilities.context import AbilityContext
-from abilities.errors import AbilityError
-from abilities.jobs import wait_and_describe
-from abilities.registry import ability
-from abilities.schema import Input, Opt, Output
-from engine import status as st
-from engine.jobs import create_direct_job
-from engine.plan import direct_configs, resolve_plan
-from storage.crypto import SecretUnavailable
-from storage.migrate import current_revision
-from storage.migrations import HEAD_REVISION
-from storage.models import Flow, Job, Setting
-from storage.timeutil import iso, parse_datetime, utcnow
+from datamachine_mcp.abilities.context import AbilityContext
+from datamachine_mcp.abilities.errors import AbilityError
+from datamachine_mcp.abilities.jobs import wait_and_describe
+from datamachine_mcp.abilities.registry import ability
+from datamachine_mcp.abilities.schema import Input, Opt, Output
+from datamachine_mcp.engine import status as st
+from datamachine_mcp.engine.jobs import create_direct_job
+from datamachine_mcp.engine.plan import direct_configs, resolve_plan
+from datamachine_mcp.storage.crypto import SecretUnavailable
+from datamachine_mcp.storage.migrate import current_revision
+from datamachine_mcp.storage.migrations import HEAD_REVISION
+from datamachine_mcp.storage.models import Flow, Job, Setting
+from datamachine_mcp.storage.timeutil import iso, parse_datetime, utcnow
 
 CHECKS = ("database", "migrations", "worker", "scheduler", "jobs", "providers", "secrets")
 TASK_LABELS = {"retention": "Retention cleanup", "recover_stuck_jobs": "Recover stuck jobs", "echo": "Echo"}

@@ -29,21 +29,21 @@ from typing import Any, Literal
 
 from pydantic import Field
 
-from abilities.access import ROLE_RANK
-from abilities.context import AbilityContext
-from abilities.errors import AbilityError, AccessDenied
-from abilities.pipeline_common import ordered_steps, owner_of
-from abilities.registry import ability
-from abilities.schema import Input, Opt, Output
-from engine.catalog import HANDLERS, HandlerSpec, handlers_for
-from engine.configs import ConfigError, merge, open_secrets, validate_handler_config
-from engine.errors import StepError
-from engine.handlers import HandlerContext, run_fetch, with_defaults
-from engine.http import Outbound
-from engine.items import item_to_packet, packet_size
-from engine.plan import step_config
-from storage.crypto import MASK, SecretUnavailable
-from storage.models import Flow, Pipeline
+from datamachine_mcp.abilities.access import ROLE_RANK
+from datamachine_mcp.abilities.context import AbilityContext
+from datamachine_mcp.abilities.errors import AbilityError, AccessDenied
+from datamachine_mcp.abilities.pipeline_common import ordered_steps, owner_of
+from datamachine_mcp.abilities.registry import ability
+from datamachine_mcp.abilities.schema import Input, Opt, Output
+from datamachine_mcp.engine.catalog import HANDLERS, HandlerSpec, handlers_for
+from datamachine_mcp.engine.configs import ConfigError, merge, open_secrets, validate_handler_config
+from datamachine_mcp.engine.errors import StepError
+from datamachine_mcp.engine.handlers import HandlerContext, run_fetch, with_defaults
+from datamachine_mcp.engine.http import Outbound
+from datamachine_mcp.engine.items import item_to_packet, packet_size
+from datamachine_mcp.engine.plan import step_config
+from datamachine_mcp.storage.crypto import MASK, SecretUnavailable
+from datamachine_mcp.storage.models import Flow, Pipeline
 
 PREVIEW_CHARS = 200
 DEFAULT_BYTE_LIMIT = 1024 * 1024

@@ -19,17 +19,17 @@ from pydantic import Field
 from sqlalchemy import func, or_, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from abilities.access import ROLE_RANK, SCOPE_RANK, SCOPES, Principal
-from abilities.agent_common import AgentSelector, agent_owner, find_agent
-from abilities.context import AbilityContext
-from abilities.errors import AbilityError, AccessDenied
-from abilities.registry import TOOLSETS, ability
-from abilities.schema import OFFSET_DESC, PER_PAGE_DESC, Output, PageOut, ts
-from storage.db import Database
-from storage.logs import write_log
-from storage.models import Agent, AgentToken
-from storage.settings import SettingsStore
-from storage.timeutil import utcnow
+from datamachine_mcp.abilities.access import ROLE_RANK, SCOPE_RANK, SCOPES, Principal
+from datamachine_mcp.abilities.agent_common import AgentSelector, agent_owner, find_agent
+from datamachine_mcp.abilities.context import AbilityContext
+from datamachine_mcp.abilities.errors import AbilityError, AccessDenied
+from datamachine_mcp.abilities.registry import TOOLSETS, ability
+from datamachine_mcp.abilities.schema import OFFSET_DESC, PER_PAGE_DESC, Output, PageOut, ts
+from datamachine_mcp.storage.db import Database
+from datamachine_mcp.storage.logs import write_log
+from datamachine_mcp.storage.models import Agent, AgentToken
+from datamachine_mcp.storage.settings import SettingsStore
+from datamachine_mcp.storage.timeutil import utcnow
 
 log = logging.getLogger("datamachine.tokens")
 

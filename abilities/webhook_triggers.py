@@ -14,14 +14,14 @@ from typing import Any, Literal
 
 from pydantic import Field
 
-from abilities.context import AbilityContext
-from abilities.errors import AbilityError
-from abilities.pipeline_common import load_flow, notify_flow
-from abilities.registry import ability
-from abilities.schema import Input, Opt, Output
-from storage.crypto import SecretBox
-from storage.models import Flow
-from storage.timeutil import iso, utcnow
+from datamachine_mcp.abilities.context import AbilityContext
+from datamachine_mcp.abilities.errors import AbilityError
+from datamachine_mcp.abilities.pipeline_common import load_flow, notify_flow
+from datamachine_mcp.abilities.registry import ability
+from datamachine_mcp.abilities.schema import Input, Opt, Output
+from datamachine_mcp.storage.crypto import SecretBox
+from datamachine_mcp.storage.models import Flow
+from datamachine_mcp.storage.timeutil import iso, utcnow
 
 SECRET_KIND = "webhook_trigger_secret"
 DEFAULT_PREVIOUS_TTL = 604800

@@ -11,23 +11,23 @@ from typing import Any, Literal
 
 from pydantic import Field
 
-from abilities.access import Owner
-from abilities.agent_common import agent_owner
-from abilities.context import AbilityContext
-from abilities.errors import AbilityError
-from abilities.flow_ops import StepEdit, apply_step_edit
-from abilities.job_common import JobOut
-from abilities.jobs import MAX_WAIT, publish_changes, wait_into
-from abilities.pipeline_workflow import WorkflowIn, validate_workflow
-from abilities.registry import ability
-from abilities.schema import Input, Opt, Output
-from engine.catalog import HANDLERS, STEP_TYPES
-from engine.jobs import create_direct_job
-from engine.lifecycle import Changes
-from engine.plan import PlanError, check_initial_data, direct_configs, resolve_plan
-from storage.crypto import MASK
-from storage.models import Agent
-from storage.timeutil import iso, utcnow
+from datamachine_mcp.abilities.access import Owner
+from datamachine_mcp.abilities.agent_common import agent_owner
+from datamachine_mcp.abilities.context import AbilityContext
+from datamachine_mcp.abilities.errors import AbilityError
+from datamachine_mcp.abilities.flow_ops import StepEdit, apply_step_edit
+from datamachine_mcp.abilities.job_common import JobOut
+from datamachine_mcp.abilities.jobs import MAX_WAIT, publish_changes, wait_into
+from datamachine_mcp.abilities.pipeline_workflow import WorkflowIn, validate_workflow
+from datamachine_mcp.abilities.registry import ability
+from datamachine_mcp.abilities.schema import Input, Opt, Output
+from datamachine_mcp.engine.catalog import HANDLERS, STEP_TYPES
+from datamachine_mcp.engine.jobs import create_direct_job
+from datamachine_mcp.engine.lifecycle import Changes
+from datamachine_mcp.engine.plan import PlanError, check_initial_data, direct_configs, resolve_plan
+from datamachine_mcp.storage.crypto import MASK
+from datamachine_mcp.storage.models import Agent
+from datamachine_mcp.storage.timeutil import iso, utcnow
 
 DEFAULT_SOURCE = "direct"
 DEFAULT_LABEL = "Direct Workflow"

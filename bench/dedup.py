@@ -30,15 +30,15 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from abilities.access import Principal  # noqa: E402
-from abilities.registry import load_all  # noqa: E402
-from abilities.runner import invoke  # noqa: E402
-from engine import dedup  # noqa: E402
-from server.bootstrap import ProcessConfig, open_runtime  # noqa: E402
-from storage.db import Database  # noqa: E402
-from storage.migrate import migrate  # noqa: E402
-from storage.models import Agent, AgentAccess, Flow, Pipeline  # noqa: E402
-from storage.timeutil import utcnow  # noqa: E402
+from datamachine_mcp.abilities.access import Principal  # noqa: E402
+from datamachine_mcp.abilities.registry import load_all  # noqa: E402
+from datamachine_mcp.abilities.runner import invoke  # noqa: E402
+from datamachine_mcp.engine import dedup  # noqa: E402
+from datamachine_mcp.server.bootstrap import ProcessConfig, open_runtime  # noqa: E402
+from datamachine_mcp.storage.db import Database  # noqa: E402
+from datamachine_mcp.storage.migrate import migrate  # noqa: E402
+from datamachine_mcp.storage.models import Agent, AgentAccess, Flow, Pipeline  # noqa: E402
+from datamachine_mcp.storage.timeutil import utcnow  # noqa: E402
 
 OWNER = Principal(user_id=1, is_admin=True, transport="stdio")
 SOURCE = "rss"

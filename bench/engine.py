@@ -39,16 +39,16 @@ sys.path.insert(0, str(ROOT))
 
 from sqlalchemy import func, select  # noqa: E402
 
-from abilities.access import Principal  # noqa: E402
-from abilities.registry import load_all  # noqa: E402
-from abilities.runner import invoke  # noqa: E402
-from engine import status as st  # noqa: E402
-from engine.host import EngineHost  # noqa: E402
-from engine.jobs import create_flow_job  # noqa: E402
-from engine.plan import resolve_plan  # noqa: E402
-from server.bootstrap import ProcessConfig, open_runtime  # noqa: E402
-from storage.models import Flow, Job, Pipeline  # noqa: E402
-from storage.timeutil import utcnow  # noqa: E402
+from datamachine_mcp.abilities.access import Principal  # noqa: E402
+from datamachine_mcp.abilities.registry import load_all  # noqa: E402
+from datamachine_mcp.abilities.runner import invoke  # noqa: E402
+from datamachine_mcp.engine import status as st  # noqa: E402
+from datamachine_mcp.engine.host import EngineHost  # noqa: E402
+from datamachine_mcp.engine.jobs import create_flow_job  # noqa: E402
+from datamachine_mcp.engine.plan import resolve_plan  # noqa: E402
+from datamachine_mcp.server.bootstrap import ProcessConfig, open_runtime  # noqa: E402
+from datamachine_mcp.storage.models import Flow, Job, Pipeline  # noqa: E402
+from datamachine_mcp.storage.timeutil import utcnow  # noqa: E402
 
 OWNER = Principal(user_id=1, is_admin=True, transport="stdio")
 ECHO = {"step_type": "system_task", "flow_step_settings": {"task_type": "echo", "params": {"n": 1}}}

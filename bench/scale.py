@@ -40,14 +40,14 @@ sys.path.insert(0, str(ROOT))
 
 from sqlalchemy import text  # noqa: E402
 
-from abilities.access import Principal  # noqa: E402
-from abilities.registry import load_all  # noqa: E402
-from abilities.runner import invoke  # noqa: E402
-from engine.jobs import create_flow_job  # noqa: E402
-from engine.plan import resolve_plan  # noqa: E402
-from server.bootstrap import ProcessConfig, open_runtime  # noqa: E402
-from storage.models import Flow, Pipeline  # noqa: E402
-from storage.timeutil import utcnow  # noqa: E402
+from datamachine_mcp.abilities.access import Principal  # noqa: E402
+from datamachine_mcp.abilities.registry import load_all  # noqa: E402
+from datamachine_mcp.abilities.runner import invoke  # noqa: E402
+from datamachine_mcp.engine.jobs import create_flow_job  # noqa: E402
+from datamachine_mcp.engine.plan import resolve_plan  # noqa: E402
+from datamachine_mcp.server.bootstrap import ProcessConfig, open_runtime  # noqa: E402
+from datamachine_mcp.storage.models import Flow, Pipeline  # noqa: E402
+from datamachine_mcp.storage.timeutil import utcnow  # noqa: E402
 
 OWNER = Principal(user_id=1, is_admin=True, transport="stdio")
 TABLES = (
@@ -148,7 +148,7 @@ def start_workers(url: str, data_dir: Path, count: int, concurrency: int) -> lis
     return [
         subprocess.Popen(
             [
-                *(sys.executable, "-m", "server.cli", "worker", "--db", url),
+                *(sys.executable, "-m", "datamachine_mcp.server.cli", "worker", "--db", url),
                 *("--data-dir", str(data_dir), "--concurrency", str(concurrency)),
             ],
             cwd=ROOT,

@@ -10,8 +10,8 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from typing import Any
 
-from engine.http import Outbound
-from engine.providers import AIRequest, AIResponse, complete, provider_settings
+from datamachine_mcp.engine.http import Outbound
+from datamachine_mcp.engine.providers import AIRequest, AIResponse, complete, provider_settings
 
 
 def first_text(*values: Any) -> str:

@@ -11,9 +11,9 @@ from datetime import datetime
 
 from sqlalchemy import delete, select
 
-from storage.db import Database
-from storage.models import ChatSession
-from storage.timeutil import utcnow
+from datamachine_mcp.storage.db import Database
+from datamachine_mcp.storage.models import ChatSession
+from datamachine_mcp.storage.timeutil import utcnow
 
 BATCH = 1000
 

@@ -10,9 +10,9 @@ from datetime import datetime, timedelta
 
 from sqlalchemy import func, or_, select, update
 
-from engine import status as st
-from storage.db import Database
-from storage.models import Job
+from datamachine_mcp.engine import status as st
+from datamachine_mcp.storage.db import Database
+from datamachine_mcp.storage.models import Job
 
 
 async def claim_due(db: Database, worker_id: str, limit: int, *, now: datetime, lease_ttl: int) -> list[int]:

@@ -16,9 +16,9 @@ from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from engine import status as st
-from engine.dedup import CLAIMED, PROCESSED, active_claim
-from storage.models import ProcessedItem
+from datamachine_mcp.engine import status as st
+from datamachine_mcp.engine.dedup import CLAIMED, PROCESSED, active_claim
+from datamachine_mcp.storage.models import ProcessedItem
 
 _ITEM_KEY = ("flow_step_id", "source_type", "item_identifier")
 

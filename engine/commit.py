@@ -12,15 +12,15 @@ from typing import Any
 from sqlalchemy import bindparam, insert, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from engine import claims as claim_ops
-from engine import status as st
-from engine.errors import StepError, classify
-from engine.lifecycle import Changes, account, cas, ed, log_context, log_owner, reload
-from engine.plan import CONTROL_KEYS, OBSERVABILITY_KEYS, RESERVED_KEYS, Plan
-from engine.steps import LeaseLost, StepResult, StepRun
-from storage.logs import write_log
-from storage.models import Job
-from storage.timeutil import iso
+from datamachine_mcp.engine import claims as claim_ops
+from datamachine_mcp.engine import status as st
+from datamachine_mcp.engine.errors import StepError, classify
+from datamachine_mcp.engine.lifecycle import Changes, account, cas, ed, log_context, log_owner, reload
+from datamachine_mcp.engine.plan import CONTROL_KEYS, OBSERVABILITY_KEYS, RESERVED_KEYS, Plan
+from datamachine_mcp.engine.steps import LeaseLost, StepResult, StepRun
+from datamachine_mcp.storage.logs import write_log
+from datamachine_mcp.storage.models import Job
+from datamachine_mcp.storage.timeutil import iso
 
 TRACE_CHARS = 2000
 HISTORY = 10

@@ -13,8 +13,8 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import unquote, urlparse
 
-from engine.catalog import HANDLERS, STEP_TYPES, FieldSpec, HandlerSpec, handlers_for
-from storage.crypto import MASK, SecretBox, is_envelope
+from datamachine_mcp.engine.catalog import HANDLERS, STEP_TYPES, FieldSpec, HandlerSpec, handlers_for
+from datamachine_mcp.storage.crypto import MASK, SecretBox, is_envelope
 
 
 class ConfigError(Exception):

@@ -16,8 +16,8 @@ from sqlalchemy import ColumnElement, String, and_, bindparam, cast, delete, exi
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from engine.items import normalise_identifier
-from storage.models import Job, ProcessedItem
+from datamachine_mcp.engine.items import normalise_identifier
+from datamachine_mcp.storage.models import Job, ProcessedItem
 
 MAX_IDENTIFIER = 255
 CHUNK = 500

@@ -10,13 +10,13 @@ import asyncio
 import contextlib
 import logging
 
-from engine import retention
-from engine.maintenance import tick
-from engine.runtime import EngineServices
-from engine.scheduler import Scheduler
-from engine.worker import DEFAULT_CONCURRENCY, Worker
-from storage.db import is_transient_conflict
-from storage.timeutil import utcnow
+from datamachine_mcp.engine import retention
+from datamachine_mcp.engine.maintenance import tick
+from datamachine_mcp.engine.runtime import EngineServices
+from datamachine_mcp.engine.scheduler import Scheduler
+from datamachine_mcp.engine.worker import DEFAULT_CONCURRENCY, Worker
+from datamachine_mcp.storage.db import is_transient_conflict
+from datamachine_mcp.storage.timeutil import utcnow
 
 log = logging.getLogger("datamachine.engine")
 
@@ -38,7 +38,7 @@ class EngineHost:
             asyncio.create_task(self._maintenance(), name="maintenance"),
         ]
         if self.services.db.dialect == "postgresql":
-            from engine.pg_listen import listen_for_jobs
+            from datamachine_mcp.engine.pg_listen import listen_for_jobs
 
             self._tasks.append(asyncio.create_task(listen_for_jobs(self.services, self._stop), name="listen"))
 

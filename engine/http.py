@@ -31,7 +31,7 @@ from typing import Any
 import anyio
 import httpx
 
-from engine.errors import StepError, parse_retry_after
+from datamachine_mcp.engine.errors import StepError, parse_retry_after
 
 MAX_REDIRECTS = 5
 REDIRECT_STATUSES = frozenset({301, 302, 303, 307, 308})

@@ -22,7 +22,7 @@ from datetime import UTC, datetime, timedelta
 from html.parser import HTMLParser
 from typing import Any
 
-from storage.timeutil import iso, parse_datetime, utcnow
+from datamachine_mcp.storage.timeutil import iso, parse_datetime, utcnow
 
 MAX_IDENTIFIER = 255
 MAX_PACKET_BYTES = 1024 * 1024

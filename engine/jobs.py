@@ -13,11 +13,11 @@ from typing import Any
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from engine import status as st
-from engine.plan import Plan, PlanError, fingerprint, first_handler, snapshot
-from storage.logs import write_log
-from storage.models import Agent, Flow, Job, Pipeline
-from storage.timeutil import iso
+from datamachine_mcp.engine import status as st
+from datamachine_mcp.engine.plan import Plan, PlanError, fingerprint, first_handler, snapshot
+from datamachine_mcp.storage.logs import write_log
+from datamachine_mcp.storage.models import Agent, Flow, Job, Pipeline
+from datamachine_mcp.storage.timeutil import iso
 
 EMPTY_QUEUE_MODES = ("drain", "loop")
 

@@ -14,10 +14,10 @@ from typing import Any
 from sqlalchemy import func, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from engine import claims
-from engine import status as st
-from storage.logs import write_log
-from storage.models import Flow, Job
+from datamachine_mcp.engine import claims
+from datamachine_mcp.engine import status as st
+from datamachine_mcp.storage.logs import write_log
+from datamachine_mcp.storage.models import Flow, Job
 
 
 @dataclass

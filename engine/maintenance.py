@@ -12,10 +12,10 @@ from typing import Any
 
 from sqlalchemy import delete, select, update
 
-from engine import claims as claim_ops
-from engine import schedule as sched
-from engine import status as st
-from engine.lifecycle import (
+from datamachine_mcp.engine import claims as claim_ops
+from datamachine_mcp.engine import schedule as sched
+from datamachine_mcp.engine import status as st
+from datamachine_mcp.engine.lifecycle import (
     Changes,
     cas,
     child_counts,
@@ -27,11 +27,11 @@ from engine.lifecycle import (
     parent_outcome,
     reload,
 )
-from engine.runtime import EngineServices
-from storage.logs import write_log
-from storage.models import Flow, Job, ProcessedItem
-from storage.settings import Snapshot
-from storage.timeutil import iso, utcnow
+from datamachine_mcp.engine.runtime import EngineServices
+from datamachine_mcp.storage.logs import write_log
+from datamachine_mcp.storage.models import Flow, Job, ProcessedItem
+from datamachine_mcp.storage.settings import Snapshot
+from datamachine_mcp.storage.timeutil import iso, utcnow
 
 log = logging.getLogger("datamachine.maintenance")
 

@@ -8,10 +8,10 @@ import time
 import uuid
 from typing import Any
 
-from engine.http import Outbound
-from engine.runtime import EngineServices
-from storage.models import Job
-from storage.settings import Snapshot
+from datamachine_mcp.engine.http import Outbound
+from datamachine_mcp.engine.runtime import EngineServices
+from datamachine_mcp.storage.models import Job
+from datamachine_mcp.storage.settings import Snapshot
 
 log = logging.getLogger("datamachine.notify")
 

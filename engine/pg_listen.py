@@ -12,7 +12,7 @@ import contextlib
 import logging
 from typing import Any
 
-from engine.runtime import EngineServices
+from datamachine_mcp.engine.runtime import EngineServices
 
 log = logging.getLogger("datamachine.listen")
 CHANNEL = "datamachine_jobs"

@@ -11,7 +11,7 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
-from engine.catalog import STEP_TYPES
+from datamachine_mcp.engine.catalog import STEP_TYPES
 
 SNAPSHOT_KEYS = ("job", "flow", "pipeline", "flow_config", "pipeline_config", "dry_run_mode")
 CONTROL_KEYS = (

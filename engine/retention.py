@@ -7,13 +7,13 @@ from typing import Any
 
 from sqlalchemy import delete, func, or_, select
 
-from engine import claims as claim_ops
-from engine import status as st
-from engine.chat_cleanup import delete_expired_sessions
-from engine.runtime import EngineServices
-from storage.logs import write_log
-from storage.models import ChatSession, Job, LogEntry, ProcessedItem
-from storage.timeutil import iso, utcnow
+from datamachine_mcp.engine import claims as claim_ops
+from datamachine_mcp.engine import status as st
+from datamachine_mcp.engine.chat_cleanup import delete_expired_sessions
+from datamachine_mcp.engine.runtime import EngineServices
+from datamachine_mcp.storage.logs import write_log
+from datamachine_mcp.storage.models import ChatSession, Job, LogEntry, ProcessedItem
+from datamachine_mcp.storage.timeutil import iso, utcnow
 
 BATCH = 1000
 LAST_RUN_KEY = "maintenance_last_retention_at"

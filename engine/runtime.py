@@ -11,9 +11,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
-from storage.crypto import SecretBox
-from storage.db import Database
-from storage.settings import SettingsStore, Snapshot
+from datamachine_mcp.storage.crypto import SecretBox
+from datamachine_mcp.storage.db import Database
+from datamachine_mcp.storage.settings import SettingsStore, Snapshot
 
 
 class EngineEvents(Protocol):

@@ -13,7 +13,7 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from croniter import croniter
 
-from storage.timeutil import iso, parse_datetime
+from datamachine_mcp.storage.timeutil import iso, parse_datetime
 
 INTERVALS: dict[str, tuple[int, str]] = {
     "every_5_minutes": (300, "Every 5 Minutes"),

@@ -19,16 +19,16 @@ from typing import Any
 from sqlalchemy import func, select, update
 from sqlalchemy.exc import IntegrityError
 
-from engine import schedule as sched
-from engine import status as st
-from engine.jobs import create_flow_job, empty_first_queue, flow_job_columns, pending_job
-from engine.lifecycle import Changes, finish
-from engine.plan import PlanError, resolve_plan
-from engine.runtime import EngineServices
-from storage.db import is_transient_conflict
-from storage.logs import write_log
-from storage.models import Agent, Flow, Job, Pipeline, Setting
-from storage.timeutil import iso, parse_datetime, utcnow
+from datamachine_mcp.engine import schedule as sched
+from datamachine_mcp.engine import status as st
+from datamachine_mcp.engine.jobs import create_flow_job, empty_first_queue, flow_job_columns, pending_job
+from datamachine_mcp.engine.lifecycle import Changes, finish
+from datamachine_mcp.engine.plan import PlanError, resolve_plan
+from datamachine_mcp.engine.runtime import EngineServices
+from datamachine_mcp.storage.db import is_transient_conflict
+from datamachine_mcp.storage.logs import write_log
+from datamachine_mcp.storage.models import Agent, Flow, Job, Pipeline, Setting
+from datamachine_mcp.storage.timeutil import iso, parse_datetime, utcnow
 
 log = logging.getLogger("datamachine.scheduler")
 

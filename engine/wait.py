@@ -13,10 +13,10 @@ from dataclasses import dataclass
 
 from sqlalchemy import func, select
 
-from engine import status as st
-from engine.plan import PlanError, plan_of
-from engine.runtime import EngineServices
-from storage.models import Job
+from datamachine_mcp.engine import status as st
+from datamachine_mcp.engine.plan import PlanError, plan_of
+from datamachine_mcp.engine.runtime import EngineServices
+from datamachine_mcp.storage.models import Job
 
 POLL_SECONDS = 1.0
 Progress = Callable[[float, float | None, str | None], Awaitable[None]]

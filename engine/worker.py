@@ -16,18 +16,18 @@ from datetime import datetime, timedelta
 from sqlalchemy import select, update
 from sqlalchemy.exc import IntegrityError
 
-from engine import status as st
-from engine.claiming import claim_due
-from engine.claims import push_expiry
-from engine.commit import commit_step, fail_plan_result, result_from_exception
-from engine.maintenance import recover
-from engine.notify import post_wait_notification
-from engine.plan import PlanError, plan_of, step_config
-from engine.runtime import EngineServices
-from engine.steps import LeaseLost, StepResult, StepRun, executor
-from storage.logs import level_allows, write_log
-from storage.models import Job, Setting
-from storage.timeutil import iso, utcnow
+from datamachine_mcp.engine import status as st
+from datamachine_mcp.engine.claiming import claim_due
+from datamachine_mcp.engine.claims import push_expiry
+from datamachine_mcp.engine.commit import commit_step, fail_plan_result, result_from_exception
+from datamachine_mcp.engine.maintenance import recover
+from datamachine_mcp.engine.notify import post_wait_notification
+from datamachine_mcp.engine.plan import PlanError, plan_of, step_config
+from datamachine_mcp.engine.runtime import EngineServices
+from datamachine_mcp.engine.steps import LeaseLost, StepResult, StepRun, executor
+from datamachine_mcp.storage.logs import level_allows, write_log
+from datamachine_mcp.storage.models import Job, Setting
+from datamachine_mcp.storage.timeutil import iso, utcnow
 
 log = logging.getLogger("datamachine.worker")
 
@@ -284,7 +284,7 @@ class Worker:
 
     async def _commit_plain(self, job: Job, snap: object, result: StepResult, started: datetime) -> None:
         """Commit a failure found before the step could run (plan or step config problems)."""
-        from engine.plan import Plan
+        from datamachine_mcp.engine.plan import Plan
 
         fsid = job.current_step_id or ""
         run = StepRun(

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from resources.registry import Guard, ResourceSpec, resource
+from datamachine_mcp.resources.registry import Guard, ResourceSpec, resource
 
 
 def _job_id(raw: str) -> int:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from resources.registry import ResourceSpec, resource
+from datamachine_mcp.resources.registry import ResourceSpec, resource
 
 resource(
     ResourceSpec(

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from resources.registry import ResourceSpec, resource
+from datamachine_mcp.resources.registry import ResourceSpec, resource
 
 
 def _pipeline_id(raw: str) -> int:

@@ -17,10 +17,10 @@ from typing import Any
 
 from mcp.shared.uri_template import UriTemplate
 
-from abilities.access import Principal
-from abilities.context import Runtime
-from abilities.registry import Ability
-from abilities.runner import invoke
+from datamachine_mcp.abilities.access import Principal
+from datamachine_mcp.abilities.context import Runtime
+from datamachine_mcp.abilities.registry import Ability
+from datamachine_mcp.abilities.runner import invoke
 
 NOT_FOUND_CODES = frozenset(
     {
@@ -88,10 +88,10 @@ def resource(spec: ResourceSpec) -> ResourceSpec:
 
 
 def load_all() -> list[ResourceSpec]:
-    import resources
+    from datamachine_mcp import resources
 
     for module in pkgutil.iter_modules(resources.__path__):
-        importlib.import_module(f"resources.{module.name}")
+        importlib.import_module(f"datamachine_mcp.resources.{module.name}")
     return list(_SPECS)
 
 

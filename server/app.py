@@ -25,17 +25,17 @@ from mcp.shared.subscriptions import ResourcesListChanged, ResourceUpdated
 from mcp_types.version import MODERN_PROTOCOL_VERSIONS
 from sqlalchemy import func, select
 
-from abilities.access import Principal
-from abilities.context import Runtime
-from abilities.errors import AbilityError
-from abilities.registry import Ability
-from abilities.runner import invoke, visible
-from resources.registry import ResourceNotFound, ResourceRefused, ResourceSpec, read
-from server import tool_cache
-from server.delivery import Coalescer, PrincipalBus
-from server.sampling import SamplingBridge
-from storage.models import Job
-from storage.timeutil import utcnow
+from datamachine_mcp.abilities.access import Principal
+from datamachine_mcp.abilities.context import Runtime
+from datamachine_mcp.abilities.errors import AbilityError
+from datamachine_mcp.abilities.registry import Ability
+from datamachine_mcp.abilities.runner import invoke, visible
+from datamachine_mcp.resources.registry import ResourceNotFound, ResourceRefused, ResourceSpec, read
+from datamachine_mcp.server import tool_cache
+from datamachine_mcp.server.delivery import Coalescer, PrincipalBus
+from datamachine_mcp.server.sampling import SamplingBridge
+from datamachine_mcp.storage.models import Job
+from datamachine_mcp.storage.timeutil import utcnow
 
 log = logging.getLogger("datamachine.server")
 

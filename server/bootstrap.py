@@ -14,17 +14,17 @@ from typing import Any
 
 from sqlalchemy import select
 
-from abilities.access import Principal
-from abilities.context import Runtime
-from abilities.errors import AbilityError
-from abilities.registry import TOOLSETS
-from abilities.tokens import TokenRejected, verify_token
-from engine.runtime import EngineServices
-from storage.crypto import SecretBox, SecretKeyError, load_key
-from storage.db import Database, default_data_dir, default_db_path
-from storage.migrate import MigrationError, migrate
-from storage.models import Agent
-from storage.settings import SettingsStore
+from datamachine_mcp.abilities.access import Principal
+from datamachine_mcp.abilities.context import Runtime
+from datamachine_mcp.abilities.errors import AbilityError
+from datamachine_mcp.abilities.registry import TOOLSETS
+from datamachine_mcp.abilities.tokens import TokenRejected, verify_token
+from datamachine_mcp.engine.runtime import EngineServices
+from datamachine_mcp.storage.crypto import SecretBox, SecretKeyError, load_key
+from datamachine_mcp.storage.db import Database, default_data_dir, default_db_path
+from datamachine_mcp.storage.migrate import MigrationError, migrate
+from datamachine_mcp.storage.models import Agent
+from datamachine_mcp.storage.settings import SettingsStore
 
 log = logging.getLogger("datamachine.server")
 

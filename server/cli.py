@@ -41,7 +41,7 @@ def _common(parser: argparse.ArgumentParser, *, sub: bool = True) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from server.bootstrap import version
+    from datamachine_mcp.server.bootstrap import version
 
     parser = argparse.ArgumentParser(
         prog="datamachine-mcp",
@@ -117,7 +117,7 @@ def _serve_options(parser: argparse.ArgumentParser, *, sub: bool = True) -> None
 
 
 def _setup_logging(level: str | None) -> None:
-    from server.bootstrap import env
+    from datamachine_mcp.server.bootstrap import env
 
     name = (level or env("LOG_LEVEL") or "warning").upper()
     logging.basicConfig(
@@ -126,7 +126,7 @@ def _setup_logging(level: str | None) -> None:
 
 
 def _config(args: argparse.Namespace) -> Any:
-    from server.bootstrap import ProcessConfig, env, parse_toolsets, resolve_data_dir, resolve_db
+    from datamachine_mcp.server.bootstrap import ProcessConfig, env, parse_toolsets, resolve_data_dir, resolve_db
 
     db = resolve_db(getattr(args, "db", None))
     local_user = getattr(args, "local_user", None) or int(env("LOCAL_USER", "1") or 1)
@@ -146,7 +146,7 @@ def _config(args: argparse.Namespace) -> Any:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     _setup_logging(args.log_level)
-    from server.bootstrap import StartupError
+    from datamachine_mcp.server.bootstrap import StartupError
 
     try:
         cfg = _config(args)
@@ -155,10 +155,10 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "token":
             return asyncio.run(_token(cfg, args))
         if args.command == "worker":
-            from server.worker_cli import run_worker
+            from datamachine_mcp.server.worker_cli import run_worker
 
             return asyncio.run(run_worker(cfg))
-        from server.stdio import serve_stdio
+        from datamachine_mcp.server.stdio import serve_stdio
 
         return asyncio.run(serve_stdio(cfg))
     except StartupError as exc:
@@ -169,8 +169,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 async def _migrate(cfg: Any) -> int:
-    from storage.db import Database
-    from storage.migrate import MigrationError, current_revision, migrate
+    from datamachine_mcp.storage.db import Database
+    from datamachine_mcp.storage.migrate import MigrationError, current_revision, migrate
 
     db = Database(cfg.db)
     try:
@@ -188,7 +188,7 @@ async def _migrate(cfg: Any) -> int:
 
 
 async def _token(cfg: Any, args: argparse.Namespace) -> int:
-    from server.tokens_cli import run_token_command
+    from datamachine_mcp.server.tokens_cli import run_token_command
 
     return await run_token_command(cfg, args)
 

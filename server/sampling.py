@@ -32,9 +32,9 @@ import mcp_types as types
 from mcp.shared.exceptions import MCPError, NoBackChannelError
 from mcp.shared.message import ServerMessageMetadata
 
-from engine.errors import StepError
-from engine.providers import AIRequest, AIResponse
-from engine.providers.base import empty_response
+from datamachine_mcp.engine.errors import StepError
+from datamachine_mcp.engine.providers import AIRequest, AIResponse
+from datamachine_mcp.engine.providers.base import empty_response
 
 log = logging.getLogger("datamachine.sampling")
 

@@ -7,11 +7,11 @@ import sys
 
 from mcp.server.stdio import stdio_server
 
-from abilities.registry import load_all as load_abilities
-from engine.host import EngineHost
-from resources.registry import load_all as load_resources
-from server.app import DataMachineServer
-from server.bootstrap import ProcessConfig, open_runtime, stdio_identity
+from datamachine_mcp.abilities.registry import load_all as load_abilities
+from datamachine_mcp.engine.host import EngineHost
+from datamachine_mcp.resources.registry import load_all as load_resources
+from datamachine_mcp.server.app import DataMachineServer
+from datamachine_mcp.server.bootstrap import ProcessConfig, open_runtime, stdio_identity
 
 log = logging.getLogger("datamachine.server")
 

@@ -12,12 +12,12 @@ from typing import Any
 
 from sqlalchemy import select
 
-from abilities.access import Principal
-from abilities.registry import load_all
-from abilities.runner import invoke
-from abilities.tokens import token_info
-from server.bootstrap import ProcessConfig, StartupError, open_runtime
-from storage.models import Agent, AgentToken
+from datamachine_mcp.abilities.access import Principal
+from datamachine_mcp.abilities.registry import load_all
+from datamachine_mcp.abilities.runner import invoke
+from datamachine_mcp.abilities.tokens import token_info
+from datamachine_mcp.server.bootstrap import ProcessConfig, StartupError, open_runtime
+from datamachine_mcp.storage.models import Agent, AgentToken
 
 
 async def run_token_command(cfg: ProcessConfig, args: argparse.Namespace) -> int:

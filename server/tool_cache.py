@@ -16,7 +16,7 @@ from importlib.metadata import version as dist_version
 from pathlib import Path
 from typing import Any
 
-from abilities.registry import Ability
+from datamachine_mcp.abilities.registry import Ability
 
 log = logging.getLogger("datamachine.server")
 ABILITIES_DIR = Path(__file__).resolve().parent.parent / "abilities"

@@ -10,8 +10,8 @@ import asyncio
 import logging
 import signal
 
-from engine.host import EngineHost
-from server.bootstrap import ProcessConfig, open_runtime
+from datamachine_mcp.engine.host import EngineHost
+from datamachine_mcp.server.bootstrap import ProcessConfig, open_runtime
 
 log = logging.getLogger("datamachine.worker")
 STOP_GRACE_SECONDS = 10.0

@@ -30,7 +30,7 @@ from sqlalchemy.pool import StaticPool
 from sqlalchemy.sql import Select
 from sqlalchemy.util.concurrency import await_
 
-import storage.sqlite_driver  # noqa: F401 - registers the sqlite+dminline dialect
+import datamachine_mcp.storage.sqlite_driver  # noqa: F401 - registers the sqlite+dminline dialect
 
 log = logging.getLogger(__name__)
 

@@ -11,8 +11,8 @@ from typing import Any
 
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from storage.models import LOG_LEVELS, LogEntry
-from storage.timeutil import utcnow
+from datamachine_mcp.storage.models import LOG_LEVELS, LogEntry
+from datamachine_mcp.storage.timeutil import utcnow
 
 MAX_MESSAGE = 4000
 LEVEL_RANK = {level: rank for rank, level in enumerate(LOG_LEVELS)}

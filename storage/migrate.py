@@ -14,8 +14,8 @@ from sqlalchemy import inspect, text
 from sqlalchemy.engine import Connection
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from storage.db import Database
-from storage.migrations import HEAD_REVISION
+from datamachine_mcp.storage.db import Database
+from datamachine_mcp.storage.migrations import HEAD_REVISION
 
 log = logging.getLogger(__name__)
 

@@ -28,7 +28,7 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 from sqlalchemy.sql.elements import conv
 from sqlalchemy.sql.schema import Constraint
 
-from storage.types import PK, JSONType, UTCDateTime
+from datamachine_mcp.storage.types import PK, JSONType, UTCDateTime
 
 TABLE_PREFIX = "datamachine_"
 

@@ -21,9 +21,9 @@ from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from storage.crypto import MASK, SecretBox, is_envelope, mask
-from storage.models import LOG_LEVELS, Setting
-from storage.timeutil import utcnow
+from datamachine_mcp.storage.crypto import MASK, SecretBox, is_envelope, mask
+from datamachine_mcp.storage.models import LOG_LEVELS, Setting
+from datamachine_mcp.storage.timeutil import utcnow
 
 CACHE_SECONDS = 2.0
 PROVIDERS = ("openai", "anthropic", "sampling")

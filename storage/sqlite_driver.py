@@ -189,4 +189,4 @@ class SQLiteDialect_inline(SQLiteDialect_pysqlite):
         return connection._connection
 
 
-registry.register("sqlite.dminline", "storage.sqlite_driver", "SQLiteDialect_inline")
+registry.register("sqlite.dminline", "datamachine_mcp.storage.sqlite_driver", "SQLiteDialect_inline")

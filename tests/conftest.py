@@ -13,12 +13,12 @@ import pytest
 from mcp import Client
 from sqlalchemy import text
 
-from abilities.access import Principal
-from abilities.context import Runtime
-from abilities.registry import load_all as load_abilities
-from resources.registry import load_all as load_resources
-from server.app import DataMachineServer
-from server.bootstrap import ProcessConfig, open_runtime
+from datamachine_mcp.abilities.access import Principal
+from datamachine_mcp.abilities.context import Runtime
+from datamachine_mcp.abilities.registry import load_all as load_abilities
+from datamachine_mcp.resources.registry import load_all as load_resources
+from datamachine_mcp.server.app import DataMachineServer
+from datamachine_mcp.server.bootstrap import ProcessConfig, open_runtime
 
 OWNER = Principal(user_id=1, is_admin=True, transport="stdio")
 
@@ -55,8 +55,8 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
 
 async def _wipe_postgres(url: str) -> None:
     """Bring the test database to head and empty every table (tests share one PostgreSQL database)."""
-    from storage.db import Database
-    from storage.migrate import migrate
+    from datamachine_mcp.storage.db import Database
+    from datamachine_mcp.storage.migrate import migrate
 
     db = Database(url)
     try:
@@ -186,7 +186,7 @@ async def mint_token(
 
 async def token_principal(runtime: Runtime, raw: str, transport: str = "http") -> Principal:
     """Resolve a raw bearer token exactly as the server does (access.md §2.5)."""
-    from abilities.tokens import verify_token
+    from datamachine_mcp.abilities.tokens import verify_token
 
     return await verify_token(runtime.db, runtime.settings, raw, transport=transport)
 

@@ -22,9 +22,9 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-from engine.handlers.base import HandlerContext
-from engine.http import Outbound
-from storage.settings import SETTING_KEYS, Snapshot, default_value
+from datamachine_mcp.engine.handlers.base import HandlerContext
+from datamachine_mcp.engine.http import Outbound
+from datamachine_mcp.storage.settings import SETTING_KEYS, Snapshot, default_value
 
 Body = bytes | str | dict | list | None
 

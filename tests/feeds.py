@@ -6,7 +6,7 @@ from email.utils import format_datetime
 from typing import Any
 from xml.sax.saxutils import escape
 
-from storage.timeutil import utcnow
+from datamachine_mcp.storage.timeutil import utcnow
 
 
 def ident(guid: str) -> str:

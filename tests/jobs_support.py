@@ -15,10 +15,10 @@ import anyio
 import pytest
 from sqlalchemy import select, text
 
-from abilities.access import Principal
-from abilities.context import Runtime
-from engine.host import EngineHost
-from storage.models import Job, ProcessedItem
+from datamachine_mcp.abilities.access import Principal
+from datamachine_mcp.abilities.context import Runtime
+from datamachine_mcp.engine.host import EngineHost
+from datamachine_mcp.storage.models import Job, ProcessedItem
 from tests.conftest import call, changed_tables, fail, log_rows, table_rows
 
 USER2 = Principal(user_id=2, transport="http")

@@ -5,12 +5,12 @@ from __future__ import annotations
 import pytest
 from mcp import Client
 
-from abilities.access import Principal
-from abilities.registry import load_all as load_abilities
-from abilities.tokens import TokenRejected
-from resources.registry import load_all as load_resources
-from server.app import DataMachineServer
-from server.bootstrap import ProcessConfig, StartupError, stdio_identity
+from datamachine_mcp.abilities.access import Principal
+from datamachine_mcp.abilities.registry import load_all as load_abilities
+from datamachine_mcp.abilities.tokens import TokenRejected
+from datamachine_mcp.resources.registry import load_all as load_resources
+from datamachine_mcp.server.app import DataMachineServer
+from datamachine_mcp.server.bootstrap import ProcessConfig, StartupError, stdio_identity
 from tests.conftest import (
     OWNER,
     as_token,

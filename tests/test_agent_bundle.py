@@ -11,14 +11,14 @@ from typing import Any
 import pytest
 from sqlalchemy import select
 
-from abilities.access import Principal
-from abilities.flow_ops import StepEdit, apply_step_edit
-from abilities.pipeline_common import build_pipeline_step, ordered_steps, sync_flow_config
-from engine import schedule as sched
-from server.bootstrap import ProcessConfig, open_runtime
-from storage.crypto import is_envelope
-from storage.models import Agent, Flow, Pipeline
-from storage.timeutil import utcnow
+from datamachine_mcp.abilities.access import Principal
+from datamachine_mcp.abilities.flow_ops import StepEdit, apply_step_edit
+from datamachine_mcp.abilities.pipeline_common import build_pipeline_step, ordered_steps, sync_flow_config
+from datamachine_mcp.engine import schedule as sched
+from datamachine_mcp.server.bootstrap import ProcessConfig, open_runtime
+from datamachine_mcp.storage.crypto import is_envelope
+from datamachine_mcp.storage.models import Agent, Flow, Pipeline
+from datamachine_mcp.storage.timeutil import utcnow
 from tests.conftest import as_token, call, changed_tables, connect, fail, log_rows, table_rows
 
 pytestmark = pytest.mark.anyio

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 
-from abilities.access import Principal
-from abilities.tokens import TokenRejected
-from storage.models import ChatSession, Flow, Job, Pipeline
-from storage.timeutil import utcnow
+from datamachine_mcp.abilities.access import Principal
+from datamachine_mcp.abilities.tokens import TokenRejected
+from datamachine_mcp.storage.models import ChatSession, Flow, Job, Pipeline
+from datamachine_mcp.storage.timeutil import utcnow
 from tests.conftest import (
     as_token,
     call,

@@ -10,11 +10,11 @@ import pytest
 from mcp.shared.exceptions import MCPError
 from sqlalchemy import select, update
 
-from abilities.access import Principal
-from engine.chat_cleanup import delete_expired_sessions
-from server.app import RESOURCE_NOT_FOUND
-from storage.models import ChatSession
-from storage.timeutil import parse_datetime, utcnow
+from datamachine_mcp.abilities.access import Principal
+from datamachine_mcp.engine.chat_cleanup import delete_expired_sessions
+from datamachine_mcp.server.app import RESOURCE_NOT_FOUND
+from datamachine_mcp.storage.models import ChatSession
+from datamachine_mcp.storage.timeutil import parse_datetime, utcnow
 from tests.conftest import as_token, call, connect, count, fail, log_rows, table_rows
 
 pytestmark = [pytest.mark.anyio, pytest.mark.backends]

@@ -9,7 +9,7 @@ import anyio
 import mcp_types as types
 import pytest
 
-from abilities.access import Principal
+from datamachine_mcp.abilities.access import Principal
 from tests.conftest import call, connect, fail, log_rows, table_rows
 from tests.fake_servers import FakeResponse, RecordedRequest, serve
 from tests.feeds import completion

@@ -1,4 +1,4 @@
-"""End to end over a real stdio subprocess (``python -m server.cli``) with its in-process worker, against
+"""End to end over a real stdio subprocess (``python -m datamachine_mcp.server.cli``) with its in-process worker, against
 local fake servers on 127.0.0.1: an RSS feed, an OpenAI-compatible model and a webhook receiver.
 
 Every process gets XDG_DATA_HOME and DATAMACHINE_DATA_DIR inside tmp_path; the files roots are
@@ -53,7 +53,9 @@ class Node:
             "DATAMACHINE_DATA_DIR": str(self.data),
             "PYTHONUNBUFFERED": "1",
         }
-        return StdioServerParameters(command=sys.executable, args=["-m", "server.cli", "--db", str(self.db)], env=env)
+        return StdioServerParameters(
+            command=sys.executable, args=["-m", "datamachine_mcp.server.cli", "--db", str(self.db)], env=env
+        )
 
     @contextlib.asynccontextmanager
     async def client(self) -> AsyncIterator[Client]:
@@ -445,7 +447,7 @@ async def test_readme_first_flow_walkthrough_works_as_written(tmp_path):
     assert root == str(tmp_path / "xdg" / "datamachine-mcp" / "files")
     create = json.loads(re.search(r"```json\n(.*?)```", section, re.S).group(1).replace("ROOT", root))
     params = StdioServerParameters(
-        command=sys.executable, args=["-m", "server.cli"], env={**env, "PYTHONUNBUFFERED": "1"}
+        command=sys.executable, args=["-m", "datamachine_mcp.server.cli"], env={**env, "PYTHONUNBUFFERED": "1"}
     )
     async with Client(params, mode="legacy") as client:
         assert (await call(client, "get-settings"))["settings"]["files_allowed_roots"] == [root]

@@ -10,11 +10,11 @@ from pathlib import Path
 
 import pytest
 
-from engine.errors import StepError
-from engine.handlers import FETCHERS, prepare_config, run_fetch, source_type_for, with_defaults
-from engine.http import Outbound
-from engine.items import Item, apply_filters, html_to_text, item_to_packet, normalise_identifier
-from storage.crypto import SecretBox
+from datamachine_mcp.engine.errors import StepError
+from datamachine_mcp.engine.handlers import FETCHERS, prepare_config, run_fetch, source_type_for, with_defaults
+from datamachine_mcp.engine.http import Outbound
+from datamachine_mcp.engine.items import Item, apply_filters, html_to_text, item_to_packet, normalise_identifier
+from datamachine_mcp.storage.crypto import SecretBox
 from tests.fake_servers import FakeResponse, make_context, make_snapshot, serve
 
 pytestmark = pytest.mark.anyio
@@ -487,7 +487,7 @@ async def test_webhook_payload_missing_paths(out, tmp_path):
     ctx = payload_ctx(tmp_path, out, {"a": {"b": 1}})
     err = await fail("payload_path_missing", FETCHERS["webhook_payload"].fetch({"title_path": "a.c"}, ctx))
     assert err.diagnostics == {"path": "a.c"}
-    from engine.errors import classify
+    from datamachine_mcp.engine.errors import classify
 
     assert classify(err) == (False, None)
     await fail("payload_path_missing", FETCHERS["webhook_payload"].fetch({"title_path": "a.b", "items_path": "x"}, ctx))

@@ -9,7 +9,7 @@ import json
 
 import pytest
 
-from storage.crypto import MASK
+from datamachine_mcp.storage.crypto import MASK
 from tests.conftest import call, changed_tables, connect, fail, log_rows, table_rows
 from tests.test_flows import (
     AI,

@@ -15,10 +15,10 @@ import pytest
 from mcp.shared.exceptions import MCPError
 from sqlalchemy import select
 
-from abilities.access import Principal
-from abilities.pipeline_common import build_pipeline_step
-from storage.models import Flow, Job, Pipeline, ProcessedItem
-from storage.timeutil import utcnow
+from datamachine_mcp.abilities.access import Principal
+from datamachine_mcp.abilities.pipeline_common import build_pipeline_step
+from datamachine_mcp.storage.models import Flow, Job, Pipeline, ProcessedItem
+from datamachine_mcp.storage.timeutil import utcnow
 from tests.conftest import call, changed_tables, connect, count, fail, log_rows, table_rows
 
 pytestmark = pytest.mark.anyio

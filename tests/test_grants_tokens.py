@@ -11,9 +11,9 @@ from datetime import datetime, timedelta
 import pytest
 from sqlalchemy import text
 
-from abilities.access import Principal
-from abilities.tokens import TokenRejected, hash_secret
-from storage.timeutil import utcnow
+from datamachine_mcp.abilities.access import Principal
+from datamachine_mcp.abilities.tokens import TokenRejected, hash_secret
+from datamachine_mcp.storage.timeutil import utcnow
 from tests.conftest import (
     OWNER,
     as_token,

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import pytest
 
-from abilities.access import Principal
-from engine.catalog import HANDLERS, STEP_TYPES
+from datamachine_mcp.abilities.access import Principal
+from datamachine_mcp.engine.catalog import HANDLERS, STEP_TYPES
 from tests.conftest import call, connect, fail, table_rows
 from tests.test_pipelines import unchanged
 

@@ -10,9 +10,9 @@ from email.utils import format_datetime
 import httpx
 import pytest
 
-import engine.http as http_mod
-from engine.errors import StepError, classify, parse_retry_after
-from engine.http import Outbound, address_allowed
+import datamachine_mcp.engine.http as http_mod
+from datamachine_mcp.engine.errors import StepError, classify, parse_retry_after
+from datamachine_mcp.engine.http import Outbound, address_allowed
 from tests.fake_servers import FakeResponse, closed_port, make_snapshot, serve
 
 pytestmark = pytest.mark.anyio

@@ -8,8 +8,8 @@ from datetime import timedelta
 import anyio
 import pytest
 
-from storage.models import Flow
-from storage.timeutil import utcnow
+from datamachine_mcp.storage.models import Flow
+from datamachine_mcp.storage.timeutil import utcnow
 from tests import jobs_support
 from tests.conftest import call, connect, count, log_rows, table_rows
 from tests.fake_servers import FakeResponse, serve

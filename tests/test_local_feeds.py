@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from engine.errors import StepError
-from engine.handlers import FETCHERS
-from engine.http import Outbound
+from datamachine_mcp.engine.errors import StepError
+from datamachine_mcp.engine.handlers import FETCHERS
+from datamachine_mcp.engine.http import Outbound
 from tests import jobs_support
 from tests.conftest import call, fail, table_rows
 from tests.fake_servers import make_context, make_snapshot

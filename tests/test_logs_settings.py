@@ -8,12 +8,12 @@ from datetime import timedelta
 import pytest
 from sqlalchemy import text
 
-from abilities.access import Principal
-from abilities.registry import TOOLSETS
-from abilities.registry import load_all as load_abilities
-from storage.crypto import MASK
-from storage.models import LogEntry
-from storage.timeutil import iso, utcnow
+from datamachine_mcp.abilities.access import Principal
+from datamachine_mcp.abilities.registry import TOOLSETS
+from datamachine_mcp.abilities.registry import load_all as load_abilities
+from datamachine_mcp.storage.crypto import MASK
+from datamachine_mcp.storage.models import LogEntry
+from datamachine_mcp.storage.timeutil import iso, utcnow
 from tests.conftest import (
     as_token,
     call,

@@ -13,11 +13,11 @@ from alembic.migration import MigrationContext
 from alembic.script import ScriptDirectory
 from sqlalchemy import create_engine, text
 
-from server.bootstrap import ProcessConfig, StartupError, open_runtime
-from storage.db import Database
-from storage.migrate import alembic_config, current_revision, migrate
-from storage.migrations import HEAD_REVISION
-from storage.models import Base
+from datamachine_mcp.server.bootstrap import ProcessConfig, StartupError, open_runtime
+from datamachine_mcp.storage.db import Database
+from datamachine_mcp.storage.migrate import alembic_config, current_revision, migrate
+from datamachine_mcp.storage.migrations import HEAD_REVISION
+from datamachine_mcp.storage.models import Base
 from tests.conftest import TABLES, call, connect
 
 pytestmark = pytest.mark.anyio
@@ -34,7 +34,7 @@ def _env(tmp_path: Path) -> dict[str, str]:
 
 def _cli(tmp_path: Path, *args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "server.cli", *args],
+        [sys.executable, "-m", "datamachine_mcp.server.cli", *args],
         env=_env(tmp_path),
         capture_output=True,
         text=True,

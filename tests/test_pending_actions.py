@@ -179,7 +179,7 @@ async def test_approval_without_input_passes_a_decision_packet(runtime, owner, e
     assert action["preview"] == {"title": "", "body": ""}
     await call(owner, "resolve-pending-action", {"action_id": action_id, "decision": "accepted", "note": "go"})
     async with runtime.db.read() as session:
-        from storage.models import Job
+        from datamachine_mcp.storage.models import Job
 
         row = await session.get(Job, started["job_id"])
         assert row.current_step_id == "ephemeral_step_1"

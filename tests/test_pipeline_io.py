@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from server.bootstrap import ProcessConfig, open_runtime
+from datamachine_mcp.server.bootstrap import ProcessConfig, open_runtime
 from tests.conftest import call, connect, count, fail, log_rows, table_rows
 from tests.test_pipelines import (
     FEED,

@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 from sqlalchemy import text
 
-from storage.timeutil import utcnow
+from datamachine_mcp.storage.timeutil import utcnow
 from tests.conftest import call, connect, fail, log_rows, table_rows
 from tests.test_pipelines import (
     USER2,

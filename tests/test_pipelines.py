@@ -11,9 +11,9 @@ import pytest
 from mcp import MCPError, types
 from sqlalchemy import select, text
 
-from abilities.access import Principal
-from storage.models import Flow, Job, ProcessedItem
-from storage.timeutil import utcnow
+from datamachine_mcp.abilities.access import Principal
+from datamachine_mcp.storage.models import Flow, Job, ProcessedItem
+from datamachine_mcp.storage.timeutil import utcnow
 from tests.conftest import call, changed_tables, connect, count, fail, log_rows, table_rows
 
 pytestmark = pytest.mark.anyio

@@ -9,11 +9,11 @@ from typing import Any
 import pytest
 from sqlalchemy import select, update
 
-from abilities.access import Principal
-from abilities.pipeline_common import build_pipeline_step, sync_flow_config
-from engine import dedup
-from storage.models import Agent, Flow, Job, Pipeline, ProcessedItem
-from storage.timeutil import utcnow
+from datamachine_mcp.abilities.access import Principal
+from datamachine_mcp.abilities.pipeline_common import build_pipeline_step, sync_flow_config
+from datamachine_mcp.engine import dedup
+from datamachine_mcp.storage.models import Agent, Flow, Job, Pipeline, ProcessedItem
+from datamachine_mcp.storage.timeutil import utcnow
 from tests.conftest import call, connect, count, fail, log_rows, table_rows
 
 pytestmark = [pytest.mark.anyio, pytest.mark.backends]

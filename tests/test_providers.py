@@ -5,9 +5,9 @@ from __future__ import annotations
 import anyio
 import pytest
 
-from engine.errors import StepError, classify
-from engine.http import Outbound
-from engine.providers import AIRequest, ai_slots, complete, provider_settings
+from datamachine_mcp.engine.errors import StepError, classify
+from datamachine_mcp.engine.http import Outbound
+from datamachine_mcp.engine.providers import AIRequest, ai_slots, complete, provider_settings
 from tests.fake_servers import FakeResponse, make_snapshot, serve
 
 pytestmark = pytest.mark.anyio

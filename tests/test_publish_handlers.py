@@ -13,10 +13,10 @@ from datetime import UTC, datetime
 
 import pytest
 
-from engine.errors import StepError, classify
-from engine.handlers import PUBLISHERS, result_entry, run_publish
-from engine.handlers.files import slugify, split_front_matter
-from engine.http import Outbound
+from datamachine_mcp.engine.errors import StepError, classify
+from datamachine_mcp.engine.handlers import PUBLISHERS, result_entry, run_publish
+from datamachine_mcp.engine.handlers.files import slugify, split_front_matter
+from datamachine_mcp.engine.http import Outbound
 from tests.fake_servers import FakeResponse, RecordedRequest, make_context, make_snapshot, serve
 
 pytestmark = pytest.mark.anyio

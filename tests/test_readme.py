@@ -5,9 +5,10 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from server.docs import README, render_tools
+from datamachine_mcp.server.docs import render_tools
 
 ROOT = Path(__file__).resolve().parent.parent
+README = ROOT / "README.md"
 
 
 def _commands(readme: str) -> list[str]:
@@ -17,7 +18,7 @@ def _commands(readme: str) -> list[str]:
 
 def test_tool_list_matches_the_registry() -> None:
     text = README.read_text()
-    assert render_tools() in text, "README tool list is stale: run `python -m server.docs`"
+    assert render_tools() in text, "README tool list is stale: run `python -m datamachine_mcp.server.docs`"
 
 
 def test_first_screen_has_exactly_two_setup_commands_and_ci_runs_the_test_command() -> None:

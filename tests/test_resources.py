@@ -9,8 +9,8 @@ import mcp_types as types
 import pytest
 from mcp.shared.exceptions import MCPError
 
-from abilities.access import Principal
-from server.app import RESOURCE_NOT_FOUND
+from datamachine_mcp.abilities.access import Principal
+from datamachine_mcp.server.app import RESOURCE_NOT_FOUND
 from tests.conftest import call, changed_tables, connect, log_rows, table_rows
 
 pytestmark = [

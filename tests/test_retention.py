@@ -12,10 +12,10 @@ from typing import Any
 import pytest
 from sqlalchemy import event, insert, select
 
-from engine import retention
-from engine.host import EngineHost
-from storage.models import ChatSession, Job, LogEntry, ProcessedItem
-from storage.timeutil import iso, parse_datetime, utcnow
+from datamachine_mcp.engine import retention
+from datamachine_mcp.engine.host import EngineHost
+from datamachine_mcp.storage.models import ChatSession, Job, LogEntry, ProcessedItem
+from datamachine_mcp.storage.timeutil import iso, parse_datetime, utcnow
 from tests.conftest import call, fail, log_rows
 from tests.test_scheduler import until
 

@@ -6,9 +6,9 @@ import mcp_types as types
 import pytest
 from mcp.shared.exceptions import MCPError, NoBackChannelError
 
-from engine.errors import StepError, classify
-from engine.providers import AIRequest
-from server.sampling import SamplingBridge
+from datamachine_mcp.engine.errors import StepError, classify
+from datamachine_mcp.engine.providers import AIRequest
+from datamachine_mcp.server.sampling import SamplingBridge
 from tests.conftest import call, connect
 from tests.jobs_support import engine, job_row, make_flow, settings, wait_until  # noqa: F401 (fixture)
 

@@ -29,15 +29,15 @@ from typing import Any
 import pytest
 from sqlalchemy import event, func, select, text
 
-from abilities.context import Runtime
-from engine.claiming import claim_due
-from engine.host import EngineHost
-from engine.jobs import create_flow_job
-from engine.plan import resolve_plan
-from server.bootstrap import ProcessConfig, open_runtime
-from storage.db import Database
-from storage.models import Flow, Job, LogEntry, Pipeline, ProcessedItem
-from storage.timeutil import utcnow
+from datamachine_mcp.abilities.context import Runtime
+from datamachine_mcp.engine.claiming import claim_due
+from datamachine_mcp.engine.host import EngineHost
+from datamachine_mcp.engine.jobs import create_flow_job
+from datamachine_mcp.engine.plan import resolve_plan
+from datamachine_mcp.server.bootstrap import ProcessConfig, open_runtime
+from datamachine_mcp.storage.db import Database
+from datamachine_mcp.storage.models import Flow, Job, LogEntry, Pipeline, ProcessedItem
+from datamachine_mcp.storage.timeutil import utcnow
 from tests.conftest import PG_URL_ENV, _wipe_postgres, call, connect
 from tests.fake_servers import FakeResponse, FakeServer, serve
 from tests.test_scheduler import until

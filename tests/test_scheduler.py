@@ -17,14 +17,14 @@ import anyio
 import pytest
 from sqlalchemy import select, update
 
-from engine import schedule as sched
-from engine.claiming import claim_due
-from engine.host import EngineHost
-from engine.lifecycle import Changes
-from engine.scheduler import LEASE_KEY, Scheduler
-from server.bootstrap import ProcessConfig, open_runtime
-from storage.models import Flow, Job, Setting
-from storage.timeutil import iso, parse_datetime, utcnow
+from datamachine_mcp.engine import schedule as sched
+from datamachine_mcp.engine.claiming import claim_due
+from datamachine_mcp.engine.host import EngineHost
+from datamachine_mcp.engine.lifecycle import Changes
+from datamachine_mcp.engine.scheduler import LEASE_KEY, Scheduler
+from datamachine_mcp.server.bootstrap import ProcessConfig, open_runtime
+from datamachine_mcp.storage.models import Flow, Job, Setting
+from datamachine_mcp.storage.timeutil import iso, parse_datetime, utcnow
 from tests.conftest import call, log_rows
 
 pytestmark = [pytest.mark.anyio, pytest.mark.backends]

@@ -13,7 +13,7 @@ from zoneinfo import ZoneInfo
 
 import pytest
 
-from storage.timeutil import iso, parse_datetime, utcnow
+from datamachine_mcp.storage.timeutil import iso, parse_datetime, utcnow
 from tests.conftest import call, fail, table_rows
 from tests.test_flows import audits, flow_row, make_flow, make_pipeline, unchanged
 

@@ -16,8 +16,8 @@ import pytest
 from mcp import Client
 from mcp.client.stdio import StdioServerParameters
 
-from abilities.registry import load_all as load_abilities
-from server.bootstrap import ProcessConfig, open_runtime
+from datamachine_mcp.abilities.registry import load_all as load_abilities
+from datamachine_mcp.server.bootstrap import ProcessConfig, open_runtime
 from tests.conftest import call, connect, log_rows
 
 pytestmark = pytest.mark.anyio
@@ -60,13 +60,13 @@ def _full_env(tmp_path: Path) -> dict[str, str]:
 
 def _params(tmp_path: Path, db: Path, *extra: str) -> StdioServerParameters:
     return StdioServerParameters(
-        command=sys.executable, args=["-m", "server.cli", "--db", str(db), *extra], env=_env(tmp_path)
+        command=sys.executable, args=["-m", "datamachine_mcp.server.cli", "--db", str(db), *extra], env=_env(tmp_path)
     )
 
 
 def _cli(tmp_path: Path, *args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "server.cli", *args],
+        [sys.executable, "-m", "datamachine_mcp.server.cli", *args],
         env=_full_env(tmp_path),
         capture_output=True,
         text=True,
@@ -135,7 +135,7 @@ def test_stdout_carries_only_protocol_json(tmp_path):
     stderr_file = tmp_path / "stderr.log"
     with stderr_file.open("w") as errlog:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "server.cli", "--db", str(db), "--log-level", "debug"],
+            [sys.executable, "-m", "datamachine_mcp.server.cli", "--db", str(db), "--log-level", "debug"],
             env=_full_env(tmp_path),
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
@@ -255,7 +255,7 @@ def _run_all(tmp_path: Path, db: Path, cases: dict[str, list[str]]) -> dict[str,
     """Start one server per case at once (they should all exit at start) and collect the outcomes."""
     procs = {
         name: subprocess.Popen(
-            [sys.executable, "-m", "server.cli", "--db", str(db), *args],
+            [sys.executable, "-m", "datamachine_mcp.server.cli", "--db", str(db), *args],
             env=_full_env(tmp_path),
             stdin=subprocess.DEVNULL,
             stdout=subprocess.PIPE,

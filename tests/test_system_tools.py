@@ -9,14 +9,14 @@ from typing import Any
 import pytest
 from sqlalchemy import select, text, update
 
-import abilities.system_tasks as system_tasks
-from abilities.access import Principal
-from engine.host import EngineHost
-from engine.retention import LAST_RUN_KEY
-from storage.crypto import SecretUnavailable
-from storage.migrations import HEAD_REVISION
-from storage.models import Flow, Job, LogEntry
-from storage.timeutil import utcnow
+import datamachine_mcp.abilities.system_tasks as system_tasks
+from datamachine_mcp.abilities.access import Principal
+from datamachine_mcp.engine.host import EngineHost
+from datamachine_mcp.engine.retention import LAST_RUN_KEY
+from datamachine_mcp.storage.crypto import SecretUnavailable
+from datamachine_mcp.storage.migrations import HEAD_REVISION
+from datamachine_mcp.storage.models import Flow, Job, LogEntry
+from datamachine_mcp.storage.timeutil import utcnow
 from tests.conftest import call, changed_tables, connect, fail, log_rows, table_rows
 from tests.test_scheduler import until
 

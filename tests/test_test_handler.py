@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from abilities.access import Principal
+from datamachine_mcp.abilities.access import Principal
 from tests.conftest import call, connect, count, fail, table_rows
 from tests.fake_servers import FakeResponse, serve
 from tests.feeds import RSS_HEADERS, ident, rss

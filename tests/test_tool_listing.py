@@ -10,8 +10,8 @@ import dataclasses
 import pytest
 from mcp.shared.exceptions import MCPError
 
-from abilities.access import Principal
-from abilities.registry import load_all as load_abilities
+from datamachine_mcp.abilities.access import Principal
+from datamachine_mcp.abilities.registry import load_all as load_abilities
 from tests.conftest import as_token, call, changed_tables, connect, fail, log_rows, table_rows
 
 pytestmark = pytest.mark.anyio

@@ -12,8 +12,8 @@ from datetime import timedelta
 
 import pytest
 
-from storage.crypto import MASK
-from storage.timeutil import parse_datetime, utcnow
+from datamachine_mcp.storage.crypto import MASK
+from datamachine_mcp.storage.timeutil import parse_datetime, utcnow
 from tests.conftest import call, connect, log_rows, table_rows
 from tests.test_flows import (
     USER2,

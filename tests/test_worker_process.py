@@ -22,7 +22,7 @@ from typing import Any
 import anyio
 import pytest
 
-from storage.models import Job, ProcessedItem
+from datamachine_mcp.storage.models import Job, ProcessedItem
 from tests.conftest import call, log_rows
 from tests.fake_servers import FakeResponse, FakeServer, serve
 from tests.test_scheduler import until
@@ -53,7 +53,7 @@ class Workers:
         log = open(self.tmp_path / f"worker-{len(self.procs)}.log", "wb")  # noqa: SIM115 - closed with the process
         proc = subprocess.Popen(
             [
-                *(sys.executable, "-m", "server.cli", "worker", "--db", self.db),
+                *(sys.executable, "-m", "datamachine_mcp.server.cli", "worker", "--db", self.db),
                 *("--data-dir", str(self.data_dir), "--concurrency", str(concurrency), "--log-level", "info"),
             ],
             cwd=ROOT,
@@ -223,8 +223,8 @@ async def test_kill_9_the_other_worker_recovers_the_job_after_its_lease_expires(
 async def test_a_failed_step_commit_is_recovered_at_once_not_after_the_lease(runtime, owner, monkeypatch):
     """An unexpected error in the step commit (here: injected once) hands the job to lease recovery
     immediately; it is retried after the transport backoff instead of a whole lease TTL (120 s)."""
-    import engine.worker as worker_module
-    from engine.host import EngineHost
+    import datamachine_mcp.engine.worker as worker_module
+    from datamachine_mcp.engine.host import EngineHost
 
     await call(owner, "update-settings", {"settings": {"retry_transport_base_seconds": 1}})
     real_commit = worker_module.commit_step
@@ -258,8 +258,8 @@ async def test_workers_starting_together_all_record_their_liveness(runtime, owne
     (system-health-check sees four workers at once, not one now and the rest 15 s later)."""
     import asyncio
 
-    from engine.worker import Worker
-    from server.bootstrap import ProcessConfig, open_runtime
+    from datamachine_mcp.engine.worker import Worker
+    from datamachine_mcp.server.bootstrap import ProcessConfig, open_runtime
 
     others = [await open_runtime(ProcessConfig(db=runtime.db.url, data_dir=runtime.data_dir)) for _ in range(3)]
     try:

@@ -9,9 +9,9 @@ from collections.abc import Mapping
 from datetime import datetime
 from typing import Any
 
-from engine.errors import StepError
-from engine.handlers import files, http_json, rss, webhook, webhook_payload, wordpress  # noqa: F401 (registration)
-from engine.handlers.base import (
+from datamachine_mcp.engine.errors import StepError
+from datamachine_mcp.engine.handlers import files, http_json, rss, webhook, webhook_payload, wordpress  # noqa: F401 (registration)
+from datamachine_mcp.engine.handlers.base import (
     FETCHERS,
     PUBLISHERS,
     FetchHandler,
@@ -22,7 +22,7 @@ from engine.handlers.base import (
     result_entry,
     with_defaults,
 )
-from engine.items import ItemList, apply_filters, normalise_identifier
+from datamachine_mcp.engine.items import ItemList, apply_filters, normalise_identifier
 
 __all__ = [
     "FETCHERS",

@@ -34,12 +34,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NotRequired, Protocol, TypedDict
 
-from engine.catalog import HANDLERS, HandlerSpec
-from engine.configs import handler_config_problem, open_secrets, problem_detail
-from engine.errors import StepError
-from engine.http import Outbound
-from engine.items import ItemList
-from storage.crypto import MASK, SecretBox, SecretUnavailable, is_envelope
+from datamachine_mcp.engine.catalog import HANDLERS, HandlerSpec
+from datamachine_mcp.engine.configs import handler_config_problem, open_secrets, problem_detail
+from datamachine_mcp.engine.errors import StepError
+from datamachine_mcp.engine.http import Outbound
+from datamachine_mcp.engine.items import ItemList
+from datamachine_mcp.storage.crypto import MASK, SecretBox, SecretUnavailable, is_envelope
 
 
 @dataclass(frozen=True)

@@ -33,8 +33,8 @@ from typing import Any
 
 import anyio
 
-from engine.errors import StepError
-from engine.handlers.base import (
+from datamachine_mcp.engine.errors import StepError
+from datamachine_mcp.engine.handlers.base import (
     FETCHERS,
     PUBLISHERS,
     HandlerContext,
@@ -44,8 +44,8 @@ from engine.handlers.base import (
     packet_title_body,
     with_defaults,
 )
-from engine.items import Item, ItemList, html_to_text, normalise_identifier
-from storage.timeutil import iso, utcnow
+from datamachine_mcp.engine.items import Item, ItemList, html_to_text, normalise_identifier
+from datamachine_mcp.storage.timeutil import iso, utcnow
 
 MARKDOWN_SUFFIXES = frozenset({".md", ".markdown", ".mdown", ".mkd"})
 MAX_NAME_ATTEMPTS = 10_000

@@ -8,10 +8,10 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from engine.errors import StepError
-from engine.handlers.base import FETCHERS, HandlerContext, with_defaults
-from engine.http import excerpt
-from engine.items import (
+from datamachine_mcp.engine.errors import StepError
+from datamachine_mcp.engine.handlers.base import FETCHERS, HandlerContext, with_defaults
+from datamachine_mcp.engine.http import excerpt
+from datamachine_mcp.engine.items import (
     MISSING,
     Item,
     ItemList,

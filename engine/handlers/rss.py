@@ -11,12 +11,12 @@ from typing import Any
 import anyio
 import feedparser
 
-from engine.configs import file_url_path
-from engine.errors import StepError
-from engine.handlers.base import FETCHERS, HandlerContext, with_defaults
-from engine.handlers.files import allowed_directory
-from engine.http import excerpt
-from engine.items import Item, ItemList, html_to_text, normalise_identifier, sha256_hex
+from datamachine_mcp.engine.configs import file_url_path
+from datamachine_mcp.engine.errors import StepError
+from datamachine_mcp.engine.handlers.base import FETCHERS, HandlerContext, with_defaults
+from datamachine_mcp.engine.handlers.files import allowed_directory
+from datamachine_mcp.engine.http import excerpt
+from datamachine_mcp.engine.items import Item, ItemList, html_to_text, normalise_identifier, sha256_hex
 
 SOFT_PROBLEMS = (
     feedparser.CharacterEncodingOverride,

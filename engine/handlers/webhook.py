@@ -18,10 +18,10 @@ import uuid
 from collections.abc import Mapping
 from typing import Any
 
-from engine.handlers.base import PUBLISHERS, HandlerContext, PublishResult, with_defaults
-from engine.http import display_url, excerpt
-from engine.items import render
-from storage.crypto import MASK
+from datamachine_mcp.engine.handlers.base import PUBLISHERS, HandlerContext, PublishResult, with_defaults
+from datamachine_mcp.engine.http import display_url, excerpt
+from datamachine_mcp.engine.items import render
+from datamachine_mcp.storage.crypto import MASK
 
 EVENTS = {"publish": "datamachine.publish", "update": "datamachine.update"}
 

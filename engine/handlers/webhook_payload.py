@@ -13,9 +13,9 @@ import re
 from collections.abc import Mapping
 from typing import Any
 
-from engine.errors import StepError
-from engine.handlers.base import FETCHERS, HandlerContext, with_defaults
-from engine.items import (
+from datamachine_mcp.engine.errors import StepError
+from datamachine_mcp.engine.handlers.base import FETCHERS, HandlerContext, with_defaults
+from datamachine_mcp.engine.items import (
     MISSING,
     Item,
     ItemList,

@@ -13,10 +13,16 @@ import base64
 import json
 from typing import Any
 
-from engine.errors import StepError
-from engine.handlers.base import PUBLISHERS, HandlerContext, PublishResult, packet_title_body, with_defaults
-from engine.http import Response, display_url, status_error
-from storage.crypto import MASK
+from datamachine_mcp.engine.errors import StepError
+from datamachine_mcp.engine.handlers.base import (
+    PUBLISHERS,
+    HandlerContext,
+    PublishResult,
+    packet_title_body,
+    with_defaults,
+)
+from datamachine_mcp.engine.http import Response, display_url, status_error
+from datamachine_mcp.storage.crypto import MASK
 
 
 def endpoint(cfg: dict[str, Any]) -> str:

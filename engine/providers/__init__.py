@@ -14,10 +14,10 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from engine.errors import StepError
-from engine.http import Outbound
-from engine.providers import anthropic, openai
-from engine.providers.base import AIRequest, AIResponse, ai_slots
+from datamachine_mcp.engine.errors import StepError
+from datamachine_mcp.engine.http import Outbound
+from datamachine_mcp.engine.providers import anthropic, openai
+from datamachine_mcp.engine.providers.base import AIRequest, AIResponse, ai_slots
 
 __all__ = ["HTTP_PROVIDERS", "AIRequest", "AIResponse", "ai_slots", "complete", "provider_settings"]
 

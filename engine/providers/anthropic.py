@@ -5,9 +5,16 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from engine.errors import StepError
-from engine.http import Outbound
-from engine.providers.base import AIRequest, AIResponse, empty_response, int_or_zero, parse_json, provider_error
+from datamachine_mcp.engine.errors import StepError
+from datamachine_mcp.engine.http import Outbound
+from datamachine_mcp.engine.providers.base import (
+    AIRequest,
+    AIResponse,
+    empty_response,
+    int_or_zero,
+    parse_json,
+    provider_error,
+)
 
 DEFAULT_BASE_URL = "https://api.anthropic.com"
 DEFAULT_VERSION = "2023-06-01"

@@ -10,8 +10,8 @@ from typing import Any
 
 import anyio
 
-from engine.errors import StepError
-from engine.http import Response, display_url, excerpt, status_error
+from datamachine_mcp.engine.errors import StepError
+from datamachine_mcp.engine.http import Response, display_url, excerpt, status_error
 
 
 @dataclass(frozen=True)

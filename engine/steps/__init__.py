@@ -16,12 +16,12 @@ from typing import Any, Literal
 from sqlalchemy import update
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from engine import status as st
-from engine.claims import Candidate
-from engine.plan import Plan
-from engine.runtime import EngineServices
-from storage.models import Job
-from storage.settings import Snapshot
+from datamachine_mcp.engine import status as st
+from datamachine_mcp.engine.claims import Candidate
+from datamachine_mcp.engine.plan import Plan
+from datamachine_mcp.engine.runtime import EngineServices
+from datamachine_mcp.storage.models import Job
+from datamachine_mcp.storage.settings import Snapshot
 
 StepStatus = Literal["succeeded", "failed", "completed_no_items", "skipped", "waiting"]
 
@@ -99,7 +99,7 @@ StepFn = Callable[[StepRun], Awaitable[StepResult]]
 
 
 def executor(step_type: str) -> StepFn:
-    from engine.steps import ai, fetch, gates, publish, system
+    from datamachine_mcp.engine.steps import ai, fetch, gates, publish, system
 
     return {
         "fetch": fetch.run,

@@ -4,14 +4,14 @@ from __future__ import annotations
 
 from typing import Any
 
-from engine.ai_call import complete_http, resolve_provider_model
-from engine.errors import StepError
-from engine.providers import AIRequest, AIResponse
-from engine.steps import StepResult, StepRun, failure
-from engine.steps.queues import take
-from storage.crypto import SecretUnavailable
-from storage.models import Agent
-from storage.timeutil import iso
+from datamachine_mcp.engine.ai_call import complete_http, resolve_provider_model
+from datamachine_mcp.engine.errors import StepError
+from datamachine_mcp.engine.providers import AIRequest, AIResponse
+from datamachine_mcp.engine.steps import StepResult, StepRun, failure
+from datamachine_mcp.engine.steps.queues import take
+from datamachine_mcp.storage.crypto import SecretUnavailable
+from datamachine_mcp.storage.models import Agent
+from datamachine_mcp.storage.timeutil import iso
 
 DEFAULT_MAX_TOKENS = 1024
 IDENTITY_KEYS = ("source_type", "handler", "flow_step_id", "pipeline_id", "flow_id", "item_identifier", "source_url")

@@ -10,19 +10,19 @@ from typing import Any
 
 from sqlalchemy import select
 
-from engine import claims as claim_ops
-from engine.catalog import HANDLERS
-from engine.claims import Candidate
-from engine.configs import open_secrets
-from engine.errors import StepError
-from engine.handlers import run_fetch
-from engine.handlers.base import HandlerContext, with_defaults
-from engine.http import Outbound
-from engine.items import Item, item_to_packet
-from engine.steps import StepResult, StepRun
-from engine.steps.queues import take
-from storage.crypto import SecretUnavailable
-from storage.models import ProcessedItem
+from datamachine_mcp.engine import claims as claim_ops
+from datamachine_mcp.engine.catalog import HANDLERS
+from datamachine_mcp.engine.claims import Candidate
+from datamachine_mcp.engine.configs import open_secrets
+from datamachine_mcp.engine.errors import StepError
+from datamachine_mcp.engine.handlers import run_fetch
+from datamachine_mcp.engine.handlers.base import HandlerContext, with_defaults
+from datamachine_mcp.engine.http import Outbound
+from datamachine_mcp.engine.items import Item, item_to_packet
+from datamachine_mcp.engine.steps import StepResult, StepRun
+from datamachine_mcp.engine.steps.queues import take
+from datamachine_mcp.storage.crypto import SecretUnavailable
+from datamachine_mcp.storage.models import ProcessedItem
 
 CHUNK = 500
 

@@ -8,8 +8,8 @@ import uuid
 from datetime import timedelta
 from typing import Any
 
-from engine.steps import StepResult, StepRun
-from storage.timeutil import iso
+from datamachine_mcp.engine.steps import StepResult, StepRun
+from datamachine_mcp.storage.timeutil import iso
 
 PREVIEW_CHARS = 2000
 

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 from typing import Any
 
-from engine.handlers import run_publish
-from engine.handlers.base import HandlerContext, prepare_config, result_entry
-from engine.http import Outbound
-from engine.steps import StepResult, StepRun, failure
-from storage.models import Job
-from storage.timeutil import iso
+from datamachine_mcp.engine.handlers import run_publish
+from datamachine_mcp.engine.handlers.base import HandlerContext, prepare_config, result_entry
+from datamachine_mcp.engine.http import Outbound
+from datamachine_mcp.engine.steps import StepResult, StepRun, failure
+from datamachine_mcp.storage.models import Job
+from datamachine_mcp.storage.timeutil import iso
 
 IDENTITY_KEYS = ("source_type", "handler", "flow_step_id", "pipeline_id", "flow_id", "item_identifier", "source_url")
 

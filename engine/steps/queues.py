@@ -11,9 +11,9 @@ from typing import Any
 
 from sqlalchemy import select
 
-from engine.steps import StepRun
-from storage.models import Flow, Job
-from storage.timeutil import iso
+from datamachine_mcp.engine.steps import StepRun
+from datamachine_mcp.storage.models import Flow, Job
+from datamachine_mcp.storage.timeutil import iso
 
 
 async def take(run: StepRun, slot: str) -> tuple[dict[str, Any] | None, bool]:

@@ -5,8 +5,8 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from engine.steps import StepResult, StepRun, failure
-from storage.timeutil import iso
+from datamachine_mcp.engine.steps import StepResult, StepRun, failure
+from datamachine_mcp.storage.timeutil import iso
 
 
 async def run(run: StepRun) -> StepResult:
@@ -16,11 +16,11 @@ async def run(run: StepRun) -> StepResult:
     if task == "echo":
         result: Any = params
     elif task == "recover_stuck_jobs":
-        from engine.maintenance import recover
+        from datamachine_mcp.engine.maintenance import recover
 
         result = await recover(run.services, **params)
     elif task == "retention":
-        from engine.retention import run_retention
+        from datamachine_mcp.engine.retention import run_retention
 
         result = await run_retention(run.services, dry_run=bool(params.get("dry_run")))
     else:

@@ -2,8 +2,8 @@
 
 from alembic import context
 
-from storage.models import Base
-from storage.types import PK, UTCDateTime
+from datamachine_mcp.storage.models import Base
+from datamachine_mcp.storage.types import PK, UTCDateTime
 
 config = context.config
 
