@@ -14,11 +14,9 @@ from datamachine_mcp.abilities.job_common import JobOut, child_counts, job_dict,
 from datamachine_mcp.abilities.pipeline_common import load_flow, notify_flow, owner_of
 from datamachine_mcp.abilities.registry import ability
 from datamachine_mcp.abilities.schema import Input, Opt, Output
+from datamachine_mcp.engine import front
 from datamachine_mcp.engine import status as st
-from datamachine_mcp.engine.jobs import create_flow_job, empty_first_queue
-from datamachine_mcp.engine.lifecycle import Changes
-from datamachine_mcp.engine.plan import PlanError, check_initial_data, resolve_plan
-from datamachine_mcp.engine.wait import wait_for_job
+from datamachine_mcp.engine.front import PlanError
 from datamachine_mcp.storage.crypto import SecretUnavailable
 from datamachine_mcp.storage.models import Agent, Job, Pipeline
 from datamachine_mcp.storage.timeutil import utcnow
@@ -113,15 +111,17 @@ async def describe_jobs(
     return out
 
 
-async def publish_changes(ctx: AbilityContext, changes: Changes, *, wake: bool = False) -> None:
-    """After commit: wake local waiters, notify subscribers of the changed jobs and flows (engine.md §14),
-    and start claimable work without waiting for the next poll."""
+def engine_of(ctx: AbilityContext) -> Any:
+    """The process's engine services (every runtime opened by the server has them)."""
     engine = ctx.runtime.engine
     if engine is None:
-        return
-    await engine.announce(changes.jobs, changes.flows)
-    if wake:
-        engine.wake()
+        raise AbilityError("engine_unavailable", "This process has no engine attached; jobs cannot be changed.")
+    return engine
+
+
+async def publish_changes(ctx: AbilityContext, changes: front.Changes, *, wake: bool = False) -> None:
+    """After commit: announce the changed jobs and flows; ``wake`` starts claimable work at once."""
+    await front.announce(ctx.runtime.engine, changes, wake=wake)
 
 
 async def wait_and_describe(
@@ -131,7 +131,7 @@ async def wait_and_describe(
     engine = ctx.runtime.engine
     if engine is None:
         raise AbilityError("engine_unavailable", "This process has no engine attached; waits are not possible.")
-    result = await wait_for_job(engine, job_id, seconds, stop_on_waiting=stop_on_waiting, progress=ctx.progress)
+    result = await front.wait_for_job(engine, job_id, seconds, stop_on_waiting=stop_on_waiting, progress=ctx.progress)
     if result.job is None:
         raise AbilityError("job_not_found", f"Job {job_id} not found (it was deleted while waiting).", job_id=job_id)
     async with ctx.reading():
@@ -206,22 +206,6 @@ async def run_flow(ctx: AbilityContext, inp: RunFlowIn) -> RunFlowOut:
         flow = await load_flow(ctx, inp.flow_id, "operator", mutating=True)
         pipeline = await session.get(Pipeline, flow.pipeline_id)
         assert pipeline is not None
-        try:
-            check_initial_data(inp.initial_data)
-            plan = resolve_plan(flow.flow_config)
-        except PlanError as err:
-            raise AbilityError(err.code, err.message, **err.data) from None
-        first = plan.first["flow_step_id"]
-        if empty_first_queue(plan, flow.flow_config or {}):
-            return RunFlowOut(
-                flow_id=flow.flow_id,
-                job_id=None,
-                status=None,
-                first_step=first,
-                replayed=False,
-                skipped=True,
-                reason="empty_drain_queue",
-            )
         snap = await ctx.settings()
         key = f"client:{ctx.principal.user_id}:{inp.idempotency_key}" if inp.idempotency_key else None
         engine = ctx.runtime.engine
@@ -229,16 +213,13 @@ async def run_flow(ctx: AbilityContext, inp: RunFlowIn) -> RunFlowOut:
         if uses_sampling(flow.flow_config or {}, pipeline.pipeline_config or {}) and engine is not None:
             affinity = engine.worker_id
         try:
-            created = await create_flow_job(
+            start = await front.run_flow(
                 session,
                 flow=flow,
                 pipeline=pipeline,
-                plan=plan,
-                trigger="manual",
                 initial_data=inp.initial_data,
                 dry_run=inp.dry_run,
                 idempotency_key=key,
-                request={"flow_id": flow.flow_id, "initial_data": inp.initial_data, "dry_run": inp.dry_run},
                 max_attempts=snap.int("retry_max_attempts"),
                 now=now,
                 affinity=affinity,
@@ -247,6 +228,18 @@ async def run_flow(ctx: AbilityContext, inp: RunFlowIn) -> RunFlowOut:
             )
         except PlanError as err:
             raise AbilityError(err.code, err.message, **err.data) from None
+        first = start.first_step
+        if start.created is None:
+            return RunFlowOut(
+                flow_id=flow.flow_id,
+                job_id=None,
+                status=None,
+                first_step=first,
+                replayed=False,
+                skipped=True,
+                reason=start.skipped_reason,
+            )
+        created = start.created
         job = created.job
         if not created.replayed:
             await ctx.audit(

@@ -13,20 +13,20 @@ import logging
 import random
 from datetime import datetime, timedelta
 
-from sqlalchemy import select, update
+from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 
 from datamachine_mcp.engine import status as st
-from datamachine_mcp.engine.claiming import claim_due
-from datamachine_mcp.engine.claims import push_expiry
-from datamachine_mcp.engine.commit import commit_step, fail_plan_result, result_from_exception
-from datamachine_mcp.engine.maintenance import recover
+from datamachine_mcp.engine.accounting import may_hold_claims
+from datamachine_mcp.engine.commit import Committed, commit_step, fail_plan_result, needs_session, result_from_exception
 from datamachine_mcp.engine.notify import post_wait_notification
-from datamachine_mcp.engine.plan import PlanError, plan_of, step_config
+from datamachine_mcp.engine.plan import Plan, PlanError, plan_of, step_config
+from datamachine_mcp.engine.recovery import recover
 from datamachine_mcp.engine.runtime import EngineServices
 from datamachine_mcp.engine.steps import LeaseLost, StepResult, StepRun, executor
-from datamachine_mcp.storage.logs import level_allows, write_log
-from datamachine_mcp.storage.models import Job, Setting
+from datamachine_mcp.engine.store import GuardMissed, JobRow, StoreTx
+from datamachine_mcp.storage.models import Setting
+from datamachine_mcp.storage.settings import Snapshot
 from datamachine_mcp.storage.timeutil import iso, utcnow
 
 log = logging.getLogger("datamachine.worker")
@@ -70,35 +70,36 @@ class Worker:
                 self.last_loop_at = self.now()
                 await self._record_liveness()
                 free = self.concurrency - len(self._running)
-                claimed: list[int] = []
+                claimed: list[JobRow] = []
                 if free > 0:
                     try:
-                        snap = await self.services.snapshot()
-                        claimed = await claim_due(
-                            self.services.db,
-                            self.worker_id,
-                            free,
-                            now=self.now(),
-                            lease_ttl=snap.int("lease_ttl_seconds"),
-                        )
+                        claimed = await self.claim(free)
                     except Exception:
                         log.exception("claiming jobs failed; retrying after the poll interval")
                     if len(claimed) > free:  # never expected: hand back what exceeds the free slots
-                        for job_id in claimed[free:]:
+                        for job in claimed[free:]:
                             with contextlib.suppress(Exception):
-                                await self.release(job_id)
+                                await self.release(job.job_id)
                         claimed = claimed[:free]
-                for job_id in claimed:
+                for job in claimed:
                     self.jobs_started += 1
-                    task = asyncio.create_task(self._run_job(job_id), name=f"job-{job_id}")
-                    self._running[job_id] = task
-                    task.add_done_callback(lambda _t, j=job_id: self._done(j))
+                    task = asyncio.create_task(self._run_job(job), name=f"job-{job.job_id}")
+                    self._running[job.job_id] = task
+                    task.add_done_callback(lambda _t, j=job.job_id: self._done(j))
                 if claimed and len(self._running) < self.concurrency:
                     continue  # there may be more due work
                 jitter = self.poll_seconds * random.uniform(0.9, 1.1)
                 await self.services.wait_for_wake(jitter)
         finally:
             await self._shutdown()
+
+    async def claim(self, limit: int) -> list[JobRow]:
+        """Claim up to ``limit`` due jobs under a lease: full rows, so nothing is read again to start them."""
+        snap = await self.services.snapshot()
+        now = self.now()
+        expires = now + timedelta(seconds=snap.int("lease_ttl_seconds"))
+        async with self.services.store.transaction() as tx:
+            return await tx.claim(self.worker_id, limit, now=now, lease_expires_at=expires)
 
     async def _record_liveness(self) -> None:
         """Leave a timestamp for system-health-check, at most every 15 s (internal settings key)."""
@@ -149,53 +150,33 @@ class Worker:
                 await self.release(job_id)
 
     async def release(self, job_id: int) -> None:
-        now = self.now()
-        async with self.services.db.write() as session:
-            await session.execute(
-                update(Job)
-                .where(Job.job_id == job_id, Job.status == st.PROCESSING, Job.lease_owner == self.worker_id)
-                .values(
-                    status=st.PENDING,
-                    run_at=now,
-                    attempts=Job.attempts - 1,
-                    lease_owner=None,
-                    lease_expires_at=None,
-                    updated_at=now,
-                )
-                .execution_options(synchronize_session=False)
-            )
+        async with self.services.store.transaction() as tx:
+            await tx.release(job_id, self.worker_id, now=self.now())
         log.info("released job %s on shutdown", job_id)
 
     # --- running one job ---------------------------------------------------------------------
 
-    async def _run_job(self, job_id: int) -> None:
+    async def _run_job(self, job: JobRow) -> None:
         try:
-            job = await self._run_step(job_id)
-            while job is not None:
-                job = await self._run_step(job_id, job)
+            while await self._run_step(job):
+                pass
         except LeaseLost:
-            await self._lease_lost(job_id)
+            await self._lease_lost(job.job_id)
         except asyncio.CancelledError:
             raise
         except Exception:
-            log.exception("job %s: unexpected worker error; handing the job to lease recovery now", job_id)
-            await self._recover_now(job_id)
+            log.exception("job %s: unexpected worker error; handing the job to lease recovery now", job.job_id)
+            await self._recover_now(job.job_id)
 
     async def _recover_now(self, job_id: int) -> None:
-        """After an unexpected error (e.g. a step commit that failed on a transient database error),
-        expire this worker's own lease and run lease recovery (engine.md §11.4) for the job at once:
-        requeued with the transport backoff, or failed after max_attempts, instead of sitting in
-        ``processing`` for a whole lease TTL."""
+        """After an unexpected error (e.g. a step commit that failed on a transient database error), expire
+        this worker's own lease and run lease recovery for the job at once: requeued with the transport
+        backoff, or failed after max_attempts, instead of sitting in ``processing`` for a whole lease TTL."""
         now = self.now()
         try:
-            async with self.services.db.write() as session:
-                voided = await session.execute(
-                    update(Job)
-                    .where(Job.job_id == job_id, Job.status == st.PROCESSING, Job.lease_owner == self.worker_id)
-                    .values(lease_expires_at=now - timedelta(seconds=1))
-                    .execution_options(synchronize_session=False)
-                )
-            if voided.rowcount:
+            async with self.services.store.transaction() as tx:
+                voided = await tx.void_lease(job_id, self.worker_id, expired_at=now - timedelta(seconds=1))
+            if voided:
                 await recover(self.services, job_id=job_id, now=now)
         except Exception:
             log.exception("job %s: immediate recovery failed; the lease will expire and recovery takes over", job_id)
@@ -203,42 +184,35 @@ class Worker:
     async def _lease_lost(self, job_id: int) -> None:
         log.warning("job %s: lease lost; step abandoned", job_id)
         with contextlib.suppress(Exception):
-            async with self.services.db.write() as session:
-                await write_log(
-                    session,
+            async with self.services.store.transaction() as tx:
+                tx.log(
                     "warning",
                     f"Job {job_id}: lease lost, step abandoned",
                     {"job_id": job_id, "lease_owner": self.worker_id},
                 )
 
-    async def _run_step(self, job_id: int, job: Job | None = None) -> Job | None:
-        """Run the job's current step and commit it; returns the job to continue inline with, if any.
+    async def _run_step(self, job: JobRow) -> bool:
+        """Run the job's current step and commit it; True when the job continues inline with its next step.
 
-        ``job`` is the row as the previous step's commit left it (inline continuation), which saves
-        reading it again.
+        ``job`` is the row as claimed, kept current by each commit, so it is never read again.
         """
         services = self.services
         snap = await services.snapshot()
-        if job is None:
-            async with services.db.read() as session:
-                job = await session.get(Job, job_id)
-        if job is None or job.status != st.PROCESSING or job.lease_owner != self.worker_id:
-            return None
+        if job.status != st.PROCESSING or job.lease_owner != self.worker_id:
+            return False
         data = job.engine_data or {}
         started = self.now()
         try:
             plan = plan_of(data)
         except PlanError as err:
-            return await self._commit_plain(job, snap, fail_plan_result(err.code, err.message), started)
+            await self._commit_plain(job, snap, fail_plan_result(err.code, err.message), started)
+            return False
         fsid = job.current_step_id or plan.first["flow_step_id"]
         step = step_config(data, fsid)
         if step is None or plan.get(fsid) is None:
-            return await self._commit_plain(
-                job,
-                snap,
-                fail_plan_result("step_config_missing", f"Step {fsid} is not in the job's snapshot."),
-                started,
-            )
+            missing = fail_plan_result("step_config_missing", f"Step {fsid} is not in the job's snapshot.")
+            await self._commit_plain(job, snap, missing, started)
+            return False
         run = StepRun(
             services=services,
             job=job,
@@ -249,57 +223,67 @@ class Worker:
             worker_id=self.worker_id,
             now=self.now,
         )
-        threshold = str(snap["log_level"])
-        if level_allows("debug", threshold):  # no transaction for a row the threshold would drop
-            async with services.db.write() as session:
-                await write_log(
-                    session,
-                    "debug",
-                    f"Step {fsid} started",
-                    {
-                        "job_id": job_id,
-                        "flow_id": job.flow_key,
-                        "pipeline_id": job.pipeline_key,
-                        "flow_step_id": fsid,
-                        "step_type": run.step_type,
-                        "attempt": job.attempts,
-                        "worker_id": self.worker_id,
-                    },
-                    agent_id=job.agent_id,
-                    user_id=job.user_id or None,
-                    threshold=str(snap["log_level"]),
-                )
         result = await self._execute(run)
-        now = self.now()
-        async with services.db.write() as session:
-            committed = await commit_step(session, run, result, started_at=started, now=now)
-        await services.announce(committed.changes.jobs, committed.changes.flows)
-        if committed.created_children:
-            services.wake()
+        committed = await self._commit(run, result, started, snap, step_started=True)
         if committed.notify:
             task = asyncio.create_task(post_wait_notification(services, snap, job, fsid, committed.notify))
             self._side_tasks.add(task)
             task.add_done_callback(self._side_tasks.discard)
-        return committed.job if committed.continue_inline else None
+        return committed.continue_inline
 
-    async def _commit_plain(self, job: Job, snap: object, result: StepResult, started: datetime) -> None:
+    async def _commit(
+        self, run: StepRun, result: StepResult, started: datetime, snap: Snapshot, *, step_started: bool = False
+    ) -> Committed:
+        """The step commit in one transaction (with the ORM session when item claims move); then announce."""
+        store = self.services.store
+        threshold = str(snap["log_level"])
+        try:
+            if needs_session(run, result):
+                async with self.services.db.write() as session, store.bind(session) as tx:
+                    self._step_started_log(tx, run, started, threshold, step_started)
+                    committed = await commit_step(tx, run, result, started_at=started, now=self.now())
+            else:
+                async with store.transaction() as tx:
+                    self._step_started_log(tx, run, started, threshold, step_started)
+                    committed = await commit_step(tx, run, result, started_at=started, now=self.now())
+        except GuardMissed:
+            raise LeaseLost(run.job.job_id) from None
+        await self.services.announce(committed.changes.jobs, committed.changes.flows)
+        if committed.created_children:
+            self.services.wake()
+        return committed
+
+    def _step_started_log(
+        self, tx: StoreTx, run: StepRun, started: datetime, threshold: str, step_started: bool
+    ) -> None:
+        if not step_started:
+            return
+        job = run.job
+        context = {
+            "job_id": job.job_id,
+            "flow_id": job.flow_key,
+            "pipeline_id": job.pipeline_key,
+            "flow_step_id": run.flow_step_id,
+            "step_type": run.step_type,
+            "attempt": job.attempts,
+            "worker_id": self.worker_id,
+        }
+        owner = {"agent_id": job.agent_id, "user_id": job.user_id or None}
+        tx.log("debug", f"Step {run.flow_step_id} started", context, threshold=threshold, at=started, **owner)
+
+    async def _commit_plain(self, job: JobRow, snap: Snapshot, result: StepResult, started: datetime) -> None:
         """Commit a failure found before the step could run (plan or step config problems)."""
-        from datamachine_mcp.engine.plan import Plan
-
-        fsid = job.current_step_id or ""
         run = StepRun(
             services=self.services,
             job=job,
-            flow_step_id=fsid,
+            flow_step_id=job.current_step_id or "",
             step={"step_type": "unknown"},
             plan=Plan(()),
-            settings=snap,  # type: ignore[arg-type]
+            settings=snap,
             worker_id=self.worker_id,
             now=self.now,
         )
-        async with self.services.db.write() as session:
-            committed = await commit_step(session, run, result, started_at=started, now=self.now())
-        await self.services.announce(committed.changes.jobs, committed.changes.flows)
+        await self._commit(run, result, started, snap)
 
     async def _execute(self, run: StepRun) -> StepResult:
         """Run the step with a timeout and a heartbeat; map exceptions to failed results."""
@@ -325,20 +309,16 @@ class Worker:
     async def _heartbeat(self, run: StepRun, step_task: asyncio.Task[StepResult], lost: asyncio.Event) -> None:
         ttl = run.settings.int("lease_ttl_seconds")
         claim_ttl = run.settings.int("claim_ttl_seconds")
+        claims = may_hold_claims(run.job)
+        store = self.services.store
         while True:
             await asyncio.sleep(ttl / 4)
             now = self.now()
-            async with self.services.db.write() as session:
-                result = await session.execute(
-                    update(Job)
-                    .where(Job.job_id == run.job.job_id, Job.status == st.PROCESSING, Job.lease_owner == self.worker_id)
-                    # updated_at is left alone: it marks real changes, which notifications follow.
-                    .values(lease_expires_at=now + timedelta(seconds=ttl))
-                    .execution_options(synchronize_session=False)
-                )
-                if result.rowcount:
-                    await push_expiry(session, run.job.job_id, now + timedelta(seconds=claim_ttl))
-            if not result.rowcount:
+            async with store.transaction() if claims else store.autocommit() as tx:
+                alive = await tx.heartbeat(run.job.job_id, self.worker_id, now + timedelta(seconds=ttl))
+                if alive and claims:
+                    await tx.push_claims(run.job.job_id, now + timedelta(seconds=claim_ttl))
+            if not alive:
                 lost.set()
                 step_task.cancel()
                 return

@@ -23,17 +23,18 @@ import signal
 import time
 from collections import Counter
 from collections.abc import AsyncIterator, Iterator
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
 import pytest
-from sqlalchemy import event, func, select, text
+from sqlalchemy import func, select, text
 
 from datamachine_mcp.abilities.context import Runtime
-from datamachine_mcp.engine.claiming import claim_due
 from datamachine_mcp.engine.host import EngineHost
 from datamachine_mcp.engine.jobs import create_flow_job
 from datamachine_mcp.engine.plan import resolve_plan
+from datamachine_mcp.engine.store import JobStore
 from datamachine_mcp.server.bootstrap import ProcessConfig, open_runtime
 from datamachine_mcp.storage.db import Database
 from datamachine_mcp.storage.models import Flow, Job, LogEntry, Pipeline, ProcessedItem
@@ -353,16 +354,21 @@ async def test_a_claim_never_takes_more_than_asked_whatever_the_plan(pg):
     await bulk_runs(pg, made["flow_id"], 60)
     db = Database(pg.db.url)
 
-    @event.listens_for(db.write_engine.sync_engine, "connect")
-    def worst_plan(dbapi_connection: Any, _record: Any) -> None:
-        cursor = dbapi_connection.cursor()
+    async def worst_plan(conn: Any) -> None:
         for setting in ("enable_hashagg", "enable_hashjoin", "enable_mergejoin", "enable_material", "enable_sort"):
-            cursor.execute(f"SET {setting} = off")
-        cursor.close()
+            await conn.execute(f"SET {setting} = off")
+
+    store = JobStore(db, setup=worst_plan)
+
+    async def claim_due(worker_id: str) -> list[int]:
+        now = utcnow()
+        async with store.transaction() as tx:
+            rows = await tx.claim(worker_id, 4, now=now, lease_expires_at=now + timedelta(seconds=120))
+        return [r.job_id for r in rows]
 
     try:
-        first = await claim_due(db, "w:1:aaaaaaaa", 4, now=utcnow(), lease_ttl=120)
-        second = await claim_due(db, "w:2:bbbbbbbb", 4, now=utcnow(), lease_ttl=120)
+        first = await claim_due("w:1:aaaaaaaa")
+        second = await claim_due("w:2:bbbbbbbb")
     finally:
         await db.dispose()
     assert len(first) == 4 and len(second) == 4 and not set(first) & set(second)

@@ -289,7 +289,7 @@ async def test_run_task_errors(runtime, owner, monkeypatch):
     async def refuse(*_a: Any, **_k: Any) -> Any:
         raise RuntimeError("database full")
 
-    monkeypatch.setattr(system_tasks, "create_direct_job", refuse)
+    monkeypatch.setattr(system_tasks.front, "run_workflow", refuse)
     before = await table_rows(runtime)
     err = await fail(owner, "run-task", {"task_type": "retention"}, "task_schedule_failed")
     assert err["message"] == "The retention job could not be created: database full"
