@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import copy
 import logging
 import random
 from datetime import datetime, timedelta
@@ -25,6 +26,8 @@ from datamachine_mcp.engine.recovery import recover
 from datamachine_mcp.engine.runtime import EngineServices
 from datamachine_mcp.engine.steps import LeaseLost, StepResult, StepRun, executor
 from datamachine_mcp.engine.store import GuardMissed, JobRow, StoreTx
+from datamachine_mcp.engine.store.group import GroupCommitter
+from datamachine_mcp.engine.store.rows import restore
 from datamachine_mcp.storage.models import Setting
 from datamachine_mcp.storage.settings import Snapshot
 from datamachine_mcp.storage.timeutil import iso, utcnow
@@ -54,6 +57,7 @@ class Worker:
         self._stopping = asyncio.Event()
         self.last_loop_at: datetime | None = None
         self.jobs_started = 0
+        self._group = GroupCommitter(services.store)
 
     @property
     def worker_id(self) -> str:
@@ -238,14 +242,21 @@ class Worker:
         store = self.services.store
         threshold = str(snap["log_level"])
         try:
-            if needs_session(run, result):
+            if needs_session(run, result):  # item claims move: with the ORM, alone
                 async with self.services.db.write() as session, store.bind(session) as tx:
                     self._step_started_log(tx, run, started, threshold, step_started)
                     committed = await commit_step(tx, run, result, started_at=started, now=self.now())
             else:
-                async with store.transaction() as tx:
+                as_claimed = copy.copy(run.job)
+
+                async def work(tx: StoreTx) -> Committed:
+                    restore(run.job, as_claimed)  # the work may run twice (alone after a failed group)
                     self._step_started_log(tx, run, started, threshold, step_started)
-                    committed = await commit_step(tx, run, result, started_at=started, now=self.now())
+                    return await commit_step(tx, run, result, started_at=started, now=self.now())
+
+                data = run.job.engine_data or {}
+                isolate = may_hold_claims(run.job) or bool(data.get("queue_backups"))
+                committed = await self._group.submit(work, isolate=isolate)
         except GuardMissed:
             raise LeaseLost(run.job.job_id) from None
         await self.services.announce(committed.changes.jobs, committed.changes.flows)

@@ -84,6 +84,31 @@ class StoreTx:
         if level_allows(level, threshold):
             self._logs.append(log_values(level, message, context, agent_id=agent_id, user_id=user_id, created_at=at))
 
+    def log_mark(self) -> int:
+        return len(self._logs)
+
+    def log_reset(self, mark: int) -> None:
+        del self._logs[mark:]
+
+    # --- savepoints (a group member that must be undone alone) ---------------------------------
+    _savepoints = 0
+
+    async def savepoint(self) -> str:
+        self._savepoints += 1
+        name = f"sp{self._savepoints}"
+        await self.execute_plain(f"SAVEPOINT {name}")
+        return name
+
+    async def rollback_to(self, name: str) -> None:
+        await self.execute_plain(f"ROLLBACK TO SAVEPOINT {name}")
+        await self.execute_plain(f"RELEASE SAVEPOINT {name}")
+
+    async def release_savepoint(self, name: str) -> None:
+        await self.execute_plain(f"RELEASE SAVEPOINT {name}")
+
+    async def execute_plain(self, sql: str) -> None:
+        raise NotImplementedError
+
     async def flush_logs(self) -> None:
         if self._logs:
             logs, self._logs = self._logs, []

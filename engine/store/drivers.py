@@ -84,6 +84,9 @@ class SqliteTx(StoreTx):
     def decode_json(self, value: Any) -> Any:
         return json.loads(value) if isinstance(value, str) else value
 
+    async def execute_plain(self, sql: str) -> None:
+        self.conn.execute(sql)
+
 
 class PgTx(StoreTx):
     dialect = "postgresql"
@@ -114,6 +117,9 @@ class PgTx(StoreTx):
             found = await self.conn.fetch(sql, *[_pg(v) for row in chunk for v in row])
             ids.extend(r[0] for r in found)  # PostgreSQL returns VALUES order for a plain INSERT
         return ids
+
+    async def execute_plain(self, sql: str) -> None:
+        await self.conn.execute(sql)
 
 
 class PgSessionTx(StoreTx):
@@ -153,3 +159,6 @@ class PgSessionTx(StoreTx):
             found = await self._exec(sql, tuple(_pg(v) for row in chunk for v in row))
             ids.extend(r[0] for r in found.all())
         return ids
+
+    async def execute_plain(self, sql: str) -> None:
+        await self.conn.exec_driver_sql(sql)

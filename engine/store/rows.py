@@ -95,6 +95,12 @@ class JobRow:
         return cls(*(getattr(job, c) for c in JOB_COLUMNS))
 
 
+def restore(job: JobRow, saved: JobRow) -> None:
+    """Put ``job`` back to ``saved`` (a copy taken earlier), field by field."""
+    for name in JOB_COLUMNS:
+        setattr(job, name, getattr(saved, name))
+
+
 def dumps(value: Any) -> str:
     return json.dumps(value, separators=(",", ":"), ensure_ascii=False)
 
