@@ -23,7 +23,7 @@ from datamachine_mcp.abilities.registry import ability
 from datamachine_mcp.abilities.schema import Input, Opt, Output
 from datamachine_mcp.engine import front
 from datamachine_mcp.engine.catalog import HANDLERS, STEP_TYPES
-from datamachine_mcp.engine.plan import PlanError, check_initial_data
+from datamachine_mcp.engine.front import PlanError, check_initial_data
 from datamachine_mcp.storage.crypto import MASK
 from datamachine_mcp.storage.models import Agent
 from datamachine_mcp.storage.timeutil import iso, utcnow

@@ -35,7 +35,7 @@ class FieldSpec:
     kind: Literal["url", "directory", "filename_template"] | None = None
 
     def public(self) -> dict[str, Any]:
-        """The FieldSpec shape of abilities.md §3: {type, required, default?, secret, description, enum?, min?, max?}."""
+        """The public FieldSpec shape: {type, required, default?, secret, description, enum?, min?, max?}."""
         out: dict[str, Any] = {"type": self.type, "required": self.required, "secret": self.secret}
         if self.default is not None:
             out["default"] = self.default
@@ -97,7 +97,7 @@ class HandlerSpec:
 FETCH, PUBLISH, UPDATE = "fetch", "publish", "update"
 PUBLISHING = (PUBLISH, UPDATE)
 
-# engine.md §15.2: fields every fetch handler accepts (DM FetchHandlerSettings).
+# Fields every fetch handler accepts (DM FetchHandlerSettings).
 COMMON_FETCH_FIELDS: dict[str, FieldSpec] = {
     "max_items": FieldSpec("integer", "Items taken per run (0 = unlimited)", default=1, min=0, max=100),
     "timeframe_limit": FieldSpec(

@@ -43,6 +43,7 @@ __all__ = [
     "PlanError",
     "WaitResult",
     "announce",
+    "check_initial_data",
     "end_job",
     "recover",
     "resolve_approval",

@@ -1,4 +1,4 @@
-"""The worker: claims due jobs under a lease, runs their steps, commits each step (engine.md §5).
+"""The worker: claims due jobs under a lease, runs their steps, commits each step.
 
 Each claimed job runs as an asyncio task beside a heartbeat task that renews the lease; a heartbeat
 that finds the lease gone (cancel-job, fail-job, recovery, deletion) cancels the step, and the worker
@@ -143,7 +143,7 @@ class Worker:
         self.services.wake()
 
     async def _shutdown(self, grace: float = 5.0) -> None:
-        """Stop claiming; cancel running steps and hand their jobs back (engine.md §5.1 step 3)."""
+        """Stop claiming; cancel running steps and hand their jobs back (pending again, attempt not counted)."""
         tasks = list(self._running.items())
         for _, task in tasks:
             task.cancel()

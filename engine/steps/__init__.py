@@ -1,4 +1,4 @@
-"""Step types: what one step of a job does (engine.md §6, §15, §16).
+"""Step types: what one step of a job does; each step type is declared beside its code (``StepType``).
 
 A step runs outside any transaction and returns a ``StepResult``; the worker commits it (routing,
 claims, terminal accounting) in one short transaction. Steps that must write while running (queue
@@ -69,7 +69,7 @@ class StepRun:
 
     @property
     def dedupes(self) -> bool:
-        """Direct workflows and system jobs never read or write processed items (engine.md §10.5)."""
+        """Direct workflows and system jobs never read or write processed items."""
         return self.job.flow_key is not None
 
     @property
