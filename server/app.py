@@ -27,10 +27,10 @@ from sqlalchemy import func, select
 
 from datamachine_mcp.abilities.access import Principal
 from datamachine_mcp.abilities.context import Runtime
-from datamachine_mcp.abilities.errors import AbilityError
 from datamachine_mcp.abilities.registry import Ability
-from datamachine_mcp.abilities.runner import invoke, visible
-from datamachine_mcp.resources.registry import ResourceNotFound, ResourceRefused, ResourceSpec, read
+from datamachine_mcp.abilities.runner import error_text, invoke, refusal, visible
+from datamachine_mcp.engine.errors import CodedError
+from datamachine_mcp.resources.registry import ResourceNotFound, ResourceSpec, read
 from datamachine_mcp.server import tool_cache
 from datamachine_mcp.server.delivery import Coalescer, PrincipalBus
 from datamachine_mcp.server.sampling import SamplingBridge
@@ -40,6 +40,7 @@ from datamachine_mcp.storage.timeutil import utcnow
 log = logging.getLogger("datamachine.server")
 
 RESOURCE_NOT_FOUND = -32002  # the 2025-11-25 "Resource not found" code
+INPUT_CODES = frozenset({"invalid_input", "input_too_large"})  # refused for the request's parameters
 WATCH_SECONDS = 1.0
 INSTRUCTIONS = (
     "Data Machine automation engine. Pipelines are reusable step templates (fetch → ai → publish …); flows "
@@ -152,8 +153,8 @@ class DataMachineServer:
     ) -> types.ListToolsResult:
         try:
             principal = await self._principal(ctx)
-        except AbilityError as err:
-            raise MCPError(code=types.INVALID_REQUEST, message=f"{err.code}: {err.message}") from None
+        except CodedError as err:
+            raise request_error(err) from None
         return types.ListToolsResult(
             tools=[self._tools[slug] for slug, a in self.abilities.items() if visible(a, principal)]
         )
@@ -166,8 +167,8 @@ class DataMachineServer:
             raise MCPError(code=types.INVALID_PARAMS, message=f"Unknown tool: {params.name}")
         try:
             principal = await self._principal(ctx)
-        except AbilityError as err:
-            return _error_result(err.payload())
+        except CodedError as err:
+            return tool_error(refusal(err))
 
         async def progress(value: float, total: float | None, message: str | None) -> None:
             await ctx.session.report_progress(value, total, message)
@@ -182,7 +183,7 @@ class DataMachineServer:
             client=ctx.session,
         )
         if outcome.error is not None:
-            return _error_result(outcome.error)
+            return tool_error(outcome.error)
         return types.CallToolResult(
             content=[types.TextContent(type="text", text=outcome.text)],
             structured_content=outcome.output,
@@ -233,13 +234,8 @@ class DataMachineServer:
         try:
             principal = await self._principal(ctx)
             text = await read(self.runtime, self.abilities, self.resources, uri, principal)
-        except ResourceNotFound as err:
-            raise MCPError(code=RESOURCE_NOT_FOUND, message=str(err), data={"uri": uri}) from None
-        except ResourceRefused as err:
-            code = types.INVALID_PARAMS if err.code in ("invalid_input", "input_too_large") else types.INVALID_REQUEST
-            raise MCPError(code=code, message=str(err), data={"uri": uri, **err.data}) from None
-        except AbilityError as err:
-            raise MCPError(code=types.INVALID_REQUEST, message=f"{err.code}: {err.message}") from None
+        except CodedError as err:
+            raise request_error(err, uri=uri) from None
         return types.ReadResourceResult(
             contents=[types.TextResourceContents(uri=uri, text=text, mime_type="application/json")]
         )
@@ -249,7 +245,7 @@ class DataMachineServer:
     ) -> types.EmptyResult:
         uri = str(params.uri)
         key = self._remember(ctx)
-        with contextlib.suppress(AbilityError):
+        with contextlib.suppress(CodedError):
             await self._may_read(await self._principal(ctx), uri, {})  # remembers what it can see now
         self._subscriptions.setdefault(key, set()).add(uri)
         return types.EmptyResult()
@@ -384,9 +380,21 @@ async def _best_effort(send: Awaitable[None]) -> None:
         log.debug("notification not delivered", exc_info=True)
 
 
-def _error_result(error: dict[str, Any]) -> types.CallToolResult:
+def tool_error(error: dict[str, Any]) -> types.CallToolResult:
+    """A refused tool call: ``is_error`` with the text ``"<code>: <message>"`` and ``{code, message, data}``."""
     return types.CallToolResult(
-        content=[types.TextContent(type="text", text=f"{error['code']}: {error['message']}")],
-        structured_content=error,
-        is_error=True,
+        content=[types.TextContent(type="text", text=error_text(error))], structured_content=error, is_error=True
     )
+
+
+def request_error(err: CodedError, *, uri: str | None = None) -> MCPError:
+    """A refused request other than a tool call (listing tools, reading a resource, listening) as a
+    JSON-RPC error: resource-not-found, invalid params (the input) or invalid request (the rest)."""
+    error = refusal(err)
+    if isinstance(err, ResourceNotFound):
+        code = RESOURCE_NOT_FOUND
+    elif err.code in INPUT_CODES:
+        code = types.INVALID_PARAMS
+    else:
+        code = types.INVALID_REQUEST
+    return MCPError(code=code, message=error_text(error), data=None if uri is None else {"uri": uri, **error["data"]})
