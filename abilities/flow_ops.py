@@ -249,10 +249,7 @@ def seeded_warnings(entry: dict[str, Any]) -> list[str]:
 
 def normalize_schedule(raw: dict[str, Any] | None) -> dict[str, Any]:
     """Validate client schedule keys (the §2.10 codes)."""
-    try:
-        return sched.normalize(raw or {"interval": "manual"})
-    except sched.ScheduleError as err:
-        raise AbilityError(err.code, err.message, **err.data) from None
+    return sched.normalize(raw or {"interval": "manual"})
 
 
 def set_schedule(flow: Flow, client: dict[str, Any], *, now: datetime) -> bool:

@@ -22,7 +22,7 @@ from datamachine_mcp.engine import status as st
 from datamachine_mcp.engine.jobs import flow_snapshot
 from datamachine_mcp.engine.lifecycle import cancel_descendants, ed, finish
 from datamachine_mcp.engine.maintenance import reopen_for_retry
-from datamachine_mcp.engine.plan import SNAPSHOT_KEYS, PlanError, first_handler, resolve_plan
+from datamachine_mcp.engine.plan import SNAPSHOT_KEYS, first_handler, resolve_plan
 from datamachine_mcp.storage.models import Flow, Job, Pipeline
 from datamachine_mcp.storage.timeutil import utcnow
 
@@ -204,10 +204,7 @@ async def _resnapshot(ctx: AbilityContext, job: Job) -> None:
     pipeline = await ctx.session.get(Pipeline, flow.pipeline_id) if flow is not None else None
     if flow is None or pipeline is None:
         raise AbilityError("no_first_step", "Flow execution failed - no first step found.", job_id=job.job_id)
-    try:
-        plan = resolve_plan(flow.flow_config)
-    except PlanError as err:
-        raise AbilityError(err.code, err.message, **err.data) from None
+    plan = resolve_plan(flow.flow_config)
     data = ed(job)
     snap = flow_snapshot(
         flow,

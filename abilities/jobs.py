@@ -17,7 +17,7 @@ from datamachine_mcp.abilities.schema import Input, Opt, Output
 from datamachine_mcp.engine import status as st
 from datamachine_mcp.engine.jobs import create_flow_job, empty_first_queue
 from datamachine_mcp.engine.lifecycle import Changes
-from datamachine_mcp.engine.plan import PlanError, check_initial_data, resolve_plan
+from datamachine_mcp.engine.plan import check_initial_data, resolve_plan
 from datamachine_mcp.engine.wait import wait_for_job
 from datamachine_mcp.storage.crypto import SecretUnavailable
 from datamachine_mcp.storage.models import Agent, Job, Pipeline
@@ -206,11 +206,8 @@ async def run_flow(ctx: AbilityContext, inp: RunFlowIn) -> RunFlowOut:
         flow = await load_flow(ctx, inp.flow_id, "operator", mutating=True)
         pipeline = await session.get(Pipeline, flow.pipeline_id)
         assert pipeline is not None
-        try:
-            check_initial_data(inp.initial_data)
-            plan = resolve_plan(flow.flow_config)
-        except PlanError as err:
-            raise AbilityError(err.code, err.message, **err.data) from None
+        check_initial_data(inp.initial_data)
+        plan = resolve_plan(flow.flow_config)
         first = plan.first["flow_step_id"]
         if empty_first_queue(plan, flow.flow_config or {}):
             return RunFlowOut(
@@ -228,25 +225,22 @@ async def run_flow(ctx: AbilityContext, inp: RunFlowIn) -> RunFlowOut:
         affinity = None
         if uses_sampling(flow.flow_config or {}, pipeline.pipeline_config or {}) and engine is not None:
             affinity = engine.worker_id
-        try:
-            created = await create_flow_job(
-                session,
-                flow=flow,
-                pipeline=pipeline,
-                plan=plan,
-                trigger="manual",
-                initial_data=inp.initial_data,
-                dry_run=inp.dry_run,
-                idempotency_key=key,
-                request={"flow_id": flow.flow_id, "initial_data": inp.initial_data, "dry_run": inp.dry_run},
-                max_attempts=snap.int("retry_max_attempts"),
-                now=now,
-                affinity=affinity,
-                origin_session_id=ctx.principal.session_id,
-                threshold=str(snap["log_level"]),
-            )
-        except PlanError as err:
-            raise AbilityError(err.code, err.message, **err.data) from None
+        created = await create_flow_job(
+            session,
+            flow=flow,
+            pipeline=pipeline,
+            plan=plan,
+            trigger="manual",
+            initial_data=inp.initial_data,
+            dry_run=inp.dry_run,
+            idempotency_key=key,
+            request={"flow_id": flow.flow_id, "initial_data": inp.initial_data, "dry_run": inp.dry_run},
+            max_attempts=snap.int("retry_max_attempts"),
+            now=now,
+            affinity=affinity,
+            origin_session_id=ctx.principal.session_id,
+            threshold=str(snap["log_level"]),
+        )
         job = created.job
         if not created.replayed:
             await ctx.audit(

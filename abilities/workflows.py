@@ -133,10 +133,7 @@ async def execute_workflow(ctx: AbilityContext, inp: ExecuteWorkflowIn) -> Execu
             )
         else:
             await ctx.access.authorize(Owner(agent_id=None, user_id=p.user_id), "operator", mutating=True)
-        try:
-            check_initial_data(inp.initial_data)
-        except PlanError as err:
-            raise AbilityError(err.code, err.message, **err.data) from None
+        check_initial_data(inp.initial_data)
         source = _initial_text(inp.initial_data, "job_source", DEFAULT_SOURCE, MAX_SOURCE)
         label = _initial_text(inp.initial_data, "job_label", DEFAULT_LABEL, None)[:255]
         snap = await ctx.settings()
@@ -174,29 +171,26 @@ async def execute_workflow(ctx: AbilityContext, inp: ExecuteWorkflowIn) -> Execu
             "dry_run": inp.dry_run,
             "timestamp": inp.timestamp,
         }
-        try:
-            created = await create_direct_job(
-                session,
-                plan=plan,
-                flow_config=flow_config,
-                pipeline_config=pipeline_config,
-                user_id=p.user_id,
-                agent_id=agent.agent_id if agent is not None else None,
-                agent_slug=agent.agent_slug if agent is not None else None,
-                source=source,
-                label=label,
-                initial_data=inp.initial_data,
-                dry_run=inp.dry_run,
-                run_at=run_at,
-                idempotency_key=key,
-                request=request,
-                max_attempts=snap.int("retry_max_attempts"),
-                now=now,
-                origin_session_id=p.session_id,
-                threshold=str(snap["log_level"]),
-            )
-        except PlanError as err:
-            raise AbilityError(err.code, err.message, **err.data) from None
+        created = await create_direct_job(
+            session,
+            plan=plan,
+            flow_config=flow_config,
+            pipeline_config=pipeline_config,
+            user_id=p.user_id,
+            agent_id=agent.agent_id if agent is not None else None,
+            agent_slug=agent.agent_slug if agent is not None else None,
+            source=source,
+            label=label,
+            initial_data=inp.initial_data,
+            dry_run=inp.dry_run,
+            run_at=run_at,
+            idempotency_key=key,
+            request=request,
+            max_attempts=snap.int("retry_max_attempts"),
+            now=now,
+            origin_session_id=p.session_id,
+            threshold=str(snap["log_level"]),
+        )
         job = created.job
         if not created.replayed:
             await ctx.audit(
