@@ -96,7 +96,9 @@ def apply_step_edit(
     spec = STEP_TYPES.get(step_type)
     if spec is None:
         raise _fail("invalid_flow_step_update", f"Step {entry.get('flow_step_id')} has unknown type '{step_type}'.")
-    out = {k: (dict(v) if isinstance(v, dict) else list(v) if isinstance(v, list) else v) for k, v in entry.items()}
+    out: dict[str, Any] = {
+        k: (dict(v) if isinstance(v, dict) else list(v) if isinstance(v, list) else v) for k, v in entry.items()
+    }
     changes: list[str] = []
     touched: set[str] = set()
     fsid = entry.get("flow_step_id")

@@ -25,6 +25,7 @@ from datamachine_mcp.engine import status as st
 from datamachine_mcp.engine.lifecycle import Changes, ed, finish
 from datamachine_mcp.engine.plan import step_config
 from datamachine_mcp.storage.crypto import mask
+from datamachine_mcp.storage.dml import rowcount
 from datamachine_mcp.storage.models import Job
 from datamachine_mcp.storage.timeutil import iso, utcnow
 
@@ -68,7 +69,8 @@ class DecidedAction(PendingAction):
 
 def action_dict(job: Job, *, decided: bool = False) -> dict[str, Any]:
     data = job.engine_data or {}
-    approval = data.get("approval") if isinstance(data.get("approval"), dict) else {}
+    raw_approval = data.get("approval")
+    approval = raw_approval if isinstance(raw_approval, dict) else {}
     out: dict[str, Any] = {key: mask(approval.get(key)) for key in APPROVAL_KEYS}
     out["action_id"] = approval.get("action_id") or job.wait_ref
     out["status"] = approval.get("status") or "pending"
@@ -282,7 +284,7 @@ async def resolve_pending_action(ctx: AbilityContext, inp: ResolveIn) -> Resolve
             .values(updated_at=now)
             .execution_options(synchronize_session=False)
         )
-        if not won.rowcount:
+        if not rowcount(won):
             current = await session.get(Job, job_id, populate_existing=True)
             raise already_resolved(current or job, inp.action_id)
         threshold = str((await ctx.settings())["log_level"])

@@ -325,7 +325,7 @@ async def running_flow_ids(ctx: AbilityContext, flow_ids: Iterable[int]) -> set[
     rows = await ctx.session.execute(
         select(Job.flow_key).where(Job.flow_key.in_(ids), Job.status.in_(ACTIVE_STATUSES)).distinct()
     )
-    return {r[0] for r in rows.all()}
+    return {flow_id for (flow_id,) in rows.all() if flow_id is not None}
 
 
 async def flow_counts(ctx: AbilityContext, pipeline_ids: Sequence[int]) -> dict[int, int]:
@@ -450,7 +450,7 @@ def build_pipeline_step(
             raise AbilityError(
                 "unknown_provider", f"Unknown provider '{value}'. Use {', '.join(PROVIDERS)} or \"\" for the default."
             )
-        size = len(value) if isinstance(value, str) else value
+        size: float = len(value) if isinstance(value, str) else step[name]  # an int or float, checked above
         if (low is not None and size < low) or (high is not None and size > high):
             raise AbilityError(
                 "invalid_input", f"{name} is out of range.", errors=[{"field": name, "message": "out of range"}]

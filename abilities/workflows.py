@@ -164,7 +164,7 @@ async def execute_workflow(ctx: AbilityContext, inp: ExecuteWorkflowIn) -> Execu
             start = datetime.fromtimestamp(inp.timestamp, UTC)
             if start > now:
                 run_at = start
-        key = f"client:{p.user_id}:{inp.operation_key}" if inp.operation_key else None
+        idempotency_key = f"client:{p.user_id}:{inp.operation_key}" if inp.operation_key else None
         request = {
             "workflow": _fingerprint_workflow(inp.workflow.model_dump(exclude_unset=True)),
             "initial_data": inp.initial_data,
@@ -184,7 +184,7 @@ async def execute_workflow(ctx: AbilityContext, inp: ExecuteWorkflowIn) -> Execu
             initial_data=inp.initial_data,
             dry_run=inp.dry_run,
             run_at=run_at,
-            idempotency_key=key,
+            idempotency_key=idempotency_key,
             request=request,
             max_attempts=snap.int("retry_max_attempts"),
             now=now,
