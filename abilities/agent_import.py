@@ -139,19 +139,21 @@ async def import_agent(ctx: AbilityContext, inp: ImportAgentIn) -> ImportAgentOu
             refmap[sref] = psid
         pipeline.pipeline_config = config
         created[plan.ref] = (pipeline, refmap)
-    flow_ids, paused_ids, warnings = [], [], []
-    for plan in flows:
-        pipeline, refmap = created[plan.pipeline_ref]
-        schedule, paused = _import_schedule(plan.schedule, activate=inp.activate_schedules, now=now)
+    flow_ids: list[int] = []
+    paused_ids: list[int] = []
+    warnings: list[str] = []
+    for flow_plan in flows:
+        pipeline, refmap = created[flow_plan.pipeline_ref]
+        schedule, paused = _import_schedule(flow_plan.schedule, activate=inp.activate_schedules, now=now)
         flow, _, _ = await create_flow_record(
-            ctx, pipeline, flow_name=plan.name, agent_id=agent.agent_id, user_id=p.user_id, schedule=schedule
+            ctx, pipeline, flow_name=flow_plan.name, agent_id=agent.agent_id, user_id=p.user_id, schedule=schedule
         )
-        config = dict(flow.flow_config)
-        for sref, values in plan.steps.items():
+        flow_config = dict(flow.flow_config)
+        for sref, values in flow_plan.steps.items():
             fsid = f"{refmap[sref]}_{flow.flow_id}"
-            config[fsid] = {**config[fsid], **values}
-        flow.flow_config = config
-        warnings.extend(w for entry in ordered_steps(config) for w in seeded_warnings(entry))
+            flow_config[fsid] = {**flow_config[fsid], **values}
+        flow.flow_config = flow_config
+        warnings.extend(w for entry in ordered_steps(flow_config) for w in seeded_warnings(entry))
         flow_ids.append(flow.flow_id)
         if paused:
             paused_ids.append(flow.flow_id)

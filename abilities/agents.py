@@ -9,7 +9,7 @@ from __future__ import annotations
 from typing import Any, Literal
 
 from pydantic import Field
-from sqlalchemy import and_, bindparam, func, or_, select
+from sqlalchemy import BindParameter, and_, bindparam, func, or_, select
 
 from datamachine_mcp.abilities.access import ROLE_RANK
 from datamachine_mcp.abilities.agent_common import (
@@ -45,7 +45,7 @@ def _count(model: Any, *conds: Any) -> Any:
     return select(func.count()).select_from(model).where(*conds).scalar_subquery()
 
 
-_AID = bindparam("aid")
+_AID: BindParameter[int] = bindparam("aid")
 # Built once: statement construction is a large share of a short read's cost.
 _COUNTS = select(
     _count(Pipeline, Pipeline.agent_id == _AID),
@@ -303,8 +303,8 @@ async def update_agent(ctx: AbilityContext, inp: UpdateAgentIn) -> UpdateAgentOu
         )
         ctx.notify_updated(agent_uri(agent.agent_slug))
     await ctx.session.flush()
-    role = await ctx.access.effective_role(agent_owner(agent))
-    detail = await agent_detail(ctx, agent, role)
+    caller_role = await ctx.access.effective_role(agent_owner(agent))
+    detail = await agent_detail(ctx, agent, caller_role)
     message = f"Agent '{agent.agent_slug}' updated." if changed else "Nothing changed."
     return UpdateAgentOut.model_validate({"agent": detail, "updated_fields": changed, "message": message})
 

@@ -97,14 +97,13 @@ async def _call(ctx: AbilityContext, provider: str, request: AIRequest, snap: An
     limiter = engine.ai_limiter(snap.int("ai_max_concurrent_requests")) if engine is not None else None
     async with limiter if limiter is not None else contextlib.nullcontext():
         if provider == "sampling":
-            bridge = getattr(engine, "sampling", None)
-            if bridge is None or ctx.client is None:
+            if engine is None or ctx.client is None:
                 raise StepError(
                     "sampling_unavailable",
                     "This server has no MCP client connection to sample through.",
                     retryable=True,
                 )
-            return await bridge.complete(
+            return await engine.sampling.complete(
                 request,
                 session=ctx.client,
                 related_request_id=ctx.request_id,

@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from datamachine_mcp.abilities.access import Access, Principal
+from datamachine_mcp.engine.runtime import EngineServices
 from datamachine_mcp.storage.crypto import SecretBox
 from datamachine_mcp.storage.db import Database
 from datamachine_mcp.storage.logs import write_log
@@ -51,9 +52,10 @@ class Runtime:
     toolsets: frozenset[str] | None = None
     read_only: bool = False
     public_base_url: str | None = None
+    # Given at construction: the serving process's notifications (a NullEvents without MCP clients).
     events: EventSink = field(default_factory=NullEvents)
-    # Set by the server when an in-process engine runs (wake-ups, sampling bridge, waits).
-    engine: Any = None
+    # The engine's services (wake-ups, waits, the sampling bridge); None where no engine is attached.
+    engine: EngineServices | None = None
 
 
 @dataclass

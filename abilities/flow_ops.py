@@ -96,7 +96,9 @@ def apply_step_edit(
     spec = STEP_TYPES.get(step_type)
     if spec is None:
         raise _fail("invalid_flow_step_update", f"Step {entry.get('flow_step_id')} has unknown type '{step_type}'.")
-    out = {k: (dict(v) if isinstance(v, dict) else list(v) if isinstance(v, list) else v) for k, v in entry.items()}
+    out: dict[str, Any] = {
+        k: (dict(v) if isinstance(v, dict) else list(v) if isinstance(v, list) else v) for k, v in entry.items()
+    }
     changes: list[str] = []
     touched: set[str] = set()
     fsid = entry.get("flow_step_id")
@@ -249,10 +251,7 @@ def seeded_warnings(entry: dict[str, Any]) -> list[str]:
 
 def normalize_schedule(raw: dict[str, Any] | None) -> dict[str, Any]:
     """Validate client schedule keys (the §2.10 codes)."""
-    try:
-        return sched.normalize(raw or {"interval": "manual"})
-    except sched.ScheduleError as err:
-        raise AbilityError(err.code, err.message, **err.data) from None
+    return sched.normalize(raw or {"interval": "manual"})
 
 
 def set_schedule(flow: Flow, client: dict[str, Any], *, now: datetime) -> bool:

@@ -70,12 +70,9 @@ async def end_job(
                 "http_status": None,
                 "diagnostics": None,
             }
-        try:
-            ended = await front.end_job(
-                engine_of(ctx), session, job_id, to_status, reason, now=now, threshold=threshold, error=error
-            )
-        except front.PlanError as err:
-            raise AbilityError(err.code, err.message, **err.data) from None
+        ended = await front.end_job(
+            engine_of(ctx), session, job_id, to_status, reason, now=now, threshold=threshold, error=error
+        )
         if not ended.changed:  # only possible where another writer can interleave (PostgreSQL)
             raise AbilityError(
                 "invalid_job_status",
@@ -202,15 +199,12 @@ async def retry_job(ctx: AbilityContext, inp: RetryJobIn) -> RetryJobOut:
                 status=previous,
             )
         snap = await ctx.settings()
-        try:
-            retried = await front.retry_job(
-                engine_of(ctx), session, job.job_id, now=now, claim_ttl=snap.int("claim_ttl_seconds")
-            )
-        except front.PlanError as err:
-            raise AbilityError(err.code, err.message, **err.data) from None
-        job, changes, parent_reopened = retried.job, retried.changes, retried.parent_reopened
+        retried = await front.retry_job(
+            engine_of(ctx), session, job.job_id, now=now, claim_ttl=snap.int("claim_ttl_seconds")
+        )
+        changes, parent_reopened = retried.changes, retried.parent_reopened
         await ctx.audit(
-            f"job {job.job_id} retried at step {job.current_step_id}",
+            f"job {job.job_id} retried at step {retried.resume_step}",
             target=("job", job.job_id),
             changes=[f"status: {previous} -> pending"]
             + ([f"parent {parent_reopened}: failed -> processing"] if parent_reopened else []),
@@ -219,7 +213,7 @@ async def retry_job(ctx: AbilityContext, inp: RetryJobIn) -> RetryJobOut:
             flow_id=job.flow_key,
             pipeline_id=job.pipeline_key,
         )
-        resume = job.current_step_id
+        resume = retried.resume_step
     await front.announce(ctx.runtime.engine, changes, wake=True)
     return RetryJobOut(
         job_id=inp.job_id,

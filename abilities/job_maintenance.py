@@ -21,6 +21,7 @@ from datamachine_mcp.abilities.registry import ability
 from datamachine_mcp.abilities.schema import Input, Output
 from datamachine_mcp.engine import front
 from datamachine_mcp.engine import status as st
+from datamachine_mcp.storage.dml import rowcount
 from datamachine_mcp.storage.models import Agent, Job, ProcessedItem
 
 CHUNK = 500
@@ -130,7 +131,7 @@ async def delete_jobs(ctx: AbilityContext, inp: DeleteJobsIn) -> DeleteJobsOut:
         if inp.cleanup_processed:
             for chunk in _chunks(doomed):
                 result = await session.execute(delete(ProcessedItem).where(ProcessedItem.job_id.in_(chunk)))
-                cleaned += int(result.rowcount or 0)
+                cleaned += rowcount(result)
         for chunk in _chunks(kept):
             # Children go with their parent (ON DELETE CASCADE); processed rows keep existing with job_id NULL.
             await session.execute(delete(Job).where(Job.job_id.in_(chunk)).execution_options(synchronize_session=False))

@@ -323,7 +323,7 @@ async def get_jobs_summary(ctx: AbilityContext, inp: JobsSummaryIn) -> JobsSumma
     if not inp.compact:
         by_pipeline = await _grouped(ctx, Job.pipeline_id, conds)
         ids = [int(k) for k, _ in by_pipeline if k != "direct"]
-        names = dict(
+        names: dict[int | str | None, str] = dict(
             (
                 await ctx.session.execute(
                     select(Pipeline.pipeline_id, Pipeline.pipeline_name).where(Pipeline.pipeline_id.in_(ids))

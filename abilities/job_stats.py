@@ -291,7 +291,8 @@ async def get_run_metrics(ctx: AbilityContext, inp: RunMetricsIn) -> RunMetricsO
     )
     children = {status: int(n) for status, n in rows.all()}
     children["total"] = sum(children.values())
-    tokens = data.get("token_usage") if isinstance(data.get("token_usage"), dict) else {}
+    raw_tokens = data.get("token_usage")
+    tokens = raw_tokens if isinstance(raw_tokens, dict) else {}
     metrics = {
         "job_id": job.job_id,
         "status": st.display(job.status, job.status_reason),

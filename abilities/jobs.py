@@ -16,7 +16,6 @@ from datamachine_mcp.abilities.registry import ability
 from datamachine_mcp.abilities.schema import Input, Opt, Output
 from datamachine_mcp.engine import front
 from datamachine_mcp.engine import status as st
-from datamachine_mcp.engine.front import PlanError
 from datamachine_mcp.storage.crypto import SecretUnavailable
 from datamachine_mcp.storage.models import Agent, Job, Pipeline
 from datamachine_mcp.storage.timeutil import utcnow
@@ -212,22 +211,19 @@ async def run_flow(ctx: AbilityContext, inp: RunFlowIn) -> RunFlowOut:
         affinity = None
         if uses_sampling(flow.flow_config or {}, pipeline.pipeline_config or {}) and engine is not None:
             affinity = engine.worker_id
-        try:
-            start = await front.run_flow(
-                session,
-                flow=flow,
-                pipeline=pipeline,
-                initial_data=inp.initial_data,
-                dry_run=inp.dry_run,
-                idempotency_key=key,
-                max_attempts=snap.int("retry_max_attempts"),
-                now=now,
-                affinity=affinity,
-                origin_session_id=ctx.principal.session_id,
-                threshold=str(snap["log_level"]),
-            )
-        except PlanError as err:
-            raise AbilityError(err.code, err.message, **err.data) from None
+        start = await front.run_flow(
+            session,
+            flow=flow,
+            pipeline=pipeline,
+            initial_data=inp.initial_data,
+            dry_run=inp.dry_run,
+            idempotency_key=key,
+            max_attempts=snap.int("retry_max_attempts"),
+            now=now,
+            affinity=affinity,
+            origin_session_id=ctx.principal.session_id,
+            threshold=str(snap["log_level"]),
+        )
         first = start.first_step
         if start.created is None:
             return RunFlowOut(

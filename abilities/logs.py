@@ -14,6 +14,7 @@ from datamachine_mcp.abilities.context import AbilityContext
 from datamachine_mcp.abilities.errors import AbilityError
 from datamachine_mcp.abilities.registry import ability
 from datamachine_mcp.abilities.schema import OFFSET_DESC, PER_PAGE_DESC, DateTimeIn, Input, Output, PageOut, ts
+from datamachine_mcp.storage.dml import rowcount
 from datamachine_mcp.storage.logs import LEVEL_RANK, write_log
 from datamachine_mcp.storage.models import LOG_LEVELS, Agent, LogEntry
 
@@ -295,12 +296,12 @@ async def clear_logs(ctx: AbilityContext, inp: ClearLogsIn) -> ClearLogsOut:
             agent_owner(agent), "admin", mutating=True, target={"type": "agent", "id": agent.agent_id}
         )
         result = await ctx.session.execute(delete(LogEntry).where(LogEntry.agent_id == inp.agent_id))
-        target = ("agent", inp.agent_id)
+        target: tuple[str, Any] = ("agent", inp.agent_id)
     else:
         ctx.access.require_global_admin("Clearing all logs", {"type": "logs", "id": "all"})
         result = await ctx.session.execute(delete(LogEntry))
         target = ("logs", "all")
-    deleted = int(result.rowcount or 0)
+    deleted = rowcount(result)
     # Written after the delete, so the log is never empty after a clear.
     await ctx.audit(f"{deleted} log entries cleared", target=target, agent_id=inp.agent_id, deleted=deleted)
     return ClearLogsOut(deleted=deleted, message="Logs cleared successfully")

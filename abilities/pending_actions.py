@@ -65,7 +65,8 @@ class DecidedAction(PendingAction):
 
 def action_dict(job: Job, *, decided: bool = False) -> dict[str, Any]:
     data = job.engine_data or {}
-    approval = data.get("approval") if isinstance(data.get("approval"), dict) else {}
+    raw_approval = data.get("approval")
+    approval = raw_approval if isinstance(raw_approval, dict) else {}
     out: dict[str, Any] = {key: mask(approval.get(key)) for key in APPROVAL_KEYS}
     out["action_id"] = approval.get("action_id") or job.wait_ref
     out["status"] = approval.get("status") or "pending"

@@ -115,7 +115,7 @@ def _json_object(text: str, row: int, column: str) -> dict[str, Any]:
         return {}
     try:
         value = json.loads(text)
-    except ValueError as err:
+    except json.JSONDecodeError as err:
         raise bad_row(row, f"{column} is not valid JSON ({err.msg})") from None
     if not isinstance(value, dict):
         raise bad_row(row, f"{column} must be a JSON object")

@@ -269,7 +269,7 @@ async def update_pipeline_step(ctx: AbilityContext, inp: UpdatePipelineStepIn) -
             "Give at least one of label, system_prompt, provider, model, temperature, max_tokens, skip_marker.",
         )
     pipeline = await _step_pipeline(ctx, psid, pipeline_id)
-    step = dict(pipeline.pipeline_config[psid])
+    step = dict((pipeline.pipeline_config or {})[psid])
     step_type = step.get("step_type", "")
     ai_given = [f for f in AI_INPUTS if f in given]
     if ai_given and step_type != "ai":
@@ -306,7 +306,7 @@ async def update_pipeline_step(ctx: AbilityContext, inp: UpdatePipelineStepIn) -
             pipeline_step_id=psid, pipeline_id=pipeline_id, updated_fields=[], message="Nothing to change."
         )
     now = utcnow()
-    pipeline.pipeline_config = {**pipeline.pipeline_config, psid: step}
+    pipeline.pipeline_config = {**(pipeline.pipeline_config or {}), psid: step}
     pipeline.updated_at = now
     await ctx.audit(
         f"step {psid} of pipeline {pipeline_id} updated ({', '.join(updated)})",

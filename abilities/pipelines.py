@@ -296,16 +296,17 @@ async def create_pipeline(ctx: AbilityContext, inp: CreatePipelineIn) -> CreateP
 
     if inp.validate_only:
         previews = []
-        for step, w in zip(preview_steps, workflow_steps or [None] * len(preview_steps), strict=True):
+        padded: list[dict[str, Any] | None] = list(workflow_steps) or [None] * len(preview_steps)
+        for step, w in zip(preview_steps, padded, strict=True):
             row = _preview(step)
             if w is not None:
                 row.update(w["preview"])
             previews.append(row)
-        flow = {"flow_name": flow_name, "scheduling_config": schedule} if with_flow else None
+        flow_preview = {"flow_name": flow_name, "scheduling_config": schedule} if with_flow else None
         return CreatePipelineValidateOut(
             valid=True,
             mode="validate_only",
-            would_create=WouldCreateOut(pipeline_name=name, agent_id=agent_id, steps=previews, flow=flow),
+            would_create=WouldCreateOut(pipeline_name=name, agent_id=agent_id, steps=previews, flow=flow_preview),
         )
 
     now = utcnow()

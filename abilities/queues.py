@@ -430,6 +430,6 @@ async def queue_mode(ctx: AbilityContext, inp: QueueModeIn) -> QueueModeOut:
         flow_id=flow.flow_id,
         flow_step_id=entry["flow_step_id"],
         queue_mode=inp.mode,
-        previous_mode=previous,  # type: ignore[arg-type]
+        previous_mode=previous,
         message=message,
     )

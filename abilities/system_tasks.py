@@ -26,9 +26,16 @@ TASK_LABELS = {"retention": "Retention cleanup", "recover_stuck_jobs": "Recover 
 HEARTBEAT_KEY = "worker_heartbeat"
 
 
+CheckType = Literal["all", "database", "migrations", "worker", "scheduler", "jobs", "providers", "secrets"]
+
+
+def _all_checks() -> list[CheckType]:
+    return ["all"]
+
+
 class HealthIn(Input):
-    types: list[Literal["all", "database", "migrations", "worker", "scheduler", "jobs", "providers", "secrets"]] = (
-        Field(default_factory=lambda: ["all"], min_length=1, description="Checks to run (all, or a subset)")
+    types: list[CheckType] = Field(
+        default_factory=_all_checks, min_length=1, description="Checks to run (all, or a subset)"
     )
 
 

@@ -36,7 +36,7 @@ from datamachine_mcp.abilities.pipeline_common import ordered_steps, owner_of
 from datamachine_mcp.abilities.registry import ability
 from datamachine_mcp.abilities.schema import Input, Opt, Output
 from datamachine_mcp.engine.catalog import HANDLERS, HandlerSpec, handlers_for
-from datamachine_mcp.engine.configs import ConfigError, merge, open_secrets, validate_handler_config
+from datamachine_mcp.engine.configs import merge, open_secrets, validate_handler_config
 from datamachine_mcp.engine.errors import StepError
 from datamachine_mcp.engine.handlers import HandlerContext, run_fetch, with_defaults
 from datamachine_mcp.engine.http import Outbound
@@ -256,8 +256,6 @@ async def dry_run_handler(ctx: AbilityContext, inp: HandlerTestIn) -> HandlerTes
     try:
         validate_handler_config(spec, "fetch", config, files_roots=snap.files_roots())
         config = open_secrets(spec, config, ctx.runtime.box)
-    except ConfigError as err:
-        raise AbilityError(err.code, err.message, **err.data) from None
     except SecretUnavailable as err:
         raise AbilityError(
             "secret_unavailable", f"A stored secret of handler '{slug}' cannot be decrypted: {err}", handler_slug=slug

@@ -151,7 +151,8 @@ async def webhook_trigger_enable(ctx: AbilityContext, inp: EnableIn) -> EnableOu
         )
     snap = await ctx.settings()
     defaults = snap["webhook_rate_limit"]
-    old_limit = old.get("rate_limit") if isinstance(old.get("rate_limit"), dict) else {}
+    raw_old_limit = old.get("rate_limit")
+    old_limit = raw_old_limit if isinstance(raw_old_limit, dict) else {}
     now = utcnow()
     hook: dict[str, Any] = {
         "enabled": True,

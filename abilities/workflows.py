@@ -23,7 +23,7 @@ from datamachine_mcp.abilities.registry import ability
 from datamachine_mcp.abilities.schema import Input, Opt, Output
 from datamachine_mcp.engine import front
 from datamachine_mcp.engine.catalog import HANDLERS, STEP_TYPES
-from datamachine_mcp.engine.front import PlanError, check_initial_data
+from datamachine_mcp.engine.front import check_initial_data
 from datamachine_mcp.storage.crypto import MASK
 from datamachine_mcp.storage.models import Agent
 from datamachine_mcp.storage.timeutil import iso, utcnow
@@ -132,10 +132,7 @@ async def execute_workflow(ctx: AbilityContext, inp: ExecuteWorkflowIn) -> Execu
             )
         else:
             await ctx.access.authorize(Owner(agent_id=None, user_id=p.user_id), "operator", mutating=True)
-        try:
-            check_initial_data(inp.initial_data)
-        except PlanError as err:
-            raise AbilityError(err.code, err.message, **err.data) from None
+        check_initial_data(inp.initial_data)
         source = _initial_text(inp.initial_data, "job_source", DEFAULT_SOURCE, MAX_SOURCE)
         label = _initial_text(inp.initial_data, "job_label", DEFAULT_LABEL, None)[:255]
         snap = await ctx.settings()
@@ -161,34 +158,31 @@ async def execute_workflow(ctx: AbilityContext, inp: ExecuteWorkflowIn) -> Execu
             start = datetime.fromtimestamp(inp.timestamp, UTC)
             if start > now:
                 run_at = start
-        key = f"client:{p.user_id}:{inp.operation_key}" if inp.operation_key else None
+        idempotency_key = f"client:{p.user_id}:{inp.operation_key}" if inp.operation_key else None
         request = {
             "workflow": _fingerprint_workflow(inp.workflow.model_dump(exclude_unset=True)),
             "initial_data": inp.initial_data,
             "dry_run": inp.dry_run,
             "timestamp": inp.timestamp,
         }
-        try:
-            _, created = await front.run_workflow(
-                session,
-                steps=steps,
-                user_id=p.user_id,
-                agent_id=agent.agent_id if agent is not None else None,
-                agent_slug=agent.agent_slug if agent is not None else None,
-                source=source,
-                label=label,
-                initial_data=inp.initial_data,
-                dry_run=inp.dry_run,
-                run_at=run_at,
-                idempotency_key=key,
-                request=request,
-                max_attempts=snap.int("retry_max_attempts"),
-                now=now,
-                origin_session_id=p.session_id,
-                threshold=str(snap["log_level"]),
-            )
-        except PlanError as err:
-            raise AbilityError(err.code, err.message, **err.data) from None
+        _, created = await front.run_workflow(
+            session,
+            steps=steps,
+            user_id=p.user_id,
+            agent_id=agent.agent_id if agent is not None else None,
+            agent_slug=agent.agent_slug if agent is not None else None,
+            source=source,
+            label=label,
+            initial_data=inp.initial_data,
+            dry_run=inp.dry_run,
+            run_at=run_at,
+            idempotency_key=idempotency_key,
+            request=request,
+            max_attempts=snap.int("retry_max_attempts"),
+            now=now,
+            origin_session_id=p.session_id,
+            threshold=str(snap["log_level"]),
+        )
         job = created.job
         if not created.replayed:
             await ctx.audit(

@@ -188,7 +188,7 @@ async def run(tmp: Path, rows: int, calls: int) -> None:
             start = time.perf_counter()
             out = await invoke(runtime, ability, args, OWNER)
             handler.append(time.perf_counter() - start)
-            assert out.ok and out.output["is_processed"] == (key in expected), out
+            assert out.ok and out.output is not None and out.output["is_processed"] == (key in expected), out
         engine = []
         async with runtime.db.read() as session:
             for key in keys:

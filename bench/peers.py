@@ -32,6 +32,7 @@ import tempfile
 import time
 from datetime import timedelta
 from pathlib import Path
+from typing import Any, cast
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -59,11 +60,13 @@ async def _our_jobs(url: str, data_dir: Path, jobs: int):
     made = await invoke(
         runtime, load_all()["create-pipeline"], {"pipeline_name": "peers", "workflow": {"steps": [ECHO, ECHO]}}, owner
     )
-    assert made.ok, made.error
+    assert made.ok and made.output is not None, made.error
     flow_id = int(made.output["flow_id"])
     async with runtime.db.write() as session:
         flow = await session.get(Flow, flow_id)
+        assert flow is not None
         pipeline = await session.get(Pipeline, flow.pipeline_id)
+        assert pipeline is not None
         plan = resolve_plan(flow.flow_config)
         for _ in range(jobs):
             await create_flow_job(
@@ -227,7 +230,7 @@ async def procrastinate_pg(url: str, jobs: int, concurrency: int) -> float:
 
     async with app.open_async():
         await app.schema_manager.apply_schema_async()
-        await step1.batch_defer_async(*[{"n": i} for i in range(jobs)])
+        await step1.batch_defer_async(*[cast(Any, {"n": i}) for i in range(jobs)])
         start = time.time()
         worker = asyncio.create_task(app.run_worker_async(concurrency=concurrency, install_signal_handlers=False))
         while len(finished) < jobs:

@@ -9,15 +9,16 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import Any
+from typing import Any, cast
 
-from sqlalchemy import and_, bindparam, delete, select, update
+from sqlalchemy import Table, and_, bindparam, delete, select, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from datamachine_mcp.engine import status as st
 from datamachine_mcp.engine.dedup import CLAIMED, PROCESSED, active_claim
+from datamachine_mcp.storage.dml import rowcount
 from datamachine_mcp.storage.models import ProcessedItem
 
 _ITEM_KEY = ("flow_step_id", "source_type", "item_identifier")
@@ -122,7 +123,7 @@ async def claim(
                 .values(job_id=job_id, claim_expires_at=expires, processed_timestamp=now)
                 .execution_options(synchronize_session=False)
             )
-            if result.rowcount == 0:
+            if rowcount(result) == 0:
                 conflicts += 1
                 continue
         else:
@@ -160,7 +161,7 @@ async def settle(session: AsyncSession, job_id: int, final_status: str, now: dat
         )
     else:
         result = await session.execute(delete(ProcessedItem).where(held))
-    return int(result.rowcount or 0)
+    return rowcount(result)
 
 
 async def transfer_many(
@@ -175,9 +176,10 @@ async def transfer_many(
             params.append({"b_child": child_id, "b_ident": ident, "b_source": source, "b_fsid": fsid})
     if not params:
         return
-    t = ProcessedItem.__table__.c
+    table = cast(Table, ProcessedItem.__table__)  # typed as FromClause; a declarative model maps a Table
+    t = table.c
     await session.execute(
-        update(ProcessedItem.__table__)
+        update(table)
         .where(
             t.job_id == parent_id,
             t.status == CLAIMED,

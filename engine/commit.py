@@ -288,7 +288,7 @@ class StepCommit:
             "flow_step_id": fsid,
             "message": message,
             "class": decision.error_class,
-            "handler": (result.handlers or [None])[0],
+            "handler": result.handlers[0] if result.handlers else None,
             "http_status": error.get("http_status"),
             "diagnostics": error.get("diagnostics"),
             "trace": error.get("trace"),
@@ -336,7 +336,7 @@ class StepCommit:
         parent.lease_owner = parent.lease_expires_at = None
         hidden = control_keys()
         base = {k: v for k, v in data.items() if k not in hidden and k not in OBSERVABILITY_KEYS}
-        rows = [
+        rows: list[tuple[Any, ...]] = [
             (
                 parent.user_id,
                 parent.agent_id,

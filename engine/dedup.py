@@ -17,6 +17,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from datamachine_mcp.engine.items import normalise_identifier
+from datamachine_mcp.storage.dml import rowcount
 from datamachine_mcp.storage.models import Job, ProcessedItem
 
 MAX_IDENTIFIER = 255
@@ -95,10 +96,12 @@ async def processed_times(
 
 async def active_claims(
     session: AsyncSession, flow_step_id: str, source_type: str, identifiers: Iterable[str], now: datetime
-) -> dict[str, int]:
-    """``{normalised identifier: job_id}`` of active claims (the fetch engine's 'actively-claimed')."""
+) -> dict[str, int | None]:
+    """``{normalised identifier: job_id}`` of active claims (the fetch engine's 'actively-claimed').
+
+    job_id is None when the claiming job was deleted (the claim then lapses at its expiry)."""
     keys = list(dict.fromkeys(normalize_identifier(i) for i in identifiers))
-    found: dict[str, int] = {}
+    found: dict[str, int | None] = {}
     for part in chunks(keys):
         rows = await session.execute(
             select(P.item_identifier, P.job_id).where(
@@ -180,7 +183,7 @@ async def _clear(session: AsyncSession, scope: ColumnElement[bool], now: datetim
     keep = active_claim(now)
     skipped = (await session.execute(select(func.count()).select_from(P).where(scope, keep))).scalar() or 0
     result = await session.execute(delete(P).where(scope, ~keep).execution_options(synchronize_session=False))
-    return int(result.rowcount or 0), int(skipped)
+    return rowcount(result), int(skipped)
 
 
 async def clear_flows(session: AsyncSession, flow_ids: Sequence[int], now: datetime) -> tuple[int, int]:

@@ -353,7 +353,6 @@ async def resolve_approval(
             outcome = "succeeded" if decision == "accepted" else "rejected"
             step_results[gate] = {**step_results[gate], "status": outcome, "decision": decision}
         updates: dict[str, Any] = {"approval": decided, "step_results": step_results}
-        wait = {"guard": "wait", "wait_ref": action_id}
         if decision != "accepted":
             to_status = st.SKIPPED
             if _on_reject(data, approval) == "fail":
@@ -368,7 +367,15 @@ async def resolve_approval(
                     "diagnostics": None,
                 }
             changes = await finish(
-                tx, job, to_status, "approval_rejected", now=now, threshold=threshold, engine_updates=updates, **wait
+                tx,
+                job,
+                to_status,
+                "approval_rejected",
+                now=now,
+                threshold=threshold,
+                engine_updates=updates,
+                guard="wait",
+                wait_ref=action_id,
             )
             return Decided(job, False, changes)
         packets = list(job.packets or []) or [
@@ -390,7 +397,8 @@ async def resolve_approval(
                 threshold=threshold,
                 packets=packets,
                 engine_updates=updates,
-                **wait,
+                guard="wait",
+                wait_ref=action_id,
             )
             return Decided(job, False, changes)
         job.engine_data = {**data, **updates}

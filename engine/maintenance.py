@@ -13,6 +13,7 @@ from datamachine_mcp.engine import schedule as sched
 from datamachine_mcp.engine import status as st
 from datamachine_mcp.engine.recovery import recover
 from datamachine_mcp.engine.runtime import EngineServices
+from datamachine_mcp.storage.dml import rowcount
 from datamachine_mcp.storage.logs import write_log
 from datamachine_mcp.storage.models import Flow, Job, ProcessedItem
 from datamachine_mcp.storage.settings import Snapshot
@@ -44,7 +45,7 @@ async def housekeeping(services: EngineServices, snap: Snapshot, now: datetime) 
             .values(affinity=None)
             .execution_options(synchronize_session=False)
         )
-        counts["affinity_cleared"] = int(result.rowcount or 0)
+        counts["affinity_cleared"] = rowcount(result)
         # Interval and cron flows always have a next run while enabled; one_time's NULL means "fired".
         recurring = Flow.scheduling_config["interval"].as_string().not_in(("manual", "one_time"))
         rows = (await session.execute(select(Flow).where(Flow.next_run_at.is_(None), recurring).limit(500))).scalars()

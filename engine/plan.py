@@ -13,6 +13,7 @@ from functools import cache
 from typing import Any
 
 from datamachine_mcp.engine.catalog import STEP_TYPES, wait_kinds
+from datamachine_mcp.engine.errors import CodedError
 
 SNAPSHOT_KEYS = ("job", "flow", "pipeline", "flow_config", "pipeline_config", "dry_run_mode")
 # The engine's own keys; each parking step type adds its wait kind (its state key), see control_keys().
@@ -43,12 +44,8 @@ def reserved_keys() -> frozenset[str]:
 QUEUE_KEYS = ("prompt_queue", "config_patch_queue")
 
 
-class PlanError(Exception):
-    def __init__(self, code: str, message: str, **data: Any) -> None:
-        super().__init__(f"{code}: {message}")
-        self.code = code
-        self.message = message
-        self.data = data
+class PlanError(CodedError):
+    """A flow or workflow that cannot become an execution plan, or reserved initial_data keys."""
 
 
 def canonical(value: Any) -> str:

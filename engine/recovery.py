@@ -116,11 +116,10 @@ class Recovery:
             for job in expired:
                 self.budget -= 1
                 owner, lease = job.lease_owner, job.lease_expires_at
-                guard = {"guard": "expired", "worker_id": owner, "lease_expires_at": lease}
                 if job.attempts < job.max_attempts:
                     self.report.note(job, st.PENDING, "requeued", "requeued")
                     if not self.report.dry_run:
-                        await self._requeue(tx, job, policy, guard)
+                        await self._requeue(tx, job, policy)
                 else:
                     self.report.note(job, st.display(st.FAILED, "lease_expired"), "failed", "failed")
                     if not self.report.dry_run:
@@ -138,14 +137,16 @@ class Recovery:
                             now=self.now,
                             threshold=self.threshold,
                             engine_updates={"error": error},
-                            **guard,
+                            guard="expired",
+                            worker_id=owner,
+                            lease_expires_at=lease,
                         )
                         self.report.changes.merge(done)
                 if self.budget <= 0:
                     break
 
-    async def _requeue(self, tx: StoreTx, job: JobRow, policy: RetryPolicy, guard: dict[str, Any]) -> None:
-        owner = job.lease_owner
+    async def _requeue(self, tx: StoreTx, job: JobRow, policy: RetryPolicy) -> None:
+        owner, lease = job.lease_owner, job.lease_expires_at
         delay = policy.delay("lease_expired", job.attempts)
         data = dict(job.engine_data or {})
         run_at = policy.record_retry(
@@ -160,7 +161,7 @@ class Recovery:
         job.engine_data = data
         if may_hold_claims(job):
             await tx.push_claims(job.job_id, run_at + timedelta(seconds=self.snap.int("claim_ttl_seconds")))
-        await tx.requeue(job, run_at=run_at, now=self.now, **guard)
+        await tx.requeue(job, run_at=run_at, now=self.now, guard="expired", worker_id=owner, lease_expires_at=lease)
         tx.log(
             "warning",
             f"Job {job.job_id}: lease of {owner} expired; requeued",

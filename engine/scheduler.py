@@ -123,6 +123,7 @@ class Scheduler:
             ).all()
         changes = Changes()
         for flow_id, slot in due:
+            assert slot is not None  # the query selects flows with a next_run_at
             outcome = await self._handle(flow_id, slot, snap, changes)
             counts[outcome] += 1
         if changes.jobs or changes.flows:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import copy
+import functools
 import logging
 import random
 from datetime import datetime, timedelta
@@ -89,7 +90,7 @@ class Worker:
                     self.jobs_started += 1
                     task = asyncio.create_task(self._run_job(job), name=f"job-{job.job_id}")
                     self._running[job.job_id] = task
-                    task.add_done_callback(lambda _t, j=job.job_id: self._done(j))
+                    task.add_done_callback(functools.partial(self._done, job.job_id))
                 if claimed and len(self._running) < self.concurrency:
                     continue  # there may be more due work
                 jitter = self.poll_seconds * random.uniform(0.9, 1.1)
@@ -134,7 +135,7 @@ class Worker:
         except Exception:
             log.debug("could not record worker liveness", exc_info=True)
 
-    def _done(self, job_id: int) -> None:
+    def _done(self, job_id: int, _task: asyncio.Task[None]) -> None:
         self._running.pop(job_id, None)
         self.services.wake()
 

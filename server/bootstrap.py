@@ -20,6 +20,7 @@ from datamachine_mcp.abilities.errors import AbilityError
 from datamachine_mcp.abilities.registry import TOOLSETS
 from datamachine_mcp.abilities.tokens import TokenRejected, verify_token
 from datamachine_mcp.engine.runtime import EngineServices
+from datamachine_mcp.server.notifications import Notifications
 from datamachine_mcp.storage.crypto import SecretBox, SecretKeyError, load_key
 from datamachine_mcp.storage.db import Database, default_data_dir, default_db_path
 from datamachine_mcp.storage.migrate import MigrationError, migrate
@@ -88,8 +89,13 @@ def parse_toolsets(raw: str | None) -> frozenset[str] | None:
     return names
 
 
-async def open_runtime(cfg: ProcessConfig) -> Runtime:
-    """Open the database (migrating it), load the secret key and settings."""
+async def open_runtime(cfg: ProcessConfig, notifications: Notifications | None = None) -> Runtime:
+    """Open the database (migrating it), load the secret key and settings.
+
+    ``notifications`` (a new one by default) is the process's: every runtime and its engine announce
+    committed changes to it and sample through its bridge; the servers of this runtime serve it.
+    """
+    hub = notifications if notifications is not None else Notifications()
     db = Database(cfg.db, busy_timeout_ms=cfg.busy_timeout_ms)
     try:
         await migrate(db)
@@ -112,6 +118,8 @@ async def open_runtime(cfg: ProcessConfig) -> Runtime:
         data_dir=cfg.data_dir,
         version=version(),
         public_base_url=cfg.public_base_url,
+        events=hub,
+        sampling=hub.sampling,
     )
     return Runtime(
         db=db,
@@ -122,6 +130,7 @@ async def open_runtime(cfg: ProcessConfig) -> Runtime:
         toolsets=cfg.toolsets,
         read_only=cfg.read_only,
         public_base_url=cfg.public_base_url,
+        events=hub,
         engine=engine,
     )
 

@@ -19,7 +19,9 @@ STOP_GRACE_SECONDS = 10.0
 
 async def run_worker(cfg: ProcessConfig) -> int:
     runtime = await open_runtime(cfg)
-    host = EngineHost(runtime.engine, concurrency=cfg.concurrency)
+    engine = runtime.engine
+    assert engine is not None  # open_runtime attaches one
+    host = EngineHost(engine, concurrency=cfg.concurrency)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -27,7 +29,7 @@ async def run_worker(cfg: ProcessConfig) -> int:
     try:
         await host.start()
         log.warning(
-            "worker %s running on %s (concurrency %s)", runtime.engine.worker_id, runtime.db.describe(), cfg.concurrency
+            "worker %s running on %s (concurrency %s)", engine.worker_id, runtime.db.describe(), cfg.concurrency
         )
         await stop.wait()
         log.warning("stopping: handing running jobs back")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import anyio
 import pytest
+from mcp.types import CallToolResult
 
 from tests import jobs_support
 from tests.conftest import call, connect, table_rows
@@ -190,7 +191,7 @@ async def test_approval_without_input_passes_a_decision_packet(runtime, owner, e
 
 async def test_concurrent_decisions_exactly_one_wins(runtime, owner, engine):
     _, _, action_id = await gated(owner, runtime)
-    results: dict[str, object] = {}
+    results: dict[str, CallToolResult] = {}
 
     async def decide(decision: str) -> None:
         results[decision] = await owner.call_tool(

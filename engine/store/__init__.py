@@ -52,12 +52,13 @@ class JobStore:
     async def _sqlite(self) -> sqlite3.Connection:
         if self._conn is None:
             if self.db.path is None:  # in-memory: the engine's one shared connection
-                async with self.db.write_engine.connect() as conn:
-                    self._conn = (await conn.get_raw_connection()).driver_connection
+                async with self.db.write_engine.connect() as shared:
+                    self._conn = (await shared.get_raw_connection()).driver_connection
             else:
-                conn = sqlite3.connect(str(self.db.path), isolation_level=None, check_same_thread=False)
-                configure_sqlite(conn, write=True)
-                self._conn = conn
+                own = sqlite3.connect(str(self.db.path), isolation_level=None, check_same_thread=False)
+                configure_sqlite(own, write=True)
+                self._conn = own
+        assert self._conn is not None
         return self._conn
 
     async def _pg_pool(self) -> Any:
