@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import copy
 import functools
 import logging
 import random
@@ -28,7 +27,7 @@ from datamachine_mcp.engine.runtime import EngineServices
 from datamachine_mcp.engine.steps import LeaseLost, StepResult, StepRun, executor
 from datamachine_mcp.engine.store import GuardMissed, JobRow, StoreTx
 from datamachine_mcp.engine.store.group import GroupCommitter
-from datamachine_mcp.engine.store.rows import restore
+from datamachine_mcp.engine.store.rows import restore, snapshot
 from datamachine_mcp.storage.models import Setting
 from datamachine_mcp.storage.settings import Snapshot
 from datamachine_mcp.storage.timeutil import iso, utcnow
@@ -162,8 +161,9 @@ class Worker:
     # --- running one job ---------------------------------------------------------------------
 
     async def _run_job(self, job: JobRow) -> None:
+        plans: dict[int, Plan] = {}  # the snapshot's plan, resolved once per job
         try:
-            while await self._run_step(job):
+            while await self._run_step(job, plans):
                 pass
         except LeaseLost:
             await self._lease_lost(job.job_id)
@@ -196,11 +196,12 @@ class Worker:
                     {"job_id": job_id, "lease_owner": self.worker_id},
                 )
 
-    async def _run_step(self, job: JobRow) -> bool:
+    async def _run_step(self, job: JobRow, plans: dict[int, Plan] | None = None) -> bool:
         """Run the job's current step and commit it; True when the job continues inline with its next step.
 
         ``job`` is the row as claimed, kept current by each commit, so it is never read again.
         """
+        plans = {} if plans is None else plans
         services = self.services
         snap = await services.snapshot()
         if job.status != st.PROCESSING or job.lease_owner != self.worker_id:
@@ -208,7 +209,7 @@ class Worker:
         data = job.engine_data or {}
         started = self.now()
         try:
-            plan = plan_of(data)
+            plan = plans.get(job.job_id) or plans.setdefault(job.job_id, plan_of(data))
         except PlanError as err:
             await self._commit_plain(job, snap, fail_plan_result(err.code, err.message), started)
             return False
@@ -248,10 +249,13 @@ class Worker:
                     self._step_started_log(tx, run, started, threshold, step_started)
                     committed = await commit_step(tx, run, result, started_at=started, now=self.now())
             else:
-                as_claimed = copy.copy(run.job)
+                before = snapshot(run.job)
+                attempts: list[bool] = []
 
                 async def work(tx: StoreTx) -> Committed:
-                    restore(run.job, as_claimed)  # the work may run twice (alone after a failed group)
+                    if attempts:  # run again alone after a failed group: start from the row as it was
+                        restore(run.job, before)
+                    attempts.append(True)
                     self._step_started_log(tx, run, started, threshold, step_started)
                     return await commit_step(tx, run, result, started_at=started, now=self.now())
 
@@ -298,11 +302,19 @@ class Worker:
         await self._commit(run, result, started, snap)
 
     async def _execute(self, run: StepRun) -> StepResult:
-        """Run the step with a timeout and a heartbeat; map exceptions to failed results."""
+        """Run the step with a timeout and a heartbeat; map exceptions to failed results.
+
+        The heartbeat starts only once the step has run for a quarter of the lease (a timer until then), so
+        the many short steps cost no heartbeat task at all."""
         timeout = run.settings.int("step_timeout_seconds")
         lost = asyncio.Event()
-        step_task = asyncio.create_task(asyncio.wait_for(executor(run.step_type)(run), timeout))
-        beat = asyncio.create_task(self._heartbeat(run, step_task, lost))
+        step_task = asyncio.create_task(self._timed(run, timeout))
+        beats: list[asyncio.Task[None]] = []
+
+        def start_heartbeat() -> None:
+            beats.append(asyncio.create_task(self._heartbeat(run, step_task, lost)))
+
+        timer = asyncio.get_running_loop().call_later(run.settings.int("lease_ttl_seconds") / 4, start_heartbeat)
         try:
             return await step_task
         except asyncio.CancelledError:
@@ -314,17 +326,29 @@ class Worker:
         except Exception as exc:  # a step's failure is data, not a crash
             return result_from_exception(exc)
         finally:
-            beat.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await beat
+            timer.cancel()
+            for beat in beats:
+                beat.cancel()
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await beat
+
+    @staticmethod
+    async def _timed(run: StepRun, seconds: float) -> StepResult:
+        async with asyncio.timeout(seconds):
+            return await executor(run.step_type)(run)
 
     async def _heartbeat(self, run: StepRun, step_task: asyncio.Task[StepResult], lost: asyncio.Event) -> None:
+        """Renew the lease (and the job's claims) every quarter lease; a renewal that finds the lease gone
+        cancels the step. Started a quarter lease into the step, so it renews at once."""
         ttl = run.settings.int("lease_ttl_seconds")
         claim_ttl = run.settings.int("claim_ttl_seconds")
         claims = may_hold_claims(run.job)
         store = self.services.store
+        first = True
         while True:
-            await asyncio.sleep(ttl / 4)
+            if not first:
+                await asyncio.sleep(ttl / 4)
+            first = False
             now = self.now()
             async with store.transaction() if claims else store.autocommit() as tx:
                 alive = await tx.heartbeat(run.job.job_id, self.worker_id, now + timedelta(seconds=ttl))

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from operator import attrgetter
 from typing import Any
 
 JOB_COLUMNS = (
@@ -95,10 +96,18 @@ class JobRow:
         return cls(*(getattr(job, c) for c in JOB_COLUMNS))
 
 
-def restore(job: JobRow, saved: JobRow) -> None:
-    """Put ``job`` back to ``saved`` (a copy taken earlier), field by field."""
-    for name in JOB_COLUMNS:
-        setattr(job, name, getattr(saved, name))
+_ALL = attrgetter(*JOB_COLUMNS)
+
+
+def snapshot(job: JobRow) -> tuple[Any, ...]:
+    """The row's values (cheap: one C call), to ``restore`` it later."""
+    values: tuple[Any, ...] = _ALL(job)
+    return values
+
+
+def restore(job: JobRow, saved: tuple[Any, ...]) -> None:
+    for name, value in zip(JOB_COLUMNS, saved, strict=True):
+        setattr(job, name, value)
 
 
 def dumps(value: Any) -> str:
