@@ -102,7 +102,8 @@ class Worker:
         snap = await self.services.snapshot()
         now = self.now()
         expires = now + timedelta(seconds=snap.int("lease_ttl_seconds"))
-        async with self.services.store.transaction() as tx:
+        # One statement, atomic by itself: on PostgreSQL no BEGIN/COMMIT round trips.
+        async with self.services.store.autocommit() as tx:
             return await tx.claim(self.worker_id, limit, now=now, lease_expires_at=expires)
 
     async def _record_liveness(self) -> None:

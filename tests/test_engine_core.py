@@ -11,6 +11,7 @@ from datetime import timedelta
 import pytest
 from sqlalchemy import select
 
+from datamachine_mcp.engine import front
 from datamachine_mcp.engine import status as st
 from datamachine_mcp.engine.recovery import recover
 from datamachine_mcp.engine.retry import RetryPolicy
@@ -20,7 +21,7 @@ from datamachine_mcp.engine.worker import Worker
 from datamachine_mcp.storage.models import Flow, Job
 from datamachine_mcp.storage.timeutil import utcnow
 from tests.conftest import call
-from tests.jobs_support import echo_step, make_flow
+from tests.jobs_support import approval_step, echo_step, make_flow
 
 pytestmark = pytest.mark.anyio
 
@@ -161,3 +162,51 @@ def test_retry_policy():
     assert (retry.retry, retry.error_class, retry.delay) == (True, "transport", 15)
     assert not policy.decide({"code": "http_timeout", "message": "slow"}, 3, 3).retry
     assert not policy.decide({"code": "http_not_found", "message": "gone"}, 1, 3).retryable
+
+
+@pytest.mark.backends
+async def test_park_then_decide_through_the_front_door(runtime, owner):
+    """A gate parks the job (no lease); the decision resumes it exactly once at the next step."""
+    made = await make_flow(owner, [approval_step(), echo_step(c=3)], name="Gate")
+    job_id = (await call(owner, "run-flow", {"flow_id": made["flow_id"]}))["job_id"]
+    worker = Worker(runtime.engine)
+    (job,) = await worker.claim(1)
+    assert await worker._run_step(job) is False
+    parked = await row(runtime, job_id)
+    assert (parked.status, parked.lease_owner, parked.wait_kind) == (st.WAITING, None, "approval")
+    action = parked.wait_ref
+    async with runtime.db.write() as session:
+        decided = await front.resolve_approval(
+            runtime.engine,
+            session,
+            job_id,
+            action,
+            "accepted",
+            note=None,
+            user_id=1,
+            agent_id=None,
+            now=utcnow(),
+            threshold="info",
+            claim_ttl=3600,
+        )
+    assert decided.resumed and decided.job.status == st.PENDING
+    async with runtime.db.write() as session:
+        with pytest.raises(front.AlreadyResolved):
+            await front.resolve_approval(
+                runtime.engine,
+                session,
+                job_id,
+                action,
+                "rejected",
+                note=None,
+                user_id=1,
+                agent_id=None,
+                now=utcnow(),
+                threshold="info",
+                claim_ttl=3600,
+            )
+    (again,) = await worker.claim(1)
+    assert again.current_step_id != parked.current_step_id and again.attempts == 1
+    assert await worker._run_step(again) is False
+    done = await row(runtime, job_id)
+    assert done.status == st.COMPLETED and done.engine_data["approval"]["status"] == "accepted"
