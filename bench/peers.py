@@ -202,6 +202,11 @@ def huey_sqlite(path: Path, jobs: int) -> float:
         stderr=subprocess.DEVNULL,
     )
     try:
+        # Poll gently (huey's SQLite storage is not in WAL mode: a busy reader slows its writer down);
+        # the timing comes from the tasks' own timestamps, not from this loop.
+        deadline = time.monotonic() + 600
+        while huey.pending_count() and time.monotonic() < deadline:
+            time.sleep(0.25)
         times = [list(g)[-1].get(blocking=True, timeout=600) for g in groups]
     finally:
         consumer.terminate()
