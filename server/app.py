@@ -261,7 +261,8 @@ class DataMachineServer:
             principal = await self._principal(ctx)
         except CodedError as err:
             raise request_error(err) from None
-        async with self.notifications.listening(principal, self._probe) as bus:
+        uris = params.notifications.resource_subscriptions or ()
+        async with self.notifications.listening(principal, self._probe, uris) as bus:
             return await ListenHandler(bus)(ctx, params)
 
     # --- serving ------------------------------------------------------------------------------
