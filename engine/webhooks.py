@@ -24,7 +24,7 @@ from sqlalchemy import func, select
 
 from datamachine_mcp.engine import status as st
 from datamachine_mcp.engine.items import sha256_hex
-from datamachine_mcp.engine.jobs import create_flow_job, find_by_key
+from datamachine_mcp.engine.jobs import create_flow_job, empty_first_queue, find_by_key
 from datamachine_mcp.engine.lifecycle import Changes
 from datamachine_mcp.engine.plan import PlanError, resolve_plan
 from datamachine_mcp.engine.runtime import EngineServices
@@ -70,10 +70,11 @@ class Delivery:
 
 @dataclass(frozen=True)
 class Triggered:
-    job_id: int
+    job_id: int | None  # None: no run was needed (``skipped`` names why)
     flow_id: int
     status: str
     replayed: bool
+    skipped: str | None = None
 
 
 @dataclass
@@ -245,6 +246,8 @@ class Webhooks:
                     changes=changes,
                 )
             else:
+                if empty_first_queue(plan, flow.flow_config or {}):  # like run-flow: nothing to run, nothing written
+                    return Triggered(None, flow_id, "skipped", False, skipped="empty_drain_queue")
                 trigger = {
                     "payload": payload,
                     "received_at": iso(now),

@@ -1,7 +1,7 @@
 """The webhook routes beside the MCP endpoint; they authenticate with their own secrets, not bearer tokens.
 
 * ``POST /webhooks/flows/{flow_id}`` starts the flow with the posted JSON (202 ``{job_id, flow_id, status,
-  replayed}``);
+  replayed}``; ``job_id`` null and a ``reason`` when the flow's first step drains an empty queue);
 * ``POST /webhooks/gates/{token}`` resumes the job waiting at that gate (202 ``{job_id, next_step_id,
   status}``).
 
@@ -73,6 +73,8 @@ def webhook_routes(services: EngineServices) -> list[Route]:
             "status": done.status,
             "replayed": done.replayed,
         }
+        if done.skipped is not None:
+            body_out["reason"] = done.skipped
         return JSONResponse(body_out, status_code=202)
 
     async def gate(request: Request) -> Response:

@@ -19,7 +19,8 @@ import httpx
 import pytest
 from sqlalchemy import select, update
 
-from datamachine_mcp.server.http_serve import GRACEFUL_SECONDS
+from datamachine_mcp.server.bootstrap import StartupError
+from datamachine_mcp.server.http_serve import GRACEFUL_SECONDS, parse_listen
 from datamachine_mcp.storage.models import Flow, Job
 from datamachine_mcp.storage.timeutil import utcnow
 from tests import node_tools
@@ -122,3 +123,22 @@ def test_serve_http_refuses_a_taken_port_with_exit_status_2(tmp_path):
             timeout=60,
         )
     assert done.returncode == 2 and f"cannot listen on 127.0.0.1:{port}" in done.stderr
+
+
+@pytest.mark.parametrize(
+    ("given", "expected"),
+    [
+        ("8765", ("127.0.0.1", 8765)),
+        ("0.0.0.0:80", ("0.0.0.0", 80)),
+        ("[::1]:9000", ("::1", 9000)),
+        (":0", ("127.0.0.1", 0)),
+    ],
+)
+def test_listen_addresses(given, expected):
+    assert parse_listen(given) == expected
+
+
+@pytest.mark.parametrize("given", ["", "host", "127.0.0.1:http", "127.0.0.1:70000", "[::1]"])
+def test_bad_listen_addresses_are_refused_with_the_form_to_use(given):
+    with pytest.raises(StartupError, match="give PORT or HOST:PORT"):
+        parse_listen(given)

@@ -185,3 +185,22 @@ async def test_a_webhook_gate_resumes_its_job_with_the_posted_json(runtime, owne
     assert [p["type"] for p in packets] == ["webhook_payload", "system_task_result"]
     assert json.loads(packets[0]["data"]["body"]) == {"build": "green", "sha": "abc123"}
     assert packets[0]["metadata"]["source_type"] == "webhook_gate_inbound"
+
+
+async def test_a_flow_draining_an_empty_queue_is_skipped_like_run_flow(runtime, owner):
+    async with listening(runtime) as base, httpx.AsyncClient() as http:
+        made, enabled = await hook_flow(owner, runtime)
+        fetch = made["flow_step_ids"][0]
+        await call(owner, "queue-mode", {"flow_id": made["flow_id"], "flow_step_id": fetch, "mode": "drain"})
+        before = await table_rows(runtime)
+        url = f"{base}/webhooks/flows/{made['flow_id']}"
+        response = await http.post(url, json=ITEMS, headers={"authorization": f"Bearer {enabled['token']}"})
+    assert response.status_code == 202
+    assert response.json() == {
+        "job_id": None,
+        "flow_id": made["flow_id"],
+        "status": "skipped",
+        "replayed": False,
+        "reason": "empty_drain_queue",
+    }
+    assert await table_rows(runtime) == before
