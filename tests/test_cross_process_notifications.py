@@ -1,11 +1,11 @@
 """Change notifications across processes (docs/architecture.md, Notifications).
 
-Every subscriber below is a real stdio server in its own process (``--no-worker``), reached with the
-Python SDK client: legacy ``resources/subscribe`` or the 2026 ``subscriptions/listen`` stream. The
-change is committed by another process: a ``datamachine-mcp worker`` running the job, or another stdio
-server calling ``fail-job``. The subscriber must learn of it within 2 seconds (SQLite: the
-once-a-second poll; PostgreSQL: LISTEN/NOTIFY), and a subscriber that may not read the job hears
-nothing about it.
+Most subscribers below are real stdio servers in their own processes (``--no-worker``), reached with
+the Python SDK client: legacy ``resources/subscribe`` or the 2026 ``subscriptions/listen`` stream; the
+last test's are HTTP sessions of a server in this process. The change is committed by another
+process: a ``datamachine-mcp worker`` running the job, or another stdio server calling ``fail-job``.
+The subscriber must learn of it within 2 seconds (SQLite: the once-a-second poll; PostgreSQL:
+LISTEN/NOTIFY), and a subscriber that may not read the job hears nothing about it.
 """
 
 from __future__ import annotations
@@ -28,6 +28,8 @@ from mcp.shared.subscriptions import ResourcesListChanged, ResourceUpdated
 
 from datamachine_mcp.abilities.context import Runtime
 from tests.conftest import call, mint_token
+from tests.http_support import MODERN, mcp_client
+from tests.http_support import listening as http_listening
 from tests.jobs_support import echo_step, job_row, make_flow, run
 from tests.test_worker_process import Workers
 
@@ -249,3 +251,40 @@ async def _heard_again(reader: Subscriber, uri: str, count: int) -> None:
         while len(reader.heard_at(uri)) < count or len(reader.list_changes) < count:  # noqa: ASYNC110
             await anyio.sleep(0.02)
     assert len(reader.heard_at(uri)) >= count and len(reader.list_changes) >= count, (reader.heard, reader.list_changes)
+
+
+@pytest.mark.parametrize("era", ["legacy", MODERN])
+async def test_http_sessions_hear_changes_made_by_another_process(runtime, owner, tmp_path, era):
+    job_id = (await pending_flow(owner))["job_id"]
+    uri = f"datamachine://jobs/{job_id}"
+    token = (await mint_token(runtime, user_id=1))["raw_token"]
+    heard: list[str] = []
+
+    async def on_message(message: Any) -> None:
+        if isinstance(message, types.ResourceUpdatedNotification):
+            heard.append(str(message.params.uri))
+
+    async with (
+        Client(server_params(runtime, tmp_path), mode="legacy") as other,
+        http_listening(runtime) as base,
+        mcp_client(base, token, mode=era, message_handler=on_message) as client,
+        anyio.create_task_group() as tg,
+    ):
+        if era == "legacy":
+            await client.subscribe_resource(uri)
+            await anyio.sleep(0.3)  # the client opens its GET stream for server messages
+        else:
+            await tg.start(_listen, client, uri, heard)
+        await call(other, "fail-job", {"job_id": job_id})
+        with anyio.fail_after(WITHIN):
+            while uri not in heard:  # noqa: ASYNC110 - the client's own tasks fill it
+                await anyio.sleep(0.02)
+        tg.cancel_scope.cancel()
+
+
+async def _listen(client: Client, uri: str, heard: list[str], *, task_status: Any) -> None:
+    async with client.listen(resource_subscriptions=[uri]) as stream:
+        task_status.started()
+        async for event in stream:
+            if isinstance(event, ResourceUpdated):
+                heard.append(event.uri)
