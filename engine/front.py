@@ -31,7 +31,7 @@ from datamachine_mcp.engine.plan import (
 )
 from datamachine_mcp.engine.recovery import recover
 from datamachine_mcp.engine.runtime import EngineServices
-from datamachine_mcp.engine.store import JobRow
+from datamachine_mcp.engine.store import JobRow, StoreTx
 from datamachine_mcp.engine.wait import WaitResult, wait_for_job
 from datamachine_mcp.storage.models import Flow, Pipeline
 from datamachine_mcp.storage.timeutil import iso
@@ -47,6 +47,7 @@ __all__ = [
     "end_job",
     "recover",
     "resolve_approval",
+    "resume_waiting",
     "retry_job",
     "run_flow",
     "run_workflow",
@@ -386,28 +387,56 @@ async def resolve_approval(
                 "metadata": {"flow_step_id": gate, "action_id": action_id},
             }
         ]
-        next_step = approval.get("next_flow_step_id")
-        if not next_step:
-            changes = await finish(
-                tx,
-                job,
-                st.COMPLETED,
-                None,
-                now=now,
-                threshold=threshold,
-                packets=packets,
-                engine_updates=updates,
-                guard="wait",
-                wait_ref=action_id,
-            )
-            return Decided(job, False, changes)
-        job.engine_data = {**data, **updates}
-        job.status, job.current_step_id, job.packets, job.attempts = st.PENDING, next_step, packets, 0
-        job.run_at = job.updated_at = now
-        job.wait_expires_at = None
-        await tx.resume(job, action_id, now=now)
-        await tx.push_claims(job.job_id, now + timedelta(seconds=claim_ttl))
-        return Decided(job, True, Changes(jobs={job.job_id}))
+        changes, resumed = await resume_waiting(
+            tx,
+            job,
+            action_id,
+            next_step=approval.get("next_flow_step_id"),
+            packets=packets,
+            updates=updates,
+            now=now,
+            threshold=threshold,
+            claim_ttl=claim_ttl,
+        )
+        return Decided(job, resumed, changes)
+
+
+async def resume_waiting(
+    tx: StoreTx,
+    job: JobRow,
+    wait_ref: str,
+    *,
+    next_step: str | None,
+    packets: list[Any],
+    updates: dict[str, Any],
+    now: datetime,
+    threshold: str,
+    claim_ttl: int,
+) -> tuple[Changes, bool]:
+    """A gate's wait ends well: with a next step the job is pending there (attempts 0, ``packets`` its input),
+    else it completes with ``packets``. Guarded on the wait, so of two resumes one wins (GuardMissed).
+    Returns the changes and whether the job went on to a next step."""
+    if not next_step:
+        changes = await finish(
+            tx,
+            job,
+            st.COMPLETED,
+            None,
+            now=now,
+            threshold=threshold,
+            packets=packets,
+            engine_updates=updates,
+            guard="wait",
+            wait_ref=wait_ref,
+        )
+        return changes, False
+    job.engine_data = {**(job.engine_data or {}), **updates}
+    job.status, job.current_step_id, job.packets, job.attempts = st.PENDING, next_step, packets, 0
+    job.run_at = job.updated_at = now
+    job.wait_expires_at = None
+    await tx.resume(job, wait_ref, now=now)
+    await tx.push_claims(job.job_id, now + timedelta(seconds=claim_ttl))
+    return Changes(jobs={job.job_id}), True
 
 
 def _on_reject(data: dict[str, Any], approval: dict[str, Any]) -> str:

@@ -1,7 +1,7 @@
 """The MCP server: the ability registry and resource declarations served through the low-level SDK.
 
 The low-level ``Server`` is used (rather than ``MCPServer``'s function-signature tools) because every
-tool is generated from a registry entry and must return structured ``{code, message, data}`` errors
+tool is generated from a registry entry and must return coded ``{code, message, data}`` errors
 and per-principal tool lists, which the decorator API cannot express.
 """
 
@@ -29,16 +29,28 @@ from datamachine_mcp.resources.registry import ResourceNotFound, ResourceSpec, r
 from datamachine_mcp.server import tool_cache
 from datamachine_mcp.server.notifications import Notifications
 
+ERROR_META_KEY = "datamachine/error"  # where a tool error's {code, message, data} travels (the result's _meta)
 RESOURCE_NOT_FOUND = -32002  # the 2025-11-25 "Resource not found" code
 INPUT_CODES = frozenset({"invalid_input", "input_too_large"})  # refused for the request's parameters
 INSTRUCTIONS = (
     "Data Machine automation engine. Pipelines are reusable step templates (fetch → ai → publish …); flows "
     "are configured, schedulable instances of a pipeline; running a flow creates a job. Agents own resources "
     "and share them through roles (viewer < operator < admin). Call whoami first to see who you act as. "
-    "Errors start with a stable code (e.g. 'flow_not_found: …') and carry {code, message, data}."
+    "Errors start with a stable code (e.g. 'flow_not_found: …')."
 )
 
 PrincipalResolver = Callable[[ServerRequestContext[Any, Any]], Awaitable[Principal]]
+
+
+class _Server(Server[Any]):
+    """Advertises ``resources.listChanged`` however the transport starts a session (the HTTP session
+    manager asks the server for its initialization options instead of being given them)."""
+
+    def create_initialization_options(
+        self, notification_options: NotificationOptions | None = None, *args: Any, **kwargs: Any
+    ) -> InitializationOptions:
+        chosen = notification_options or NotificationOptions(resources_changed=True)
+        return super().create_initialization_options(chosen, *args, **kwargs)
 
 
 def exposed_abilities(abilities: dict[str, Ability], runtime: Runtime) -> dict[str, Ability]:
@@ -90,7 +102,7 @@ class DataMachineServer:
         self.notifications = Notifications.of(runtime)
         cached = tool_cache.schemas(self.abilities, runtime.data_dir / "cache", runtime.version)
         self._tools = {slug: tool_definition(a, cached.get(slug)) for slug, a in self.abilities.items()}
-        self.server: Server[Any] = Server(
+        self.server: Server[Any] = _Server(
             "datamachine-mcp",
             version=runtime.version,
             title="Data Machine",
@@ -106,7 +118,7 @@ class DataMachineServer:
         )
 
     def initialization_options(self) -> InitializationOptions:
-        return self.server.create_initialization_options(NotificationOptions(resources_changed=True))
+        return self.server.create_initialization_options()
 
     async def resource_updated(self, uri: str) -> None:
         """Announce ``uri`` as changed (what a committed call does through the runtime's events)."""
@@ -260,7 +272,8 @@ class DataMachineServer:
             principal = await self._principal(ctx)
         except CodedError as err:
             raise request_error(err) from None
-        async with self.notifications.listening(principal, self._probe) as bus:
+        uris = params.notifications.resource_subscriptions or ()
+        async with self.notifications.listening(principal, self._probe, uris) as bus:
             return await ListenHandler(bus)(ctx, params)
 
     # --- serving ------------------------------------------------------------------------------
@@ -275,9 +288,13 @@ class DataMachineServer:
 
 
 def tool_error(error: dict[str, Any]) -> types.CallToolResult:
-    """A refused tool call: ``is_error`` with the text ``"<code>: <message>"`` and ``{code, message, data}``."""
+    """A refused tool call: ``is_error`` with the text ``"<code>: <message>"``; ``{code, message, data}`` in
+    ``_meta`` under ``ERROR_META_KEY``. No structured content: clients validate that against the tool's
+    success output schema even on errors, and would show a schema complaint instead of the message."""
     return types.CallToolResult(
-        content=[types.TextContent(type="text", text=error_text(error))], structured_content=error, is_error=True
+        content=[types.TextContent(type="text", text=error_text(error))],
+        is_error=True,
+        meta={ERROR_META_KEY: error},
     )
 
 

@@ -132,6 +132,11 @@ class StoreTx:
         found = await self.jobs(q.LOCK_JOB if lock else q.GET_JOB, {"job_id": job_id})
         return found[0] if found else None
 
+    async def job_waiting_at(self, wait_ref: str) -> JobRow | None:
+        """The job whose wait has this reference (any status), locked for this transaction."""
+        found = await self.jobs(q.WAITING_AT, {"wait_ref": wait_ref})
+        return found[0] if found else None
+
     async def active_children(self, parent_ids: Sequence[int]) -> list[JobRow]:
         out: list[JobRow] = []
         for parent_id in parent_ids:

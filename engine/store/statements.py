@@ -89,6 +89,11 @@ NEXT_DUE = query(
 # --- reading ----------------------------------------------------------------------------------------
 GET_JOB = query("get_job", f"SELECT {COLS} FROM {JOBS} WHERE job_id = :job_id")
 LOCK_JOB = query("lock_job", f"SELECT {COLS} FROM {JOBS} WHERE job_id = :job_id", f"{GET_JOB.sqlite} FOR UPDATE")
+WAITING_AT = query(
+    "waiting_at",
+    f"SELECT {COLS} FROM {JOBS} WHERE wait_ref = :wait_ref",
+    f"SELECT {COLS} FROM {JOBS} WHERE wait_ref = :wait_ref FOR UPDATE",
+)
 ACTIVE_CHILDREN = query(
     "active_children",
     f"SELECT {COLS} FROM {JOBS} WHERE parent_job_id = :parent_id "
