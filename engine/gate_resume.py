@@ -18,10 +18,10 @@ from typing import Any
 
 from datamachine_mcp.engine import status as st
 from datamachine_mcp.engine.accounting import log_context, log_owner
-from datamachine_mcp.engine.front import resume_waiting
 from datamachine_mcp.engine.runtime import EngineServices
 from datamachine_mcp.engine.steps.gates import gate_token_ref
 from datamachine_mcp.engine.store import GuardMissed
+from datamachine_mcp.engine.waits import resume_waiting
 from datamachine_mcp.engine.webhooks import Delivery, WebhookRefused, parse_payload
 from datamachine_mcp.storage.timeutil import iso, utcnow
 
