@@ -51,6 +51,9 @@ class StoreTx:
 
     def __init__(self) -> None:
         self._logs: list[dict[str, Any]] = []
+        # Flows whose success outcome this transaction already wrote (or found in place): another success
+        # of the same flow in the same transaction (a group commit) changes nothing and is skipped.
+        self._healthy: set[tuple[int, str]] = set()
 
     # --- primitives (per driver) ---------------------------------------------------------------
     async def run(self, stmt: q.Query, params: Mapping[str, Any]) -> int:
@@ -261,6 +264,12 @@ class StoreTx:
     async def flow_health(self, flow_id: int, final: str, display: str, *, now: datetime) -> int | None:
         """Record a run's outcome on its flow; the flow's pipeline id when the flow changed, else None."""
         stmt = q.HEALTH.get(final, q.HEALTH_SUCCESS)
+        if stmt is q.HEALTH_SUCCESS:
+            if (flow_id, display) in self._healthy:
+                return None
+            self._healthy.add((flow_id, display))
+        else:
+            self._healthy = {seen for seen in self._healthy if seen[0] != flow_id}
         found = await self.rows(stmt, {"flow_id": flow_id, "status": display, "now": now})
         return int(found[0][0]) if found else None
 
