@@ -143,7 +143,7 @@ async def verify_token(
             reason = "agent_inactive"
         # Copied out while the session is open: ending a read transaction expires its rows.
         token_id, user_id, caps = row.token_id, row.user_id, row.capabilities
-        token_agent_id, token_prefix = row.agent_id, row.token_prefix
+        token_agent_id, token_prefix, rate_limit = row.agent_id, row.token_prefix, row.rate_limit_per_minute
         agent_slug = agent.agent_slug if agent is not None else None
         stale = row.last_used_at is None or (now - row.last_used_at).total_seconds() > 60
     if reason is not None:
@@ -177,6 +177,7 @@ async def verify_token(
         session_id=session_id,
         token_prefix=token_prefix,
         agent_slug=agent_slug,
+        rate_limit_per_minute=rate_limit,
     )
 
 

@@ -1,13 +1,12 @@
 """Flows toolset, part 4: inbound webhook triggers (abilities.md §6 "Webhook triggers", storage.md §7.3).
 
 The configuration is ``scheduling_config.webhook``. Bearer tokens are stored only as their SHA-256
-hash and shown once; HMAC secrets are stored encrypted (kind ``webhook_trigger_secret``). The HTTP
-endpoint that verifies them is engine.md §17 (server layer).
+hash and shown once; HMAC secrets are stored encrypted (kind ``webhook_trigger_secret``). The engine
+verifies deliveries (``engine.webhooks``) on the HTTP route ``POST /webhooks/flows/{flow_id}``.
 """
 
 from __future__ import annotations
 
-import hashlib
 import secrets
 from datetime import timedelta
 from typing import Any, Literal
@@ -19,26 +18,23 @@ from datamachine_mcp.abilities.errors import AbilityError
 from datamachine_mcp.abilities.pipeline_common import load_flow, notify_flow
 from datamachine_mcp.abilities.registry import ability
 from datamachine_mcp.abilities.schema import Input, Opt, Output
+from datamachine_mcp.engine.items import sha256_hex
+from datamachine_mcp.engine.webhooks import TRIGGER_SECRET_KIND as SECRET_KIND
 from datamachine_mcp.storage.crypto import SecretBox
 from datamachine_mcp.storage.models import Flow
 from datamachine_mcp.storage.timeutil import iso, utcnow
 
-SECRET_KIND = "webhook_trigger_secret"
 DEFAULT_PREVIOUS_TTL = 604800
 AuthMode = Literal["bearer", "hmac"]
 NO_URL_WARNING = (
-    "This server has no public_base_url (e.g. stdio only), so the webhook URL is unknown; run the HTTP transport "
-    "with a public base URL and read it with webhook-trigger-status."
+    "This server has no public URL (stdio without DATAMACHINE_PUBLIC_URL), so webhook_url is unknown; it is "
+    "served by `datamachine-mcp serve --http`, whose URL webhook-trigger-status then shows."
 )
 
 
 def webhook_url(ctx: AbilityContext, flow_id: int) -> str | None:
     base = ctx.runtime.public_base_url
     return f"{base.rstrip('/')}/webhooks/flows/{flow_id}" if base else None
-
-
-def sha256_hex(value: str) -> str:
-    return hashlib.sha256(value.encode()).hexdigest()
 
 
 def new_token() -> str:

@@ -47,6 +47,17 @@ INSTRUCTIONS = (
 PrincipalResolver = Callable[[ServerRequestContext[Any, Any]], Awaitable[Principal]]
 
 
+class _Server(Server[Any]):
+    """Advertises ``resources.listChanged`` however the transport starts a session (the HTTP session
+    manager asks the server for its initialization options instead of being given them)."""
+
+    def create_initialization_options(
+        self, notification_options: NotificationOptions | None = None, *args: Any, **kwargs: Any
+    ) -> InitializationOptions:
+        chosen = notification_options or NotificationOptions(resources_changed=True)
+        return super().create_initialization_options(chosen, *args, **kwargs)
+
+
 def exposed_abilities(abilities: dict[str, Ability], runtime: Runtime) -> dict[str, Ability]:
     """Tools that exist in this process: ``--toolsets``/``--tools`` and ``--read-only`` remove the others."""
     return {
@@ -112,7 +123,7 @@ class DataMachineServer:
         self.notifications = Notifications.of(runtime)
         cached = tool_cache.schemas(self.abilities, runtime.data_dir / "cache", runtime.version)
         self._tools = {slug: tool_definition(a, cached.get(slug)) for slug, a in self.abilities.items()}
-        self.server: Server[Any] = Server(
+        self.server: Server[Any] = _Server(
             "datamachine-mcp",
             version=runtime.version,
             title="Data Machine",
@@ -134,7 +145,7 @@ class DataMachineServer:
         self.server.middleware.append(state_boundary(runtime.box, self.server.name))
 
     def initialization_options(self) -> InitializationOptions:
-        return self.server.create_initialization_options(NotificationOptions(resources_changed=True))
+        return self.server.create_initialization_options()
 
     async def resource_updated(self, uri: str) -> None:
         """Announce ``uri`` as changed (what a committed call does through the runtime's events)."""

@@ -58,9 +58,11 @@ class ProcessConfig:
     tools: frozenset[str] = frozenset()  # single tools added with --tools
     read_only: bool = False
     busy_timeout_ms: int = 5000
-    public_base_url: str | None = None
+    public_base_url: str | None = None  # base of generated URLs (webhook_url, gate resume URLs)
     worker: bool = True  # run the engine (worker + maintenance) in this process
     concurrency: int = 4
+    http: str | None = None  # serve streamable HTTP on [HOST:]PORT instead of stdio
+    allow_origins: tuple[str, ...] = ()  # browser origins the HTTP listener accepts besides its own
 
 
 def env(name: str, default: str | None = None) -> str | None:
