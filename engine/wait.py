@@ -24,7 +24,7 @@ from datamachine_mcp.engine.runtime import EngineServices
 from datamachine_mcp.storage.models import Job
 
 POLL_SECONDS = 1.0
-HEARTBEAT_SECONDS = 4.0  # "at least every 5 s", with room for a slow poll
+HEARTBEAT_SECONDS = 3.5  # "at least every 5 s", with room for the 1 s poll and a slow read
 Progress = Callable[[float, float | None, str | None], Awaitable[None]]
 
 
@@ -107,7 +107,8 @@ async def wait_for_job(
                 if final or where.done > last_done or now - sent_at >= HEARTBEAT_SECONDS:
                     elapsed = now - start
                     # final: the total; else below the next unit, rising with the time waited
-                    value = where.total if final else min(where.done, where.total - 1) + elapsed / (limit + 1.0)
+                    share = min(elapsed / (limit + 1.0), 0.999)
+                    value = where.total if final else min(where.done, where.total - 1) + share
                     value = max(value, sent + 1e-3)
                     sent, sent_at, last_done = value, now, where.done
                     await progress(value, where.total, f"{where.message} ({elapsed:.0f} s)")
