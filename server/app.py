@@ -1,7 +1,7 @@
 """The MCP server: the ability registry and resource declarations served through the low-level SDK.
 
 The low-level ``Server`` is used (rather than ``MCPServer``'s function-signature tools) because every
-tool is generated from a registry entry and must return structured ``{code, message, data}`` errors
+tool is generated from a registry entry and must return coded ``{code, message, data}`` errors
 and per-principal tool lists, which the decorator API cannot express.
 """
 
@@ -35,13 +35,14 @@ from datamachine_mcp.server.links import link_specs, resource_links
 from datamachine_mcp.server.notifications import Notifications
 from datamachine_mcp.server.prompts import offered, render
 
+ERROR_META_KEY = "datamachine/error"  # where a tool error's {code, message, data} travels (the result's _meta)
 RESOURCE_NOT_FOUND = -32002  # the 2025-11-25 "Resource not found" code
 INPUT_CODES = frozenset({"invalid_input", "input_too_large"})  # refused for the request's parameters
 INSTRUCTIONS = (
     "Data Machine automation engine. Pipelines are reusable step templates (fetch → ai → publish …); flows "
     "are configured, schedulable instances of a pipeline; running a flow creates a job. Agents own resources "
     "and share them through roles (viewer < operator < admin). Call whoami first to see who you act as. "
-    "Errors start with a stable code (e.g. 'flow_not_found: …') and carry {code, message, data}."
+    "Errors start with a stable code (e.g. 'flow_not_found: …')."
 )
 
 PrincipalResolver = Callable[[ServerRequestContext[Any, Any]], Awaitable[Principal]]
@@ -333,7 +334,8 @@ class DataMachineServer:
             principal = await self._principal(ctx)
         except CodedError as err:
             raise request_error(err) from None
-        async with self.notifications.listening(principal, self._probe) as bus:
+        uris = params.notifications.resource_subscriptions or ()
+        async with self.notifications.listening(principal, self._probe, uris) as bus:
             return await ListenHandler(bus)(ctx, params)
 
     # --- serving ------------------------------------------------------------------------------
@@ -348,9 +350,13 @@ class DataMachineServer:
 
 
 def tool_error(error: dict[str, Any]) -> types.CallToolResult:
-    """A refused tool call: ``is_error`` with the text ``"<code>: <message>"`` and ``{code, message, data}``."""
+    """A refused tool call: ``is_error`` with the text ``"<code>: <message>"``; ``{code, message, data}`` in
+    ``_meta`` under ``ERROR_META_KEY``. No structured content: clients validate that against the tool's
+    success output schema even on errors, and would show a schema complaint instead of the message."""
     return types.CallToolResult(
-        content=[types.TextContent(type="text", text=error_text(error))], structured_content=error, is_error=True
+        content=[types.TextContent(type="text", text=error_text(error))],
+        is_error=True,
+        meta={ERROR_META_KEY: error},
     )
 
 

@@ -13,8 +13,8 @@ principal it acts as, and sessions of different principals are served side by si
 * A 2026-era ``subscriptions/listen`` stream is open for one principal (``listening``) and sees the bus.
 
 ``resources/updated`` is coalesced per URI (``delivery.Coalescer``) and sent from background tasks, so
-a commit never waits on a client or on the visibility checks. Job changes committed by other processes
-reach subscribers through ``watch_other_processes``, which the transport runs for the process's life.
+a commit never waits on a client or on the visibility checks. Changes committed by other processes
+reach subscribers through ``watch_other_processes`` (``change_watch``), which runs once per process.
 """
 
 from __future__ import annotations
@@ -26,23 +26,20 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Protocol
 
-import anyio
 from mcp.server.subscriptions import InMemorySubscriptionBus, SubscriptionBus
 from mcp.shared.subscriptions import ResourcesListChanged, ResourceUpdated
-from sqlalchemy import func, select
 
 from datamachine_mcp.abilities.access import Principal
 from datamachine_mcp.abilities.context import Runtime
 from datamachine_mcp.resources.registry import ResourceNotFound
+from datamachine_mcp.server.change_watch import WATCH_SECONDS, ChangeWatch
 from datamachine_mcp.server.delivery import COALESCE_SECONDS, Coalescer, PrincipalBus
 from datamachine_mcp.server.sampling import SamplingBridge
 from datamachine_mcp.storage.db import Database
-from datamachine_mcp.storage.models import Job
 from datamachine_mcp.storage.timeutil import utcnow
 
 log = logging.getLogger("datamachine.server")
 
-WATCH_SECONDS = 1.0
 JOB_URI = "datamachine://jobs/"
 
 
@@ -67,7 +64,16 @@ class _Connection:
     channel: Channel  # the latest request's ServerSession (also the sampling bridge's back channel)
     reader: Reader
     principal: Principal | None = None
-    uris: set[str] = field(default_factory=set)
+    uris: dict[str, datetime] = field(default_factory=dict)  # subscribed URI -> since when
+
+
+@dataclass(eq=False)
+class _Stream:
+    """An open ``subscriptions/listen`` stream: its reader and the URIs it asked for (None: unknown)."""
+
+    reader: Reader
+    uris: frozenset[str] | None
+    opened: datetime
 
 
 class Notifications:
@@ -79,9 +85,9 @@ class Notifications:
         self.sampling = sampling if sampling is not None else SamplingBridge()
         self.bus: SubscriptionBus = InMemorySubscriptionBus()
         self._connections: dict[Hashable, _Connection] = {}
-        # Open listen streams per principal (the reader of each), and the (principal, uri) pairs the
-        # event being published is hidden from (the bus's listeners filter synchronously).
-        self._listeners: dict[Principal, list[Reader]] = {}
+        # Open listen streams per principal, and the (principal, uri) pairs the event being published
+        # is hidden from (the bus's listeners filter synchronously).
+        self._listeners: dict[Principal, list[_Stream]] = {}
         self._bus_hidden: set[tuple[Principal, str]] = set()
         # What each principal could read when last checked: a deleted resource reads as not found,
         # and is announced only to those who could read it before.
@@ -122,44 +128,71 @@ class Notifications:
 
     async def subscribe(self, key: Hashable, uri: str) -> None:
         """Subscribe the connection to ``uri``, noting now whether its principal can read it."""
+        since = utcnow()
         conn = self._connections.get(key)
         if conn is None:
             return
         if conn.principal is not None:
             await self._may_read(conn.principal, conn.reader, uri, {})
-        conn.uris.add(uri)
+        conn.uris.setdefault(uri, since)
 
     def unsubscribe(self, key: Hashable, uri: str) -> None:
         conn = self._connections.get(key)
         if conn is not None:
-            conn.uris.discard(uri)
+            conn.uris.pop(uri, None)
 
     @asynccontextmanager
-    async def listening(self, principal: Principal, reader: Reader) -> AsyncIterator[SubscriptionBus]:
-        """A ``subscriptions/listen`` stream open for ``principal``: the bus as that principal sees it."""
-        self._listeners.setdefault(principal, []).append(reader)
+    async def listening(
+        self, principal: Principal, reader: Reader, uris: Iterable[str] | None = None
+    ) -> AsyncIterator[SubscriptionBus]:
+        """A ``subscriptions/listen`` stream open for ``principal``: the bus as that principal sees it.
+        ``uris`` are the resources it subscribed to (None when unknown: every update is published)."""
+        stream = _Stream(reader, None if uris is None else frozenset(uris), utcnow())
+        self._listeners.setdefault(principal, []).append(stream)
         try:
             yield PrincipalBus(self.bus, self._bus_hidden, principal)
         finally:
-            readers = self._listeners[principal]
-            readers.remove(reader)
-            if not readers:
+            streams = self._listeners[principal]
+            streams.remove(stream)
+            if not streams:
                 del self._listeners[principal]
 
+    def watched(self) -> dict[str, datetime]:
+        """Every URI some session subscribed to, with the earliest time it was (for other processes'
+        changes: only these are looked for)."""
+        out: dict[str, datetime] = {}
+
+        def note(uri: str, since: datetime) -> None:
+            if uri not in out or since < out[uri]:
+                out[uri] = since
+
+        for conn in list(self._connections.values()):
+            for uri, since in list(conn.uris.items()):
+                note(uri, since)
+        for streams in list(self._listeners.values()):
+            for stream in streams:
+                for uri in stream.uris or ():
+                    note(uri, stream.opened)
+        return out
+
     def subscribed_job_ids(self) -> set[int]:
-        """Jobs some connection subscribed to (those worth watching for other processes' changes)."""
+        """Jobs some session subscribed to."""
         return {
             int(uri[len(JOB_URI) :])
-            for conn in list(self._connections.values())
-            for uri in conn.uris
+            for uri in self.watched()
             if uri.startswith(JOB_URI) and uri[len(JOB_URI) :].isdigit()
         }
+
+    def _wanted(self, uri: str) -> bool:
+        return any(uri in conn.uris for conn in list(self._connections.values())) or any(
+            s.uris is None or uri in s.uris for streams in list(self._listeners.values()) for s in streams
+        )
 
     # --- EventSink: notifications after commit --------------------------------------------------
 
     async def resource_updated(self, uri: str) -> None:
         """Schedule ``resources/updated`` for ``uri`` (coalesced per URI)."""
-        if self._listeners or any(uri in conn.uris for conn in list(self._connections.values())):
+        if self._wanted(uri):
             self._updates.push(uri)  # nobody subscribed: nothing to schedule (the engine's common case)
 
     async def resources_list_changed(self) -> None:
@@ -191,8 +224,8 @@ class Notifications:
                 await _best_effort(conn.channel.send_resource_updated(uri))
         hidden = {
             (principal, uri)
-            for principal, readers in list(self._listeners.items())
-            if readers and not await self._may_read(principal, readers[0], uri, seen)
+            for principal, streams in list(self._listeners.items())
+            if streams and not await self._may_read(principal, streams[0].reader, uri, seen)
         }
         self._bus_hidden |= hidden
         try:
@@ -221,30 +254,8 @@ class Notifications:
     # --- process lifetime ---------------------------------------------------------------------
 
     async def watch_other_processes(self, db: Database, *, every: float = WATCH_SECONDS) -> None:
-        """Poll ``jobs.updated_at`` of subscribed job URIs (other processes' changes) until cancelled."""
-        since: datetime | None = None
-        while True:
-            await anyio.sleep(every)
-            subscribed = self.subscribed_job_ids()
-            try:
-                async with db.read() as session:
-                    if since is None:
-                        since = (await session.execute(select(func.max(Job.updated_at)))).scalar() or utcnow()
-                        continue
-                    if not subscribed:
-                        since = (await session.execute(select(func.max(Job.updated_at)))).scalar() or since
-                        continue
-                    rows = (
-                        await session.execute(
-                            select(Job.job_id, Job.updated_at).where(Job.job_id.in_(subscribed), Job.updated_at > since)
-                        )
-                    ).all()
-            except Exception:
-                log.debug("change watch failed", exc_info=True)
-                continue
-            if rows:
-                since = max(r[1] for r in rows)
-                await self.jobs_changed(r[0] for r in rows)
+        """Announce changes other processes commit to ``db`` until cancelled (run once per process)."""
+        await ChangeWatch(self, db, every=every).run()
 
     async def flush(self) -> None:
         """Wait until every scheduled notification has gone out."""

@@ -7,7 +7,7 @@ import pytest
 from mcp.types import CallToolResult
 
 from tests import jobs_support
-from tests.conftest import call, connect, table_rows
+from tests.conftest import call, connect, error_of, table_rows
 from tests.jobs_support import (
     USER2,
     USER3,
@@ -205,8 +205,8 @@ async def test_concurrent_decisions_exactly_one_wins(runtime, owner, engine):
     assert sorted(outcomes.values()) == [False, True]
     winner = next(d for d, is_error in outcomes.items() if not is_error)
     loser = results[next(d for d, is_error in outcomes.items() if is_error)]
-    assert loser.structured_content["code"] == "pending_action_already_resolved"
-    assert loser.structured_content["data"]["status"] == winner
+    assert error_of(loser)["code"] == "pending_action_already_resolved"
+    assert error_of(loser)["data"]["status"] == winner
     assert len(await audit_rows(runtime, "resolve-pending-action")) == 1
 
 

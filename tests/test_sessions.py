@@ -18,7 +18,7 @@ from datamachine_mcp.abilities.registry import load_all as load_abilities
 from datamachine_mcp.resources.registry import load_all as load_resources
 from datamachine_mcp.server.app import RESOURCE_NOT_FOUND, DataMachineServer
 from datamachine_mcp.server.notifications import Notifications
-from tests.conftest import call, connect
+from tests.conftest import call, connect, error_of
 from tests.jobs_support import USER2, USER3, files_flow, grant, make_agent, run
 from tests.test_resources import Inbox
 
@@ -88,7 +88,7 @@ async def test_refused_requests_are_coded_protocol_errors(runtime):
     app = DataMachineServer(runtime, load_abilities(), load_resources(), per_connection(None))
     async with Client(app.server, mode="legacy") as client:
         result = await client.call_tool("whoami", {})
-        assert result.is_error and result.structured_content["code"] == "unauthenticated"
+        assert result.is_error and error_of(result)["code"] == "unauthenticated"
         assert result.content[0].text == "unauthenticated: token revoked or expired"
         with pytest.raises(MCPError) as exc:
             await client.read_resource("datamachine://whoami", cache_mode="bypass")

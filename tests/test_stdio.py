@@ -185,7 +185,8 @@ def test_stdout_carries_only_protocol_json(tmp_path):
     assert tools >= FOUNDATION
     assert responses[3]["result"]["structuredContent"]["agent_slug"] == "raw"
     error = responses[4]["result"]
-    assert error["isError"] is True and error["structuredContent"]["code"] == "agent_not_found"
+    assert error["isError"] is True and "structuredContent" not in error
+    assert error["_meta"]["datamachine/error"]["code"] == "agent_not_found"
     assert error["content"][0]["text"].startswith("agent_not_found: ")
     assert json.loads(responses[5]["result"]["contents"][0]["text"])["agent"]["agent_slug"] == "raw"
     messages = {i["message"] for i in responses[6]["result"]["structuredContent"]["items"]}
