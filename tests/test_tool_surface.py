@@ -261,3 +261,35 @@ async def test_results_link_the_resources_they_name(runtime, owner):
     assert _links(waited) == [f"datamachine://jobs/{job_id}"]
     # structured content is unchanged by the links
     assert waited.structured_content is not None and set(waited.structured_content) >= {"job", "final"}
+
+
+def test_the_typescript_inspector_reads_every_lean_tool_definition(tmp_path):
+    """The Inspector CLI (TypeScript SDK, which compiles schemas with Ajv) lists all tools and calls one whose
+    result carries resource links."""
+    from tests.node_tools import node_env, tool
+
+    server = [sys.executable, "-m", "datamachine_mcp.server.cli", "--db", str(tmp_path / "dm.db"), "--toolsets", "all"]
+    env_flags = ["-e", f"DATAMACHINE_DATA_DIR={tmp_path / 'data'}", "-e", f"XDG_DATA_HOME={tmp_path / 'xdg'}"]
+
+    def inspect(*method: str) -> dict[str, Any]:
+        done = subprocess.run(
+            [tool("mcp-inspector"), "--cli", *env_flags, *server, "--method", *method],
+            env=node_env({"MCP_CATALOG_PATH": str(tmp_path / "inspector.json")}),
+            cwd=tmp_path,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert done.returncode == 0, done.stderr
+        return json.loads(done.stdout)
+
+    listed = inspect("tools/list")["tools"]
+    assert {t["name"] for t in listed} == set(load_abilities())
+    assert all(t["icons"][0]["src"].startswith("data:image/svg+xml,") for t in listed)
+    made = inspect("tools/call", "--tool-name", "create-pipeline", "--tool-arg", "pipeline_name=Inspected")
+    assert made["structuredContent"]["pipeline_name"] == "Inspected"
+    assert [c["uri"] for c in made["content"] if c["type"] == "resource_link"] == [
+        f"datamachine://pipelines/{made['structuredContent']['pipeline_id']}"
+    ]
+    prompts = inspect("prompts/list")["prompts"]
+    assert {p["name"] for p in prompts} >= {"feed-digest", "diagnose-flow", "review-approvals", "explain-job"}
