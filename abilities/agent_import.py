@@ -45,17 +45,13 @@ def _import_schedule(raw: dict[str, Any], *, activate: bool, now: datetime) -> t
 
 
 class ImportAgentIn(Input):
-    bundle: dict[str, Any] = Field(
-        description="Bundle from export-agent (format datamachine-mcp.agent-bundle, version 1)"
-    )
-    agent_slug: str | None = Field(None, max_length=400, description="Override the new agent's slug (sanitised)")
-    agent_name: str | None = Field(None, max_length=200, description="Override the display name")
-    owner_id: int | None = Field(None, ge=1, description="Owner (honoured for global admins only; default: you)")
-    on_conflict: Literal["error", "skip"] = Field(
-        "error", description="If the slug exists: error (agent_slug_conflict) or skip (write nothing)"
-    )
-    activate_schedules: bool = Field(False, description="Keep imported schedules enabled (default: paused)")
-    dry_run: bool = Field(False, description="Validate and summarise only; write nothing")
+    bundle: dict[str, Any] = Field(description="Bundle from export-agent")
+    agent_slug: str | None = Field(None, max_length=400, description="New slug")
+    agent_name: str | None = Field(None, max_length=200, description="New display name")
+    owner_id: int | None = Field(None, ge=1, description="Owner (global admins)")
+    on_conflict: Literal["error", "skip"] = Field("error", description="If the slug exists")
+    activate_schedules: bool = Field(False, description="Keep schedules enabled")
+    dry_run: bool = Field(False, description="Dry run")
 
 
 class ImportedOut(Output):
@@ -94,10 +90,7 @@ def _result(agent_id: int | None, slug: str, *, skipped: bool = False, dry_run: 
     "import-agent",
     toolset="agents",
     level="admin",
-    description=(
-        "Create an agent with its pipelines and flows from a bundle produced by export-agent. "
-        "Supports dry_run and slug override; imported schedules start paused."
-    ),
+    description=("Create an agent with its pipelines and flows from an export-agent bundle."),
 )
 async def import_agent(ctx: AbilityContext, inp: ImportAgentIn) -> ImportAgentOut:
     p = ctx.principal

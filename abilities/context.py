@@ -49,7 +49,8 @@ class Runtime:
     box: SecretBox
     data_dir: Path
     version: str
-    toolsets: frozenset[str] | None = None
+    toolsets: frozenset[str] | None = None  # the tools listed (abilities/toolsets.py); None = all
+    tools: frozenset[str] = frozenset()
     read_only: bool = False
     public_base_url: str | None = None
     # Given at construction: the serving process's notifications (a NullEvents without MCP clients).

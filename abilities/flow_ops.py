@@ -16,6 +16,7 @@ from pydantic import Field
 
 from datamachine_mcp.abilities.context import AbilityContext
 from datamachine_mcp.abilities.errors import AbilityError
+from datamachine_mcp.abilities.json_schema import UNPUBLISHED
 from datamachine_mcp.abilities.pipeline_common import ordered_steps, sync_flow_config
 from datamachine_mcp.abilities.schema import Input
 from datamachine_mcp.engine import schedule as sched
@@ -39,13 +40,16 @@ QueueMode = Literal["static", "drain", "loop"]
 class StepConfigInput(Input):
     """Per-step configuration accepted by create-flow, configure-flow-steps and duplicate-flow."""
 
-    handler_slugs: list[str] | None = Field(None, max_length=10, description="Handlers of the step, in run order")
-    handler_configs: dict[str, dict[str, Any]] | None = Field(None, description="Config per handler, merged")
-    handler_slug: str | None = Field(None, description="Legacy: the handler to use (switches a fetch step)")
-    handler_config: dict[str, Any] | None = Field(None, description="Legacy: merged into handler_slug's config")
-    flow_step_settings: dict[str, Any] | None = Field(None, description="Settings of a handler-free step, merged")
-    user_message: str | None = Field(None, max_length=20000, description="ai steps: the one queued prompt; '' clears")
-    queue_mode: QueueMode | None = Field(None, description="ai/fetch steps: static, drain or loop")
+    handler_slugs: list[str] | None = Field(None, max_length=10, description="Handlers, in run order")
+    handler_configs: dict[str, dict[str, Any]] | None = Field(None, description="{slug: config}, merged")
+    # The older one-handler spelling: still accepted, no longer published (handler_slugs says it).
+    handler_slug: str | None = Field(None, description="Legacy single handler", json_schema_extra=UNPUBLISHED)
+    handler_config: dict[str, Any] | None = Field(
+        None, description="Config of handler_slug", json_schema_extra=UNPUBLISHED
+    )
+    flow_step_settings: dict[str, Any] | None = Field(None, description="Step settings, merged")
+    user_message: str | None = Field(None, max_length=20000, description="ai: the prompt; '' clears")
+    queue_mode: QueueMode | None = Field(None, description="Prompt queue mode")
 
 
 @dataclass

@@ -104,20 +104,18 @@ async def end_job(
 
 
 class FailJobIn(Input):
-    job_id: int = Field(ge=1, description="Job to fail")
-    reason: str = Field("manual", min_length=1, max_length=500, description="Failure reason stored on the job")
+    job_id: int = Field(ge=1, description="Job")
+    reason: str = Field("manual", min_length=1, max_length=500, description="Reason")
 
 
 @ability(
     "fail-job",
+    core=True,
     toolset="jobs",
     level="operator",
     idempotent=True,
     transaction="manual",
-    description=(
-        "Mark a pending, processing or waiting job as failed with a reason. Releases its item claims and "
-        "restores consumed queue prompts. Already-failed jobs succeed unchanged."
-    ),
+    description=("Mark an unfinished job failed with a reason; its items and prompts are released."),
 )
 async def fail_job(ctx: AbilityContext, inp: FailJobIn) -> EndJobOut:
     return await end_job(
@@ -132,20 +130,18 @@ async def fail_job(ctx: AbilityContext, inp: FailJobIn) -> EndJobOut:
 
 
 class CancelJobIn(Input):
-    job_id: int = Field(ge=1, description="Job to cancel")
-    reason: str = Field("manual", min_length=1, max_length=500, description="Reason stored on the job")
+    job_id: int = Field(ge=1, description="Job")
+    reason: str = Field("manual", min_length=1, max_length=500, description="Reason")
 
 
 @ability(
     "cancel-job",
+    core=True,
     toolset="jobs",
     level="operator",
     idempotent=True,
     transaction="manual",
-    description=(
-        "Cancel a pending, waiting or processing job and its unfinished child jobs. Already-cancelled jobs "
-        "succeed unchanged."
-    ),
+    description=("Cancel an unfinished job and its unfinished children."),
 )
 async def cancel_job(ctx: AbilityContext, inp: CancelJobIn) -> EndJobOut:
     return await end_job(
@@ -163,7 +159,7 @@ async def cancel_job(ctx: AbilityContext, inp: CancelJobIn) -> EndJobOut:
 
 
 class RetryJobIn(Input):
-    job_id: int = Field(ge=1, description="Failed job to retry")
+    job_id: int = Field(ge=1, description="Failed job")
 
 
 class RetryJobOut(Output):
@@ -177,14 +173,12 @@ class RetryJobOut(Output):
 
 @ability(
     "retry-job",
+    core=True,
     toolset="jobs",
     level="operator",
     open_world=True,
     transaction="manual",
-    description=(
-        "Retry a failed job: it goes back to pending and resumes at the step that failed, with that step's "
-        "input. A failed child also reopens its batch parent."
-    ),
+    description=("Retry a failed job from the step that failed."),
 )
 async def retry_job(ctx: AbilityContext, inp: RetryJobIn) -> RetryJobOut:
     now = utcnow()

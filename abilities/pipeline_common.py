@@ -202,7 +202,7 @@ class FlowStepOut(OpenOutput):
     label: str = Field(description="Label of the pipeline step")
     handler_slugs: list[str] | None = Opt("Handlers of a fetch/publish/update step, in run order")
     handler_configs: dict[str, dict[str, Any]] | None = Opt("Config per handler (secrets masked)")
-    flow_step_settings: dict[str, Any] | None = Opt("Settings of a handler-free step")
+    flow_step_settings: dict[str, Any] | None = Opt("Step settings")
     queue_mode: str | None = Opt("static, drain or loop (ai and fetch steps)")
     prompt_queue: list[dict[str, Any]] | None = Opt("Queued prompts of an ai step, head first")
     config_patch_queue: list[dict[str, Any]] | None = Opt("Queued config patches of a fetch step")

@@ -49,14 +49,10 @@ MAX_DATA = 5 * 1024 * 1024
 
 
 class ImportPipelinesIn(Input):
-    data: str = Field(max_length=MAX_DATA, description="CSV in the export-pipelines format (≤5 MiB)")
+    data: str = Field(max_length=MAX_DATA, description="CSV from export-pipelines")
     format: Literal["csv"] = Field("csv", description="Import format (csv)")
-    agent_id: int | None = Field(
-        None, ge=1, description="Owning agent of the imported pipelines (default: your session's agent)"
-    )
-    on_conflict: Literal["skip", "create"] = Field(
-        "skip", description="A same-name pipeline already exists for this owner: skip it, or create another"
-    )
+    agent_id: int | None = Field(None, ge=1, description="Owner agent")
+    on_conflict: Literal["skip", "create"] = Field("skip", description="On a same-name pipeline")
 
 
 class SkippedOut(Output):
@@ -318,10 +314,7 @@ def plan_group(group: Group, *, box: SecretBox, files_roots: list[Path] | None) 
     "import-pipelines",
     toolset="pipelines",
     level="admin",
-    description=(
-        "Import pipelines and flows from CSV produced by export-pipelines. Existing same-name pipelines are "
-        "skipped unless on_conflict=create."
-    ),
+    description=("Import pipelines and flows from export-pipelines CSV."),
 )
 async def import_pipelines(ctx: AbilityContext, inp: ImportPipelinesIn) -> ImportPipelinesOut:
     agent_id, user_id = await new_resource_owner(ctx, inp.agent_id)

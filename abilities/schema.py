@@ -66,8 +66,8 @@ def Id(description: str) -> Any:
     return Field(default=None, ge=1, description=description)
 
 
-PER_PAGE_DESC = "Rows per page (paging, abilities.md §2.6)"
-OFFSET_DESC = "Rows to skip before the first returned row"
+PER_PAGE_DESC = "Page size"
+OFFSET_DESC = "Rows to skip"
 
 
 class PageOut(Output):

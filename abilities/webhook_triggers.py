@@ -87,28 +87,17 @@ class SecretId(Output):
 
 
 class EnableIn(Input):
-    flow_id: int = Field(ge=1, description="Flow to trigger")
+    flow_id: int = Field(ge=1, description="Flow")
     auth_mode: AuthMode | None = Field(
         None,
-        description="bearer (a token in the Authorization header) or hmac (signed requests); default: current "
-        "mode, else bearer",
+        description="Auth mode",
     )
-    secret: str | None = Field(
-        None, min_length=16, max_length=256, description="hmac only: explicit shared secret (e.g. from the sender)"
-    )
-    generate_secret: bool = Field(False, description="hmac only: generate a new secret")
-    rate_limit_max: int | None = Field(
-        None, ge=0, le=10000, description="Accepted requests per window (0 = off; default: webhook_rate_limit)"
-    )
-    rate_limit_window: int | None = Field(
-        None, ge=1, le=86400, description="Rate-limit window in seconds (default: webhook_rate_limit)"
-    )
-    tolerance_seconds: int | None = Field(
-        None, ge=30, le=3600, description="HMAC timestamp tolerance (default: webhook_replay_window_seconds)"
-    )
-    max_body_bytes: int | None = Field(
-        None, ge=1024, le=10485760, description="Body size cap (default: webhook_max_body_bytes)"
-    )
+    secret: str | None = Field(None, min_length=16, max_length=256, description="hmac: shared secret to use")
+    generate_secret: bool = Field(False, description="hmac: generate one")
+    rate_limit_max: int | None = Field(None, ge=0, le=10000, description="Requests per window")
+    rate_limit_window: int | None = Field(None, ge=1, le=86400, description="Window (seconds)")
+    tolerance_seconds: int | None = Field(None, ge=30, le=3600, description="HMAC timestamp tolerance")
+    max_body_bytes: int | None = Field(None, ge=1024, le=10485760, description="Body size cap")
 
 
 class EnableOut(Output):
@@ -130,10 +119,7 @@ class EnableOut(Output):
     "webhook-trigger-enable",
     toolset="flows",
     level="admin",
-    description=(
-        "Let HTTP POSTs start a flow: enables its webhook trigger with a bearer token or HMAC signatures. Returns "
-        "the URL and the new credential once."
-    ),
+    description=("Let HTTP POSTs (bearer or HMAC) start a flow; returns its URL."),
 )
 async def webhook_trigger_enable(ctx: AbilityContext, inp: EnableIn) -> EnableOut:
     flow = await load_flow(ctx, inp.flow_id, "admin", mutating=True, lock=True)
@@ -240,7 +226,7 @@ class DisableOut(Output):
     level="admin",
     destructive=True,
     idempotent=True,
-    description="Disable a flow's webhook trigger and destroy its token and secrets.",
+    description="Disable a flow's webhook trigger and its credentials.",
 )
 async def webhook_trigger_disable(ctx: AbilityContext, inp: FlowIn) -> DisableOut:
     flow = await load_flow(ctx, inp.flow_id, "admin", mutating=True, lock=True)
@@ -285,10 +271,7 @@ class StatusOn(Output):
     level="viewer",
     read_only=True,
     idempotent=True,
-    description=(
-        "Show whether a flow's webhook trigger is enabled, its URL, auth mode, token prefix, secret ids and limits "
-        "(never the secrets)."
-    ),
+    description=("Show a flow's webhook trigger."),
 )
 async def webhook_trigger_status(ctx: AbilityContext, inp: FlowIn) -> StatusOn | StatusOff:
     flow = await load_flow(ctx, inp.flow_id, "viewer", mutating=False)
@@ -320,13 +303,13 @@ async def webhook_trigger_status(ctx: AbilityContext, inp: FlowIn) -> StatusOn |
 
 class RotateIn(Input):
     flow_id: int = Field(ge=1, description="Flow")
-    secret: str | None = Field(None, min_length=16, max_length=256, description="hmac only: the new explicit secret")
-    generate: bool = Field(False, description="hmac only: generate the new secret")
+    secret: str | None = Field(None, min_length=16, max_length=256, description="hmac: new secret to use")
+    generate: bool = Field(False, description="hmac: generate one")
     previous_ttl_seconds: int = Field(
         DEFAULT_PREVIOUS_TTL,
         ge=0,
         le=2592000,
-        description="hmac only: how long the old secret keeps working (0 = revoke it now)",
+        description="hmac: old secret's grace",
     )
 
 
@@ -346,10 +329,7 @@ class RotateOut(Output):
     toolset="flows",
     level="admin",
     destructive=True,
-    description=(
-        "Replace a flow's webhook token or HMAC secret. An old HMAC secret keeps working for previous_ttl_seconds; a "
-        "bearer token is replaced at once."
-    ),
+    description=("Replace a flow's webhook token or HMAC secret."),
 )
 async def webhook_trigger_rotate_secret(ctx: AbilityContext, inp: RotateIn) -> RotateOut:
     flow = await load_flow(ctx, inp.flow_id, "admin", mutating=True, lock=True)

@@ -33,7 +33,7 @@ from datamachine_mcp.engine.plan import (
 from datamachine_mcp.engine.recovery import recover
 from datamachine_mcp.engine.runtime import EngineServices
 from datamachine_mcp.engine.store import JobRow
-from datamachine_mcp.engine.wait import WaitResult, wait_for_job
+from datamachine_mcp.engine.wait import WaitResult, position_of, wait_for_job
 from datamachine_mcp.engine.waits import AlreadyResolved, Decided, resolve_approval, resume_waiting
 from datamachine_mcp.storage.models import Flow, Pipeline
 from datamachine_mcp.storage.timeutil import iso
@@ -49,6 +49,7 @@ __all__ = [
     "announce",
     "check_initial_data",
     "end_job",
+    "position_of",
     "recover",
     "resolve_approval",
     "resume_waiting",

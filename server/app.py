@@ -24,10 +24,16 @@ from datamachine_mcp.abilities.access import Principal
 from datamachine_mcp.abilities.context import Runtime
 from datamachine_mcp.abilities.registry import Ability
 from datamachine_mcp.abilities.runner import error_text, invoke, refusal, visible
+from datamachine_mcp.abilities.toolsets import ENABLE_HINT, instructions_note, listed, readable
 from datamachine_mcp.engine.errors import CodedError
 from datamachine_mcp.resources.registry import ResourceNotFound, ResourceSpec, read
 from datamachine_mcp.server import tool_cache
+from datamachine_mcp.server.completions import complete
+from datamachine_mcp.server.elicitation import Refused, settle, state_boundary
+from datamachine_mcp.server.icons import SERVER_ICON, TOOLSET_ICONS
+from datamachine_mcp.server.links import link_specs, resource_links
 from datamachine_mcp.server.notifications import Notifications
+from datamachine_mcp.server.prompts import offered, render
 
 ERROR_META_KEY = "datamachine/error"  # where a tool error's {code, message, data} travels (the result's _meta)
 RESOURCE_NOT_FOUND = -32002  # the 2025-11-25 "Resource not found" code
@@ -54,12 +60,25 @@ class _Server(Server[Any]):
 
 
 def exposed_abilities(abilities: dict[str, Ability], runtime: Runtime) -> dict[str, Ability]:
-    """Tools that exist in this process: ``--toolsets`` and ``--read-only`` remove the others."""
+    """Tools that exist in this process: ``--toolsets``/``--tools`` and ``--read-only`` remove the others."""
     return {
         slug: a
         for slug, a in abilities.items()
-        if (runtime.toolsets is None or a.toolset in runtime.toolsets) and (a.read_only or not runtime.read_only)
+        if listed(a, runtime.toolsets, runtime.tools) and (a.read_only or not runtime.read_only)
     }
+
+
+def resource_twins(abilities: dict[str, Ability], runtime: Runtime) -> dict[str, Ability]:
+    """Abilities that serve resource reads in this process (``core`` narrows the tool list only)."""
+    return {
+        slug: a
+        for slug, a in abilities.items()
+        if readable(a, runtime.toolsets, runtime.tools) and (a.read_only or not runtime.read_only)
+    }
+
+
+def instructions(abilities: dict[str, Ability], runtime: Runtime) -> str:
+    return f"{INSTRUCTIONS} {instructions_note(abilities, runtime.toolsets, runtime.tools)}"
 
 
 def tool_definition(ability: Ability, schemas: dict[str, Any] | None = None) -> types.Tool:
@@ -70,6 +89,7 @@ def tool_definition(ability: Ability, schemas: dict[str, Any] | None = None) -> 
         description=ability.description,
         input_schema=schemas["input"] if schemas else ability.input_schema,
         output_schema=schemas["output"] if schemas else ability.output_schema,
+        icons=[TOOLSET_ICONS[ability.toolset]],
         annotations=types.ToolAnnotations(
             title=hints["title"],
             read_only_hint=hints["readOnlyHint"],
@@ -97,7 +117,9 @@ class DataMachineServer:
     ) -> None:
         self.runtime = runtime
         self.abilities = exposed_abilities(abilities, runtime)
+        self.twins = resource_twins(abilities, runtime)
         self.resources = resources
+        self.links = link_specs(self.abilities.values(), resources)
         self.resolve_principal = resolve_principal
         self.notifications = Notifications.of(runtime)
         cached = tool_cache.schemas(self.abilities, runtime.data_dir / "cache", runtime.version)
@@ -106,7 +128,8 @@ class DataMachineServer:
             "datamachine-mcp",
             version=runtime.version,
             title="Data Machine",
-            instructions=INSTRUCTIONS,
+            instructions=instructions(abilities, runtime),
+            icons=[SERVER_ICON],
             on_list_tools=self._list_tools,
             on_call_tool=self._call_tool,
             on_list_resources=self._list_resources,
@@ -115,7 +138,12 @@ class DataMachineServer:
             on_subscribe_resource=self._subscribe,
             on_unsubscribe_resource=self._unsubscribe,
             on_subscriptions_listen=self._listen,
+            on_list_prompts=self._list_prompts,
+            on_get_prompt=self._get_prompt,
+            on_completion=self._complete,
         )
+        # Seals the 2026-era request state of a question asked of the user (server/elicitation.py).
+        self.server.middleware.append(state_boundary(runtime.box, self.server.name))
 
     def initialization_options(self) -> InitializationOptions:
         return self.server.create_initialization_options()
@@ -148,7 +176,7 @@ class DataMachineServer:
 
     async def _probe(self, uri: str, principal: Principal) -> str:
         """May ``principal`` be told that ``uri`` changed? Read it (the server's check writes no denial row)."""
-        return await read(self.runtime, self.abilities, self.resources, uri, principal, record_denials=False)
+        return await read(self.runtime, self.twins, self.resources, uri, principal, record_denials=False)
 
     # --- tools ----------------------------------------------------------------------------------
 
@@ -165,10 +193,10 @@ class DataMachineServer:
 
     async def _call_tool(
         self, ctx: ServerRequestContext[Any, Any], params: types.CallToolRequestParams
-    ) -> types.CallToolResult:
+    ) -> types.CallToolResult | types.InputRequiredResult:
         ability = self.abilities.get(params.name)
         if ability is None:
-            raise MCPError(code=types.INVALID_PARAMS, message=f"Unknown tool: {params.name}")
+            raise MCPError(code=types.INVALID_PARAMS, message=f"Unknown tool: {params.name}. {ENABLE_HINT}")
         try:
             principal = await self._principal(ctx)
         except CodedError as err:
@@ -177,10 +205,15 @@ class DataMachineServer:
         async def progress(value: float, total: float | None, message: str | None) -> None:
             await ctx.session.report_progress(value, total, message)
 
+        arguments = await settle(ctx, params, ability, principal)  # asks the user first, if the tool must
+        if isinstance(arguments, Refused):
+            return tool_error(refusal(arguments.error))
+        if isinstance(arguments, types.InputRequiredResult):
+            return arguments
         outcome = await invoke(
             self.runtime,
             ability,
-            params.arguments,
+            arguments,
             principal,
             request_id=str(ctx.request_id) if ctx.request_id is not None else None,
             progress=progress,
@@ -188,8 +221,9 @@ class DataMachineServer:
         )
         if outcome.error is not None:
             return tool_error(outcome.error)
+        links = resource_links(ability, outcome.output or {}, self.links, self.twins)
         return types.CallToolResult(
-            content=[types.TextContent(type="text", text=outcome.text)],
+            content=[types.TextContent(type="text", text=outcome.text), *links],
             structured_content=outcome.output,
         )
 
@@ -209,7 +243,7 @@ class DataMachineServer:
                     mime_type="application/json",
                 )
                 for spec in self.resources
-                if spec.template is None and spec.twin in self.abilities
+                if spec.template is None and spec.twin in self.twins
             ]
         )
 
@@ -227,7 +261,7 @@ class DataMachineServer:
                     mime_type="application/json",
                 )
                 for spec in self.resources
-                if spec.template is not None and spec.twin in self.abilities
+                if spec.template is not None and spec.twin in self.twins
             ]
         )
 
@@ -237,11 +271,39 @@ class DataMachineServer:
         uri = str(params.uri)
         try:
             principal = await self._principal(ctx)
-            text = await read(self.runtime, self.abilities, self.resources, uri, principal)
+            text = await read(self.runtime, self.twins, self.resources, uri, principal)
         except CodedError as err:
             raise request_error(err, uri=uri) from None
         return types.ReadResourceResult(
             contents=[types.TextResourceContents(uri=uri, text=text, mime_type="application/json")]
+        )
+
+    # --- prompts and completions ----------------------------------------------------------------
+
+    async def _list_prompts(
+        self, ctx: ServerRequestContext[Any, Any], params: types.PaginatedRequestParams | None
+    ) -> types.ListPromptsResult:
+        self._attach(ctx)
+        return types.ListPromptsResult(prompts=[p.prompt() for p in offered(self.abilities)])
+
+    async def _get_prompt(
+        self, ctx: ServerRequestContext[Any, Any], params: types.GetPromptRequestParams
+    ) -> types.GetPromptResult:
+        self._attach(ctx)
+        return render(params.name, params.arguments, offer=self.abilities)
+
+    async def _complete(
+        self, ctx: ServerRequestContext[Any, Any], params: types.CompleteRequestParams
+    ) -> types.CompleteResult:
+        try:
+            principal = await self._principal(ctx)
+        except CodedError as err:
+            raise request_error(err) from None
+        values, total = await complete(
+            self.runtime, self.twins, principal, params.ref, params.argument.name, params.argument.value
+        )
+        return types.CompleteResult(
+            completion=types.Completion(values=values, total=total, has_more=total > len(values))
         )
 
     # --- subscriptions --------------------------------------------------------------------------

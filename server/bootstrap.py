@@ -17,8 +17,11 @@ from sqlalchemy import select
 from datamachine_mcp.abilities.access import Principal
 from datamachine_mcp.abilities.context import Runtime
 from datamachine_mcp.abilities.errors import AbilityError
-from datamachine_mcp.abilities.registry import TOOLSETS
+from datamachine_mcp.abilities.registry import load_all
 from datamachine_mcp.abilities.tokens import TokenRejected, verify_token
+from datamachine_mcp.abilities.toolsets import CORE, SelectionError
+from datamachine_mcp.abilities.toolsets import parse_tools as _parse_tools
+from datamachine_mcp.abilities.toolsets import parse_toolsets as _parse_toolsets
 from datamachine_mcp.engine.runtime import EngineServices
 from datamachine_mcp.server.notifications import Notifications
 from datamachine_mcp.storage.crypto import SecretBox, SecretKeyError, load_key
@@ -50,7 +53,9 @@ class ProcessConfig:
     local_user: int = 1
     agent: str | None = None
     token: str | None = None
-    toolsets: frozenset[str] | None = None
+    # The tools listed: the core profile by default; None lists every tool (--toolsets all).
+    toolsets: frozenset[str] | None = frozenset({CORE})
+    tools: frozenset[str] = frozenset()  # single tools added with --tools
     read_only: bool = False
     busy_timeout_ms: int = 5000
     public_base_url: str | None = None  # base of generated URLs (webhook_url, gate resume URLs)
@@ -82,13 +87,21 @@ def resolve_data_dir(flag: str | None, db: str) -> Path:
 
 
 def parse_toolsets(raw: str | None) -> frozenset[str] | None:
+    """``--toolsets`` / DATAMACHINE_TOOLSETS: core (default), all, or toolset names and core."""
+    try:
+        return _parse_toolsets(raw)
+    except SelectionError as exc:
+        raise StartupError(str(exc)) from None
+
+
+def parse_tools(raw: str | None) -> frozenset[str]:
+    """``--tools`` / DATAMACHINE_TOOLS: single tools listed besides the toolsets."""
     if not raw:
-        return None
-    names = frozenset(part.strip() for part in raw.split(",") if part.strip())
-    unknown = sorted(names - set(TOOLSETS))
-    if unknown:
-        raise StartupError(f"unknown toolsets: {', '.join(unknown)} (choose from {', '.join(TOOLSETS)})")
-    return names
+        return frozenset()
+    try:
+        return _parse_tools(raw, load_all())
+    except SelectionError as exc:
+        raise StartupError(str(exc)) from None
 
 
 async def open_runtime(cfg: ProcessConfig, notifications: Notifications | None = None) -> Runtime:
@@ -130,6 +143,7 @@ async def open_runtime(cfg: ProcessConfig, notifications: Notifications | None =
         data_dir=cfg.data_dir,
         version=engine.version,
         toolsets=cfg.toolsets,
+        tools=cfg.tools,
         read_only=cfg.read_only,
         public_base_url=cfg.public_base_url,
         events=hub,

@@ -126,7 +126,17 @@ def _serve_options(parser: argparse.ArgumentParser, *, sub: bool = True) -> None
     )
     parser.add_argument("--agent", default=default, metavar="SLUG", help="Run the local owner in this agent's context")
     parser.add_argument(
-        "--toolsets", default=default, metavar="LIST", help="Expose only these toolsets (comma-separated)"
+        "--toolsets",
+        default=default,
+        metavar="LIST",
+        help="Tools to list: core (default, a small set for the whole journey), all, or comma-separated "
+        "toolset names and core (env DATAMACHINE_TOOLSETS)",
+    )
+    parser.add_argument(
+        "--tools",
+        default=default,
+        metavar="NAME,...",
+        help="Also list these single tools (env DATAMACHINE_TOOLS)",
     )
     parser.add_argument(
         "--read-only",
@@ -155,7 +165,14 @@ def _setup_logging(level: str | None) -> None:
 
 
 def _config(args: argparse.Namespace) -> Any:
-    from datamachine_mcp.server.bootstrap import ProcessConfig, env, parse_toolsets, resolve_data_dir, resolve_db
+    from datamachine_mcp.server.bootstrap import (
+        ProcessConfig,
+        env,
+        parse_tools,
+        parse_toolsets,
+        resolve_data_dir,
+        resolve_db,
+    )
 
     db = resolve_db(getattr(args, "db", None))
     local_user = getattr(args, "local_user", None) or int(env("LOCAL_USER", "1") or 1)
@@ -168,6 +185,7 @@ def _config(args: argparse.Namespace) -> Any:
         agent=getattr(args, "agent", None) if serving else None,
         token=(getattr(args, "token", None) or env("TOKEN")) if serving else None,
         toolsets=parse_toolsets(getattr(args, "toolsets", None) or env("TOOLSETS")),
+        tools=parse_tools(getattr(args, "tools", None) or env("TOOLS")) if serving else frozenset(),
         read_only=bool(getattr(args, "read_only", None) or env("READ_ONLY") in ("1", "true", "yes")),
         worker=not getattr(args, "no_worker", None),
         concurrency=max(1, getattr(args, "concurrency", None) or int(env("CONCURRENCY", "4") or 4)),

@@ -81,7 +81,8 @@ async def runtime(tmp_path: Path, db_backend: str) -> AsyncIterator[Runtime]:
     url = database_url(db_backend, tmp_path)
     if db_backend == "postgresql":
         await _wipe_postgres(url)
-    cfg = ProcessConfig(db=url, data_dir=tmp_path)
+    # Every tool listed (--toolsets all): tests call tools outside the default core list.
+    cfg = ProcessConfig(db=url, data_dir=tmp_path, toolsets=None)
     rt = await open_runtime(cfg)
     try:
         yield rt

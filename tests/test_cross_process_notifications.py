@@ -48,12 +48,12 @@ def db_arg(runtime: Runtime) -> str:
 
 
 def server_params(runtime: Runtime, tmp_path: Path, *extra: str) -> StdioServerParameters:
-    """A stdio server on the test's database that runs no jobs itself."""
+    """A stdio server on the test's database that runs no jobs itself (every tool listed)."""
     return StdioServerParameters(
         command=sys.executable,
         args=[
             *("-m", "datamachine_mcp.server.cli", "--db", db_arg(runtime)),
-            *("--data-dir", str(runtime.data_dir), "--no-worker", *extra),
+            *("--data-dir", str(runtime.data_dir), "--no-worker", "--toolsets", "all", *extra),
         ],
         env={"XDG_DATA_HOME": str(tmp_path / "xdg"), "PYTHONUNBUFFERED": "1"},
     )

@@ -171,7 +171,7 @@ async def test_approval_without_input_passes_a_decision_packet(runtime, owner, e
             {"step_type": "system_task", "flow_step_settings": {"task_type": "echo", "params": {"x": 1}}},
         ]
     }
-    started = await call(owner, "execute-workflow", {"workflow": workflow})
+    started = await call(owner, "execute-workflow", {"wait_seconds": 0, "workflow": workflow})
     parked = await wait_job(owner, started["job_id"], stop_on_waiting=True)
     action_id = parked["job"]["wait"]["action_id"]
     action = (await call(owner, "list-pending-actions", {}))["actions"][0]
@@ -293,12 +293,14 @@ async def test_pending_action_errors(runtime, owner, engine):
         ("get-pending-action", {"action_id": action_id.upper()}, "action_id"),
         ("get-pending-action", {}, "action_id"),
         ("resolve-pending-action", {"action_id": action_id, "decision": "approve"}, "decision"),
-        ("resolve-pending-action", {"action_id": action_id}, "decision"),
         ("resolve-pending-action", {"action_id": action_id, "decision": "accepted", "note": "n" * 1001}, "note"),
         ("resolve-pending-action", {"action_id": action_id, "decision": "accepted", "why": 1}, "why"),
     ):
         err = await unchanged(runtime, owner, tool, args, "invalid_input")
         assert err["data"]["errors"][0]["field"] == field
+    # without a decision a client that cannot ask the user is told to give one (tests/test_elicitation.py asks)
+    err = await unchanged(runtime, owner, "resolve-pending-action", {"action_id": action_id}, "decision_required")
+    assert "accepted or rejected" in err["message"]
     before = await table_rows(runtime)
     assert (await call(owner, "get-pending-action", {"action_id": action_id}))["action"]["job_id"] == job_id
     assert await table_rows(runtime) == before

@@ -59,8 +59,10 @@ def _full_env(tmp_path: Path) -> dict[str, str]:
 
 
 def _params(tmp_path: Path, db: Path, *extra: str) -> StdioServerParameters:
+    """A stdio server listing every tool (``--toolsets all``) unless ``extra`` chooses."""
+    chosen = extra if "--toolsets" in extra else ("--toolsets", "all", *extra)
     return StdioServerParameters(
-        command=sys.executable, args=["-m", "datamachine_mcp.server.cli", "--db", str(db), *extra], env=_env(tmp_path)
+        command=sys.executable, args=["-m", "datamachine_mcp.server.cli", "--db", str(db), *chosen], env=_env(tmp_path)
     )
 
 
@@ -135,7 +137,17 @@ def test_stdout_carries_only_protocol_json(tmp_path):
     stderr_file = tmp_path / "stderr.log"
     with stderr_file.open("w") as errlog:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "datamachine_mcp.server.cli", "--db", str(db), "--log-level", "debug"],
+            [
+                sys.executable,
+                "-m",
+                "datamachine_mcp.server.cli",
+                "--db",
+                str(db),
+                "--log-level",
+                "debug",
+                "--toolsets",
+                "all",
+            ],
             env=_full_env(tmp_path),
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
@@ -182,7 +194,7 @@ def test_stdout_carries_only_protocol_json(tmp_path):
 
 
 async def _seed_agent(tmp_path: Path, db: Path, slug: str) -> None:
-    rt = await open_runtime(ProcessConfig(db=str(db), data_dir=tmp_path / "data"))
+    rt = await open_runtime(ProcessConfig(db=str(db), data_dir=tmp_path / "data", toolsets=None))
     try:
         async with connect(rt) as c:
             await call(c, "create-agent", {"agent_slug": slug})
@@ -191,7 +203,7 @@ async def _seed_agent(tmp_path: Path, db: Path, slug: str) -> None:
 
 
 async def _cli_audit_rows(tmp_path: Path, db: Path) -> list[dict]:
-    rt = await open_runtime(ProcessConfig(db=str(db), data_dir=tmp_path / "data"))
+    rt = await open_runtime(ProcessConfig(db=str(db), data_dir=tmp_path / "data", toolsets=None))
     try:
         return [r for r in await log_rows(rt) if (r["context"] or {}).get("transport") == "cli"]
     finally:
@@ -279,7 +291,7 @@ def _run_all(tmp_path: Path, db: Path, cases: dict[str, list[str]]) -> dict[str,
 
 async def test_revoked_or_bad_token_stops_the_server_at_start(tmp_path):
     db = tmp_path / "dm.db"
-    rt = await open_runtime(ProcessConfig(db=str(db), data_dir=tmp_path / "data"))
+    rt = await open_runtime(ProcessConfig(db=str(db), data_dir=tmp_path / "data", toolsets=None))
     try:
         async with connect(rt) as c:
             await call(c, "create-agent", {"agent_slug": "bot"})

@@ -150,7 +150,7 @@ async def test_redelivery_limits_and_bad_bodies(runtime, owner):
 
 async def _parked(owner, steps: list[dict]) -> tuple[int, str]:
     made = await make_flow(owner, steps, name="Gated")
-    started = await call(owner, "run-flow", {"flow_id": made["flow_id"]})
+    started = await call(owner, "run-flow", {"wait_seconds": 0, "flow_id": made["flow_id"]})
     parked = await wait_job(owner, started["job_id"], 20, stop_on_waiting=True)
     return started["job_id"], parked["job"]["wait"]["resume_url"]
 
