@@ -10,7 +10,7 @@ from typing import Any
 
 from datamachine_mcp.engine.http import Outbound
 from datamachine_mcp.engine.runtime import EngineServices
-from datamachine_mcp.storage.models import Job
+from datamachine_mcp.engine.store import JobRow
 from datamachine_mcp.storage.settings import Snapshot
 
 log = logging.getLogger("datamachine.notify")
@@ -21,7 +21,7 @@ def delivery_id(kind: str, job_id: int, flow_step_id: str) -> str:
 
 
 async def post_wait_notification(
-    services: EngineServices, snap: Snapshot, job: Job, flow_step_id: str, notify: dict[str, Any]
+    services: EngineServices, snap: Snapshot, job: JobRow, flow_step_id: str, notify: dict[str, Any]
 ) -> None:
     wait = notify["wait"]
     body: dict[str, Any] = {

@@ -21,8 +21,8 @@ from sqlalchemy.exc import IntegrityError
 
 from datamachine_mcp.engine import schedule as sched
 from datamachine_mcp.engine import status as st
+from datamachine_mcp.engine.accounting import Changes, finish
 from datamachine_mcp.engine.jobs import create_flow_job, empty_first_queue, flow_job_columns, pending_job
-from datamachine_mcp.engine.lifecycle import Changes, finish
 from datamachine_mcp.engine.plan import PlanError, resolve_plan
 from datamachine_mcp.engine.runtime import EngineServices
 from datamachine_mcp.storage.db import is_transient_conflict
@@ -216,6 +216,7 @@ class Scheduler:
             plan = resolve_plan(flow.flow_config)
         except PlanError as err:
             await create_failed_run(
+                self.services,
                 session,
                 flow,
                 pipeline,
@@ -245,6 +246,7 @@ class Scheduler:
 
 
 async def create_failed_run(
+    services: EngineServices,
     session: Any,
     flow: Flow,
     pipeline: Pipeline,
@@ -274,16 +276,19 @@ async def create_failed_run(
     await session.flush()
     flow.last_run_at = now
     error = {"reason": err.code, "flow_step_id": None, "message": err.message, "class": None}
-    done = await finish(
-        session,
-        job.job_id,
-        st.FAILED,
-        err.code,
-        now=now,
-        allowed_from=(st.PENDING,),
-        engine_updates={"error": error},
-        threshold=threshold,
-    )
-    if done is not None:
-        changes.merge(done)
+    async with services.store.bind(session) as tx:
+        row = await tx.get_job(job.job_id)
+        assert row is not None
+        done = await finish(
+            tx,
+            row,
+            st.FAILED,
+            err.code,
+            now=now,
+            guard="status",
+            allowed=(st.PENDING,),
+            engine_updates={"error": error},
+            threshold=threshold,
+        )
+    changes.merge(done)
     return job.job_id, st.FAILED

@@ -18,7 +18,7 @@ import logging
 import os
 import sqlite3
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -68,12 +68,7 @@ def _install_sqlite_hooks(engine: AsyncEngine, *, write: bool, busy_timeout_ms: 
     def _on_connect(dbapi_connection: Any, _record: Any) -> None:
         # Take over transaction control from the driver so BEGIN can be IMMEDIATE.
         dbapi_connection.isolation_level = None
-        raw = dbapi_connection.driver_connection
-        raw.execute("PRAGMA journal_mode=WAL")
-        raw.execute("PRAGMA foreign_keys=ON")
-        # Writers never sleep inside SQLite (see _on_begin); readers may, briefly.
-        raw.execute(f"PRAGMA busy_timeout={0 if write else READ_BUSY_TIMEOUT_MS}")
-        raw.execute("PRAGMA synchronous=NORMAL")
+        configure_sqlite(dbapi_connection.driver_connection, write=write)
 
     @event.listens_for(engine.sync_engine, "begin")
     def _on_begin(conn: Connection) -> None:
@@ -83,17 +78,39 @@ def _install_sqlite_hooks(engine: AsyncEngine, *, write: bool, busy_timeout_ms: 
             return
         deadline = time.monotonic() + busy_timeout_ms / 1000
         delay = 0.001
-        while True:
-            try:
-                raw.execute("BEGIN IMMEDIATE")
-                return
-            except sqlite3.OperationalError as exc:
-                message = str(exc).lower()
-                if ("locked" not in message and "busy" not in message) or time.monotonic() > deadline:
-                    raise
+        while not try_begin_immediate(raw, deadline):
             # Another process holds the write lock: wait without blocking the event loop.
             await_(asyncio.sleep(delay))
             delay = min(delay * 2, 0.05)
+
+
+def try_begin_immediate(raw: sqlite3.Connection, deadline: float) -> bool:
+    """``BEGIN IMMEDIATE``; False while another process holds the write lock (until ``deadline``)."""
+    try:
+        raw.execute("BEGIN IMMEDIATE")
+        return True
+    except sqlite3.OperationalError as exc:
+        message = str(exc).lower()
+        if ("locked" not in message and "busy" not in message) or time.monotonic() > deadline:
+            raise
+    return False
+
+
+async def begin_immediate(raw: sqlite3.Connection, busy_timeout_ms: int) -> None:
+    """``BEGIN IMMEDIATE`` from plain async code, waiting for other processes with asynchronous sleeps."""
+    deadline = time.monotonic() + busy_timeout_ms / 1000
+    delay = 0.001
+    while not try_begin_immediate(raw, deadline):
+        await asyncio.sleep(delay)
+        delay = min(delay * 2, 0.05)
+
+
+def configure_sqlite(raw: sqlite3.Connection, *, write: bool) -> None:
+    """The pragmas of every connection (writers never sleep inside SQLite; readers briefly)."""
+    raw.execute("PRAGMA journal_mode=WAL")
+    raw.execute("PRAGMA foreign_keys=ON")
+    raw.execute(f"PRAGMA busy_timeout={0 if write else READ_BUSY_TIMEOUT_MS}")
+    raw.execute("PRAGMA synchronous=NORMAL")
 
 
 class Database:
@@ -126,13 +143,24 @@ class Database:
                 self.url, pool_size=pool_size, max_overflow=pool_size, pool_pre_ping=True
             )
             self.read_engine = self.write_engine
+        self.busy_timeout_ms = busy_timeout_ms
         self._write_lock = asyncio.Lock() if self.dialect == "sqlite" else None
+        self._closers: list[Callable[[], Awaitable[None]]] = []
         self._writer = async_sessionmaker(self.write_engine, expire_on_commit=False, autoflush=True)
         self._reader = async_sessionmaker(self.read_engine, expire_on_commit=False, autoflush=True)
 
     @property
     def is_sqlite(self) -> bool:
         return self.dialect == "sqlite"
+
+    @property
+    def write_lock(self) -> asyncio.Lock | None:
+        """The lock every writer of this process holds for its SQLite transaction (None on PostgreSQL)."""
+        return self._write_lock
+
+    def on_dispose(self, closer: Callable[[], Awaitable[None]]) -> None:
+        """Run ``closer`` when the database is disposed (connections opened beside the engines)."""
+        self._closers.append(closer)
 
     @asynccontextmanager
     async def write(self) -> AsyncIterator[AsyncSession]:
@@ -162,6 +190,9 @@ class Database:
         return stmt.with_for_update(skip_locked=skip_locked) if self.dialect == "postgresql" else stmt
 
     async def dispose(self) -> None:
+        closers, self._closers = self._closers, []
+        for closer in closers:
+            await closer()
         await self.write_engine.dispose()
         if self.read_engine is not self.write_engine:
             await self.read_engine.dispose()

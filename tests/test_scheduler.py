@@ -18,9 +18,8 @@ import pytest
 from sqlalchemy import select, update
 
 from datamachine_mcp.engine import schedule as sched
-from datamachine_mcp.engine.claiming import claim_due
+from datamachine_mcp.engine.accounting import Changes
 from datamachine_mcp.engine.host import EngineHost
-from datamachine_mcp.engine.lifecycle import Changes
 from datamachine_mcp.engine.scheduler import LEASE_KEY, Scheduler
 from datamachine_mcp.server.bootstrap import ProcessConfig, open_runtime
 from datamachine_mcp.storage.models import Flow, Job, Setting
@@ -467,7 +466,11 @@ async def test_overlap_skips_the_slot_while_a_run_is_pending_or_processing(runti
     }
 
     # processing run → skipped too
-    assert await claim_due(runtime.db, "elsewhere:1:abcdef01", 5, now=clock(), lease_ttl=120) == [job.job_id]
+    async with runtime.engine.store.transaction() as tx:
+        taken = await tx.claim(
+            "elsewhere:1:abcdef01", 5, now=clock(), lease_expires_at=clock() + timedelta(seconds=120)
+        )
+    assert [r.job_id for r in taken] == [job.job_id]
     assert await fire(scheduler, clock, first + 2 * hour) == counts(skipped=1)
     # a parked (waiting) run does not block the schedule
     async with runtime.db.write() as s:

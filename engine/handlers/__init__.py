@@ -10,7 +10,6 @@ from datetime import datetime
 from typing import Any
 
 from datamachine_mcp.engine.errors import StepError
-from datamachine_mcp.engine.handlers import files, http_json, rss, webhook, webhook_payload, wordpress  # noqa: F401 (registration)
 from datamachine_mcp.engine.handlers.base import (
     FETCHERS,
     PUBLISHERS,

@@ -29,7 +29,7 @@ characters of a webhook receiver's reply) is an addition. :func:`result_entry` g
 from __future__ import annotations
 
 import copy
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NotRequired, Protocol, TypedDict
@@ -79,8 +79,27 @@ class PublishHandler(Protocol):
     async def update(self, config: dict[str, Any], packet: dict[str, Any], ctx: HandlerContext) -> PublishResult: ...
 
 
-FETCHERS: dict[str, FetchHandler] = {}
-PUBLISHERS: dict[str, PublishHandler] = {}
+class _CodeByStepType(Mapping[str, Any]):
+    """slug → handler code of the registered handlers serving ``step_types`` (a view of ``HANDLERS``)."""
+
+    def __init__(self, *step_types: str) -> None:
+        self._step_types = step_types
+
+    def _specs(self) -> dict[str, HandlerSpec]:
+        return {s.slug: s for s in HANDLERS.values() if set(s.step_types) & set(self._step_types)}
+
+    def __getitem__(self, slug: str) -> Any:
+        return self._specs()[slug].code
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._specs())
+
+    def __len__(self) -> int:
+        return len(self._specs())
+
+
+FETCHERS: Mapping[str, FetchHandler] = _CodeByStepType("fetch")
+PUBLISHERS: Mapping[str, PublishHandler] = _CodeByStepType("publish", "update")
 
 
 def result_entry(handler: str, result: Mapping[str, Any]) -> dict[str, Any]:

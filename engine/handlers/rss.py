@@ -11,9 +11,10 @@ from typing import Any
 import anyio
 import feedparser
 
+from datamachine_mcp.engine.catalog import FETCH, FieldSpec, HandlerSpec
 from datamachine_mcp.engine.configs import file_url_path
 from datamachine_mcp.engine.errors import StepError
-from datamachine_mcp.engine.handlers.base import FETCHERS, HandlerContext, with_defaults
+from datamachine_mcp.engine.handlers.base import HandlerContext, with_defaults
 from datamachine_mcp.engine.handlers.files import allowed_directory
 from datamachine_mcp.engine.http import excerpt
 from datamachine_mcp.engine.items import Item, ItemList, html_to_text, normalise_identifier, sha256_hex
@@ -134,4 +135,19 @@ class RssHandler:
         )
 
 
-FETCHERS["rss"] = RssHandler()
+HANDLER = HandlerSpec(
+    "rss",
+    "RSS / Atom feed",
+    "Fetch items from an RSS 2.0, RSS 1.0/RDF or Atom feed.",
+    (FETCH,),
+    {
+        "feed_url": FieldSpec(
+            "string",
+            "Feed URL: http(s), or file:///absolute/path of a feed file inside files_allowed_roots",
+            required=True,
+            kind="feed_url",
+        )
+    },
+    code=RssHandler(),
+    position=10,
+)

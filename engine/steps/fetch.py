@@ -11,7 +11,7 @@ from typing import Any
 from sqlalchemy import select
 
 from datamachine_mcp.engine import claims as claim_ops
-from datamachine_mcp.engine.catalog import HANDLERS
+from datamachine_mcp.engine.catalog import HANDLERS, StepType
 from datamachine_mcp.engine.claims import Candidate
 from datamachine_mcp.engine.configs import open_secrets
 from datamachine_mcp.engine.errors import StepError
@@ -152,3 +152,15 @@ def open_config(slug: str, config: dict[str, Any], box: Any) -> dict[str, Any]:
         raise StepError(
             "secret_unavailable", f"A secret of handler '{slug}' cannot be decrypted: {err}", retryable=False
         ) from None
+
+
+STEP_TYPES = StepType(
+    "fetch",
+    "Fetch",
+    "Fetch new items from a source with one handler.",
+    True,
+    queue_slot="config_patch_queue",
+    run=run,
+    claims_items=True,
+    position=10,
+)
