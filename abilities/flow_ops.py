@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 from pydantic import Field
 
@@ -36,8 +36,14 @@ from datamachine_mcp.storage.timeutil import iso, utcnow
 QueueMode = Literal["static", "drain", "loop"]
 
 
+# "handler" is close to four step fields (two of them legacy): point at the one to use.
+STEP_FIELD_HINTS = {"handler": "handler_slugs", "handlers": "handler_slugs", "config": "handler_configs"}
+
+
 class StepConfigInput(Input):
     """Per-step configuration accepted by create-flow, configure-flow-steps and duplicate-flow."""
+
+    field_hints: ClassVar[dict[str, str]] = STEP_FIELD_HINTS
 
     handler_slugs: list[str] | None = Field(None, max_length=10, description="Handlers of the step, in run order")
     handler_configs: dict[str, dict[str, Any]] | None = Field(None, description="Config per handler, merged")

@@ -5,13 +5,13 @@ create-pipeline's workflow mode and execute-workflow.
 from __future__ import annotations
 
 import uuid
-from typing import Any
+from typing import Any, ClassVar
 
 from pydantic import Field
 
 from datamachine_mcp.abilities.context import AbilityContext
 from datamachine_mcp.abilities.errors import AbilityError
-from datamachine_mcp.abilities.flow_ops import StepEdit, apply_step_edit
+from datamachine_mcp.abilities.flow_ops import STEP_FIELD_HINTS, StepEdit, apply_step_edit
 from datamachine_mcp.abilities.pipeline_common import seed_flow_step
 from datamachine_mcp.abilities.pipeline_shapes import seed_of
 from datamachine_mcp.abilities.schema import Input
@@ -21,6 +21,9 @@ from datamachine_mcp.storage.crypto import mask
 
 class WorkflowStepIn(Input):
     """WorkflowStep (abilities.md §3)."""
+
+    field_hints: ClassVar[dict[str, str]] = STEP_FIELD_HINTS
+    legacy_fields: ClassVar[tuple[str, ...]] = ("handler_slug", "handler_config")
 
     step_type: str = Field(
         max_length=50, description="fetch, ai, publish, update, approval, webhook_gate or system_task"

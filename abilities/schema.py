@@ -1,14 +1,15 @@
 """Base models for ability inputs and outputs, and field types shared by many tools.
 
-Inputs are strict (a JSON string is not an integer) and closed (unknown fields are rejected), so
-the published JSON schema is exactly what is enforced. Outputs follow abilities.md §2.1: a field
+Inputs are strict and closed (unknown fields are rejected), so the published JSON schema is what is
+enforced; the only leniency is the two client forms read in ``input_forms`` (``"6"`` for an integer,
+JSON text for an object or array). Outputs follow abilities.md §2.1: a field
 declared with ``Opt(...)`` is left out when it does not apply; every other field is always present.
 """
 
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Annotated, Any
+from typing import Annotated, Any, ClassVar
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, WithJsonSchema
 
@@ -20,6 +21,11 @@ class Input(BaseModel):
 
     # defer_build: validators are built on first use, so starting the server does not build ~90 of them.
     model_config = ConfigDict(extra="forbid", strict=True, populate_by_name=False, defer_build=True)
+
+    # Unknown key -> the field to suggest, where a close match would miss or mislead.
+    field_hints: ClassVar[dict[str, str]] = {}
+    # Declared only to be refused with a pointed message; never suggested for an unknown key.
+    legacy_fields: ClassVar[tuple[str, ...]] = ()
 
 
 def _is_none(value: Any) -> bool:

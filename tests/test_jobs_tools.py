@@ -452,7 +452,7 @@ async def test_run_metrics_of_an_active_job_and_errors(runtime, owner):
     async with connect(runtime, USER3) as stranger:
         await denied(runtime, stranger, "get-run-metrics", {"job_id": job_id})
     await unchanged(runtime, owner, "get-run-metrics", {"job_id": 999}, "job_not_found")
-    await unchanged(runtime, owner, "get-run-metrics", {"job_id": "1"}, "invalid_input")
+    await unchanged(runtime, owner, "get-run-metrics", {"job_id": "1.0"}, "invalid_input")
     before = await table_rows(runtime)
     await call(owner, "get-run-metrics", {"job_id": job_id})
     assert await table_rows(runtime) == before
