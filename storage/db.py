@@ -175,14 +175,13 @@ class Database:
         The hot dedup queries are shaped not to depend on them; other queries choose better with them.
         PostgreSQL's autovacuum gathers them as well.
         """
-        async with self.write() as session:
-            if not self.is_sqlite:
-                await session.execute(text(f"ANALYZE {', '.join(ANALYZED_TABLES)}"))
-                return
-            for table in ANALYZED_TABLES:
-                rows = (await session.execute(text(f"SELECT count(*) FROM {table}"))).scalar() or 0
-                if rows >= SQLITE_MIN_ANALYZED_ROWS:
-                    await session.execute(text(f"ANALYZE {table}"))
+        for table in ANALYZED_TABLES:  # one short transaction per table: its lock is not held for the rest
+            async with self.write() as session:
+                if self.is_sqlite:
+                    rows = (await session.execute(text(f"SELECT count(*) FROM {table}"))).scalar() or 0
+                    if rows < SQLITE_MIN_ANALYZED_ROWS:
+                        continue
+                await session.execute(text(f"ANALYZE {table}"))
 
     async def dispose(self) -> None:
         await self.write_engine.dispose()
