@@ -253,10 +253,11 @@ def seeded_warnings(entry: dict[str, Any]) -> list[str]:
     return warnings
 
 
-def normalize_schedule(raw: dict[str, Any] | None) -> dict[str, Any]:
-    """Validate client schedule keys (the §2.10 codes)."""
+def normalize_schedule(raw: dict[str, Any] | None, *, allow_past: bool = False) -> dict[str, Any]:
+    """Validate client schedule keys (the §2.10 codes). A one-time run in the past is refused unless
+    ``allow_past`` (imports, which turn it into manual themselves)."""
     try:
-        return sched.normalize(raw or {"interval": "manual"})
+        return sched.normalize(raw or {"interval": "manual"}, not_before=None if allow_past else utcnow())
     except sched.ScheduleError as err:
         raise AbilityError(err.code, err.message, **err.data) from None
 

@@ -61,6 +61,7 @@ def validate_workflow(ctx: AbilityContext, steps: list[WorkflowStepIn], files_ro
     configuration (handler_slugs, handler_configs, flow_step_settings, user_message).
     """
     problems: list[dict[str, Any]] = []
+    config_errors: list[AbilityError] = []
     out: list[dict[str, Any]] = []
 
     def problem(i: int, message: str, field: str | None = None) -> None:
@@ -139,12 +140,19 @@ def validate_workflow(ctx: AbilityContext, steps: list[WorkflowStepIn], files_ro
                 if err.code == "handler_not_found":
                     raise AbilityError(err.code, err.message, **err.data, step=i) from None
                 field = f"handler_configs.{err.data['handler_slug']}" if "handler_slug" in err.data else None
-                problem(i, f"Step {i}: {err.message}", field)
+                if err.code == "invalid_handler_config":  # the flow tools' code, unless the shape is wrong too
+                    config_errors.append(AbilityError(err.code, f"Step {i}: {err.message}", **err.data, step=i))
+                else:
+                    problem(i, f"Step {i}: {err.message}", field)
         seed = {k: v for k, v in seed_of(step).items() if k in ("step_type", "label", *AI_FIELDS)}
         preview = {k: v for k, v in mask(probe).items() if k in PREVIEW_KEYS}
         out.append({"seed": seed, "edit": edit, "preview": preview})
     if problems:
-        summary = "; ".join(p["message"] for p in problems[:5])
+        for err in config_errors:
+            problem(err.data["step"], err.message, f"handler_configs.{err.data['handler_slug']}")
+        summary = "; ".join(p["message"].rstrip(".") for p in problems[:5])
         more = f" (and {len(problems) - 5} more)" if len(problems) > 5 else ""
         raise AbilityError("invalid_workflow", f"Invalid workflow: {summary}{more}.", errors=problems)
+    if config_errors:
+        raise config_errors[0]
     return out

@@ -279,6 +279,7 @@ class ClearOut(Output):
         "Forget processed-item history for a flow or a whole pipeline so items can be fetched and processed again."
     ),
     error_fields={"clear_type": "clear_type_invalid", "target_id": "target_id_invalid"},
+    missing_uses_code=("target_id",),
 )
 async def clear_processed_items(ctx: AbilityContext, inp: ClearIn) -> ClearOut:
     role: Role = "admin"
@@ -330,7 +331,8 @@ class FindStaleIn(Input):
     flow_step_id: str = Field(max_length=255, description=FSID_DESC)
     source_type: str = Field(max_length=50, description=SOURCE_DESC)
     candidate_identifiers: list[Candidate] = Field(max_length=5000, description=CANDIDATES_DESC)
-    max_age_days: int = Field(ge=1, description="Staleness threshold in days")
+    # capped like the retention settings (100 years): a cutoff must still be a date
+    max_age_days: int = Field(ge=1, le=36500, description="Staleness threshold in days (1-36500)")
     limit: int = Field(100, ge=1, le=5000, description="Maximum identifiers returned")
 
 

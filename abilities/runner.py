@@ -68,7 +68,8 @@ def validation_error(ability: Ability, exc: ValidationError, hints: dict[Loc, li
     code = "invalid_input"
     # A missing mapped field is still invalid_input; a mapped field that is present but invalid
     # (including a missing key inside it) uses the mapped code (abilities.md §2.2).
-    if top in ability.error_fields and not (first["type"] == "missing" and len(first["loc"]) == 1):
+    missing = first["type"] == "missing" and len(first["loc"]) == 1 and top not in ability.missing_uses_code
+    if top in ability.error_fields and not missing:
         code = ability.error_fields[top]
     summary = "; ".join(f"{e['field']}: {e['message']}" for e in errors[:5])
     more = f" (and {len(errors) - 5} more)" if len(errors) > 5 else ""

@@ -11,9 +11,11 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Annotated, Any, ClassVar
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, WithJsonSchema
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, WithJsonSchema, field_validator
 
 from datamachine_mcp.storage.timeutil import iso, parse_datetime
+
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
 
 
 class Input(BaseModel):
@@ -26,6 +28,16 @@ class Input(BaseModel):
     field_hints: ClassVar[dict[str, str]] = {}
     # Declared only to be refused with a pointed message; never suggested for an unknown key.
     legacy_fields: ClassVar[tuple[str, ...]] = ()
+
+    @field_validator("*", mode="after")
+    @classmethod
+    def _fits_64_bits(cls, value: Any) -> Any:
+        # Ids, offsets and counts end up in SQL parameters, which hold 64 bits: refuse larger ones here
+        # (a validation error on the field) rather than fail in the driver.
+        for number in value if isinstance(value, list) else (value,):
+            if type(number) is int and not INT64_MIN <= number <= INT64_MAX:
+                raise ValueError(f"must be between {INT64_MIN} and {INT64_MAX}")
+        return value
 
 
 def _is_none(value: Any) -> bool:

@@ -16,6 +16,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from datamachine_mcp.engine import claims
 from datamachine_mcp.engine import status as st
+from datamachine_mcp.engine.token_usage import with_children
 from datamachine_mcp.storage.logs import write_log
 from datamachine_mcp.storage.models import Flow, Job
 
@@ -280,7 +281,8 @@ async def complete_parent(session: AsyncSession, parent_id: int, *, now: datetim
         reason,
         now=now,
         allowed_from=(st.PROCESSING,),
-        engine_updates={"batch_results": results},
+        # the children's AI usage counts as the batch's (they recorded it on their own rows)
+        engine_updates={"batch_results": results, "token_usage": await with_children(session, parent)},
         threshold=threshold,
     )
     return changes or Changes()

@@ -383,7 +383,8 @@ async def test_clear_errors_and_roles(runtime, owner, flow):
         await unchanged(
             runtime, owner, "clear-processed-items", {"clear_type": "flow", "target_id": bad}, "target_id_invalid"
         )
-    await unchanged(runtime, owner, "clear-processed-items", {"clear_type": "flow"}, "invalid_input")  # missing
+    err = await unchanged(runtime, owner, "clear-processed-items", {"clear_type": "flow"}, "target_id_invalid")
+    assert err["data"]["errors"] == [{"field": "target_id", "message": "Field required"}]
     await unchanged(runtime, owner, "clear-processed-items", {"clear_type": "flow", "target_id": 99}, "flow_not_found")
     await unchanged(
         runtime, owner, "clear-processed-items", {"clear_type": "pipeline", "target_id": 99}, "pipeline_not_found"
@@ -436,7 +437,7 @@ async def test_find_stale(runtime, owner, flow):
     assert (await call(owner, "processed-items-find-stale", {**args, "max_age_days": 60}))["stale_ids"] == ["older"]
     assert (await call(owner, "processed-items-find-stale", {**args, "source_type": "files"}))["count"] == 0
     assert (await call(owner, "processed-items-find-stale", {**args, "flow_step_id": "nope"}))["count"] == 0
-    for bad in (0, -1, "7d"):  # "7" is read as 7 (client forms)
+    for bad in (0, -1, "7d", 36501, 10**6, 2**64):  # "7" is read as 7 (client forms); a cutoff must be a date
         await unchanged(
             runtime, owner, "processed-items-find-stale", {**args, "max_age_days": bad}, "max_age_days_invalid"
         )
