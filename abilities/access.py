@@ -45,6 +45,8 @@ class Principal:
     session_id: str | None = None
     token_prefix: str | None = None
     agent_slug: str | None = None
+    # The token's own HTTP rate limit (None: the setting's); not part of who the principal is.
+    rate_limit_per_minute: int | None = field(default=None, compare=False)
 
     @property
     def ceiling(self) -> str | None:

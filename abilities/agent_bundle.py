@@ -180,7 +180,7 @@ def _plan_flow_step(step: dict[str, Any], step_type: str, path: str, roots: Any,
                 if not isinstance(config, dict):
                     raise AbilityError("invalid_handler_config", f"{cpath} must be an object.", handler_slug=slug)
                 validate_handler_config(handler, step_type, config, check_required=False, files_roots=roots)
-            except (ConfigError, AbilityError) as err:
+            except AbilityError as err:  # ConfigError included
                 raise _config_error(err, cpath) from None
             sealed[slug] = seal_secrets(handler, config, box)
         for slug in configs:

@@ -57,8 +57,8 @@ _BY_SLUG = select(Agent).where(Agent.agent_slug == bindparam("slug"))
 
 
 class AgentSelector(Input):
-    agent_id: int | None = Field(None, ge=1, description="Agent id (selector; give this or agent_slug)")
-    agent_slug: str | None = Field(None, max_length=200, description="Agent slug (selector; give this or agent_id)")
+    agent_id: int | None = Field(None, ge=1, description="Agent id")
+    agent_slug: str | None = Field(None, max_length=200, description="Agent slug")
 
 
 async def find_agent(session: AsyncSession, agent_id: int | None, agent_slug: str | None) -> Agent | None:
@@ -128,7 +128,7 @@ class AgentOut(Output):
     agent_slug: str = Field(description="Unique slug")
     agent_name: str = Field(description="Display name")
     owner_id: int = Field(description="Owning user (always admin on the agent)")
-    status: Literal["active", "inactive"] = Field(description="inactive freezes the agent")
+    status: Literal["active", "inactive"] = Field(description="inactive freezes it")
     agent_config: dict[str, Any] = Field(description="Free-form config (description, system_prompt, ...)")
     created_at: str = Field(description="ISO 8601 UTC")
     updated_at: str = Field(description="ISO 8601 UTC")

@@ -77,8 +77,8 @@ def _export_flow_step(entry: dict[str, Any], path: str, redacted: list[str], que
 
 
 class ExportAgentIn(AgentSelector):
-    include_flows: bool = Field(True, description="Include flows (step configs and schedules)")
-    include_queues: bool = Field(True, description="Include prompt queues of ai flow steps")
+    include_flows: bool = Field(True, description="Include flows")
+    include_queues: bool = Field(True, description="Include prompt queues")
 
 
 class BundleCounts(Output):
@@ -102,10 +102,7 @@ class ExportAgentOut(Output):
     level="viewer",
     read_only=True,
     idempotent=True,
-    description=(
-        "Export an agent with its pipelines, flows and prompt queues as a portable JSON bundle (secrets removed). "
-        "Use import-agent to recreate it."
-    ),
+    description=("Export an agent with its pipelines and flows as a JSON bundle (no secrets)."),
 )
 async def export_agent(ctx: AbilityContext, inp: ExportAgentIn) -> ExportAgentOut:
     agent, _ = await load_agent(ctx, inp, "viewer", mutating=False)

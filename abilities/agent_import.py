@@ -45,17 +45,13 @@ def _import_schedule(raw: dict[str, Any], *, activate: bool, now: datetime) -> t
 
 
 class ImportAgentIn(Input):
-    bundle: dict[str, Any] = Field(
-        description="Bundle from export-agent (format datamachine-mcp.agent-bundle, version 1)"
-    )
-    agent_slug: str | None = Field(None, max_length=400, description="Override the new agent's slug (sanitised)")
-    agent_name: str | None = Field(None, max_length=200, description="Override the display name")
-    owner_id: int | None = Field(None, ge=1, description="Owner (honoured for global admins only; default: you)")
-    on_conflict: Literal["error", "skip"] = Field(
-        "error", description="If the slug exists: error (agent_slug_conflict) or skip (write nothing)"
-    )
-    activate_schedules: bool = Field(False, description="Keep imported schedules enabled (default: paused)")
-    dry_run: bool = Field(False, description="Validate and summarise only; write nothing")
+    bundle: dict[str, Any] = Field(description="Bundle from export-agent")
+    agent_slug: str | None = Field(None, max_length=400, description="New slug")
+    agent_name: str | None = Field(None, max_length=200, description="New display name")
+    owner_id: int | None = Field(None, ge=1, description="Owner (global admins)")
+    on_conflict: Literal["error", "skip"] = Field("error", description="If the slug exists")
+    activate_schedules: bool = Field(False, description="Keep schedules enabled")
+    dry_run: bool = Field(False, description="Dry run")
 
 
 class ImportedOut(Output):
@@ -94,10 +90,7 @@ def _result(agent_id: int | None, slug: str, *, skipped: bool = False, dry_run: 
     "import-agent",
     toolset="agents",
     level="admin",
-    description=(
-        "Create an agent with its pipelines and flows from a bundle produced by export-agent. "
-        "Supports dry_run and slug override; imported schedules start paused."
-    ),
+    description=("Create an agent with its pipelines and flows from an export-agent bundle."),
 )
 async def import_agent(ctx: AbilityContext, inp: ImportAgentIn) -> ImportAgentOut:
     p = ctx.principal
@@ -139,19 +132,21 @@ async def import_agent(ctx: AbilityContext, inp: ImportAgentIn) -> ImportAgentOu
             refmap[sref] = psid
         pipeline.pipeline_config = config
         created[plan.ref] = (pipeline, refmap)
-    flow_ids, paused_ids, warnings = [], [], []
-    for plan in flows:
-        pipeline, refmap = created[plan.pipeline_ref]
-        schedule, paused = _import_schedule(plan.schedule, activate=inp.activate_schedules, now=now)
+    flow_ids: list[int] = []
+    paused_ids: list[int] = []
+    warnings: list[str] = []
+    for flow_plan in flows:
+        pipeline, refmap = created[flow_plan.pipeline_ref]
+        schedule, paused = _import_schedule(flow_plan.schedule, activate=inp.activate_schedules, now=now)
         flow, _, _ = await create_flow_record(
-            ctx, pipeline, flow_name=plan.name, agent_id=agent.agent_id, user_id=p.user_id, schedule=schedule
+            ctx, pipeline, flow_name=flow_plan.name, agent_id=agent.agent_id, user_id=p.user_id, schedule=schedule
         )
-        config = dict(flow.flow_config)
-        for sref, values in plan.steps.items():
+        flow_config = dict(flow.flow_config)
+        for sref, values in flow_plan.steps.items():
             fsid = f"{refmap[sref]}_{flow.flow_id}"
-            config[fsid] = {**config[fsid], **values}
-        flow.flow_config = config
-        warnings.extend(w for entry in ordered_steps(config) for w in seeded_warnings(entry))
+            flow_config[fsid] = {**flow_config[fsid], **values}
+        flow.flow_config = flow_config
+        warnings.extend(w for entry in ordered_steps(flow_config) for w in seeded_warnings(entry))
         flow_ids.append(flow.flow_id)
         if paused:
             paused_ids.append(flow.flow_id)

@@ -9,7 +9,7 @@ from __future__ import annotations
 from typing import Any, Literal
 
 from pydantic import Field
-from sqlalchemy import and_, bindparam, func, or_, select
+from sqlalchemy import BindParameter, and_, bindparam, func, or_, select
 
 from datamachine_mcp.abilities.access import ROLE_RANK
 from datamachine_mcp.abilities.agent_common import (
@@ -45,7 +45,7 @@ def _count(model: Any, *conds: Any) -> Any:
     return select(func.count()).select_from(model).where(*conds).scalar_subquery()
 
 
-_AID = bindparam("aid")
+_AID: BindParameter[int] = bindparam("aid")
 # Built once: statement construction is a large share of a short read's cost.
 _COUNTS = select(
     _count(Pipeline, Pipeline.agent_id == _AID),
@@ -74,12 +74,12 @@ async def agent_detail(ctx: AbilityContext, agent: Agent, role: str | None) -> d
 
 
 class CreateAgentIn(Input):
-    agent_slug: str = Field(max_length=400, description="Unique slug; sanitised to [a-z0-9_-]")
-    agent_name: str | None = Field(None, max_length=200, description="Display name (default: the slug)")
-    owner_id: int | None = Field(None, ge=1, description="Owner (honoured for global admins only; default: you)")
+    agent_slug: str = Field(max_length=400, description="Unique slug ([a-z0-9_-])")
+    agent_name: str | None = Field(None, max_length=200, description="Display name")
+    owner_id: int | None = Field(None, ge=1, description="Owner (global admins)")
     agent_config: dict[str, Any] = Field(
         default_factory=dict,
-        description="Config: description, system_prompt, default_provider, default_model, mode_models",
+        description="system_prompt, default_provider, default_model…",
     )
 
 
@@ -96,12 +96,10 @@ class CreateAgentOut(Output):
 
 @ability(
     "create-agent",
+    core=True,
     toolset="agents",
     level="admin",
-    description=(
-        "Create an agent (an identity that owns pipelines, flows, jobs and chat sessions). "
-        "The owner gets admin access. Non-admins can create one agent for themselves."
-    ),
+    description=("Create an agent: an identity owning pipelines, flows, jobs and chats. Its owner gets admin access."),
 )
 async def create_agent(ctx: AbilityContext, inp: CreateAgentIn) -> CreateAgentOut:
     p = ctx.principal
@@ -135,7 +133,7 @@ class GetAgentOut(Output):
     level="viewer",
     read_only=True,
     idempotent=True,
-    description="Get one agent by agent_id or agent_slug: config, status, resource counts and (for admins) its access grants.",
+    description="Get one agent: config, status, counts, grants.",
 )
 async def get_agent(ctx: AbilityContext, inp: AgentSelector) -> GetAgentOut:
     agent, role = await load_agent(ctx, inp, "viewer", mutating=False)
@@ -146,12 +144,10 @@ async def get_agent(ctx: AbilityContext, inp: AgentSelector) -> GetAgentOut:
 
 
 class ListAgentsIn(Input):
-    scope: Literal["mine", "all"] = Field(
-        "mine", description="mine = agents the subject owns or holds a grant on; all = every agent (global admins)"
-    )
-    user_id: int | None = Field(None, ge=1, description="Subject user for 'mine' (global admins only; default: you)")
-    status: Literal["active", "inactive"] | None = Field(None, description="Only agents with this status")
-    include_role: bool = Field(False, description="Add user_role: the subject's role on each agent")
+    scope: Literal["mine", "all"] = Field("mine", description="all: global admins")
+    user_id: int | None = Field(None, ge=1, description="Subject user (global admins)")
+    status: Literal["active", "inactive"] | None = Field(None, description="Status filter")
+    include_role: bool = Field(False, description="Add user_role")
     per_page: int = Field(50, ge=1, le=100, description=PER_PAGE_DESC)
     offset: int = Field(0, ge=0, description=OFFSET_DESC)
 
@@ -173,11 +169,12 @@ class ListAgentsOut(PageOut):
 
 @ability(
     "list-agents",
+    core=True,
     toolset="agents",
     level="any",
     read_only=True,
     idempotent=True,
-    description="List agents the caller can access (scope=mine) or every agent (scope=all, global admins). Paged.",
+    description="List the agents you can access (or all, for global admins).",
 )
 async def list_agents(ctx: AbilityContext, inp: ListAgentsIn) -> ListAgentsOut:
     p = ctx.principal
@@ -226,9 +223,9 @@ async def list_agents(ctx: AbilityContext, inp: ListAgentsIn) -> ListAgentsOut:
 
 class UpdateAgentIn(AgentSelector):
     agent_name: str | None = Field(None, max_length=200, description="New display name")
-    agent_config: dict[str, Any] | None = Field(None, description="New config; replaces the stored one entirely")
-    status: Literal["active", "inactive"] | None = Field(None, description="inactive freezes the agent")
-    owner_id: int | None = Field(None, ge=1, description="Transfer ownership (global admins only)")
+    agent_config: dict[str, Any] | None = Field(None, description="New config (replaces it)")
+    status: Literal["active", "inactive"] | None = Field(None, description="inactive freezes it")
+    owner_id: int | None = Field(None, ge=1, description="New owner (global admins)")
 
 
 class UpdateAgentOut(Output):
@@ -243,10 +240,7 @@ class UpdateAgentOut(Output):
     level="admin",
     destructive=True,
     idempotent=True,
-    description=(
-        "Update an agent's display name, status (active/inactive), owner or configuration. "
-        "agent_config replaces the whole config."
-    ),
+    description=("Update an agent's name, status, owner or config (replaced whole)."),
 )
 async def update_agent(ctx: AbilityContext, inp: UpdateAgentIn) -> UpdateAgentOut:
     if inp.agent_name is None and inp.agent_config is None and inp.status is None and inp.owner_id is None:
@@ -303,8 +297,8 @@ async def update_agent(ctx: AbilityContext, inp: UpdateAgentIn) -> UpdateAgentOu
         )
         ctx.notify_updated(agent_uri(agent.agent_slug))
     await ctx.session.flush()
-    role = await ctx.access.effective_role(agent_owner(agent))
-    detail = await agent_detail(ctx, agent, role)
+    caller_role = await ctx.access.effective_role(agent_owner(agent))
+    detail = await agent_detail(ctx, agent, caller_role)
     message = f"Agent '{agent.agent_slug}' updated." if changed else "Nothing changed."
     return UpdateAgentOut.model_validate({"agent": detail, "updated_fields": changed, "message": message})
 
@@ -314,7 +308,7 @@ async def update_agent(ctx: AbilityContext, inp: UpdateAgentIn) -> UpdateAgentOu
 
 class RenameAgentIn(Input):
     old_slug: str = Field(max_length=400, description="Current slug")
-    new_slug: str = Field(max_length=400, description="New slug (sanitised to [a-z0-9_-])")
+    new_slug: str = Field(max_length=400, description="New slug ([a-z0-9_-])")
 
 
 class RenameAgentOut(Output):
@@ -329,7 +323,7 @@ class RenameAgentOut(Output):
     toolset="agents",
     level="admin",
     idempotent=True,
-    description="Change an agent's slug (old_slug → new_slug). IDs, resources, grants and tokens are kept.",
+    description="Change an agent's slug; ids, resources, grants and tokens stay.",
 )
 async def rename_agent(ctx: AbilityContext, inp: RenameAgentIn) -> RenameAgentOut:
     new_slug = slug_or_error(inp.new_slug)
@@ -385,10 +379,7 @@ class DeleteAgentOut(Output):
     level="admin",
     destructive=True,
     idempotent=True,
-    description=(
-        "Delete an agent with its access grants and tokens. Its pipelines, flows, jobs and chat sessions "
-        "are kept and fall back to the users who created them."
-    ),
+    description=("Delete an agent with its grants and tokens (its pipelines, flows and jobs stay)."),
 )
 async def delete_agent(ctx: AbilityContext, inp: AgentSelector) -> DeleteAgentOut:
     agent, _ = await load_agent(ctx, inp, "admin", mutating=True)

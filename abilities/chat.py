@@ -44,14 +44,14 @@ from datamachine_mcp.storage.timeutil import iso, parse_datetime, utcnow
 
 
 class CreateSessionIn(Input):
-    agent_id: int | None = Field(None, ge=1, description="Agent that answers (default: your session's agent)")
-    agent_slug: str | None = Field(None, max_length=200, description="Alternative to agent_id")
-    context: ContextName = Field("chat", description="Session context: chat, pipeline or system (DM mode)")
-    title: str | None = Field(None, max_length=TITLE_MAX, description="Title (else set from the first message)")
-    provider: str | None = Field(None, max_length=50, description="AI provider for the session")
-    model: str | None = Field(None, max_length=100, description="AI model for the session")
-    source: str | None = Field(None, max_length=50, description="Origin, stored as metadata.source")
-    metadata: dict[str, Any] = Field(default_factory=dict, description="Extra metadata (at most 64 KiB)")
+    agent_id: int | None = Field(None, ge=1, description="Answering agent")
+    agent_slug: str | None = Field(None, max_length=200, description="Agent slug (or agent_id)")
+    context: ContextName = Field("chat", description="Session context")
+    title: str | None = Field(None, max_length=TITLE_MAX, description="Title")
+    provider: str | None = Field(None, max_length=50, description="AI provider")
+    model: str | None = Field(None, max_length=100, description="AI model")
+    source: str | None = Field(None, max_length=50, description="Origin (metadata.source)")
+    metadata: dict[str, Any] = Field(default_factory=dict, description="Extra metadata")
 
 
 class CreateSessionOut(Output):
@@ -63,10 +63,7 @@ class CreateSessionOut(Output):
     "create-chat-session",
     toolset="chat",
     level="any",
-    description=(
-        "Start a chat session (conversation), optionally bound to an agent whose AI settings and system "
-        "prompt will answer."
-    ),
+    description=("Start a chat session, optionally answered by an agent."),
 )
 async def create_chat_session(ctx: AbilityContext, inp: CreateSessionIn) -> CreateSessionOut:
     p = ctx.principal
@@ -113,7 +110,7 @@ async def create_chat_session(ctx: AbilityContext, inp: CreateSessionIn) -> Crea
 
 class GetSessionIn(Input):
     session_id: str = Field(max_length=50, description="Session id")
-    user_id: int | None = Field(None, ge=1, description="Owner (another user: global admins only; default: you)")
+    user_id: int | None = Field(None, ge=1, description="Owner (global admins)")
 
 
 class GetSessionOut(ChatSessionOut):
@@ -126,7 +123,7 @@ class GetSessionOut(ChatSessionOut):
     level="any",
     read_only=True,
     idempotent=True,
-    description="Get a chat session with its full conversation and metadata.",
+    description="Get a chat session with its conversation.",
 )
 async def get_chat_session(ctx: AbilityContext, inp: GetSessionIn) -> GetSessionOut:
     s = await load_session(ctx, inp.session_id, inp.user_id)
@@ -138,8 +135,8 @@ async def get_chat_session(ctx: AbilityContext, inp: GetSessionIn) -> GetSession
 
 
 class ListSessionsIn(Input):
-    user_id: int | None = Field(None, ge=1, description="Whose sessions (another user: global admins only)")
-    agent_id: int | None = Field(None, ge=1, description="Only this agent's sessions")
+    user_id: int | None = Field(None, ge=1, description="Owner (global admins)")
+    agent_id: int | None = Field(None, ge=1, description="Agent filter")
     context: ContextName | None = Field(None, description="Only this context")
     per_page: int = Field(20, ge=1, le=100, description=PER_PAGE_DESC)
     offset: int = Field(0, ge=0, description=OFFSET_DESC)
@@ -205,7 +202,7 @@ def _first_user_message(messages: list[Any]) -> str | None:
     level="any",
     read_only=True,
     idempotent=True,
-    description="List a user's chat sessions, most recently active first, with unread counts. Paged.",
+    description="List chat sessions, most recent first.",
 )
 async def list_chat_sessions(ctx: AbilityContext, inp: ListSessionsIn) -> ListSessionsOut:
     conds = [ChatSession.user_id == subject_user(ctx, inp.user_id), await agent_scope(ctx)]
@@ -252,23 +249,21 @@ async def list_chat_sessions(ctx: AbilityContext, inp: ListSessionsIn) -> ListSe
 
 
 class ChatMessageIn(Input):
-    role: RoleName = Field(description="user, assistant, system or tool")
-    content: str = Field(max_length=100000, description="Message text (at most 100000 characters)")
-    metadata: dict[str, Any] | None = Field(None, description="Message metadata; timestamp defaults to now")
+    role: RoleName = Field(description="Role")
+    content: str = Field(max_length=100000, description="Text")
+    metadata: dict[str, Any] | None = Field(None, description="Metadata (timestamp: now)")
 
 
 class UpdateSessionIn(Input):
     session_id: str = Field(max_length=50, description="Session")
     append_messages: list[ChatMessageIn] | None = Field(
-        None, min_length=1, max_length=100, description="Messages to append (1..100), in order"
+        None, min_length=1, max_length=100, description="Messages to append"
     )
     title: str | None = Field(None, max_length=TITLE_MAX, description='New title; "" clears it')
-    metadata: dict[str, Any] | None = Field(None, description="Merged into the metadata; null values delete keys")
-    provider: str | None = Field(None, max_length=50, description="Provider recorded on the session")
-    model: str | None = Field(None, max_length=100, description="Model recorded on the session")
-    expected_message_count: int | None = Field(
-        None, ge=0, description="Optimistic lock: fail with session_conflict if the message count differs"
-    )
+    metadata: dict[str, Any] | None = Field(None, description="Merged (null deletes)")
+    provider: str | None = Field(None, max_length=50, description="Provider")
+    model: str | None = Field(None, max_length=100, description="Model")
+    expected_message_count: int | None = Field(None, ge=0, description="Optimistic lock")
 
 
 class UpdateSessionOut(Output):
@@ -302,7 +297,7 @@ def _merged_metadata(current: dict[str, Any], patch: dict[str, Any]) -> dict[str
     "update-chat-session",
     toolset="chat",
     level="any",
-    description="Append messages to your chat session and/or set its title, metadata, provider or model.",
+    description="Append messages to a chat session or change its settings.",
 )
 async def update_chat_session(ctx: AbilityContext, inp: UpdateSessionIn) -> UpdateSessionOut:
     given = ("append_messages", "title", "metadata", "provider", "model")
@@ -379,7 +374,7 @@ async def update_chat_session(ctx: AbilityContext, inp: UpdateSessionIn) -> Upda
 
 class DeleteSessionIn(Input):
     session_id: str = Field(max_length=50, description="Session")
-    user_id: int | None = Field(None, ge=1, description="Owner (another user: global admins only; default: you)")
+    user_id: int | None = Field(None, ge=1, description="Owner (global admins)")
 
 
 class DeleteSessionOut(Output):
@@ -393,7 +388,7 @@ class DeleteSessionOut(Output):
     level="any",
     destructive=True,
     idempotent=True,
-    description="Delete a chat session and its conversation.",
+    description="Delete a chat session.",
 )
 async def delete_chat_session(ctx: AbilityContext, inp: DeleteSessionIn) -> DeleteSessionOut:
     s = await load_session(ctx, inp.session_id, inp.user_id, mutating=True)
@@ -418,7 +413,7 @@ class MarkReadOut(Output):
     toolset="chat",
     level="any",
     idempotent=True,
-    description="Mark your chat session as read up to now (resets its unread count).",
+    description="Mark a chat session read.",
 )
 async def mark_session_read(ctx: AbilityContext, inp: MarkReadIn) -> MarkReadOut:
     s = await load_session(ctx, inp.session_id, mutating=True)

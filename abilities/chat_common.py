@@ -108,7 +108,7 @@ async def load_session(
 
 
 class ChatMessageOut(Output):
-    role: RoleName = Field(description="user, assistant, system or tool")
+    role: RoleName = Field(description="Role")
     content: str = Field(description="Message text")
     metadata: dict[str, Any] = Field(description="Always has timestamp; AI replies add provider, model, token_usage")
 

@@ -50,13 +50,11 @@ HISTORY_ROLES = ("user", "assistant", "system")
 
 class SendChatMessageIn(Input):
     session_id: str = Field(max_length=50, description="Session")
-    message: str = Field(max_length=100000, description="User message (1..100000 characters, not blank)")
-    provider: Literal["openai", "anthropic", "sampling"] | None = Field(
-        None, description="Provider override: openai, anthropic or sampling (stored on the session)"
-    )
-    model: str | None = Field(None, max_length=100, description="Model override (stored on the session)")
+    message: str = Field(max_length=100000, description="User message")
+    provider: Literal["openai", "anthropic", "sampling"] | None = Field(None, description="Provider")
+    model: str | None = Field(None, max_length=100, description="Model")
     max_tokens: int = Field(1024, ge=1, le=32000, description="Reply token cap")
-    temperature: float | None = Field(None, ge=0, le=2, description="Sampling temperature (default: the provider's)")
+    temperature: float | None = Field(None, ge=0, le=2, description="Temperature")
 
 
 class TokenUsage(Output):
@@ -97,14 +95,13 @@ async def _call(ctx: AbilityContext, provider: str, request: AIRequest, snap: An
     limiter = engine.ai_limiter(snap.int("ai_max_concurrent_requests")) if engine is not None else None
     async with limiter if limiter is not None else contextlib.nullcontext():
         if provider == "sampling":
-            bridge = getattr(engine, "sampling", None)
-            if bridge is None or ctx.client is None:
+            if engine is None or ctx.client is None:
                 raise StepError(
                     "sampling_unavailable",
                     "This server has no MCP client connection to sample through.",
                     retryable=True,
                 )
-            return await bridge.complete(
+            return await engine.sampling.complete(
                 request,
                 session=ctx.client,
                 related_request_id=ctx.request_id,
@@ -123,10 +120,7 @@ async def _call(ctx: AbilityContext, provider: str, request: AIRequest, snap: An
     level="any",
     open_world=True,
     transaction="manual",
-    description=(
-        "Send a user message in your chat session and get the AI reply from the session agent's provider. "
-        "Both messages are saved."
-    ),
+    description=("Send a message in a chat session and get the AI reply."),
 )
 async def send_chat_message(ctx: AbilityContext, inp: SendChatMessageIn) -> SendChatMessageOut:
     text = inp.message.strip()

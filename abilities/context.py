@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from datamachine_mcp.abilities.access import Access, Principal
+from datamachine_mcp.engine.runtime import EngineServices
 from datamachine_mcp.storage.crypto import SecretBox
 from datamachine_mcp.storage.db import Database
 from datamachine_mcp.storage.logs import write_log
@@ -48,12 +49,14 @@ class Runtime:
     box: SecretBox
     data_dir: Path
     version: str
-    toolsets: frozenset[str] | None = None
+    toolsets: frozenset[str] | None = None  # the tools listed (abilities/toolsets.py); None = all
+    tools: frozenset[str] = frozenset()
     read_only: bool = False
     public_base_url: str | None = None
+    # Given at construction: the serving process's notifications (a NullEvents without MCP clients).
     events: EventSink = field(default_factory=NullEvents)
-    # Set by the server when an in-process engine runs (wake-ups, sampling bridge, waits).
-    engine: Any = None
+    # The engine's services (wake-ups, waits, the sampling bridge); None where no engine is attached.
+    engine: EngineServices | None = None
 
 
 @dataclass

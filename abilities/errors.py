@@ -1,28 +1,20 @@
-"""Ability errors: a stable snake_case code, one sentence that names the fix, and data."""
+"""Ability errors: the coded error (a stable snake_case code, one sentence that names the fix, data)
+and the permission refusal that leaves an audit trace."""
 
 from __future__ import annotations
 
 from typing import Any
 
+from datamachine_mcp.engine.errors import CodedError
 
-class AbilityError(Exception):
-    """Raised by handlers; the server turns it into an ``is_error`` tool result.
-
-    The client sees the text ``"<code>: <message>"`` and the structured content
-    ``{code, message, data}`` (ARCHITECTURE decision 2).
-    """
-
-    def __init__(self, code: str, message: str, **data: Any) -> None:
-        super().__init__(f"{code}: {message}")
-        self.code = code
-        self.message = message
-        self.data = data
-
-    def payload(self) -> dict[str, Any]:
-        return {"code": self.code, "message": self.message, "data": self.data}
+# Abilities raise the engine's coded error under this name. Catching it catches every coded error,
+# including the engine's ConfigError, PlanError and ScheduleError: the runner turns any of them into
+# an ``is_error`` tool result whose text is ``"<code>: <message>"`` and whose structured content is
+# ``{code, message, data}``.
+AbilityError = CodedError
 
 
-class AccessDenied(AbilityError):
+class AccessDenied(CodedError):
     """A permission refusal (``permission_denied`` or ``agent_access_denied``).
 
     Unlike other errors it leaves a trace: one ``warning`` log row written in its own transaction

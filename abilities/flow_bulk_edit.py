@@ -26,10 +26,10 @@ from datamachine_mcp.storage.timeutil import utcnow
 
 # An item of configure-flow-steps' flow_configs: one flow's override of a pipeline-scope change.
 class FlowConfigIn(Input):
-    flow_id: int = Field(ge=1, description="Flow of the pipeline this override applies to")
-    handler_config: dict[str, Any] | None = Field(None, description="Merged over handler_config for this flow")
-    flow_step_settings: dict[str, Any] | None = Field(None, description="Merged over flow_step_settings for this flow")
-    user_message: str | None = Field(None, max_length=20000, description="Replaces user_message for this flow")
+    flow_id: int = Field(ge=1, description="Flow")
+    handler_config: dict[str, Any] | None = Field(None, description="Merged over handler_config")
+    flow_step_settings: dict[str, Any] | None = Field(None, description="Merged over flow_step_settings")
+    user_message: str | None = Field(None, max_length=20000, description="Replaces user_message")
 
 
 @dataclass

@@ -10,38 +10,35 @@ from datamachine_mcp.abilities.access import Owner
 from datamachine_mcp.abilities.context import AbilityContext
 from datamachine_mcp.abilities.errors import AbilityError
 from datamachine_mcp.abilities.flow_ops import normalize_schedule
+from datamachine_mcp.abilities.json_schema import UNPUBLISHED
 from datamachine_mcp.abilities.pipeline_common import flows_out, owner_of
 from datamachine_mcp.abilities.schema import Input
 from datamachine_mcp.engine import schedule as sched
 from datamachine_mcp.storage.models import Agent, Flow
 
 DEFAULT_FLOW_NAME = "Flow"
-SCHEDULE_DESC = (
-    "Schedule: {interval (manual, one_time, cron, an interval key such as hourly or daily), timestamp (one_time), "
-    "cron_expression, timezone (IANA, cron), enabled (false = paused), allow_overlap}"
-)
+SCHEDULE_DESC = "Schedule"
 
 
 class ScheduleIn(Input):
-    """The client keys of a scheduling_config (abilities.md §2.10); derived keys are accepted and ignored."""
+    """The client keys of a scheduling_config; derived keys are accepted and ignored."""
 
     interval: str = Field(
         max_length=200,
-        description="manual, one_time, cron, one of the interval keys (get-scheduling-intervals) or an alias; "
-        "a cron expression given here is read as cron",
+        description="manual, one_time, an interval key (hourly…) or a cron expression",
     )
-    timestamp: int | str | None = Field(None, description="one_time: Unix seconds or ISO 8601 date-time")
-    cron_expression: str | None = Field(
-        None, max_length=200, description="cron: 5 fields (minute hour day month weekday) or a macro such as @daily"
-    )
-    timezone: str | None = Field(None, max_length=100, description="cron: IANA zone name (default UTC)")
-    enabled: bool | None = Field(None, description="false pauses the schedule without losing it")
-    allow_overlap: bool | None = Field(None, description="true lets a scheduled run start while another is active")
-    interval_seconds: Any = Field(None, description="Derived by the server; ignored on input")
-    first_run: Any = Field(None, description="Derived by the server; ignored on input")
-    next_run: Any = Field(None, description="Derived by the server; ignored on input")
-    last_skip: Any = Field(None, description="Derived by the server; ignored on input")
-    webhook: Any = Field(None, description="Managed by the webhook-trigger tools; ignored on input")
+    timestamp: int | str | None = Field(None, description="one_time: Unix seconds or ISO 8601")
+    cron_expression: str | None = Field(None, max_length=200, description="cron: 5 fields or a macro (@daily)")
+    timezone: str | None = Field(None, max_length=100, description="cron: IANA zone (default UTC)")
+    enabled: bool | None = Field(None, description="false = paused")
+    allow_overlap: bool | None = Field(None, description="Runs may overlap")
+    # Keys get-flows shows but the server derives: accepted (a shown config can be sent back) and ignored;
+    # not published.
+    interval_seconds: Any = Field(None, description="Ignored (derived)", json_schema_extra=UNPUBLISHED)
+    first_run: Any = Field(None, description="Ignored (derived)", json_schema_extra=UNPUBLISHED)
+    next_run: Any = Field(None, description="Ignored (derived)", json_schema_extra=UNPUBLISHED)
+    last_skip: Any = Field(None, description="Ignored (derived)", json_schema_extra=UNPUBLISHED)
+    webhook: Any = Field(None, description="Ignored (webhook tools)", json_schema_extra=UNPUBLISHED)
 
     def client(self) -> dict[str, Any]:
         return {k: v for k, v in self.model_dump().items() if k in sched.CLIENT_KEYS and v is not None}

@@ -43,18 +43,13 @@ COPIED_KEYS = (
 
 
 class DuplicateFlowIn(Input):
-    source_flow_id: int = Field(ge=1, description="Flow to copy")
-    target_pipeline_id: int | None = Field(
-        None, ge=1, description="Pipeline of the copy (default: the source's); its step types must match by order"
-    )
-    flow_name: str | None = Field(None, max_length=255, description='Name of the copy (default "Copy of {name}")')
-    scheduling_config: ScheduleIn | None = Field(
-        None, description=SCHEDULE_DESC + " (default: the source's, with one_time becoming manual)"
-    )
+    source_flow_id: int = Field(ge=1, description="Flow")
+    target_pipeline_id: int | None = Field(None, ge=1, description="Target pipeline (same step types)")
+    flow_name: str | None = Field(None, max_length=255, description='Default "Copy of {name}"')
+    scheduling_config: ScheduleIn | None = Field(None, description=SCHEDULE_DESC + " (default: the source's)")
     step_config_overrides: dict[str, StepConfigInput] | None = Field(
         None,
-        description="Overrides applied after copying, keyed by step_type or execution_order (as a string; wins over "
-        "step_type)",
+        description="Keyed by step_type or execution_order",
     )
 
 
@@ -80,7 +75,7 @@ def _copy_value(value: Any) -> Any:
     "duplicate-flow",
     toolset="flows",
     level="admin",
-    description="Copy a flow (step configs and prompt queues) into the same or a compatible pipeline.",
+    description="Copy a flow into the same or a compatible pipeline.",
 )
 async def duplicate_flow(ctx: AbilityContext, inp: DuplicateFlowIn) -> DuplicateFlowOut:
     source = await load_flow(ctx, inp.source_flow_id, "viewer", mutating=False)

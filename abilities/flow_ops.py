@@ -16,6 +16,7 @@ from pydantic import Field
 
 from datamachine_mcp.abilities.context import AbilityContext
 from datamachine_mcp.abilities.errors import AbilityError
+from datamachine_mcp.abilities.json_schema import UNPUBLISHED
 from datamachine_mcp.abilities.pipeline_common import ordered_steps, sync_flow_config
 from datamachine_mcp.abilities.schema import Input
 from datamachine_mcp.engine import schedule as sched
@@ -45,13 +46,16 @@ class StepConfigInput(Input):
 
     field_hints: ClassVar[dict[str, str]] = STEP_FIELD_HINTS
 
-    handler_slugs: list[str] | None = Field(None, max_length=10, description="Handlers of the step, in run order")
-    handler_configs: dict[str, dict[str, Any]] | None = Field(None, description="Config per handler, merged")
-    handler_slug: str | None = Field(None, description="Legacy: the handler to use (switches a fetch step)")
-    handler_config: dict[str, Any] | None = Field(None, description="Legacy: merged into handler_slug's config")
-    flow_step_settings: dict[str, Any] | None = Field(None, description="Settings of a handler-free step, merged")
-    user_message: str | None = Field(None, max_length=20000, description="ai steps: the one queued prompt; '' clears")
-    queue_mode: QueueMode | None = Field(None, description="ai/fetch steps: static, drain or loop")
+    handler_slugs: list[str] | None = Field(None, max_length=10, description="Handlers, in run order")
+    handler_configs: dict[str, dict[str, Any]] | None = Field(None, description="{slug: config}, merged")
+    # The older one-handler spelling: still accepted, no longer published (handler_slugs says it).
+    handler_slug: str | None = Field(None, description="Legacy single handler", json_schema_extra=UNPUBLISHED)
+    handler_config: dict[str, Any] | None = Field(
+        None, description="Config of handler_slug", json_schema_extra=UNPUBLISHED
+    )
+    flow_step_settings: dict[str, Any] | None = Field(None, description="Step settings, merged")
+    user_message: str | None = Field(None, max_length=20000, description="ai: the prompt; '' clears")
+    queue_mode: QueueMode | None = Field(None, description="Prompt queue mode")
 
 
 @dataclass
@@ -102,7 +106,9 @@ def apply_step_edit(
     spec = STEP_TYPES.get(step_type)
     if spec is None:
         raise _fail("invalid_flow_step_update", f"Step {entry.get('flow_step_id')} has unknown type '{step_type}'.")
-    out = {k: (dict(v) if isinstance(v, dict) else list(v) if isinstance(v, list) else v) for k, v in entry.items()}
+    out: dict[str, Any] = {
+        k: (dict(v) if isinstance(v, dict) else list(v) if isinstance(v, list) else v) for k, v in entry.items()
+    }
     changes: list[str] = []
     touched: set[str] = set()
     fsid = entry.get("flow_step_id")
@@ -256,10 +262,7 @@ def seeded_warnings(entry: dict[str, Any]) -> list[str]:
 def normalize_schedule(raw: dict[str, Any] | None, *, allow_past: bool = False) -> dict[str, Any]:
     """Validate client schedule keys (the §2.10 codes). A one-time run in the past is refused unless
     ``allow_past`` (imports, which turn it into manual themselves)."""
-    try:
-        return sched.normalize(raw or {"interval": "manual"}, not_before=None if allow_past else utcnow())
-    except sched.ScheduleError as err:
-        raise AbilityError(err.code, err.message, **err.data) from None
+    return sched.normalize(raw or {"interval": "manual"}, not_before=None if allow_past else utcnow())
 
 
 def set_schedule(flow: Flow, client: dict[str, Any], *, now: datetime) -> bool:

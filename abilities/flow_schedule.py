@@ -33,9 +33,9 @@ from datamachine_mcp.storage.timeutil import iso, utcnow
 
 
 class FlowScopeIn(Input):
-    flow_id: int | None = Field(None, ge=1, description="This flow")
-    pipeline_id: int | None = Field(None, ge=1, description="Every flow of this pipeline")
-    agent_id: int | None = Field(None, ge=1, description="Every flow of this agent")
+    flow_id: int | None = Field(None, ge=1, description="One flow")
+    pipeline_id: int | None = Field(None, ge=1, description="All flows of a pipeline")
+    agent_id: int | None = Field(None, ge=1, description="All flows of an agent")
 
 
 class PausedFlow(Output):
@@ -192,13 +192,11 @@ def _resume(flow: Flow, now: datetime) -> dict[str, Any]:
 
 @ability(
     "pause-flow",
+    core=True,
     toolset="flows",
     level="operator",
     idempotent=True,
-    description=(
-        "Pause scheduled runs of one flow, all flows of a pipeline, or all flows of an agent. The schedule is kept "
-        "for resume-flow."
-    ),
+    description=("Pause the schedule of a flow, a pipeline's or an agent's flows."),
 )
 async def pause_flow(ctx: AbilityContext, inp: FlowScopeIn) -> PauseFlowOut:
     out = await _for_each_flow(
@@ -212,7 +210,7 @@ async def pause_flow(ctx: AbilityContext, inp: FlowScopeIn) -> PauseFlowOut:
     toolset="flows",
     level="operator",
     idempotent=True,
-    description="Resume paused flows (one flow, a pipeline's flows or an agent's flows) and recompute their next run.",
+    description="Resume paused flows (one, a pipeline's or an agent's).",
 )
 async def resume_flow(ctx: AbilityContext, inp: FlowScopeIn) -> ResumeFlowOut:
     # ResumedFlow has no message field: a refused flow shows only its status.
@@ -226,10 +224,9 @@ async def resume_flow(ctx: AbilityContext, inp: FlowScopeIn) -> ResumeFlowOut:
 
 
 class ScheduleFlowIn(Input):
-    flow_id: int = Field(ge=1, description="Flow to schedule")
+    flow_id: int = Field(ge=1, description="Flow")
     interval_or_timestamp: str | int = Field(
-        description='"manual", an interval key or alias (e.g. hourly), a cron expression ("0 9 * * 1-5", "@daily"), '
-        "or Unix seconds for one run"
+        description="manual, an interval key (hourly…), a cron expression or Unix seconds (one run)"
     )
 
 
@@ -268,13 +265,11 @@ def interpret_schedule_value(value: str | int, previous: dict[str, Any]) -> dict
 
 @ability(
     "schedule-flow",
+    core=True,
     toolset="flows",
     level="admin",
     idempotent=True,
-    description=(
-        "Set a flow's schedule in one value: 'manual', an interval key (e.g. hourly), a cron expression, or a Unix "
-        "timestamp for one run."
-    ),
+    description=("Set a flow's schedule: manual, an interval (hourly…), a cron expression or a one-time Unix time."),
 )
 async def schedule_flow(ctx: AbilityContext, inp: ScheduleFlowIn) -> ScheduleFlowOut:
     flow = await load_flow(ctx, inp.flow_id, "admin", mutating=True, lock=True)
@@ -328,9 +323,7 @@ class IntervalsOut(Output):
     level="any",
     read_only=True,
     idempotent=True,
-    description=(
-        "List the valid schedule interval values (manual, one_time, cron and named intervals such as hourly, daily)."
-    ),
+    description=("List the schedule interval values."),
 )
 async def get_scheduling_intervals(ctx: AbilityContext, inp: NoInput) -> IntervalsOut:
     return IntervalsOut.model_validate({"intervals": sched.describe_intervals(), "aliases": dict(sched.ALIASES)})

@@ -30,7 +30,7 @@ from datamachine_mcp.abilities.schema import Input, Output
 from datamachine_mcp.storage.models import Flow, Pipeline
 from datamachine_mcp.storage.timeutil import utcnow
 
-FSID_DESC = "Flow step id: {pipeline_step_id}_{flow_id}"
+FSID_DESC = "{pipeline_step_id}_{flow_id}"
 
 
 # --- lookup (abilities.md §6 "Flow-step lookup") -------------------------------------------------
@@ -114,8 +114,8 @@ async def pipeline_config_of(ctx: AbilityContext, pipeline_id: int) -> dict[str,
 
 
 class GetFlowStepsIn(Input):
-    flow_id: int | None = Field(None, ge=1, description="Flow (required unless flow_step_id)")
-    flow_step_id: str | None = Field(None, max_length=300, description="Single step; priority over flow_id")
+    flow_id: int | None = Field(None, ge=1, description="Flow (or flow_step_id)")
+    flow_step_id: str | None = Field(None, max_length=300, description="One step")
 
 
 class GetFlowStepsOut(Output):
@@ -130,10 +130,7 @@ class GetFlowStepsOut(Output):
     level="viewer",
     read_only=True,
     idempotent=True,
-    description=(
-        "List a flow's steps (handlers, handler configs, queue settings) in execution order, or get one by "
-        "flow_step_id."
-    ),
+    description=("List a flow's steps with handlers and configs, or get one."),
 )
 async def get_flow_steps(ctx: AbilityContext, inp: GetFlowStepsIn) -> GetFlowStepsOut:
     if inp.flow_step_id is not None:
@@ -182,23 +179,17 @@ UPDATE_FIELDS = (
 
 class UpdateFlowStepIn(Input):
     flow_step_id: str = Field(max_length=300, description=FSID_DESC)
-    handler_slug: str | None = Field(
-        None, max_length=100, description="Handler to target; the step switches to it if it is not on the step"
-    )
+    handler_slug: str | None = Field(None, max_length=100, description="Handler (switches the step to it)")
     handler_config: dict[str, Any] | None = Field(
-        None, description="Merged into handler_slug's (or the primary handler's) config; null values remove keys"
+        None, description="Merged into the handler's config; null removes a key"
     )
-    handler_configs: dict[str, dict[str, Any]] | None = Field(
-        None, description="{slug: config} merged per handler (each slug must be on the step)"
-    )
-    add_handler: str | None = Field(None, max_length=100, description="Add a handler (publish/update steps only)")
-    add_handler_config: dict[str, Any] | None = Field(None, description="Initial config of add_handler")
-    remove_handler: str | None = Field(None, max_length=100, description="Remove a handler and its config")
-    flow_step_settings: dict[str, Any] | None = Field(None, description="Merged into a handler-free step's settings")
-    user_message: str | None = Field(
-        None, max_length=20000, description='ai steps: sets the prompt queue to this one prompt; "" clears it'
-    )
-    validate_only: bool = Field(False, description="Return the effective step without saving")
+    handler_configs: dict[str, dict[str, Any]] | None = Field(None, description="{slug: config}, merged")
+    add_handler: str | None = Field(None, max_length=100, description="Add a handler (publish/update)")
+    add_handler_config: dict[str, Any] | None = Field(None, description="Config of add_handler")
+    remove_handler: str | None = Field(None, max_length=100, description="Remove a handler")
+    flow_step_settings: dict[str, Any] | None = Field(None, description="Step settings, merged")
+    user_message: str | None = Field(None, max_length=20000, description='ai: the prompt; "" clears')
+    validate_only: bool = Field(False, description="Dry run")
 
 
 class UpdateFlowStepOut(Output):
@@ -213,13 +204,11 @@ class UpdateFlowStepOut(Output):
 
 @ability(
     "update-flow-step",
+    core=True,
     toolset="flows",
     level="admin",
     idempotent=True,
-    description=(
-        "Configure one flow step: choose or add/remove handlers, merge handler config, set AI user_message or step "
-        "settings. validate_only previews."
-    ),
+    description=("Configure a flow step: its handlers and their configs, AI prompt or step settings."),
 )
 async def update_flow_step(ctx: AbilityContext, inp: UpdateFlowStepIn) -> UpdateFlowStepOut:
     if all(getattr(inp, name) is None for name in UPDATE_FIELDS):

@@ -38,41 +38,31 @@ from datamachine_mcp.storage.timeutil import utcnow
 
 
 class FlowUpdateIn(Input):
-    flow_id: int = Field(ge=1, description="Flow to change")
-    step_type: str | None = Field(None, max_length=50, description="Only steps of this type (default: every step)")
-    handler_slug: str | None = Field(
-        None, max_length=100, description="Handler to target on matching handler steps; they switch to it if absent"
-    )
-    handler_config: dict[str, Any] | None = Field(None, description="Merged into the targeted handler's config")
-    handler_configs: dict[str, dict[str, Any]] | None = Field(None, description="{slug: config} merged per handler")
-    flow_step_settings: dict[str, Any] | None = Field(None, description="Merged into handler-free steps' settings")
+    flow_id: int = Field(ge=1, description="Flow")
+    step_type: str | None = Field(None, max_length=50, description="Step type filter")
+    handler_slug: str | None = Field(None, max_length=100, description="Handler to target (switches to it)")
+    handler_config: dict[str, Any] | None = Field(None, description="Merged into the handler's config")
+    handler_configs: dict[str, dict[str, Any]] | None = Field(None, description="{slug: config}, merged")
+    flow_step_settings: dict[str, Any] | None = Field(None, description="Step settings, merged")
     user_message: str | None = Field(None, max_length=20000, description="Prompt of ai steps")
 
 
 class ConfigureFlowStepsIn(Input):
-    pipeline_id: int | None = Field(None, ge=1, description="Pipeline scope (needs handler_slug or all_flows)")
-    all_flows: bool = Field(False, description="With pipeline_id: every flow of the pipeline")
-    global_scope: bool = Field(False, description="With handler_slug: every flow you administer using that handler")
-    updates: list[FlowUpdateIn] | None = Field(
-        None, max_length=200, description="Updates scope: explicit per-flow changes (≤200)"
-    )
-    shared_config: StepConfigInput | None = Field(None, description="With updates: applied before each update")
-    step_type: str | None = Field(None, max_length=50, description="Filter: steps of this type")
-    handler_slug: str | None = Field(None, max_length=100, description="Filter: steps using this handler")
-    target_handler_slug: str | None = Field(None, max_length=100, description="Switch matching steps to this handler")
-    field_map: dict[str, str] | None = Field(
-        None, description="{old_field: new_field}: carry config values across a handler switch"
-    )
-    handler_config: dict[str, Any] | None = Field(
-        None, description="Merged into matching steps' (target) handler config"
-    )
-    handler_configs: dict[str, dict[str, Any]] | None = Field(None, description="{slug: config} merged per handler")
-    flow_step_settings: dict[str, Any] | None = Field(None, description="Merged into handler-free matching steps")
-    user_message: str | None = Field(None, max_length=20000, description="Set as the prompt of matching ai steps")
-    flow_configs: list[FlowConfigIn] | None = Field(
-        None, max_length=500, description="Per-flow overrides (pipeline scope)"
-    )
-    validate_only: bool = Field(False, description="Preview without saving")
+    pipeline_id: int | None = Field(None, ge=1, description="Pipeline scope")
+    all_flows: bool = Field(False, description="With pipeline_id: all its flows")
+    global_scope: bool = Field(False, description="With handler_slug: all flows using it")
+    updates: list[FlowUpdateIn] | None = Field(None, max_length=200, description="Explicit per-flow changes")
+    shared_config: StepConfigInput | None = Field(None, description="Applied before each update")
+    step_type: str | None = Field(None, max_length=50, description="Step type filter")
+    handler_slug: str | None = Field(None, max_length=100, description="Handler filter")
+    target_handler_slug: str | None = Field(None, max_length=100, description="Switch to this handler")
+    field_map: dict[str, str] | None = Field(None, description="{old_field: new_field} on a switch")
+    handler_config: dict[str, Any] | None = Field(None, description="Merged into the handler's config")
+    handler_configs: dict[str, dict[str, Any]] | None = Field(None, description="{slug: config}, merged")
+    flow_step_settings: dict[str, Any] | None = Field(None, description="Step settings, merged")
+    user_message: str | None = Field(None, max_length=20000, description="ai: the prompt")
+    flow_configs: list[FlowConfigIn] | None = Field(None, max_length=500, description="Per-flow overrides")
+    validate_only: bool = Field(False, description="Dry run")
 
 
 class StepChange(Output):
@@ -159,10 +149,7 @@ def _fail_plan(plan: Plan) -> AbilityError:
     toolset="flows",
     level="admin",
     idempotent=True,
-    description=(
-        "Bulk-configure matching flow steps across a pipeline's flows or all flows using a handler; can switch "
-        "handlers with a field map."
-    ),
+    description=("Configure matching steps across many flows."),
 )
 async def configure_flow_steps(
     ctx: AbilityContext, inp: ConfigureFlowStepsIn
@@ -336,18 +323,16 @@ async def configure_flow_steps(
 
 class ValidateFlowConfigIn(Input):
     flow_id: int = Field(ge=1, description="Flow of the pipeline")
-    handler_config: dict[str, Any] | None = Field(None, description="Config to validate for this flow")
+    handler_config: dict[str, Any] | None = Field(None, description="Config to validate")
 
 
 class ValidateFlowStepsConfigIn(Input):
-    pipeline_id: int = Field(ge=1, description="Pipeline to validate against")
-    step_type: str | None = Field(None, max_length=50, description="Filter by step type")
-    handler_slug: str | None = Field(None, max_length=100, description="Filter by current handler")
+    pipeline_id: int = Field(ge=1, description="Pipeline")
+    step_type: str | None = Field(None, max_length=50, description="Step type filter")
+    handler_slug: str | None = Field(None, max_length=100, description="Handler filter")
     target_handler_slug: str | None = Field(None, max_length=100, description="Handler to switch to")
     handler_config: dict[str, Any] | None = Field(None, description="Config to validate")
-    flow_configs: list[ValidateFlowConfigIn] | None = Field(
-        None, max_length=500, description="Per-flow configs to validate: [{flow_id, handler_config}]"
-    )
+    flow_configs: list[ValidateFlowConfigIn] | None = Field(None, max_length=500, description="Per-flow configs")
 
 
 class ValidationIssue(Output):
@@ -389,10 +374,7 @@ def _explain(row: dict[str, Any]) -> list[dict[str, Any]]:
     level="viewer",
     read_only=True,
     idempotent=True,
-    description=(
-        "Preview a configure-flow-steps change on a pipeline: which steps would change and any validation errors. "
-        "Writes nothing."
-    ),
+    description=("Preview a configure-flow-steps change."),
 )
 async def validate_flow_steps_config(ctx: AbilityContext, inp: ValidateFlowStepsConfigIn) -> ValidateFlowStepsConfigOut:
     pipeline = await load_pipeline(ctx, inp.pipeline_id, "viewer", mutating=False)

@@ -37,8 +37,10 @@ from datamachine_mcp.abilities.pipeline_common import (
     ordered_steps,
     owner_of,
 )
+from datamachine_mcp.abilities.questions import confirmation
 from datamachine_mcp.abilities.registry import ability
 from datamachine_mcp.abilities.schema import OFFSET_DESC, PER_PAGE_DESC, Input, Output
+from datamachine_mcp.abilities.uris import FLOW
 from datamachine_mcp.storage.models import Agent, Flow, Job, ProcessedItem
 from datamachine_mcp.storage.timeutil import iso, utcnow
 
@@ -46,15 +48,14 @@ from datamachine_mcp.storage.timeutil import iso, utcnow
 
 
 class GetFlowsIn(Input):
-    flow_id: int | None = Field(None, ge=1, description="Single flow; filters and paging ignored")
-    pipeline_id: int | None = Field(None, ge=1, description="Only this pipeline's flows")
-    agent_id: int | None = Field(None, ge=1, description="Only this agent's flows (priority over user_id)")
-    user_id: int | None = Field(None, ge=0, description="Only flows of this user (0 = shared)")
-    handler_slug: str | None = Field(None, max_length=100, description="Only flows where any step uses this handler")
+    flow_id: int | None = Field(None, ge=1, description="One flow")
+    pipeline_id: int | None = Field(None, ge=1, description="Pipeline filter")
+    agent_id: int | None = Field(None, ge=1, description="Agent filter")
+    user_id: int | None = Field(None, ge=0, description="User filter (0 = shared)")
+    handler_slug: str | None = Field(None, max_length=100, description="Flows using this handler")
     output_mode: Literal["full", "list", "summary", "ids"] = Field(
         "full",
-        description="Row shape: full = Flow, list = Flow without flow_config, summary = "
-        "{flow_id, flow_name, pipeline_id, last_run_status}, ids = flow ids",
+        description="Row shape",
     )
     per_page: int = Field(20, ge=1, le=100, description=PER_PAGE_DESC)
     offset: int = Field(0, ge=0, description=OFFSET_DESC)
@@ -101,14 +102,12 @@ async def _rows(ctx: AbilityContext, flows: list[Flow], mode: str) -> list[Any]:
 
 @ability(
     "get-flows",
+    core=True,
     toolset="flows",
     level="viewer",
     read_only=True,
     idempotent=True,
-    description=(
-        "Get one flow by flow_id or list flows (filters: pipeline, agent, user, handler) with step configs, "
-        "schedule, last and next run. Paged."
-    ),
+    description=("Get one flow or list flows: step configs, schedule, last and next run."),
 )
 async def get_flows(ctx: AbilityContext, inp: GetFlowsIn) -> GetFlowsOut:
     common = {"per_page": inp.per_page, "offset": inp.offset, "output_mode": inp.output_mode}
@@ -166,16 +165,15 @@ async def get_flows(ctx: AbilityContext, inp: GetFlowsIn) -> GetFlowsOut:
 
 
 class CreateFlowIn(Input):
-    pipeline_id: int = Field(ge=1, description="Pipeline to instantiate")
-    flow_name: str | None = Field(None, max_length=255, description='Flow name (empty → "Flow")')
-    agent_id: int | None = Field(None, ge=1, description="Owning agent (default: the pipeline's agent)")
-    scheduling_config: ScheduleIn | None = Field(None, description=SCHEDULE_DESC + '; default {interval: "manual"}')
+    pipeline_id: int = Field(ge=1, description="Pipeline")
+    flow_name: str | None = Field(None, max_length=255, description='Name (default "Flow")')
+    agent_id: int | None = Field(None, ge=1, description="Owner agent")
+    scheduling_config: ScheduleIn | None = Field(None, description=SCHEDULE_DESC + " (default manual)")
     step_configs: dict[str, StepConfigInput] | None = Field(
         None,
-        description="Per-step configuration keyed by pipeline_step_id or step_type (a pipeline_step_id key wins): "
-        "handler_slugs, handler_configs, handler_slug, handler_config, flow_step_settings, user_message, queue_mode",
+        description="Keyed by pipeline_step_id or step_type",
     )
-    validate_only: bool = Field(False, description="Validate and describe the flow without creating it")
+    validate_only: bool = Field(False, description="Dry run")
 
 
 class CreateFlowOut(Output):
@@ -212,12 +210,11 @@ def _preview_step(entry: dict[str, Any], pipeline_config: dict[str, Any] | None)
 
 @ability(
     "create-flow",
+    core=True,
+    links={"flow_id": FLOW},
     toolset="flows",
     level="admin",
-    description=(
-        "Create a flow (a configured, schedulable instance of a pipeline) with optional schedule and per-step "
-        "handler configuration."
-    ),
+    description=("Create a flow (a configured, schedulable instance of a pipeline)."),
 )
 async def create_flow(ctx: AbilityContext, inp: CreateFlowIn) -> CreateFlowOut | CreateFlowPreview:
     pipeline = await load_pipeline(ctx, inp.pipeline_id, "viewer", mutating=False)
@@ -277,12 +274,10 @@ async def create_flow(ctx: AbilityContext, inp: CreateFlowIn) -> CreateFlowOut |
 
 
 class UpdateFlowIn(Input):
-    flow_id: int = Field(ge=1, description="Flow to update")
+    flow_id: int = Field(ge=1, description="Flow")
     flow_name: str | None = Field(None, max_length=255, description="New name")
-    scheduling_config: ScheduleIn | None = Field(
-        None, description=SCHEDULE_DESC + " (replaces the client keys; derived keys and the webhook trigger are kept)"
-    )
-    agent_id: int | None = Field(None, ge=1, description="New owning agent (admin on both agents required)")
+    scheduling_config: ScheduleIn | None = Field(None, description="New schedule")
+    agent_id: int | None = Field(None, ge=1, description="New owner agent")
 
 
 class UpdateFlowOut(Output):
@@ -299,7 +294,7 @@ class UpdateFlowOut(Output):
     toolset="flows",
     level="admin",
     idempotent=True,
-    description="Rename a flow, change its schedule (interval, cron, one-time, pause) or move it to another agent.",
+    description="Rename a flow, change its schedule or move it to another agent.",
 )
 async def update_flow(ctx: AbilityContext, inp: UpdateFlowIn) -> UpdateFlowOut:
     if inp.flow_name is None and inp.scheduling_config is None and inp.agent_id is None:
@@ -370,11 +365,12 @@ class DeleteFlowOut(Output):
 
 @ability(
     "delete-flow",
+    ask=confirmation(lambda i: f"Delete flow {i.flow_id} with its jobs and processed-item history?"),
     toolset="flows",
     level="admin",
     destructive=True,
     idempotent=True,
-    description="Delete a flow with its schedule, webhook trigger, jobs and processed-item history.",
+    description="Delete a flow with its jobs and processed-item history.",
 )
 async def delete_flow(ctx: AbilityContext, inp: FlowIdIn) -> DeleteFlowOut:
     flow = await load_flow(ctx, inp.flow_id, "admin", mutating=True, lock=True)

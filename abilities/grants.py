@@ -22,8 +22,8 @@ from datamachine_mcp.storage.models import AgentAccess
 
 
 class GrantIn(AgentSelector):
-    user_id: int = Field(ge=1, description="User to grant")
-    role: RoleName = Field("viewer", description="Role on the agent: viewer < operator < admin")
+    user_id: int = Field(ge=1, description="User")
+    role: RoleName = Field("viewer", description="Role")
 
 
 class GrantOut(Output):
@@ -38,7 +38,7 @@ class GrantOut(Output):
     toolset="agents",
     level="admin",
     idempotent=True,
-    description="Grant a user a role (viewer, operator or admin) on an agent, or change the role of an existing grant.",
+    description="Grant a user a role on an agent, or change it.",
 )
 async def grant_agent_access(ctx: AbilityContext, inp: GrantIn) -> GrantOut:
     agent, _ = await load_agent(ctx, inp, "admin", mutating=True)
@@ -70,7 +70,7 @@ async def grant_agent_access(ctx: AbilityContext, inp: GrantIn) -> GrantOut:
 
 
 class RevokeIn(AgentSelector):
-    user_id: int = Field(ge=1, description="User whose grant is removed")
+    user_id: int = Field(ge=1, description="User")
 
 
 class RevokeOut(Output):
@@ -86,7 +86,7 @@ class RevokeOut(Output):
     level="admin",
     destructive=True,
     idempotent=True,
-    description="Remove a user's access grant from an agent. The agent's owner cannot be revoked.",
+    description="Remove a user's grant on an agent (not the owner's).",
 )
 async def revoke_agent_access(ctx: AbilityContext, inp: RevokeIn) -> RevokeOut:
     agent, _ = await load_agent(ctx, inp, "admin", mutating=True)
@@ -122,7 +122,7 @@ async def revoke_agent_access(ctx: AbilityContext, inp: RevokeIn) -> RevokeOut:
 
 
 class ListAccessIn(AgentSelector):
-    role: RoleName | None = Field(None, description="Only grants with this role")
+    role: RoleName | None = Field(None, description="Role filter")
     per_page: int = Field(50, ge=1, le=100, description=PER_PAGE_DESC)
     offset: int = Field(0, ge=0, description=OFFSET_DESC)
 
@@ -138,7 +138,7 @@ class ListAccessOut(PageOut):
     level="admin",
     read_only=True,
     idempotent=True,
-    description="List the users who hold access grants on an agent, with their roles.",
+    description="List the users holding grants on an agent, with roles.",
 )
 async def list_agent_access(ctx: AbilityContext, inp: ListAccessIn) -> ListAccessOut:
     agent, _ = await load_agent(ctx, inp, "admin", mutating=False)

@@ -42,7 +42,7 @@ def _blank(value: str | None) -> bool:
 
 
 class GetStepTypesIn(Input):
-    step_type_slug: str | None = Field(None, max_length=100, description="Only this step type (e.g. fetch, ai)")
+    step_type_slug: str | None = Field(None, max_length=100, description="One step type")
 
 
 class StepTypeOut(Output):
@@ -80,10 +80,7 @@ def step_type_dict(spec: StepType) -> dict[str, Any]:
     level="any",
     read_only=True,
     idempotent=True,
-    description=(
-        "List the step types pipelines can use (fetch, ai, publish, update, approval, webhook_gate, "
-        "system_task) and whether each needs a handler."
-    ),
+    description=("List step types and whether each needs a handler."),
 )
 async def get_step_types(ctx: AbilityContext, inp: GetStepTypesIn) -> GetStepTypesOut:
     if _blank(inp.step_type_slug):
@@ -99,8 +96,8 @@ async def get_step_types(ctx: AbilityContext, inp: GetStepTypesIn) -> GetStepTyp
 
 
 class GetHandlersIn(Input):
-    handler_slug: str | None = Field(None, max_length=100, description="Single handler; step_type is then ignored")
-    step_type: str | None = Field(None, max_length=100, description="Only handlers serving this step type")
+    handler_slug: str | None = Field(None, max_length=100, description="One handler")
+    step_type: str | None = Field(None, max_length=100, description="Step type filter")
 
 
 class HandlerOut(Output):
@@ -130,14 +127,12 @@ def handler_dict(handler: HandlerSpec, step_type: str | None) -> dict[str, Any]:
 
 @ability(
     "get-handlers",
+    core=True,
     toolset="pipelines",
     level="any",
     read_only=True,
     idempotent=True,
-    description=(
-        "List registered handlers (rss, http_json, files, webhook_payload, webhook, wordpress), optionally "
-        "for one step type, or get one handler by slug."
-    ),
+    description=("List handlers (rss, http_json, files, webhook, wordpress…), optionally for one step type."),
 )
 async def get_handlers(ctx: AbilityContext, inp: GetHandlersIn) -> GetHandlersOut:
     if _blank(inp.handler_slug):
@@ -160,7 +155,7 @@ async def get_handlers(ctx: AbilityContext, inp: GetHandlersIn) -> GetHandlersOu
 
 
 class GetHandlerFieldsIn(Input):
-    handler_slug: str = Field(max_length=100, description="Handler to describe (see get-handlers)")
+    handler_slug: str = Field(max_length=100, description="Handler")
 
 
 class GetHandlerFieldsOut(Output):
@@ -172,14 +167,12 @@ class GetHandlerFieldsOut(Output):
 
 @ability(
     "get-handler-config-fields",
+    core=True,
     toolset="pipelines",
     level="any",
     read_only=True,
     idempotent=True,
-    description=(
-        "Get the configuration fields (type, required, default, secret, allowed values) a handler accepts "
-        "in handler_configs."
-    ),
+    description=("Get the config fields a handler accepts: type, required, default, secret, choices."),
 )
 async def get_handler_config_fields(ctx: AbilityContext, inp: GetHandlerFieldsIn) -> GetHandlerFieldsOut:
     slug = inp.handler_slug.strip()
@@ -199,8 +192,8 @@ async def get_handler_config_fields(ctx: AbilityContext, inp: GetHandlerFieldsIn
 
 
 class ValidateHandlerIn(Input):
-    handler_slug: str = Field(description="Handler slug to check")
-    step_type: str | None = Field(None, description="Require it to serve this step type")
+    handler_slug: str = Field(description="Handler")
+    step_type: str | None = Field(None, description="Step type it must serve")
 
 
 class ValidateHandlerOut(Output):
@@ -214,10 +207,7 @@ class ValidateHandlerOut(Output):
     level="any",
     read_only=True,
     idempotent=True,
-    description=(
-        "Check whether a handler slug exists, optionally for a given step type. Returns valid=false with a "
-        "reason instead of failing."
-    ),
+    description=("Check whether a handler exists (for a step type)."),
 )
 async def validate_handler(ctx: AbilityContext, inp: ValidateHandlerIn) -> ValidateHandlerOut:
     slug = inp.handler_slug.strip()

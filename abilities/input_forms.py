@@ -25,6 +25,8 @@ from typing import Annotated, Any, Literal, Union, get_args, get_origin
 
 from pydantic import BaseModel
 
+from datamachine_mcp.abilities.json_schema import UNPUBLISHED_KEY
+
 INT_TEXT = re.compile(r"-?[0-9]+")
 NUMBER_TEXT = re.compile(r"-?[0-9]+(\.[0-9]+)?")
 # Far beyond any id or offset we take; a longer digit string is left to fail validation as it is.
@@ -126,7 +128,12 @@ def suggest(name: str, model: type[BaseModel]) -> list[str]:
     specific = getattr(model, "field_hints", {}).get(name)
     if specific:
         return [specific]
-    fields = [n for n in model.model_fields if n not in getattr(model, "legacy_fields", ())]
+    # unpublished fields (legacy spellings accepted only to be refused precisely) are never suggested
+    fields = [
+        n
+        for n, f in model.model_fields.items()
+        if not (isinstance(f.json_schema_extra, dict) and f.json_schema_extra.get(UNPUBLISHED_KEY))
+    ]
     lowered = name.lower()
     # "wait" → wait_seconds: a key that is one word of a field name is too short for difflib's ratio.
     words = [n for n in fields if lowered in n.split("_")]

@@ -98,6 +98,7 @@ async def child_counts(ctx: AbilityContext, job_ids: list[int]) -> dict[int, dic
     )
     out: dict[int, dict[str, int]] = {}
     for parent, status, n in rows.all():
+        assert parent is not None  # the query selects children of job_ids only
         counts = out.setdefault(parent, {"total": 0})
         counts[status] = n
         counts["total"] += n

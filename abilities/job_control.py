@@ -22,7 +22,7 @@ from datamachine_mcp.engine import status as st
 from datamachine_mcp.engine.jobs import flow_snapshot
 from datamachine_mcp.engine.lifecycle import cancel_descendants, ed, finish
 from datamachine_mcp.engine.maintenance import reopen_for_retry
-from datamachine_mcp.engine.plan import SNAPSHOT_KEYS, PlanError, first_handler, resolve_plan
+from datamachine_mcp.engine.plan import SNAPSHOT_KEYS, first_handler, resolve_plan
 from datamachine_mcp.storage.models import Flow, Job, Pipeline
 from datamachine_mcp.storage.timeutil import utcnow
 
@@ -127,20 +127,18 @@ async def end_job(
 
 
 class FailJobIn(Input):
-    job_id: int = Field(ge=1, description="Job to fail")
-    reason: str = Field("manual", min_length=1, max_length=500, description="Failure reason stored on the job")
+    job_id: int = Field(ge=1, description="Job")
+    reason: str = Field("manual", min_length=1, max_length=500, description="Reason")
 
 
 @ability(
     "fail-job",
+    core=True,
     toolset="jobs",
     level="operator",
     idempotent=True,
     transaction="manual",
-    description=(
-        "Mark a pending, processing or waiting job as failed with a reason. Releases its item claims and "
-        "restores consumed queue prompts. Already-failed jobs succeed unchanged."
-    ),
+    description=("Mark an unfinished job failed with a reason; its items and prompts are released."),
 )
 async def fail_job(ctx: AbilityContext, inp: FailJobIn) -> EndJobOut:
     return await end_job(
@@ -155,20 +153,18 @@ async def fail_job(ctx: AbilityContext, inp: FailJobIn) -> EndJobOut:
 
 
 class CancelJobIn(Input):
-    job_id: int = Field(ge=1, description="Job to cancel")
-    reason: str = Field("manual", min_length=1, max_length=500, description="Reason stored on the job")
+    job_id: int = Field(ge=1, description="Job")
+    reason: str = Field("manual", min_length=1, max_length=500, description="Reason")
 
 
 @ability(
     "cancel-job",
+    core=True,
     toolset="jobs",
     level="operator",
     idempotent=True,
     transaction="manual",
-    description=(
-        "Cancel a pending, waiting or processing job and its unfinished child jobs. Already-cancelled jobs "
-        "succeed unchanged."
-    ),
+    description=("Cancel an unfinished job and its unfinished children."),
 )
 async def cancel_job(ctx: AbilityContext, inp: CancelJobIn) -> EndJobOut:
     return await end_job(
@@ -186,7 +182,7 @@ async def cancel_job(ctx: AbilityContext, inp: CancelJobIn) -> EndJobOut:
 
 
 class RetryJobIn(Input):
-    job_id: int = Field(ge=1, description="Failed job to retry")
+    job_id: int = Field(ge=1, description="Failed job")
 
 
 class RetryJobOut(Output):
@@ -204,10 +200,7 @@ async def _resnapshot(ctx: AbilityContext, job: Job) -> None:
     pipeline = await ctx.session.get(Pipeline, flow.pipeline_id) if flow is not None else None
     if flow is None or pipeline is None:
         raise AbilityError("no_first_step", "Flow execution failed - no first step found.", job_id=job.job_id)
-    try:
-        plan = resolve_plan(flow.flow_config)
-    except PlanError as err:
-        raise AbilityError(err.code, err.message, **err.data) from None
+    plan = resolve_plan(flow.flow_config)
     data = ed(job)
     snap = flow_snapshot(
         flow,
@@ -224,14 +217,12 @@ async def _resnapshot(ctx: AbilityContext, job: Job) -> None:
 
 @ability(
     "retry-job",
+    core=True,
     toolset="jobs",
     level="operator",
     open_world=True,
     transaction="manual",
-    description=(
-        "Retry a failed job: it goes back to pending and resumes at the step that failed, with that step's "
-        "input. A failed child also reopens its batch parent."
-    ),
+    description=("Retry a failed job from the step that failed."),
 )
 async def retry_job(ctx: AbilityContext, inp: RetryJobIn) -> RetryJobOut:
     now = utcnow()

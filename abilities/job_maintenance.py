@@ -17,11 +17,13 @@ from datamachine_mcp.abilities.errors import AbilityError
 from datamachine_mcp.abilities.job_common import load_job
 from datamachine_mcp.abilities.jobs import JobRef, publish_changes, ref_condition, role_condition
 from datamachine_mcp.abilities.pipeline_common import load_flow, load_pipeline
+from datamachine_mcp.abilities.questions import confirmation
 from datamachine_mcp.abilities.registry import ability
 from datamachine_mcp.abilities.schema import Input, Output
 from datamachine_mcp.engine import status as st
 from datamachine_mcp.engine.lifecycle import Changes
 from datamachine_mcp.engine.maintenance import recover
+from datamachine_mcp.storage.dml import rowcount
 from datamachine_mcp.storage.models import Agent, Job, ProcessedItem
 
 CHUNK = 500
@@ -35,13 +37,11 @@ def _chunks(ids: list[int]) -> list[list[int]]:
 
 
 class DeleteJobsIn(Input):
-    type: Literal["all", "failed"] = Field(description="all = every final job; failed = base status failed")
-    flow_id: JobRef | None = Field(None, description='Only this flow\'s jobs, or "direct" for ad-hoc workflow jobs')
-    pipeline_id: JobRef | None = Field(
-        None, description='Only this pipeline\'s jobs, or "direct" for ad-hoc workflow jobs'
-    )
-    agent_id: int | None = Field(None, ge=1, description="Only this agent's jobs")
-    cleanup_processed: bool = Field(False, description="Also clear processed items recorded by the deleted jobs")
+    type: Literal["all", "failed"] = Field(description="all final jobs, or failed only")
+    flow_id: JobRef | None = Field(None, description='Flow, or "direct"')
+    pipeline_id: JobRef | None = Field(None, description='Pipeline, or "direct"')
+    agent_id: int | None = Field(None, ge=1, description="Agent filter")
+    cleanup_processed: bool = Field(False, description="Also their processed items")
 
 
 class DeleteJobsOut(Output):
@@ -70,17 +70,24 @@ async def _descendants(session: Any, roots: list[int]) -> dict[int, list[int]]:
     return out
 
 
+def _delete_jobs_question(inp: DeleteJobsIn) -> str:
+    kind = "failed" if inp.type == "failed" else "finished"
+    scope = [f"{name} {value}" for name, value in (("flow", inp.flow_id), ("pipeline", inp.pipeline_id)) if value]
+    if inp.agent_id is not None:
+        scope.append(f"agent {inp.agent_id}")
+    extra = " and the items they processed" if inp.cleanup_processed else ""
+    return f"Delete the {kind} jobs of {', '.join(scope) or 'every agent'}{extra}?"
+
+
 @ability(
     "delete-jobs",
+    ask=confirmation(_delete_jobs_question),
     toolset="jobs",
     level="admin",
     destructive=True,
     idempotent=True,
     transaction="manual",
-    description=(
-        "Delete finished jobs: all final jobs or only failed ones, optionally scoped to a flow, pipeline or "
-        "agent. Active jobs are never deleted."
-    ),
+    description=("Delete finished (or failed) jobs."),
 )
 async def delete_jobs(ctx: AbilityContext, inp: DeleteJobsIn) -> DeleteJobsOut:
     async with ctx.transaction() as session:
@@ -131,7 +138,7 @@ async def delete_jobs(ctx: AbilityContext, inp: DeleteJobsIn) -> DeleteJobsOut:
         if inp.cleanup_processed:
             for chunk in _chunks(doomed):
                 result = await session.execute(delete(ProcessedItem).where(ProcessedItem.job_id.in_(chunk)))
-                cleaned += int(result.rowcount or 0)
+                cleaned += rowcount(result)
         for chunk in _chunks(kept):
             # Children go with their parent (ON DELETE CASCADE); processed rows keep existing with job_id NULL.
             await session.execute(delete(Job).where(Job.job_id.in_(chunk)).execution_options(synchronize_session=False))
@@ -174,16 +181,16 @@ async def delete_jobs(ctx: AbilityContext, inp: DeleteJobsIn) -> DeleteJobsOut:
 
 
 class RecoverIn(Input):
-    dry_run: bool = Field(False, description="Report what would be recovered without changing anything")
-    flow_id: int | None = Field(None, ge=1, description="Only this flow's jobs")
+    dry_run: bool = Field(False, description="Report only")
+    flow_id: int | None = Field(None, ge=1, description="Flow filter")
     job_id: int | None = Field(None, ge=1, description="Only this job")
     older_than_minutes: int | None = Field(
         None,
         ge=1,
         le=10080,
-        description="Also void the leases of processing jobs whose current step started earlier than this",
+        description="Also recover steps running this long",
     )
-    limit: int = Field(100, ge=1, le=1000, description="Most jobs changed (or reported) per call")
+    limit: int = Field(100, ge=1, le=1000, description="Most jobs per call")
 
 
 class RecoveredJob(Output):
@@ -211,10 +218,7 @@ class RecoverOut(Output):
     level="operator",
     idempotent=True,
     transaction="manual",
-    description=(
-        "Recover stuck work now: requeue or fail processing jobs with expired leases, time out expired waits, "
-        "and complete orphaned batch parents. Supports dry_run."
-    ),
+    description=("Recover stuck jobs now."),
 )
 async def recover_stuck_jobs(ctx: AbilityContext, inp: RecoverIn) -> RecoverOut:
     engine = ctx.runtime.engine

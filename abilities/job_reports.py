@@ -17,6 +17,7 @@ from datamachine_mcp.abilities.job_common import JobOut, job_ref, load_job, reda
 from datamachine_mcp.abilities.jobs import BaseStatus, JobRef, describe_jobs, ref_condition
 from datamachine_mcp.abilities.registry import ability
 from datamachine_mcp.abilities.schema import OFFSET_DESC, PER_PAGE_DESC, DateTimeIn, Input, Opt, Output, PageOut
+from datamachine_mcp.abilities.uris import JOB
 from datamachine_mcp.engine import status as st
 from datamachine_mcp.storage.models import Agent, Flow, Job, Pipeline
 from datamachine_mcp.storage.timeutil import iso
@@ -45,27 +46,21 @@ def all_counts(pairs: dict[str, int]) -> dict[str, int]:
 
 
 class GetJobsIn(Input):
-    job_id: int | None = Field(None, ge=1, description="Single job (with engine_data and packets); filters ignored")
-    flow_id: JobRef | None = Field(None, description='Only this flow\'s jobs, or "direct" for ad-hoc workflow jobs')
-    pipeline_id: JobRef | None = Field(
-        None, description='Only this pipeline\'s jobs, or "direct" for ad-hoc workflow jobs'
-    )
-    agent_id: int | None = Field(None, ge=1, description="Only this agent's jobs (priority over user_id)")
-    user_id: int | None = Field(None, ge=0, description="Only jobs of this user (0 = shared)")
+    job_id: int | None = Field(None, ge=1, description="One job, with packets")
+    flow_id: JobRef | None = Field(None, description='Flow, or "direct"')
+    pipeline_id: JobRef | None = Field(None, description='Pipeline, or "direct"')
+    agent_id: int | None = Field(None, ge=1, description="Agent filter")
+    user_id: int | None = Field(None, ge=0, description="User filter (0 = shared)")
     status: BaseStatus | None = Field(None, description="Base status")
-    source: str | None = Field(None, max_length=50, description="Job source (pipeline, direct, system, or a label)")
+    source: str | None = Field(None, max_length=50, description="Source filter")
     run_trigger: RunTrigger | None = Field(None, description="What created the job")
-    handler: str | None = Field(None, max_length=100, description="Only jobs whose handler_slug is this")
-    since: DateTimeIn | None = Field(None, description="Created at or after this time (ISO 8601, UTC)")
-    parent_job_id: int | None = Field(None, ge=1, description="Only children of this batch parent")
+    handler: str | None = Field(None, max_length=100, description="Handler slug")
+    since: DateTimeIn | None = Field(None, description="Created at or after (UTC)")
+    parent_job_id: int | None = Field(None, ge=1, description="Batch parent filter")
     hide_children: bool = Field(False, description="Exclude batch child jobs")
-    metadata: dict[str, Any] | None = Field(
-        None, description="Exact-match filters on engine_data paths, {dot.path: value}, e.g. {'job.trigger': 'manual'}"
-    )
-    metadata_scan_limit: int = Field(
-        1000, ge=1, le=5000, description="Newest candidates scanned when metadata filters are given"
-    )
-    include_engine_data: bool = Field(False, description="Include engine_data (redacted) in list rows")
+    metadata: dict[str, Any] | None = Field(None, description="{engine_data.dot.path: value} exact matches")
+    metadata_scan_limit: int = Field(1000, ge=1, le=5000, description="Rows scanned for metadata")
+    include_engine_data: bool = Field(False, description="Add engine_data")
     orderby: OrderBy = Field("job_id", description="Sort column")
     order: Literal["ASC", "DESC"] = Field("DESC", description="Sort direction")
     per_page: int = Field(50, ge=1, le=100, description=PER_PAGE_DESC)
@@ -172,14 +167,13 @@ async def job_conditions(ctx: AbilityContext, inp: Any, applied: dict[str, Any])
 
 @ability(
     "get-jobs",
+    core=True,
+    links={"jobs[].job_id": JOB},
     toolset="jobs",
     level="viewer",
     read_only=True,
     idempotent=True,
-    description=(
-        "Get one job (with engine data and packets) by job_id or list jobs filtered by flow, pipeline, agent, "
-        "status, source or date. Paged, newest first."
-    ),
+    description=("Get one job with its packets, or list jobs newest first."),
 )
 async def get_jobs(ctx: AbilityContext, inp: GetJobsIn) -> GetJobsOut:
     if inp.job_id is not None:
@@ -241,14 +235,14 @@ async def get_jobs(ctx: AbilityContext, inp: GetJobsIn) -> GetJobsOut:
 
 
 class JobsSummaryIn(Input):
-    flow_id: JobRef | None = Field(None, description='Only this flow\'s jobs, or "direct"')
-    pipeline_id: JobRef | None = Field(None, description='Only this pipeline\'s jobs, or "direct"')
-    agent_id: int | None = Field(None, ge=1, description="Only this agent's jobs")
-    handler: str | None = Field(None, max_length=100, description="Only jobs whose handler_slug is this")
-    status: BaseStatus | None = Field(None, description="Only this base status")
-    source: str | None = Field(None, max_length=50, description="Only this job source")
-    since: DateTimeIn | None = Field(None, description="Created at or after this time (ISO 8601, UTC)")
-    compact: bool = Field(False, description="Totals only; skip the per-pipeline, per-flow and per-handler breakdowns")
+    flow_id: JobRef | None = Field(None, description='Flow, or "direct"')
+    pipeline_id: JobRef | None = Field(None, description='Pipeline, or "direct"')
+    agent_id: int | None = Field(None, ge=1, description="Agent filter")
+    handler: str | None = Field(None, max_length=100, description="Handler slug")
+    status: BaseStatus | None = Field(None, description="Status filter")
+    source: str | None = Field(None, max_length=50, description="Source filter")
+    since: DateTimeIn | None = Field(None, description="Created at or after (UTC)")
+    compact: bool = Field(False, description="Totals only")
 
 
 class StatusCounts(Output):
@@ -305,10 +299,7 @@ async def _grouped(ctx: AbilityContext, column: Any, conds: list[Any]) -> list[t
     level="viewer",
     read_only=True,
     idempotent=True,
-    description=(
-        "Count jobs by status (pending, processing, failed, ...) with optional breakdowns per pipeline, flow "
-        "and handler."
-    ),
+    description=("Count jobs by status, per pipeline, flow and handler."),
 )
 async def get_jobs_summary(ctx: AbilityContext, inp: JobsSummaryIn) -> JobsSummaryOut:
     conds = await job_conditions(ctx, inp, {})
@@ -319,7 +310,7 @@ async def get_jobs_summary(ctx: AbilityContext, inp: JobsSummaryIn) -> JobsSumma
     if not inp.compact:
         by_pipeline = await _grouped(ctx, Job.pipeline_id, conds)
         ids = [int(k) for k, _ in by_pipeline if k != "direct"]
-        names = dict(
+        names: dict[int | str | None, str] = dict(
             (
                 await ctx.session.execute(
                     select(Pipeline.pipeline_id, Pipeline.pipeline_name).where(Pipeline.pipeline_id.in_(ids))

@@ -57,7 +57,7 @@ async def latest_jobs(ctx: AbilityContext, flow_ids: list[int]) -> dict[int, dic
 
 
 class FlowHealthIn(Input):
-    flow_id: int = Field(ge=1, description="Flow to check")
+    flow_id: int = Field(ge=1, description="Flow")
 
 
 class FlowHealthOut(Output):
@@ -77,9 +77,7 @@ class FlowHealthOut(Output):
     level="viewer",
     read_only=True,
     idempotent=True,
-    description=(
-        "Get a flow's health: consecutive failed runs, consecutive runs with no new items, and its latest job."
-    ),
+    description=("Get a flow's failure streaks and latest job."),
 )
 async def get_flow_health(ctx: AbilityContext, inp: FlowHealthIn) -> FlowHealthOut:
     flow = await load_flow(ctx, inp.flow_id, "viewer", mutating=False)
@@ -102,10 +100,8 @@ async def get_flow_health(ctx: AbilityContext, inp: FlowHealthIn) -> FlowHealthO
 
 
 class ProblemFlowsIn(Input):
-    threshold: int | None = Field(
-        None, ge=1, description="Minimum consecutive count (default: the problem_flow_threshold setting)"
-    )
-    agent_id: int | None = Field(None, ge=1, description="Only this agent's flows")
+    threshold: int | None = Field(None, ge=1, description="Minimum streak")
+    agent_id: int | None = Field(None, ge=1, description="Agent filter")
 
 
 class FailingFlow(Output):
@@ -138,7 +134,7 @@ class ProblemFlowsOut(Output):
     level="viewer",
     read_only=True,
     idempotent=True,
-    description="List flows that keep failing or keep finding no new items (consecutive count ≥ threshold).",
+    description="List flows that keep failing or finding no new items.",
 )
 async def get_problem_flows(ctx: AbilityContext, inp: ProblemFlowsIn) -> ProblemFlowsOut:
     threshold = inp.threshold or (await ctx.settings()).int("problem_flow_threshold")
@@ -251,10 +247,7 @@ def _duration(job: Job, now: datetime) -> int:
     level="viewer",
     read_only=True,
     idempotent=True,
-    description=(
-        "Get metrics for one job: steps run, items processed, retries, timings, per-step results, child job "
-        "totals and AI token usage."
-    ),
+    description=("Get a job's metrics: steps, items, retries, timings, AI tokens."),
 )
 async def get_run_metrics(ctx: AbilityContext, inp: RunMetricsIn) -> RunMetricsOut:
     job, _ = await load_job(ctx, inp.job_id, "viewer", mutating=False)

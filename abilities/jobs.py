@@ -14,16 +14,20 @@ from datamachine_mcp.abilities.job_common import JobOut, child_counts, job_dict,
 from datamachine_mcp.abilities.pipeline_common import load_flow, notify_flow, owner_of
 from datamachine_mcp.abilities.registry import ability
 from datamachine_mcp.abilities.schema import Input, Opt, Output
+from datamachine_mcp.abilities.uris import FLOW, JOB
 from datamachine_mcp.engine import status as st
 from datamachine_mcp.engine.jobs import create_flow_job, empty_first_queue
 from datamachine_mcp.engine.lifecycle import Changes
-from datamachine_mcp.engine.plan import PlanError, check_initial_data, resolve_plan
-from datamachine_mcp.engine.wait import wait_for_job
+from datamachine_mcp.engine.plan import check_initial_data, resolve_plan
+from datamachine_mcp.engine.wait import position_of, wait_for_job
 from datamachine_mcp.storage.crypto import SecretUnavailable
 from datamachine_mcp.storage.models import Agent, Job, Pipeline
 from datamachine_mcp.storage.timeutil import utcnow
 
 MAX_WAIT = 300
+# Default wait of run-flow, execute-workflow, run-task and wait-for-job: the result comes back in one call
+# when it is quick, and the call always ends before a client that gives up at 60 s (Claude Desktop) does.
+DEFAULT_WAIT = 45
 IDEMPOTENCY_PATTERN = r"^[\x20-\x7e]+$"
 
 # A job's pipeline_id / flow_id as an input: an id, or "direct" for ad-hoc workflows (abilities.md §2.7).
@@ -127,7 +131,10 @@ async def publish_changes(ctx: AbilityContext, changes: Changes, *, wake: bool =
 async def wait_and_describe(
     ctx: AbilityContext, job_id: int, seconds: float, *, stop_on_waiting: bool = False, engine_data: bool = False
 ) -> dict[str, Any]:
-    """The shared wait routine of run-flow, execute-workflow, run-task and wait-for-job (§2.9)."""
+    """The shared wait routine of run-flow, execute-workflow, run-task and wait-for-job (§2.9).
+
+    A wait that ends before the job does says so in ``follow_up``: where the job is and how to follow it.
+    """
     engine = ctx.runtime.engine
     if engine is None:
         raise AbilityError("engine_unavailable", "This process has no engine attached; waits are not possible.")
@@ -138,41 +145,56 @@ async def wait_and_describe(
         role = await ctx.access.effective_role(await owner_of(ctx, result.job.agent_id, result.job.user_id))
         job = await ctx.session.get(Job, job_id)
         described = await job_output(ctx, job or result.job, role, engine_data=engine_data)
-    return {
+    out: dict[str, Any] = {
         "job": described,
         "final": result.final,
         "timed_out": result.timed_out,
         "waited_seconds": round(result.waited_seconds, 3),
     }
+    if not result.final:
+        where = await position_of(engine, job or result.job)
+        out["follow_up"] = follow_up(job_id, described["status"], where.step, result.waited_seconds)
+    return out
+
+
+def follow_up(job_id: int, status: str, step: str, waited: float) -> str:
+    """What to tell a caller whose wait ended before the job: it runs on, and how to follow it."""
+    text = (
+        f"Job {job_id} is not finished after {waited:.0f} s ({status}, {step}); it keeps running. "
+        f'Follow it with wait-for-job {{"job_id": {job_id}}} or read {JOB.format(job_id=job_id)}.'
+    )
+    if status.startswith(st.WAITING):
+        text += " It waits for an approval (resolve-pending-action) or a webhook."
+    return text
 
 
 async def wait_into(ctx: AbilityContext, out: dict[str, Any], job_id: int, seconds: float) -> None:
-    """run-flow / execute-workflow with wait_seconds: wait, then put the job, final, timed_out and the status
-    it reached into ``out`` (nothing when ``seconds`` is 0)."""
+    """run-flow / execute-workflow with wait_seconds: wait, then put the job, final, timed_out, the status
+    it reached and the follow-up hint into ``out`` (nothing when ``seconds`` is 0)."""
     if seconds <= 0:
         return
     waited = await wait_and_describe(ctx, job_id, seconds)
     out.update(
         job=waited["job"], final=waited["final"], timed_out=waited["timed_out"], status=waited["job"]["base_status"]
     )
+    if "follow_up" in waited:
+        out["follow_up"] = waited["follow_up"]
 
 
 # --- run-flow -------------------------------------------------------------------------------------
 
 
 class RunFlowIn(Input):
-    flow_id: int = Field(ge=1, description="Flow to run")
-    initial_data: dict[str, Any] = Field(
-        default_factory=dict, description="Data merged under the run's engine snapshot (inputs); no reserved keys"
-    )
-    dry_run: bool = Field(False, description="Publish/update handlers preview instead of writing")
-    wait_seconds: float = Field(0, ge=0, le=MAX_WAIT, description="Block until the job is final or this time passes")
+    flow_id: int = Field(ge=1, description="Flow")
+    initial_data: dict[str, Any] = Field(default_factory=dict, description="Run inputs (engine data)")
+    dry_run: bool = Field(False, description="Publish/update only preview")
+    wait_seconds: float = Field(DEFAULT_WAIT, ge=0, le=MAX_WAIT, description="Seconds to wait for the result")
     idempotency_key: str | None = Field(
         None,
         min_length=1,
         max_length=191,
         pattern=IDEMPOTENCY_PATTERN,
-        description="Repeating a key returns the same job, not a new run (printable ASCII)",
+        description="Same key, same job",
     )
 
 
@@ -187,18 +209,18 @@ class RunFlowOut(Output):
     job: JobOut | None = Opt("The job (with packets), when waited")
     final: bool | None = Opt("The job reached a final status (when waited)")
     timed_out: bool | None = Opt("wait_seconds passed first (when waited)")
+    follow_up: str | None = Opt("When the wait ended first: how to follow the job")
 
 
 @ability(
     "run-flow",
+    core=True,
+    links={"job_id": JOB, "flow_id": FLOW},
     toolset="jobs",
     level="operator",
     open_world=True,
     transaction="manual",
-    description=(
-        "Start a flow run now. Returns the job id at once (status pending); wait_seconds blocks until it "
-        "finishes. idempotency_key makes retries safe."
-    ),
+    description="Run a flow now; waits up to wait_seconds for the result, else says how to follow the job.",
 )
 async def run_flow(ctx: AbilityContext, inp: RunFlowIn) -> RunFlowOut:
     now = utcnow()
@@ -206,11 +228,8 @@ async def run_flow(ctx: AbilityContext, inp: RunFlowIn) -> RunFlowOut:
         flow = await load_flow(ctx, inp.flow_id, "operator", mutating=True)
         pipeline = await session.get(Pipeline, flow.pipeline_id)
         assert pipeline is not None
-        try:
-            check_initial_data(inp.initial_data)
-            plan = resolve_plan(flow.flow_config)
-        except PlanError as err:
-            raise AbilityError(err.code, err.message, **err.data) from None
+        check_initial_data(inp.initial_data)
+        plan = resolve_plan(flow.flow_config)
         first = plan.first["flow_step_id"]
         if empty_first_queue(plan, flow.flow_config or {}):
             return RunFlowOut(
@@ -228,25 +247,22 @@ async def run_flow(ctx: AbilityContext, inp: RunFlowIn) -> RunFlowOut:
         affinity = None
         if uses_sampling(flow.flow_config or {}, pipeline.pipeline_config or {}) and engine is not None:
             affinity = engine.worker_id
-        try:
-            created = await create_flow_job(
-                session,
-                flow=flow,
-                pipeline=pipeline,
-                plan=plan,
-                trigger="manual",
-                initial_data=inp.initial_data,
-                dry_run=inp.dry_run,
-                idempotency_key=key,
-                request={"flow_id": flow.flow_id, "initial_data": inp.initial_data, "dry_run": inp.dry_run},
-                max_attempts=snap.int("retry_max_attempts"),
-                now=now,
-                affinity=affinity,
-                origin_session_id=ctx.principal.session_id,
-                threshold=str(snap["log_level"]),
-            )
-        except PlanError as err:
-            raise AbilityError(err.code, err.message, **err.data) from None
+        created = await create_flow_job(
+            session,
+            flow=flow,
+            pipeline=pipeline,
+            plan=plan,
+            trigger="manual",
+            initial_data=inp.initial_data,
+            dry_run=inp.dry_run,
+            idempotency_key=key,
+            request={"flow_id": flow.flow_id, "initial_data": inp.initial_data, "dry_run": inp.dry_run},
+            max_attempts=snap.int("retry_max_attempts"),
+            now=now,
+            affinity=affinity,
+            origin_session_id=ctx.principal.session_id,
+            threshold=str(snap["log_level"]),
+        )
         job = created.job
         if not created.replayed:
             await ctx.audit(
@@ -280,14 +296,10 @@ async def run_flow(ctx: AbilityContext, inp: RunFlowIn) -> RunFlowOut:
 
 
 class WaitForJobIn(Input):
-    job_id: int = Field(ge=1, description="Job to wait for")
-    timeout_seconds: float = Field(
-        60, ge=0, le=MAX_WAIT, description="Maximum wait in seconds; 0 returns the current state at once"
-    )
-    stop_on_waiting: bool = Field(
-        False, description="Also return when the job enters waiting (approval or webhook gate)"
-    )
-    include_engine_data: bool = Field(False, description="Include engine_data (redacted) in job")
+    job_id: int = Field(ge=1, description="Job")
+    timeout_seconds: float = Field(DEFAULT_WAIT, ge=0, le=MAX_WAIT, description="Seconds to wait; 0 = now")
+    stop_on_waiting: bool = Field(False, description="Also return when waiting")
+    include_engine_data: bool = Field(False, description="Add engine_data")
 
 
 class WaitForJobOut(Output):
@@ -297,19 +309,19 @@ class WaitForJobOut(Output):
     final: bool = Field(description="The job reached a final status")
     timed_out: bool = Field(description="timeout_seconds passed before the job became final")
     waited_seconds: float = Field(description="Seconds spent waiting")
+    follow_up: str | None = Opt("When the wait ended first: how to follow the job")
 
 
 @ability(
     "wait-for-job",
+    core=True,
+    links={"job.job_id": JOB},
     toolset="jobs",
     level="viewer",
     read_only=True,
     idempotent=True,
     transaction="manual",
-    description=(
-        "Wait (up to timeout_seconds, max 300) until a job reaches a final status, then return it with its "
-        "result packets. Sends progress notifications."
-    ),
+    description="Wait until a job is final and return it with its result packets.",
 )
 async def wait_for_job_tool(ctx: AbilityContext, inp: WaitForJobIn) -> WaitForJobOut:
     async with ctx.reading():

@@ -12,8 +12,10 @@ from datamachine_mcp.abilities.access import Owner
 from datamachine_mcp.abilities.agent_common import agent_owner
 from datamachine_mcp.abilities.context import AbilityContext
 from datamachine_mcp.abilities.errors import AbilityError
+from datamachine_mcp.abilities.questions import confirmation
 from datamachine_mcp.abilities.registry import ability
 from datamachine_mcp.abilities.schema import OFFSET_DESC, PER_PAGE_DESC, DateTimeIn, Input, Output, PageOut, ts
+from datamachine_mcp.storage.dml import rowcount
 from datamachine_mcp.storage.logs import LEVEL_RANK, write_log
 from datamachine_mcp.storage.models import LOG_LEVELS, Agent, LogEntry
 
@@ -76,11 +78,9 @@ async def _scope(ctx: AbilityContext, agent_id: int | None) -> list[ColumnElemen
 
 
 class WriteLogIn(Input):
-    level: LevelName = Field(description="Severity: debug < info < warning < error < critical")
+    level: LevelName = Field(description="Severity")
     message: str = Field(min_length=1, max_length=4000, description="Message")
-    context: dict[str, Any] | None = Field(
-        None, description="Extra data (≤64 KiB), e.g. {agent_id, job_id, flow_id, pipeline_id}"
-    )
+    context: dict[str, Any] | None = Field(None, description="Extra data, e.g. {job_id, flow_id}")
 
 
 class WriteLogOut(Output):
@@ -93,7 +93,7 @@ class WriteLogOut(Output):
     "write-to-log",
     toolset="logs",
     level="operator",
-    description="Write an entry to the central log (level, message, context with agent/job/flow ids).",
+    description="Write an entry to the central log.",
     error_fields={"level": "invalid_level"},
 )
 async def write_to_log(ctx: AbilityContext, inp: WriteLogIn) -> WriteLogOut:
@@ -141,16 +141,16 @@ async def write_to_log(ctx: AbilityContext, inp: WriteLogIn) -> WriteLogOut:
 
 
 class ReadLogsIn(Input):
-    agent_id: int | None = Field(None, ge=1, description="Only this agent's entries")
-    level: LevelName | None = Field(None, description="Only this level")
-    min_level: LevelName | None = Field(None, description="This level and above")
-    since: DateTimeIn | None = Field(None, description="Entries at or after this time (ISO 8601, UTC)")
-    before: DateTimeIn | None = Field(None, description="Entries at or before this time (ISO 8601, UTC)")
-    job_id: int | None = Field(None, ge=1, description="Entries about this job")
-    flow_id: int | None = Field(None, ge=1, description="Entries about this flow")
-    pipeline_id: int | None = Field(None, ge=1, description="Entries about this pipeline")
+    agent_id: int | None = Field(None, ge=1, description="Agent filter")
+    level: LevelName | None = Field(None, description="Level filter")
+    min_level: LevelName | None = Field(None, description="Minimum level")
+    since: DateTimeIn | None = Field(None, description="At or after (UTC)")
+    before: DateTimeIn | None = Field(None, description="At or before (UTC)")
+    job_id: int | None = Field(None, ge=1, description="Job filter")
+    flow_id: int | None = Field(None, ge=1, description="Flow filter")
+    pipeline_id: int | None = Field(None, ge=1, description="Pipeline filter")
     audit_only: bool = Field(False, description="Only audit rows")
-    search: str | None = Field(None, max_length=200, description="Case-insensitive substring of the message")
+    search: str | None = Field(None, max_length=200, description="Substring of the message")
     per_page: int = Field(50, ge=1, le=500, description=PER_PAGE_DESC)
     offset: int = Field(0, ge=0, description=OFFSET_DESC)
 
@@ -202,14 +202,12 @@ async def read_logs_query(ctx: AbilityContext, inp: ReadLogsIn) -> dict[str, Any
 
 @ability(
     "read-logs",
+    core=True,
     toolset="logs",
     level="viewer",
     read_only=True,
     idempotent=True,
-    description=(
-        "Read central log entries, newest first, filtered by agent, level, time range, job, flow, pipeline "
-        "or text. Paged."
-    ),
+    description=("Read log entries, newest first, filtered by agent, level, time, job, flow or text."),
 )
 async def read_logs(ctx: AbilityContext, inp: ReadLogsIn) -> ReadLogsOut:
     return ReadLogsOut.model_validate(await read_logs_query(ctx, inp))
@@ -219,7 +217,7 @@ async def read_logs(ctx: AbilityContext, inp: ReadLogsIn) -> ReadLogsOut:
 
 
 class LogMetadataIn(Input):
-    agent_id: int | None = Field(None, ge=1, description="Only this agent's entries")
+    agent_id: int | None = Field(None, ge=1, description="Agent filter")
 
 
 class LevelCounts(Output):
@@ -243,7 +241,7 @@ class LogMetadataOut(Output):
     level="viewer",
     read_only=True,
     idempotent=True,
-    description="Get log statistics: entry count, oldest and newest time, and counts per level.",
+    description="Get log counts, per level, and time range.",
 )
 async def get_log_metadata(ctx: AbilityContext, inp: LogMetadataIn) -> LogMetadataOut:
     conds = await _scope(ctx, inp.agent_id)
@@ -272,7 +270,7 @@ async def get_log_metadata(ctx: AbilityContext, inp: LogMetadataIn) -> LogMetada
 
 
 class ClearLogsIn(Input):
-    agent_id: int | None = Field(None, ge=1, description="Clear only this agent's entries; omit for all (global admin)")
+    agent_id: int | None = Field(None, ge=1, description="Agent (omit: all)")
 
 
 class ClearLogsOut(Output):
@@ -282,11 +280,16 @@ class ClearLogsOut(Output):
 
 @ability(
     "clear-logs",
+    ask=confirmation(
+        lambda i: (
+            f"Delete every log entry of agent {i.agent_id}?" if i.agent_id else "Delete every log entry of every agent?"
+        )
+    ),
     toolset="logs",
     level="admin",
     destructive=True,
     idempotent=True,
-    description="Delete all log entries of one agent, or all log entries (global admin).",
+    description="Delete an agent's log entries, or all (global admin).",
 )
 async def clear_logs(ctx: AbilityContext, inp: ClearLogsIn) -> ClearLogsOut:
     if inp.agent_id is not None:
@@ -295,12 +298,12 @@ async def clear_logs(ctx: AbilityContext, inp: ClearLogsIn) -> ClearLogsOut:
             agent_owner(agent), "admin", mutating=True, target={"type": "agent", "id": agent.agent_id}
         )
         result = await ctx.session.execute(delete(LogEntry).where(LogEntry.agent_id == inp.agent_id))
-        target = ("agent", inp.agent_id)
+        target: tuple[str, Any] = ("agent", inp.agent_id)
     else:
         ctx.access.require_global_admin("Clearing all logs", {"type": "logs", "id": "all"})
         result = await ctx.session.execute(delete(LogEntry))
         target = ("logs", "all")
-    deleted = int(result.rowcount or 0)
+    deleted = rowcount(result)
     # Written after the delete, so the log is never empty after a clear.
     await ctx.audit(f"{deleted} log entries cleared", target=target, agent_id=inp.agent_id, deleted=deleted)
     return ClearLogsOut(deleted=deleted, message="Logs cleared successfully")

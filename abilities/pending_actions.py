@@ -18,6 +18,7 @@ from datamachine_mcp.abilities.job_common import job_ref
 from datamachine_mcp.abilities.job_reports import check_agent_filter
 from datamachine_mcp.abilities.jobs import publish_changes
 from datamachine_mcp.abilities.pipeline_common import owner_of
+from datamachine_mcp.abilities.questions import decision
 from datamachine_mcp.abilities.registry import ability
 from datamachine_mcp.abilities.schema import OFFSET_DESC, PER_PAGE_DESC, Input, Output, PageOut
 from datamachine_mcp.engine import claims
@@ -25,10 +26,16 @@ from datamachine_mcp.engine import status as st
 from datamachine_mcp.engine.lifecycle import Changes, ed, finish
 from datamachine_mcp.engine.plan import step_config
 from datamachine_mcp.storage.crypto import mask
+from datamachine_mcp.storage.dml import rowcount
 from datamachine_mcp.storage.models import Job
 from datamachine_mcp.storage.timeutil import iso, utcnow
 
 ACTION_PATTERN = r"^pa_[0-9a-f]{32}$"
+# Without a decision the server asks the user; a client that cannot be asked gets this.
+DECISION_REQUIRED = (
+    "decision_required",
+    "Give decision (accepted or rejected), with a note: this client cannot ask the user. Ask them, then call again.",
+)
 APPROVAL_KEYS = (
     "action_id",
     "flow_step_id",
@@ -43,7 +50,7 @@ DECISION_KEYS = ("decided_by_user_id", "decided_by_agent_id", "decided_at", "not
 
 
 class PendingAction(Output):
-    action_id: str = Field(description="Action id (pa_ + 32 hex)")
+    action_id: str = Field(description="Action id")
     flow_step_id: str | None = Field(description="The approval step")
     next_flow_step_id: str | None = Field(description="Step an acceptance resumes at (null: the job completes)")
     description: str | None = Field(description="What the reviewer is asked to check")
@@ -63,12 +70,13 @@ class DecidedAction(PendingAction):
     decided_by_user_id: int | None = Field(description="Who decided (null while pending)")
     decided_by_agent_id: int | None = Field(description="Agent context of the decision (null while pending)")
     decided_at: str | None = Field(description="When it was decided (null while pending)")
-    note: str | None = Field(description="Reason recorded with the decision")
+    note: str | None = Field(description="Reason")
 
 
 def action_dict(job: Job, *, decided: bool = False) -> dict[str, Any]:
     data = job.engine_data or {}
-    approval = data.get("approval") if isinstance(data.get("approval"), dict) else {}
+    raw_approval = data.get("approval")
+    approval = raw_approval if isinstance(raw_approval, dict) else {}
     out: dict[str, Any] = {key: mask(approval.get(key)) for key in APPROVAL_KEYS}
     out["action_id"] = approval.get("action_id") or job.wait_ref
     out["status"] = approval.get("status") or "pending"
@@ -119,9 +127,9 @@ async def find_action(ctx: AbilityContext, action_id: str) -> Job:
 
 
 class ListPendingIn(Input):
-    agent_id: int | None = Field(None, ge=1, description="Only this agent's jobs")
-    flow_id: int | None = Field(None, ge=1, description="Only this flow's jobs")
-    pipeline_id: int | None = Field(None, ge=1, description="Only this pipeline's jobs")
+    agent_id: int | None = Field(None, ge=1, description="Agent filter")
+    flow_id: int | None = Field(None, ge=1, description="Flow filter")
+    pipeline_id: int | None = Field(None, ge=1, description="Pipeline filter")
     per_page: int = Field(20, ge=1, le=100, description=PER_PAGE_DESC)
     offset: int = Field(0, ge=0, description=OFFSET_DESC)
 
@@ -132,11 +140,12 @@ class ListPendingOut(PageOut):
 
 @ability(
     "list-pending-actions",
+    core=True,
     toolset="jobs",
     level="viewer",
     read_only=True,
     idempotent=True,
-    description="List jobs waiting at an approval step for a human decision.",
+    description="List approvals waiting for a decision.",
 )
 async def list_pending_actions(ctx: AbilityContext, inp: ListPendingIn) -> ListPendingOut:
     conds: list[Any] = [
@@ -168,7 +177,7 @@ async def list_pending_actions(ctx: AbilityContext, inp: ListPendingIn) -> ListP
 
 
 class GetPendingIn(Input):
-    action_id: str = Field(pattern=ACTION_PATTERN, description="Action id (pa_ + 32 hex)")
+    action_id: str = Field(pattern=ACTION_PATTERN, description="Action id")
 
 
 class GetPendingOut(Output):
@@ -181,7 +190,7 @@ class GetPendingOut(Output):
     level="viewer",
     read_only=True,
     idempotent=True,
-    description="Get one approval action by its action_id, pending or already decided, with its decision record.",
+    description="Get one approval action and its decision.",
 )
 async def get_pending_action(ctx: AbilityContext, inp: GetPendingIn) -> GetPendingOut:
     job = await find_action(ctx, inp.action_id)
@@ -201,11 +210,9 @@ async def get_pending_action(ctx: AbilityContext, inp: GetPendingIn) -> GetPendi
 
 
 class ResolveIn(Input):
-    action_id: str = Field(pattern=ACTION_PATTERN, description="Action from list-pending-actions (pa_ + 32 hex)")
-    decision: Literal["accepted", "rejected"] = Field(
-        description="accepted resumes the job after the approval step; rejected ends it"
-    )
-    note: str | None = Field(None, max_length=1000, description="Reason recorded with the decision")
+    action_id: str = Field(pattern=ACTION_PATTERN, description="Action id")
+    decision: Literal["accepted", "rejected"] | None = Field(None, description="Omit to ask the user")
+    note: str | None = Field(None, max_length=1000, description="Reason")
 
 
 class ResolveOut(Output):
@@ -248,16 +255,35 @@ def _on_reject(data: dict[str, Any], approval: dict[str, Any]) -> str:
 
 @ability(
     "resolve-pending-action",
+    core=True,
+    ask=decision(
+        lambda i: f"Approval {i.action_id}: accept (the job resumes) or reject it?",
+        missing="decision",
+        properties={
+            "decision": {
+                "type": "string",
+                "title": "Decision",
+                "enum": ["accepted", "rejected"],
+            },
+            "note": {
+                "type": "string",
+                "title": "Reason",
+                "description": "Recorded with the decision",
+                "maxLength": 1000,
+            },
+        },
+        required=("decision",),
+        unsupported=DECISION_REQUIRED,
+    ),
     toolset="jobs",
     level="operator",
     idempotent=True,
     transaction="manual",
-    description=(
-        "Decide an approval: accepted resumes the job after the approval step; rejected ends it (failed or "
-        "skipped, per the step's on_reject). Decided once."
-    ),
+    description="Decide an approval: accept (the job resumes) or reject. Without a decision the user is asked.",
 )
 async def resolve_pending_action(ctx: AbilityContext, inp: ResolveIn) -> ResolveOut:
+    if inp.decision is None:  # the server asks before calling when it can; here nobody could be asked
+        raise AbilityError(*DECISION_REQUIRED)
     now = utcnow()
     p = ctx.principal
     resumed = False
@@ -282,7 +308,7 @@ async def resolve_pending_action(ctx: AbilityContext, inp: ResolveIn) -> Resolve
             .values(updated_at=now)
             .execution_options(synchronize_session=False)
         )
-        if not won.rowcount:
+        if not rowcount(won):
             current = await session.get(Job, job_id, populate_existing=True)
             raise already_resolved(current or job, inp.action_id)
         threshold = str((await ctx.settings())["log_level"])

@@ -21,7 +21,7 @@ from datamachine_mcp.abilities.context import AbilityContext
 from datamachine_mcp.abilities.errors import AbilityError
 from datamachine_mcp.abilities.schema import Opt, Output, ts
 from datamachine_mcp.engine.catalog import PROVIDERS, STEP_TYPES
-from datamachine_mcp.engine.configs import ConfigError, handler_for, seal_secrets, validate_handler_config
+from datamachine_mcp.engine.configs import handler_for, seal_secrets, validate_handler_config
 from datamachine_mcp.storage.crypto import MASK, SecretBox, mask
 from datamachine_mcp.storage.models import Agent, Flow, Job, Pipeline
 
@@ -202,7 +202,7 @@ class FlowStepOut(OpenOutput):
     label: str = Field(description="Label of the pipeline step")
     handler_slugs: list[str] | None = Opt("Handlers of a fetch/publish/update step, in run order")
     handler_configs: dict[str, dict[str, Any]] | None = Opt("Config per handler (secrets masked)")
-    flow_step_settings: dict[str, Any] | None = Opt("Settings of a handler-free step")
+    flow_step_settings: dict[str, Any] | None = Opt("Step settings")
     queue_mode: str | None = Opt("static, drain or loop (ai and fetch steps)")
     prompt_queue: list[dict[str, Any]] | None = Opt("Queued prompts of an ai step, head first")
     config_patch_queue: list[dict[str, Any]] | None = Opt("Queued config patches of a fetch step")
@@ -325,7 +325,7 @@ async def running_flow_ids(ctx: AbilityContext, flow_ids: Iterable[int]) -> set[
     rows = await ctx.session.execute(
         select(Job.flow_key).where(Job.flow_key.in_(ids), Job.status.in_(ACTIVE_STATUSES)).distinct()
     )
-    return {r[0] for r in rows.all()}
+    return {flow_id for (flow_id,) in rows.all() if flow_id is not None}
 
 
 async def flow_counts(ctx: AbilityContext, pipeline_ids: Sequence[int]) -> dict[int, int]:
@@ -425,14 +425,11 @@ def build_pipeline_step(
             )
         if not isinstance(slug, str):
             raise AbilityError("invalid_handler", "handler_config needs handler_slug naming its handler.")
-        try:
-            handler = handler_for(step_type, slug)
-            defaults = seed.get("handler_config") or {}
-            if not isinstance(defaults, dict):
-                raise AbilityError("invalid_input", "handler_config must be an object.", field="handler_config")
-            validate_handler_config(handler, step_type, defaults, check_required=False, files_roots=files_roots)
-        except ConfigError as err:
-            raise AbilityError(err.code, err.message, **err.data) from None
+        handler = handler_for(step_type, slug)
+        defaults = seed.get("handler_config") or {}
+        if not isinstance(defaults, dict):
+            raise AbilityError("invalid_input", "handler_config must be an object.", field="handler_config")
+        validate_handler_config(handler, step_type, defaults, check_required=False, files_roots=files_roots)
         step["handler_slug"] = slug
         step["handler_config"] = seal_secrets(handler, defaults, box)
     for name, (kind, low, high) in AI_FIELD_LIMITS.items():
@@ -453,7 +450,7 @@ def build_pipeline_step(
             raise AbilityError(
                 "unknown_provider", f"Unknown provider '{value}'. Use {', '.join(PROVIDERS)} or \"\" for the default."
             )
-        size = len(value) if isinstance(value, str) else value
+        size: float = len(value) if isinstance(value, str) else step[name]  # an int or float, checked above
         if (low is not None and size < low) or (high is not None and size > high):
             raise AbilityError(
                 "invalid_input", f"{name} is out of range.", errors=[{"field": name, "message": "out of range"}]

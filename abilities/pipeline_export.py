@@ -74,7 +74,7 @@ def _json(value: Any) -> str:
 
 class ExportPipelinesIn(Input):
     pipeline_ids: list[Annotated[int, Field(ge=1)]] | None = Field(
-        None, max_length=500, description="Pipelines to export (default: every pipeline you can read)"
+        None, max_length=500, description="Default: all you can read"
     )
     format: Literal["csv"] = Field("csv", description="Export format (csv)")
 
@@ -162,10 +162,7 @@ def render_csv(pipelines: list[Pipeline], flows: dict[int, list[Flow]]) -> tuple
     level="viewer",
     read_only=True,
     idempotent=True,
-    description=(
-        "Export pipelines and their flow step settings as CSV (credentials removed) for backup or transfer "
-        "with import-pipelines."
-    ),
+    description=("Export pipelines and flow step settings as CSV (no credentials)."),
 )
 async def export_pipelines(ctx: AbilityContext, inp: ExportPipelinesIn) -> ExportPipelinesOut:
     s = ctx.session

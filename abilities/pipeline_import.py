@@ -49,14 +49,10 @@ MAX_DATA = 5 * 1024 * 1024
 
 
 class ImportPipelinesIn(Input):
-    data: str = Field(max_length=MAX_DATA, description="CSV in the export-pipelines format (≤5 MiB)")
+    data: str = Field(max_length=MAX_DATA, description="CSV from export-pipelines")
     format: Literal["csv"] = Field("csv", description="Import format (csv)")
-    agent_id: int | None = Field(
-        None, ge=1, description="Owning agent of the imported pipelines (default: your session's agent)"
-    )
-    on_conflict: Literal["skip", "create"] = Field(
-        "skip", description="A same-name pipeline already exists for this owner: skip it, or create another"
-    )
+    agent_id: int | None = Field(None, ge=1, description="Owner agent")
+    on_conflict: Literal["skip", "create"] = Field("skip", description="On a same-name pipeline")
 
 
 class SkippedOut(Output):
@@ -115,7 +111,7 @@ def _json_object(text: str, row: int, column: str) -> dict[str, Any]:
         return {}
     try:
         value = json.loads(text)
-    except ValueError as err:
+    except json.JSONDecodeError as err:
         raise bad_row(row, f"{column} is not valid JSON ({err.msg})") from None
     if not isinstance(value, dict):
         raise bad_row(row, f"{column} must be a JSON object")
@@ -318,10 +314,7 @@ def plan_group(group: Group, *, box: SecretBox, files_roots: list[Path] | None) 
     "import-pipelines",
     toolset="pipelines",
     level="admin",
-    description=(
-        "Import pipelines and flows from CSV produced by export-pipelines. Existing same-name pipelines are "
-        "skipped unless on_conflict=create."
-    ),
+    description=("Import pipelines and flows from export-pipelines CSV."),
 )
 async def import_pipelines(ctx: AbilityContext, inp: ImportPipelinesIn) -> ImportPipelinesOut:
     agent_id, user_id = await new_resource_owner(ctx, inp.agent_id)

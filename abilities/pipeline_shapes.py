@@ -12,6 +12,7 @@ from datamachine_mcp.abilities.access import Owner
 from datamachine_mcp.abilities.agent_common import agent_owner
 from datamachine_mcp.abilities.context import AbilityContext
 from datamachine_mcp.abilities.errors import AbilityError
+from datamachine_mcp.abilities.json_schema import UNPUBLISHED
 from datamachine_mcp.abilities.pipeline_common import ordered_steps
 from datamachine_mcp.abilities.schema import Input
 from datamachine_mcp.storage.models import Agent
@@ -22,20 +23,19 @@ class StepSeedIn(Input):
 
     model_config = ConfigDict(extra="allow")
 
-    label: str | None = Field(None, max_length=255, description="Display label (default: the step type's label)")
-    handler_slug: str | None = Field(
-        None, max_length=100, description="fetch/publish/update: default handler seeded into new flow steps"
+    label: str | None = Field(None, max_length=255, description="Label")
+    handler_slug: str | None = Field(None, max_length=100, description="Default handler")
+    # Another spelling of handler_slug: accepted, not published.
+    handler: str | None = Field(
+        None, max_length=100, description="Alias of handler_slug", json_schema_extra=UNPUBLISHED
     )
-    handler: str | None = Field(None, max_length=100, description="Alternative spelling of handler_slug")
-    handler_config: dict[str, Any] | None = Field(
-        None, description="Default config of handler_slug (validated; secrets encrypted)"
-    )
+    handler_config: dict[str, Any] | None = Field(None, description="Its default config")
     system_prompt: str | None = Field(None, max_length=50000, description="ai: system prompt")
-    provider: str | None = Field(None, max_length=50, description="ai: openai, anthropic, sampling or '' (default)")
-    model: str | None = Field(None, max_length=100, description="ai: model ('' = default)")
-    temperature: float | None = Field(None, ge=0, le=2, description="ai: sampling temperature 0..2")
+    provider: str | None = Field(None, max_length=50, description="ai: openai, anthropic or sampling")
+    model: str | None = Field(None, max_length=100, description="ai: model")
+    temperature: float | None = Field(None, ge=0, le=2, description="ai: temperature")
     max_tokens: int | None = Field(None, ge=1, le=32000, description="ai: reply token cap")
-    skip_marker: str | None = Field(None, max_length=50, description="ai: reply prefix that skips the item")
+    skip_marker: str | None = Field(None, max_length=50, description="ai: skip-item reply prefix")
 
 
 def seed_of(model: Input) -> dict[str, Any]:

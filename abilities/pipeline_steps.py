@@ -15,6 +15,7 @@ from pydantic import Field
 from datamachine_mcp.abilities.context import AbilityContext
 from datamachine_mcp.abilities.errors import AbilityError
 from datamachine_mcp.abilities.flow_ops import seeded_warnings
+from datamachine_mcp.abilities.json_schema import KEEP_NULL, UNPUBLISHED
 from datamachine_mcp.abilities.pipeline_common import (
     PipelineStepOut,
     build_pipeline_step,
@@ -83,10 +84,8 @@ def notify_pipeline_and_flows(ctx: AbilityContext, pipeline: Pipeline, flows: li
 
 
 class GetPipelineStepsIn(Input):
-    pipeline_id: int | None = Field(None, ge=1, description="Pipeline (required unless pipeline_step_id)")
-    pipeline_step_id: str | None = Field(
-        None, max_length=255, description="Single step; takes priority over pipeline_id"
-    )
+    pipeline_id: int | None = Field(None, ge=1, description="Pipeline (or pipeline_step_id)")
+    pipeline_step_id: str | None = Field(None, max_length=255, description="One step")
 
 
 class GetPipelineStepsOut(Output):
@@ -101,7 +100,7 @@ class GetPipelineStepsOut(Output):
     level="viewer",
     read_only=True,
     idempotent=True,
-    description="List a pipeline's steps in execution order, or get one step by pipeline_step_id.",
+    description="List a pipeline's steps in order, or get one.",
 )
 async def get_pipeline_steps(ctx: AbilityContext, inp: GetPipelineStepsIn) -> GetPipelineStepsOut:
     if inp.pipeline_step_id is not None:
@@ -129,14 +128,12 @@ async def get_pipeline_steps(ctx: AbilityContext, inp: GetPipelineStepsIn) -> Ge
 
 
 class AddPipelineStepIn(Input):
-    pipeline_id: int = Field(ge=1, description="Pipeline to extend")
+    pipeline_id: int = Field(ge=1, description="Pipeline")
     step_type: str = Field(
         max_length=50,
-        description="Type of the new step: fetch, ai, publish, update, approval, webhook_gate, system_task",
+        description="fetch, ai, publish, update, approval, webhook_gate or system_task",
     )
-    step_config: StepSeedIn | None = Field(
-        None, description="Seed: label, AI fields, handler_slug/handler_config defaults, other keys kept"
-    )
+    step_config: StepSeedIn | None = Field(None, description="label, AI fields, default handler")
 
 
 class FlowStepRef(Output):
@@ -157,12 +154,10 @@ class AddPipelineStepOut(Output):
 
 @ability(
     "add-pipeline-step",
+    core=True,
     toolset="pipelines",
     level="admin",
-    description=(
-        "Append a step (fetch, ai, publish, update, approval, ...) to a pipeline; every flow of the pipeline "
-        "gets a matching flow step."
-    ),
+    description=("Append a step to a pipeline; each of its flows gets a matching flow step."),
 )
 async def add_pipeline_step(ctx: AbilityContext, inp: AddPipelineStepIn) -> AddPipelineStepOut:
     pipeline = await load_pipeline(ctx, inp.pipeline_id, "admin", mutating=True, lock=True)
@@ -208,29 +203,31 @@ async def add_pipeline_step(ctx: AbilityContext, inp: AddPipelineStepIn) -> AddP
 # --- update-pipeline-step ---------------------------------------------------------------------
 
 HANDLER_FIELDS = ("handler_slug", "handler_slugs", "handler_config", "handler_configs", "user_message")
-_HANDLER_FIELD_DESC = "Not accepted: handler fields are flow-scoped (use update-flow-step)"
+_HANDLER_FIELD_DESC = "Flow-scoped: use update-flow-step"
 
 
 class UpdatePipelineStepIn(Input):
-    pipeline_step_id: str = Field(max_length=255, description="Step to update")
-    label: str | None = Field(None, max_length=255, description="Display label ('' = the step type's label)")
-    system_prompt: str | None = Field(None, max_length=50000, description="ai only: system prompt")
+    # null (or "") removes a setting so the default applies; leaving a field out keeps it.
+    pipeline_step_id: str = Field(max_length=255, description="Step")
+    label: str | None = Field(None, max_length=255, description="Label (null: default)", json_schema_extra=KEEP_NULL)
+    system_prompt: str | None = Field(
+        None, max_length=50000, description="ai: system prompt", json_schema_extra=KEEP_NULL
+    )
     provider: str | None = Field(
-        None, max_length=50, description="ai only: openai, anthropic, sampling or '' (the default)"
+        None, max_length=50, description="ai: openai, anthropic or sampling", json_schema_extra=KEEP_NULL
     )
-    model: str | None = Field(None, max_length=100, description="ai only: model ('' = the default)")
-    temperature: float | None = Field(
-        None, ge=0, le=2, description="ai only: sampling temperature 0..2 (null = provider default)"
-    )
-    max_tokens: int | None = Field(None, ge=1, le=32000, description="ai only: reply token cap (default 1024)")
+    model: str | None = Field(None, max_length=100, description="ai: model", json_schema_extra=KEEP_NULL)
+    temperature: float | None = Field(None, ge=0, le=2, description="ai: temperature", json_schema_extra=KEEP_NULL)
+    max_tokens: int | None = Field(None, ge=1, le=32000, description="ai: reply token cap", json_schema_extra=KEEP_NULL)
     skip_marker: str | None = Field(
-        None, max_length=50, description="ai only: reply prefix that skips the item (null = none)"
+        None, max_length=50, description="ai: skip-item reply prefix", json_schema_extra=KEEP_NULL
     )
-    handler_slug: Any = Field(None, description=_HANDLER_FIELD_DESC)
-    handler_slugs: Any = Field(None, description=_HANDLER_FIELD_DESC)
-    handler_config: Any = Field(None, description=_HANDLER_FIELD_DESC)
-    handler_configs: Any = Field(None, description=_HANDLER_FIELD_DESC)
-    user_message: Any = Field(None, description="Not accepted: prompts are flow-scoped (use update-flow-step)")
+    # Flow-scoped fields, refused with invalid_pipeline_step_fields (use update-flow-step); not published.
+    handler_slug: Any = Field(None, description=_HANDLER_FIELD_DESC, json_schema_extra=UNPUBLISHED)
+    handler_slugs: Any = Field(None, description=_HANDLER_FIELD_DESC, json_schema_extra=UNPUBLISHED)
+    handler_config: Any = Field(None, description=_HANDLER_FIELD_DESC, json_schema_extra=UNPUBLISHED)
+    handler_configs: Any = Field(None, description=_HANDLER_FIELD_DESC, json_schema_extra=UNPUBLISHED)
+    user_message: Any = Field(None, description=_HANDLER_FIELD_DESC, json_schema_extra=UNPUBLISHED)
 
 
 class UpdatePipelineStepOut(Output):
@@ -248,10 +245,7 @@ AI_INPUTS = ("system_prompt", "provider", "model", "temperature", "max_tokens", 
     toolset="pipelines",
     level="admin",
     idempotent=True,
-    description=(
-        "Update a pipeline step's label or AI settings (system_prompt, provider, model, temperature, "
-        "max_tokens, skip_marker). Handler settings are per flow: use update-flow-step."
-    ),
+    description=("Update a pipeline step's label or AI settings."),
 )
 async def update_pipeline_step(ctx: AbilityContext, inp: UpdatePipelineStepIn) -> UpdatePipelineStepOut:
     given = inp.model_fields_set - {"pipeline_step_id"}
@@ -269,7 +263,7 @@ async def update_pipeline_step(ctx: AbilityContext, inp: UpdatePipelineStepIn) -
             "Give at least one of label, system_prompt, provider, model, temperature, max_tokens, skip_marker.",
         )
     pipeline = await _step_pipeline(ctx, psid, pipeline_id)
-    step = dict(pipeline.pipeline_config[psid])
+    step = dict((pipeline.pipeline_config or {})[psid])
     step_type = step.get("step_type", "")
     ai_given = [f for f in AI_INPUTS if f in given]
     if ai_given and step_type != "ai":
@@ -306,7 +300,7 @@ async def update_pipeline_step(ctx: AbilityContext, inp: UpdatePipelineStepIn) -
             pipeline_step_id=psid, pipeline_id=pipeline_id, updated_fields=[], message="Nothing to change."
         )
     now = utcnow()
-    pipeline.pipeline_config = {**pipeline.pipeline_config, psid: step}
+    pipeline.pipeline_config = {**(pipeline.pipeline_config or {}), psid: step}
     pipeline.updated_at = now
     await ctx.audit(
         f"step {psid} of pipeline {pipeline_id} updated ({', '.join(updated)})",

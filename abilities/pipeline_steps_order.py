@@ -23,8 +23,8 @@ from datamachine_mcp.storage.timeutil import utcnow
 
 
 class DeletePipelineStepIn(Input):
-    pipeline_id: int = Field(ge=1, description="Pipeline containing the step")
-    pipeline_step_id: str = Field(max_length=255, description="Step to delete")
+    pipeline_id: int = Field(ge=1, description="Pipeline")
+    pipeline_step_id: str = Field(max_length=255, description="Step")
 
 
 class DeletePipelineStepOut(Output):
@@ -41,10 +41,7 @@ class DeletePipelineStepOut(Output):
     level="admin",
     destructive=True,
     idempotent=True,
-    description=(
-        "Remove a step from a pipeline and from all its flows; remaining steps are renumbered. Deletes the "
-        "step's processed-item history."
-    ),
+    description=("Remove a step from a pipeline and its flows."),
 )
 async def delete_pipeline_step(ctx: AbilityContext, inp: DeletePipelineStepIn) -> DeletePipelineStepOut:
     psid = inp.pipeline_step_id.strip()
@@ -88,15 +85,13 @@ async def delete_pipeline_step(ctx: AbilityContext, inp: DeletePipelineStepIn) -
 
 
 class StepOrderItem(Input):
-    pipeline_step_id: str = Field(max_length=255, description="A step of the pipeline")
-    execution_order: int | None = Field(None, description="Ignored: the position in step_order decides")
+    pipeline_step_id: str = Field(max_length=255, description="Step")
+    execution_order: int | None = Field(None, description="Ignored")
 
 
 class ReorderPipelineStepsIn(Input):
-    pipeline_id: int = Field(ge=1, description="Pipeline to reorder")
-    step_order: list[StepOrderItem] = Field(
-        min_length=1, max_length=50, description="Every step of the pipeline, in the new order"
-    )
+    pipeline_id: int = Field(ge=1, description="Pipeline")
+    step_order: list[StepOrderItem] = Field(min_length=1, max_length=50, description="Every step, in the new order")
 
 
 class StepPosition(Output):
@@ -116,9 +111,7 @@ class ReorderPipelineStepsOut(Output):
     toolset="pipelines",
     level="admin",
     idempotent=True,
-    description=(
-        "Set the execution order of all steps of a pipeline; the order of the step_order array is the new order."
-    ),
+    description=("Set the order of a pipeline's steps."),
     error_fields={"step_order": "invalid_step_order"},
 )
 async def reorder_pipeline_steps(ctx: AbilityContext, inp: ReorderPipelineStepsIn) -> ReorderPipelineStepsOut:

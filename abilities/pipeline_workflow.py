@@ -12,6 +12,7 @@ from pydantic import Field
 from datamachine_mcp.abilities.context import AbilityContext
 from datamachine_mcp.abilities.errors import AbilityError
 from datamachine_mcp.abilities.flow_ops import STEP_FIELD_HINTS, StepEdit, apply_step_edit
+from datamachine_mcp.abilities.json_schema import UNPUBLISHED
 from datamachine_mcp.abilities.pipeline_common import seed_flow_step
 from datamachine_mcp.abilities.pipeline_shapes import seed_of
 from datamachine_mcp.abilities.schema import Input
@@ -20,31 +21,27 @@ from datamachine_mcp.storage.crypto import mask
 
 
 class WorkflowStepIn(Input):
-    """WorkflowStep (abilities.md §3)."""
+    """One step of a workflow: its type, handlers and their configs, AI settings."""
 
     field_hints: ClassVar[dict[str, str]] = STEP_FIELD_HINTS
-    legacy_fields: ClassVar[tuple[str, ...]] = ("handler_slug", "handler_config")
 
     step_type: str = Field(
         max_length=50, description="fetch, ai, publish, update, approval, webhook_gate or system_task"
     )
-    label: str | None = Field(None, max_length=255, description="Display label (default: the step type's label)")
-    handler_slugs: list[str] | None = Field(
-        None, max_length=10, description="fetch: exactly one handler; publish/update: one or more, in run order"
-    )
-    handler_configs: dict[str, dict[str, Any]] | None = Field(None, description="Config per handler slug")
-    flow_step_settings: dict[str, Any] | None = Field(
-        None, description="Settings of an approval, webhook_gate or system_task step"
-    )
-    user_message: str | None = Field(None, max_length=20000, description="ai: the prompt (a one-entry static queue)")
+    label: str | None = Field(None, max_length=255, description="Label")
+    handler_slugs: list[str] | None = Field(None, max_length=10, description="In run order (fetch: one)")
+    handler_configs: dict[str, dict[str, Any]] | None = Field(None, description="{slug: config}")
+    flow_step_settings: dict[str, Any] | None = Field(None, description="Step settings")
+    user_message: str | None = Field(None, max_length=20000, description="ai: the prompt")
     system_prompt: str | None = Field(None, max_length=50000, description="ai: system prompt")
-    provider: str | None = Field(None, max_length=50, description="ai: openai, anthropic, sampling or '' (default)")
-    model: str | None = Field(None, max_length=100, description="ai: model ('' = default)")
-    temperature: float | None = Field(None, ge=0, le=2, description="ai: sampling temperature 0..2")
+    provider: str | None = Field(None, max_length=50, description="ai: openai, anthropic or sampling")
+    model: str | None = Field(None, max_length=100, description="ai: model")
+    temperature: float | None = Field(None, ge=0, le=2, description="ai: temperature")
     max_tokens: int | None = Field(None, ge=1, le=32000, description="ai: reply token cap")
-    skip_marker: str | None = Field(None, max_length=50, description="ai: reply prefix that skips the item")
-    handler_slug: Any = Field(None, description="Legacy, rejected (invalid_workflow): use handler_slugs")
-    handler_config: Any = Field(None, description="Legacy, rejected (invalid_workflow): use handler_configs")
+    skip_marker: str | None = Field(None, max_length=50, description="ai: skip-item reply prefix")
+    # Refused with invalid_workflow (use handler_slugs / handler_configs); not published.
+    handler_slug: Any = Field(None, description="Legacy: use handler_slugs", json_schema_extra=UNPUBLISHED)
+    handler_config: Any = Field(None, description="Legacy: use handler_configs", json_schema_extra=UNPUBLISHED)
 
 
 class WorkflowIn(Input):
@@ -148,8 +145,9 @@ def validate_workflow(ctx: AbilityContext, steps: list[WorkflowStepIn], files_ro
         preview = {k: v for k, v in mask(probe).items() if k in PREVIEW_KEYS}
         out.append({"seed": seed, "edit": edit, "preview": preview})
     if problems:
-        for err in config_errors:
-            problem(err.data["step"], err.message, f"handler_configs.{err.data['handler_slug']}")
+        for config_error in config_errors:
+            data = config_error.data
+            problem(data["step"], config_error.message, f"handler_configs.{data['handler_slug']}")
         summary = "; ".join(p["message"].rstrip(".") for p in problems[:5])
         more = f" (and {len(problems) - 5} more)" if len(problems) > 5 else ""
         raise AbilityError("invalid_workflow", f"Invalid workflow: {summary}{more}.", errors=problems)

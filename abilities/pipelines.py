@@ -37,8 +37,10 @@ from datamachine_mcp.abilities.pipeline_common import (
 from datamachine_mcp.abilities.pipeline_copy import copied_schedule, remap_flow_config, strip_step_secrets
 from datamachine_mcp.abilities.pipeline_shapes import StepSeedIn, agent_or_error, new_resource_owner, seed_of
 from datamachine_mcp.abilities.pipeline_workflow import WorkflowIn, validate_workflow
+from datamachine_mcp.abilities.questions import confirmation
 from datamachine_mcp.abilities.registry import ability
 from datamachine_mcp.abilities.schema import OFFSET_DESC, PER_PAGE_DESC, Input, Output
+from datamachine_mcp.abilities.uris import FLOW, PIPELINE
 from datamachine_mcp.storage.models import Agent, Flow, Job, Pipeline, ProcessedItem
 from datamachine_mcp.storage.timeutil import utcnow
 
@@ -63,14 +65,12 @@ async def readable_flow_filter(ctx: AbilityContext) -> ColumnElement[bool]:
 
 
 class GetPipelinesIn(Input):
-    pipeline_id: int | None = Field(None, ge=1, description="Single pipeline; filters and paging are ignored")
-    agent_id: int | None = Field(None, ge=1, description="Only this agent's pipelines (takes priority over user_id)")
-    user_id: int | None = Field(None, ge=0, description="Only pipelines created by this user (0 = shared)")
-    search: str | None = Field(None, max_length=255, description="Case-insensitive substring of the name")
-    output_mode: OutputMode = Field(
-        "full", description="Row shape: full (with flows), list (no flows), summary, ids (pipeline ids only)"
-    )
-    include_flows: bool = Field(True, description="full mode: embed each pipeline's flows")
+    pipeline_id: int | None = Field(None, ge=1, description="One pipeline")
+    agent_id: int | None = Field(None, ge=1, description="Agent filter")
+    user_id: int | None = Field(None, ge=0, description="User filter (0 = shared)")
+    search: str | None = Field(None, max_length=255, description="Substring of the name")
+    output_mode: OutputMode = Field("full", description="Row shape")
+    include_flows: bool = Field(True, description="full: embed flows")
     per_page: int = Field(20, ge=1, le=100, description=PER_PAGE_DESC)
     offset: int = Field(0, ge=0, description=OFFSET_DESC)
 
@@ -143,14 +143,12 @@ async def pipeline_rows(
 
 @ability(
     "get-pipelines",
+    core=True,
     toolset="pipelines",
     level="viewer",
     read_only=True,
     idempotent=True,
-    description=(
-        "Get one pipeline by pipeline_id or list pipelines (filters: agent, user, name search) with their "
-        "steps and optionally flows. Paged."
-    ),
+    description=("Get one pipeline or list pipelines, with their steps and optionally flows."),
 )
 async def get_pipelines(ctx: AbilityContext, inp: GetPipelinesIn) -> GetPipelinesOut:
     s = ctx.session
@@ -203,26 +201,18 @@ class PipelineStepIn(StepSeedIn):
 
 
 class FlowConfigIn(Input):
-    flow_name: str | None = Field(None, max_length=255, description="Flow name (default: the pipeline's name)")
-    scheduling_config: dict[str, Any] | None = Field(
-        None, description="Schedule {interval, timestamp?, cron_expression?, timezone?, enabled?, allow_overlap?}"
-    )
+    flow_name: str | None = Field(None, max_length=255, description="Flow name")
+    scheduling_config: dict[str, Any] | None = Field(None, description="Schedule")
 
 
 class CreatePipelineIn(Input):
     pipeline_name: str = Field(max_length=255, description="Pipeline name")
-    agent_id: int | None = Field(None, ge=1, description="Owning agent (default: your session's agent)")
-    shared: bool = Field(False, description="Create as shared (user_id 0; global administrators only)")
-    steps: list[PipelineStepIn] | None = Field(
-        None, max_length=50, description="Batch mode: steps in order; handler fields become flow defaults"
-    )
-    workflow: WorkflowIn | None = Field(
-        None, description="Workflow mode: {steps: [WorkflowStep]}; creates a flow configured from the steps"
-    )
-    flow_config: FlowConfigIn | None = Field(
-        None, description="Also create a first flow {flow_name?, scheduling_config?}"
-    )
-    validate_only: bool = Field(False, description="Validate and describe without writing")
+    agent_id: int | None = Field(None, ge=1, description="Owner agent")
+    shared: bool = Field(False, description="Shared (global admins)")
+    steps: list[PipelineStepIn] | None = Field(None, max_length=50, description="Steps in order")
+    workflow: WorkflowIn | None = Field(None, description="Steps with flow config (creates the flow)")
+    flow_config: FlowConfigIn | None = Field(None, description="Also create a first flow")
+    validate_only: bool = Field(False, description="Dry run")
 
 
 class CreatePipelineOut(Output):
@@ -261,12 +251,11 @@ def _preview(step: dict[str, Any]) -> dict[str, Any]:
 
 @ability(
     "create-pipeline",
+    core=True,
+    links={"pipeline_id": PIPELINE, "flow_id": FLOW},
     toolset="pipelines",
     level="admin",
-    description=(
-        "Create a pipeline (reusable step template), optionally with steps and a first flow. Supports "
-        "validate_only dry runs."
-    ),
+    description=("Create a pipeline (a reusable step template), optionally with steps and its first flow."),
 )
 async def create_pipeline(ctx: AbilityContext, inp: CreatePipelineIn) -> CreatePipelineOut | CreatePipelineValidateOut:
     name = pipeline_name_or_error(inp.pipeline_name)
@@ -296,16 +285,17 @@ async def create_pipeline(ctx: AbilityContext, inp: CreatePipelineIn) -> CreateP
 
     if inp.validate_only:
         previews = []
-        for step, w in zip(preview_steps, workflow_steps or [None] * len(preview_steps), strict=True):
+        padded: list[dict[str, Any] | None] = list(workflow_steps) or [None] * len(preview_steps)
+        for step, w in zip(preview_steps, padded, strict=True):
             row = _preview(step)
             if w is not None:
                 row.update(w["preview"])
             previews.append(row)
-        flow = {"flow_name": flow_name, "scheduling_config": schedule} if with_flow else None
+        flow_preview = {"flow_name": flow_name, "scheduling_config": schedule} if with_flow else None
         return CreatePipelineValidateOut(
             valid=True,
             mode="validate_only",
-            would_create=WouldCreateOut(pipeline_name=name, agent_id=agent_id, steps=previews, flow=flow),
+            would_create=WouldCreateOut(pipeline_name=name, agent_id=agent_id, steps=previews, flow=flow_preview),
         )
 
     now = utcnow()
@@ -370,9 +360,9 @@ async def create_pipeline(ctx: AbilityContext, inp: CreatePipelineIn) -> CreateP
 
 
 class UpdatePipelineIn(Input):
-    pipeline_id: int = Field(ge=1, description="Pipeline to update")
+    pipeline_id: int = Field(ge=1, description="Pipeline")
     pipeline_name: str | None = Field(None, max_length=255, description="New name")
-    agent_id: int | None = Field(None, ge=1, description="New owning agent (its flows move too)")
+    agent_id: int | None = Field(None, ge=1, description="New owner agent")
 
 
 class UpdatePipelineOut(Output):
@@ -388,7 +378,7 @@ class UpdatePipelineOut(Output):
     toolset="pipelines",
     level="admin",
     idempotent=True,
-    description="Rename a pipeline or move it (with its flows) to another agent.",
+    description="Rename a pipeline or move it and its flows to another agent.",
 )
 async def update_pipeline(ctx: AbilityContext, inp: UpdatePipelineIn) -> UpdatePipelineOut:
     if inp.pipeline_name is None and inp.agent_id is None:
@@ -468,7 +458,7 @@ async def update_pipeline(ctx: AbilityContext, inp: UpdatePipelineIn) -> UpdateP
 
 
 class DeletePipelineIn(Input):
-    pipeline_id: int = Field(ge=1, description="Pipeline to delete")
+    pipeline_id: int = Field(ge=1, description="Pipeline")
 
 
 class DeletePipelineOut(Output):
@@ -482,14 +472,12 @@ class DeletePipelineOut(Output):
 
 @ability(
     "delete-pipeline",
+    ask=confirmation(lambda i: f"Delete pipeline {i.pipeline_id} with all its flows, jobs and processed-item history?"),
     toolset="pipelines",
     level="admin",
     destructive=True,
     idempotent=True,
-    description=(
-        "Delete a pipeline and everything under it: its flows, their schedules and webhook triggers, jobs "
-        "and processed-item history."
-    ),
+    description=("Delete a pipeline with its flows, jobs and processed-item history."),
 )
 async def delete_pipeline(ctx: AbilityContext, inp: DeletePipelineIn) -> DeletePipelineOut:
     pipeline = await load_pipeline(ctx, inp.pipeline_id, "admin", mutating=True, lock=True)
@@ -536,11 +524,9 @@ async def delete_pipeline(ctx: AbilityContext, inp: DeletePipelineIn) -> DeleteP
 
 
 class DuplicatePipelineIn(Input):
-    pipeline_id: int = Field(ge=1, description="Source pipeline")
-    new_name: str | None = Field(None, max_length=255, description='Name of the copy (default "Copy of {name}")')
-    agent_id: int | None = Field(
-        None, ge=1, description="Owning agent of the copy and its flows (default: the source's)"
-    )
+    pipeline_id: int = Field(ge=1, description="Pipeline")
+    new_name: str | None = Field(None, max_length=255, description='Default "Copy of {name}"')
+    agent_id: int | None = Field(None, ge=1, description="Owner agent")
 
 
 class DuplicatePipelineOut(Output):
@@ -556,10 +542,7 @@ class DuplicatePipelineOut(Output):
     "duplicate-pipeline",
     toolset="pipelines",
     level="admin",
-    description=(
-        "Copy a pipeline and all its flows (new IDs, same step and handler configuration). Processed-item "
-        "history and webhook triggers are not copied."
-    ),
+    description=("Copy a pipeline and its flows."),
 )
 async def duplicate_pipeline(ctx: AbilityContext, inp: DuplicatePipelineIn) -> DuplicatePipelineOut:
     name = pipeline_name_or_error(inp.new_name) if inp.new_name is not None else None

@@ -17,16 +17,17 @@ from datamachine_mcp.abilities.access import Owner, Role
 from datamachine_mcp.abilities.context import AbilityContext
 from datamachine_mcp.abilities.errors import AbilityError
 from datamachine_mcp.abilities.pipeline_common import flows_of, load_flow, load_pipeline, parse_flow_step_id
+from datamachine_mcp.abilities.questions import confirmation
 from datamachine_mcp.abilities.registry import ability
 from datamachine_mcp.abilities.schema import Input, Output, ts
 from datamachine_mcp.engine import dedup
 from datamachine_mcp.storage.models import Agent, Flow, Job
 from datamachine_mcp.storage.timeutil import utcnow
 
-FSID_DESC = "Flow step id: {pipeline_step_id}_{flow_id}"
-SOURCE_DESC = "Source type (the handler slug, e.g. rss)"
-ITEM_DESC = "Item identifier in the source (GUID, URL, …); over 255 characters it is stored as sha256:<hex>"
-CANDIDATES_DESC = "Identifiers to evaluate (at most 5000, each at most 2048 characters)"
+FSID_DESC = "{pipeline_step_id}_{flow_id}"
+SOURCE_DESC = "Handler slug, e.g. rss"
+ITEM_DESC = "Item id in its source (GUID, URL…)"
+CANDIDATES_DESC = "Identifiers to check"
 Candidate = Annotated[str, Field(max_length=2048)]
 
 # A flow's owner (its columns and its agent's status and slug) in one query, on table columns so
@@ -90,10 +91,10 @@ def _step_not_found(flow_step_id: str, why: str) -> AbilityError:
 
 
 class MarkProcessedIn(Input):
-    flow_step_id: str = Field(max_length=255, description="Flow step the item belongs to: {pipeline_step_id}_{flow_id}")
+    flow_step_id: str = Field(max_length=255, description="{pipeline_step_id}_{flow_id}")
     source_type: str = Field(max_length=50, description=SOURCE_DESC)
     item_identifier: str = Field(max_length=2048, description=ITEM_DESC)
-    job_id: int | None = Field(None, ge=1, description="Job that processed the item (must belong to this flow)")
+    job_id: int | None = Field(None, ge=1, description="Job that processed it")
 
 
 class MarkProcessedOut(Output):
@@ -107,10 +108,11 @@ class MarkProcessedOut(Output):
 
 @ability(
     "mark-processed",
+    core=True,
     toolset="processed-items",
     level="operator",
     idempotent=True,
-    description="Record an item as processed for a flow step so fetches skip it (dedup). Idempotent upsert.",
+    description="Record an item as processed for a flow step so fetches skip it.",
 )
 async def mark_processed(ctx: AbilityContext, inp: MarkProcessedIn) -> MarkProcessedOut:
     fsid, source, ident = _required(inp.flow_step_id, inp.source_type, inp.item_identifier)
@@ -198,11 +200,12 @@ async def _processed_at(ctx: AbilityContext, inp: ItemIn) -> Any:
 
 @ability(
     "check-processed-item",
+    core=True,
     toolset="processed-items",
     level="viewer",
     read_only=True,
     idempotent=True,
-    description="Check whether an item has been processed for a flow step and source type.",
+    description="Check whether an item was processed for a flow step.",
 )
 async def check_processed_item(ctx: AbilityContext, inp: ItemIn) -> CheckOut:
     stamp = await _processed_at(ctx, inp)
@@ -220,7 +223,7 @@ class ProcessedAtOut(Output):
     level="viewer",
     read_only=True,
     idempotent=True,
-    description="Get when an item was last processed for a flow step (Unix time), or null if never.",
+    description="Get when an item was processed for a flow step (null: never).",
 )
 async def get_processed_at(ctx: AbilityContext, inp: ItemIn) -> ProcessedAtOut:
     stamp = await _processed_at(ctx, inp)
@@ -245,7 +248,7 @@ class HistoryOut(Output):
     level="viewer",
     read_only=True,
     idempotent=True,
-    description="Check whether a flow step has processed any item yet (tells 'first run' apart from 'no new items').",
+    description="Check whether a flow step has processed any item yet.",
 )
 async def has_processed_history(ctx: AbilityContext, inp: HistoryIn) -> HistoryOut:
     fsid, _, _ = _required(inp.flow_step_id)
@@ -257,8 +260,8 @@ async def has_processed_history(ctx: AbilityContext, inp: HistoryIn) -> HistoryO
 
 
 class ClearIn(Input):
-    clear_type: Literal["pipeline", "flow"] = Field(description="Scope: all flows of a pipeline, or one flow")
-    target_id: int = Field(ge=1, description="Pipeline id or flow id, per clear_type")
+    clear_type: Literal["pipeline", "flow"] = Field(description="Scope")
+    target_id: int = Field(ge=1, description="Pipeline or flow id")
 
 
 class ClearOut(Output):
@@ -271,13 +274,16 @@ class ClearOut(Output):
 
 @ability(
     "clear-processed-items",
+    ask=confirmation(
+        lambda i: (
+            f"Forget the processed items of {i.clear_type} {i.target_id}? They will be fetched and processed again."
+        )
+    ),
     toolset="processed-items",
     level="admin",
     destructive=True,
     idempotent=True,
-    description=(
-        "Forget processed-item history for a flow or a whole pipeline so items can be fetched and processed again."
-    ),
+    description=("Forget the processed items of a flow or pipeline so they are fetched again."),
     error_fields={"clear_type": "clear_type_invalid", "target_id": "target_id_invalid"},
     missing_uses_code=("target_id",),
 )
@@ -332,8 +338,8 @@ class FindStaleIn(Input):
     source_type: str = Field(max_length=50, description=SOURCE_DESC)
     candidate_identifiers: list[Candidate] = Field(max_length=5000, description=CANDIDATES_DESC)
     # capped like the retention settings (100 years): a cutoff must still be a date
-    max_age_days: int = Field(ge=1, le=36500, description="Staleness threshold in days (1-36500)")
-    limit: int = Field(100, ge=1, le=5000, description="Maximum identifiers returned")
+    max_age_days: int = Field(ge=1, le=36500, description="Age threshold (days, 1-36500)")
+    limit: int = Field(100, ge=1, le=5000, description="Maximum returned")
 
 
 class FindStaleOut(Output):
@@ -349,7 +355,7 @@ class FindStaleOut(Output):
     level="viewer",
     read_only=True,
     idempotent=True,
-    description="From candidate identifiers, return those processed longer ago than max_age_days (oldest first).",
+    description="Of the given identifiers, those processed over max_age_days ago.",
     error_fields={"candidate_identifiers": "candidate_identifiers_invalid", "max_age_days": "max_age_days_invalid"},
 )
 async def find_stale(ctx: AbilityContext, inp: FindStaleIn) -> FindStaleOut:
@@ -369,7 +375,7 @@ class FindNeverIn(Input):
     flow_step_id: str = Field(max_length=255, description=FSID_DESC)
     source_type: str = Field(max_length=50, description=SOURCE_DESC)
     candidate_identifiers: list[Candidate] = Field(max_length=5000, description=CANDIDATES_DESC)
-    limit: int = Field(100, ge=1, le=5000, description="Maximum identifiers returned (the first N)")
+    limit: int = Field(100, ge=1, le=5000, description="Maximum returned")
 
 
 class FindNeverOut(Output):
@@ -383,7 +389,7 @@ class FindNeverOut(Output):
     level="viewer",
     read_only=True,
     idempotent=True,
-    description="From candidate identifiers, return those never processed for this flow step and source type.",
+    description="Of the given identifiers, those never processed.",
     error_fields={"candidate_identifiers": "candidate_identifiers_invalid"},
 )
 async def find_never_processed(ctx: AbilityContext, inp: FindNeverIn) -> FindNeverOut:

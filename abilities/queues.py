@@ -175,8 +175,8 @@ class QueueEntry(Output):
 
 
 class QueueAddIn(QueueTarget):
-    prompt: str = Field(max_length=20000, description="Prompt to queue (1..20000 characters after trimming)")
-    skip_validation: bool = Field(False, description="Skip the near-duplicate check")
+    prompt: str = Field(max_length=20000, description="Prompt")
+    skip_validation: bool = Field(False, description="Skip the duplicate check")
 
 
 class QueueAddOut(Output):
@@ -192,10 +192,7 @@ class QueueAddOut(Output):
     "queue-add",
     toolset="flows",
     level="operator",
-    description=(
-        "Append a prompt to an AI flow step's prompt queue. Near-duplicates of queued prompts are rejected unless "
-        "skip_validation=true."
-    ),
+    description=("Append a prompt to an ai flow step's queue."),
 )
 async def queue_add(ctx: AbilityContext, inp: QueueAddIn) -> QueueAddOut:
     flow, entry, queue = await _ai_queue(ctx, inp, write=True)
@@ -269,7 +266,7 @@ class QueueListOut(Output):
     level="viewer",
     read_only=True,
     idempotent=True,
-    description="List the prompts queued on an AI flow step, with the step's queue mode.",
+    description="List an ai flow step's queued prompts.",
 )
 async def queue_list(ctx: AbilityContext, inp: QueueListIn) -> QueueListOut:
     flow, entry, queue = await _ai_queue(ctx, inp, write=False)
@@ -294,7 +291,7 @@ async def queue_list(ctx: AbilityContext, inp: QueueListIn) -> QueueListOut:
 
 
 class QueueRemoveIn(QueueTarget):
-    index: int = Field(ge=0, description="0-based index to remove (0 = head)")
+    index: int = Field(ge=0, description="0-based index (0 = head)")
 
 
 class QueueRemoveOut(Output):
@@ -310,7 +307,7 @@ class QueueRemoveOut(Output):
     toolset="flows",
     level="operator",
     destructive=True,
-    description="Remove one prompt from an AI flow step's queue by its 0-based index.",
+    description="Remove one prompt from a flow step's queue.",
 )
 async def queue_remove(ctx: AbilityContext, inp: QueueRemoveIn) -> QueueRemoveOut:
     flow, entry, queue = await _ai_queue(ctx, inp, write=True)
@@ -356,7 +353,7 @@ class QueueClearOut(Output):
     level="operator",
     destructive=True,
     idempotent=True,
-    description="Remove every prompt from an AI flow step's queue.",
+    description="Empty a flow step's prompt queue.",
 )
 async def queue_clear(ctx: AbilityContext, inp: QueueTarget) -> QueueClearOut:
     flow, entry, queue = await _ai_queue(ctx, inp, write=True)
@@ -381,9 +378,7 @@ async def queue_clear(ctx: AbilityContext, inp: QueueTarget) -> QueueClearOut:
 
 
 class QueueModeIn(QueueTarget):
-    mode: QueueMode = Field(
-        description="static = reuse the head every run; drain = pop the head each run; loop = pop and re-append"
-    )
+    mode: QueueMode = Field(description="static, drain or loop")
 
 
 class QueueModeOut(Output):
@@ -399,9 +394,7 @@ class QueueModeOut(Output):
     toolset="flows",
     level="operator",
     idempotent=True,
-    description=(
-        "Set how a flow step consumes its queue: static (reuse head), drain (pop each run), loop (pop and re-append)."
-    ),
+    description=("Set how a flow step consumes its queue."),
 )
 async def queue_mode(ctx: AbilityContext, inp: QueueModeIn) -> QueueModeOut:
     flow, entry, _ = await lookup_flow_step(ctx, inp.flow_step_id, inp.flow_id, "operator", mutating=True, lock=True)
@@ -430,6 +423,6 @@ async def queue_mode(ctx: AbilityContext, inp: QueueModeIn) -> QueueModeOut:
         flow_id=flow.flow_id,
         flow_step_id=entry["flow_step_id"],
         queue_mode=inp.mode,
-        previous_mode=previous,  # type: ignore[arg-type]
+        previous_mode=previous,
         message=message,
     )

@@ -14,9 +14,11 @@ from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Any, Literal, get_type_hints
 
-from pydantic import BaseModel, TypeAdapter
+from pydantic import BaseModel, Field, TypeAdapter, create_model
 
 from datamachine_mcp.abilities.access import Level
+from datamachine_mcp.abilities.json_schema import inline_refs, lean
+from datamachine_mcp.abilities.questions import CONFIRM_FIELD, Question
 from datamachine_mcp.abilities.schema import Input
 
 TOOLSETS = ("agents", "pipelines", "flows", "jobs", "processed-items", "logs", "chat", "settings", "system")
@@ -47,6 +49,12 @@ class Ability:
     # transactions itself (tools that wait or call out must not hold one, abilities.md §2.4)
     transaction: Literal["auto", "manual"] = "auto"
     order: tuple[str, int] = ("", 0)
+    # In the small default tool list (--toolsets core): together these cover a whole journey.
+    core: bool = False
+    # Output path -> resource URI template: the result links to that resource (see ``link_targets``).
+    links: Mapping[str, str] = field(default_factory=dict)
+    # What the server asks the user before running the call (abilities/questions.py), if anything.
+    ask: Question | None = None
 
     @cached_property
     def output_adapter(self) -> TypeAdapter[Any]:
@@ -54,9 +62,7 @@ class Ability:
 
     @cached_property
     def input_schema(self) -> dict[str, Any]:
-        schema = inline_refs(self.input_model.model_json_schema())
-        schema.pop("title", None)
-        return schema
+        return lean(self.input_model.model_json_schema())
 
     @cached_property
     def output_schema(self) -> dict[str, Any]:
@@ -85,34 +91,6 @@ class Ability:
 _REGISTRY: dict[str, Ability] = {}
 
 
-def inline_refs(schema: dict[str, Any]) -> dict[str, Any]:
-    """Replace local ``$ref``s by their definitions (none of our models is recursive).
-
-    Self-contained schemas are read correctly by every client and validate several times faster
-    with ``jsonschema`` than schemas that resolve references.
-    """
-    defs = schema.pop("$defs", {})
-
-    def resolve(node: Any, seen: tuple[str, ...]) -> Any:
-        if isinstance(node, dict):
-            ref = node.get("$ref")
-            if isinstance(ref, str) and ref.startswith("#/$defs/"):
-                name = ref.rsplit("/", 1)[1]
-                if name in seen:  # recursion: keep the reference (and its definitions)
-                    schema.setdefault("$defs", defs)
-                    return node
-                target = dict(resolve(defs[name], (*seen, name)))
-                extra = {k: v for k, v in node.items() if k != "$ref"}
-                target.update({k: resolve(v, seen) for k, v in extra.items()})
-                return target
-            return {k: resolve(v, seen) for k, v in node.items()}
-        if isinstance(node, list):
-            return [resolve(v, seen) for v in node]
-        return node
-
-    return resolve(schema, ())
-
-
 def default_title(slug: str) -> str:
     words = slug.replace("-", " ")
     return words[:1].upper() + words[1:]
@@ -133,6 +111,9 @@ def ability(
     missing_uses_code: tuple[str, ...] = (),
     transaction: Literal["auto", "manual"] = "auto",
     output: Any = None,
+    core: bool = False,
+    links: Mapping[str, str] | None = None,
+    ask: Question | None = None,
 ) -> Callable[[Handler], Handler]:
     """Declare an ability. Input and output types come from the handler's annotations."""
 
@@ -146,6 +127,8 @@ def ability(
         hints = get_type_hints(fn)
         params = [name for name in fn.__code__.co_varnames[: fn.__code__.co_argcount]]
         input_model = hints[params[1]]
+        if ask is not None and ask.kind == "confirmation":
+            input_model = _with_confirm(input_model)
         _check_described(slug, input_model)
         _REGISTRY[slug] = Ability(
             slug=slug,
@@ -165,10 +148,44 @@ def ability(
             transaction=transaction,
             # Import order varies (other layers import some modules early); source position does not.
             order=(fn.__module__, fn.__code__.co_firstlineno),
+            core=core,
+            links=dict(links or {}),
+            ask=ask,
         )
         return fn
 
     return register
+
+
+def link_targets(ability: Ability, output: Mapping[str, Any]) -> list[tuple[str, Any]]:
+    """``(uri_template, value)`` for each of the ability's links present in ``output``.
+
+    A path is dotted field names; ``name[]`` steps into a list only when it holds exactly one entry
+    (a single-object read such as get-jobs with job_id), so list results carry no links.
+    """
+    out: list[tuple[str, Any]] = []
+    for path, template in ability.links.items():
+        node: Any = output
+        for part in path.split("."):
+            if part.endswith("[]"):
+                node = node.get(part[:-2]) if isinstance(node, Mapping) else None
+                node = node[0] if isinstance(node, list) and len(node) == 1 else None
+            else:
+                node = node.get(part) if isinstance(node, Mapping) else None
+        if node is not None and not isinstance(node, bool):
+            out.append((template, node))
+    return out
+
+
+def _with_confirm(model: type[Input]) -> type[Input]:
+    """The input model plus ``confirm``: a confirmed call is not asked again (declared once, by ``ask=``)."""
+    extended: type[Input] = create_model(
+        model.__name__,
+        __base__=model,
+        __module__=model.__module__,
+        **{CONFIRM_FIELD: (bool, Field(False, description="Skip asking the user"))},  # type: ignore[call-overload]
+    )
+    return extended
 
 
 def _check_described(slug: str, model: type[BaseModel]) -> None:

@@ -17,6 +17,7 @@ from datamachine_mcp.abilities.context import AbilityContext, ProgressFn, Runtim
 from datamachine_mcp.abilities.errors import AbilityError, AccessDenied
 from datamachine_mcp.abilities.input_forms import Loc, client_forms
 from datamachine_mcp.abilities.registry import Ability
+from datamachine_mcp.engine.errors import CodedError
 from datamachine_mcp.storage.logs import write_log
 
 log = logging.getLogger("datamachine.abilities")
@@ -38,8 +39,20 @@ class Outcome:
     @property
     def text(self) -> str:
         if self.error is not None:
-            return f"{self.error['code']}: {self.error['message']}"
+            return error_text(self.error)
         return json.dumps(self.output, ensure_ascii=False, separators=(",", ":"))
+
+
+def refusal(err: CodedError) -> dict[str, Any]:
+    """What a client is shown of a coded error: ``{code, message, data}``, as text ``"<code>: <message>"``.
+
+    The one translation of a CodedError: tool results, resource reads and refused requests all use it.
+    """
+    return err.payload()
+
+
+def error_text(error: dict[str, Any]) -> str:
+    return f"{error['code']}: {error['message']}"
 
 
 def visible(ability: Ability, principal: Principal) -> bool:
@@ -166,10 +179,10 @@ async def invoke(
     except AccessDenied as err:
         if record_denials:
             await _record_denial(runtime, ability, principal, err)
-        return Outcome(error=err.payload())
-    except AbilityError as err:
+        return Outcome(error=refusal(err))
+    except CodedError as err:  # abilities' own, and the engine's config, plan and schedule errors
         log.info("%s failed: %s", ability.slug, err.code)
-        return Outcome(error=err.payload())
+        return Outcome(error=refusal(err))
     except Exception:
         log.exception("unexpected error in %s", ability.slug)
         return Outcome(

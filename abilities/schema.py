@@ -26,8 +26,6 @@ class Input(BaseModel):
 
     # Unknown key -> the field to suggest, where a close match would miss or mislead.
     field_hints: ClassVar[dict[str, str]] = {}
-    # Declared only to be refused with a pointed message; never suggested for an unknown key.
-    legacy_fields: ClassVar[tuple[str, ...]] = ()
 
     @field_validator("*", mode="after")
     @classmethod
@@ -84,8 +82,8 @@ def Id(description: str) -> Any:
     return Field(default=None, ge=1, description=description)
 
 
-PER_PAGE_DESC = "Rows per page (paging, abilities.md §2.6)"
-OFFSET_DESC = "Rows to skip before the first returned row"
+PER_PAGE_DESC = "Page size"
+OFFSET_DESC = "Rows to skip"
 
 
 class PageOut(Output):

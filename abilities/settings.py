@@ -34,10 +34,7 @@ class GetSettingsOut(Output):
     level="global_admin",
     read_only=True,
     idempotent=True,
-    description=(
-        "Get server settings (retention, thresholds, default AI provider/model, AI limits, rate limits, admins) "
-        "with defaults; API keys masked."
-    ),
+    description=("Get server settings (API keys masked)."),
 )
 async def get_settings(ctx: AbilityContext, inp: NoInput) -> GetSettingsOut:
     ctx.access.require_global_admin("Reading settings")
@@ -53,10 +50,7 @@ class UpdateSettingsIn(Input):
     settings: dict[str, Any] = Field(
         min_length=1,
         max_length=50,
-        description=(
-            'Keys to change and their new values, e.g. {"retention_logs_days": 7, '
-            '"ai_providers": {"openai": {"api_key": "sk-..."}}}. Only the given keys change.'
-        ),
+        description=("Keys to change"),
     )
 
 
@@ -73,7 +67,7 @@ class UpdateSettingsOut(Output):
     level="global_admin",
     destructive=True,
     idempotent=True,
-    description="Change server settings; only given keys change. Provider API keys are write-only. Global admins only.",
+    description="Change server settings (global admins).",
 )
 async def update_settings(ctx: AbilityContext, inp: UpdateSettingsIn) -> UpdateSettingsOut:
     ctx.access.require_global_admin("Changing settings")

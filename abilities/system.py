@@ -10,6 +10,7 @@ from datamachine_mcp.abilities.context import AbilityContext
 from datamachine_mcp.abilities.registry import TOOLSETS, ability, registered
 from datamachine_mcp.abilities.runner import visible
 from datamachine_mcp.abilities.schema import Input, Output
+from datamachine_mcp.abilities.toolsets import ENABLE_HINT, listed, summarize
 
 
 class WhoamiIn(Input):
@@ -24,7 +25,10 @@ class WhoamiOut(Output):
     capabilities: list[str] | None = Field(description="Token scopes (null = no narrowing)")
     token_prefix: str | None = Field(description="Display prefix of the token used (never the secret)")
     transport: Literal["stdio", "http", "cli"] = Field(description="How this session is connected")
-    toolsets: list[str] = Field(description="Toolsets exposed to this session")
+    toolsets: list[str] = Field(description="Toolsets with at least one tool listed for this session")
+    enabled: list[str] = Field(description="The process's tool selection: core, all, toolset names, tool:<name>")
+    not_listed: list[str] = Field(description="Toolsets with tools this process does not list")
+    enable_hint: str | None = Field(description="How to list the other tools (null when all are listed)")
     read_only: bool = Field(description="Whether mutating tools are hidden in this process")
     server_version: str = Field(description="datamachine-mcp version")
 
@@ -33,9 +37,11 @@ def exposed_toolsets(ctx: AbilityContext) -> list[str]:
     rt = ctx.runtime
     out = []
     for toolset in TOOLSETS:
-        if rt.toolsets is not None and toolset not in rt.toolsets:
-            continue
-        tools = [a for a in registered().values() if a.toolset == toolset and (a.read_only or not rt.read_only)]
+        tools = [
+            a
+            for a in registered().values()
+            if a.toolset == toolset and (a.read_only or not rt.read_only) and listed(a, rt.toolsets, rt.tools)
+        ]
         if any(visible(a, ctx.principal) for a in tools):
             out.append(toolset)
     return out
@@ -43,17 +49,16 @@ def exposed_toolsets(ctx: AbilityContext) -> list[str]:
 
 @ability(
     "whoami",
+    core=True,
     toolset="system",
     level="any",
     read_only=True,
     idempotent=True,
-    description=(
-        "Show who this session acts as: user, agent, admin flag, token scopes and which toolsets are exposed. "
-        "Call it first when unsure what you may do."
-    ),
+    description=("Who this session acts as, which toolsets are listed and how to list more."),
 )
 async def whoami(ctx: AbilityContext, inp: WhoamiIn) -> WhoamiOut:
     p = ctx.principal
+    selection = summarize(registered(), ctx.runtime.toolsets, ctx.runtime.tools, ctx.runtime.read_only)
     return WhoamiOut(
         user_id=p.user_id,
         agent_id=p.agent_id,
@@ -63,6 +68,9 @@ async def whoami(ctx: AbilityContext, inp: WhoamiIn) -> WhoamiOut:
         token_prefix=p.token_prefix,
         transport=p.transport if p.transport in ("stdio", "http", "cli") else "stdio",
         toolsets=exposed_toolsets(ctx),
+        enabled=selection.enabled,
+        not_listed=selection.hidden_toolsets,
+        enable_hint=ENABLE_HINT if selection.hidden_tools else None,
         read_only=ctx.runtime.read_only,
         server_version=ctx.runtime.version,
     )

@@ -10,7 +10,7 @@ from sqlalchemy import func, select, text
 
 from datamachine_mcp.abilities.context import AbilityContext
 from datamachine_mcp.abilities.errors import AbilityError
-from datamachine_mcp.abilities.jobs import wait_and_describe
+from datamachine_mcp.abilities.jobs import DEFAULT_WAIT, MAX_WAIT, wait_and_describe
 from datamachine_mcp.abilities.registry import ability
 from datamachine_mcp.abilities.schema import Input, Opt, Output
 from datamachine_mcp.engine import status as st
@@ -27,10 +27,15 @@ TASK_LABELS = {"retention": "Retention cleanup", "recover_stuck_jobs": "Recover 
 HEARTBEAT_KEY = "worker_heartbeat"
 
 
+CheckType = Literal["all", "database", "migrations", "worker", "scheduler", "jobs", "providers", "secrets"]
+
+
+def _all_checks() -> list[CheckType]:
+    return ["all"]
+
+
 class HealthIn(Input):
-    types: list[Literal["all", "database", "migrations", "worker", "scheduler", "jobs", "providers", "secrets"]] = (
-        Field(default_factory=lambda: ["all"], min_length=1, description="Checks to run (all, or a subset)")
-    )
+    types: list[CheckType] = Field(default_factory=_all_checks, min_length=1, description="Checks to run")
 
 
 class CheckResult(Output):
@@ -184,7 +189,7 @@ RUNNERS = {
     level="any",
     read_only=True,
     idempotent=True,
-    description="Check server health: database, migrations, workers, scheduler, job backlog, AI provider keys, secret key.",
+    description="Check server health.",
 )
 async def system_health_check(ctx: AbilityContext, inp: HealthIn) -> HealthOut:
     wanted = list(CHECKS) if "all" in inp.types else [t for t in CHECKS if t in inp.types]
@@ -207,12 +212,12 @@ async def system_health_check(ctx: AbilityContext, inp: HealthIn) -> HealthOut:
 
 
 class RunTaskIn(Input):
-    task_type: Literal["retention", "recover_stuck_jobs", "echo"] = Field(description="Task to run")
+    task_type: Literal["retention", "recover_stuck_jobs", "echo"] = Field(description="Task")
     task_params: dict[str, Any] = Field(
         default_factory=dict,
-        description="Parameters: retention {dry_run?}; recover_stuck_jobs: recover-stuck-jobs filters; echo: anything",
+        description="Task parameters",
     )
-    wait_seconds: float = Field(0, ge=0, le=300, description="Block until the task job is final (seconds)")
+    wait_seconds: float = Field(DEFAULT_WAIT, ge=0, le=MAX_WAIT, description="Seconds to wait for the result")
 
 
 class RunTaskOut(Output):
@@ -221,6 +226,7 @@ class RunTaskOut(Output):
     status: str = Field(description="Job status at return")
     message: str = Field(description="Human-readable result")
     result: Any = Opt("The task's result (when waited and final)")
+    follow_up: str | None = Opt("When the wait ended first: how to follow the job")
 
 
 @ability(
@@ -230,10 +236,7 @@ class RunTaskOut(Output):
     destructive=True,
     transaction="manual",
     error_fields={"task_type": "invalid_task_type"},
-    description=(
-        "Run a system task now as a system job: retention cleanup of old jobs, logs, processed items and "
-        "expired chats, or stuck-job recovery."
-    ),
+    description=("Run retention or stuck-job recovery now."),
 )
 async def run_task(ctx: AbilityContext, inp: RunTaskIn) -> RunTaskOut:
     now = utcnow()
@@ -294,4 +297,6 @@ async def run_task(ctx: AbilityContext, inp: RunTaskIn) -> RunTaskOut:
             if packets and packets[0].get("type") == "system_task_result":
                 out["result"] = (packets[0].get("data") or {}).get("result")
             out["message"] = f"System task {inp.task_type} finished: {waited['job']['status']}."
+        else:
+            out["follow_up"] = waited["follow_up"]
     return RunTaskOut.model_validate(out)

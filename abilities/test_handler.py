@@ -36,7 +36,7 @@ from datamachine_mcp.abilities.pipeline_common import ordered_steps, owner_of
 from datamachine_mcp.abilities.registry import ability
 from datamachine_mcp.abilities.schema import Input, Opt, Output
 from datamachine_mcp.engine.catalog import HANDLERS, HandlerSpec, handlers_for
-from datamachine_mcp.engine.configs import ConfigError, merge, open_secrets, validate_handler_config
+from datamachine_mcp.engine.configs import merge, open_secrets, validate_handler_config
 from datamachine_mcp.engine.errors import StepError
 from datamachine_mcp.engine.handlers import HandlerContext, run_fetch, with_defaults
 from datamachine_mcp.engine.http import Outbound
@@ -50,20 +50,12 @@ DEFAULT_BYTE_LIMIT = 1024 * 1024
 
 
 class HandlerTestIn(Input):
-    handler_slug: str | None = Field(
-        None, max_length=100, description="Fetch handler to run (required unless flow_id is given)"
-    )
-    config: dict[str, Any] = Field(
-        default_factory=dict, description="Handler config; with flow_id it overrides the flow's config key by key"
-    )
-    flow_id: int | None = Field(None, ge=1, description="Use this flow's first fetch step's handler and config")
-    limit: int = Field(5, ge=0, le=100, description="Packets returned (0 = all, max 100)")
-    output_mode: Literal["compact", "raw"] = Field(
-        "compact", description="compact: title, preview, metadata; raw: full packets"
-    )
-    byte_limit: int = Field(
-        DEFAULT_BYTE_LIMIT, ge=4096, le=5 * 1024 * 1024, description="raw mode: maximum bytes of returned packets"
-    )
+    handler_slug: str | None = Field(None, max_length=100, description="Fetch handler (or flow_id)")
+    config: dict[str, Any] = Field(default_factory=dict, description="Config")
+    flow_id: int | None = Field(None, ge=1, description="Use this flow's fetch step")
+    limit: int = Field(5, ge=0, le=100, description="Packets (0 = all)")
+    output_mode: Literal["compact", "raw"] = Field("compact", description="raw: full packets")
+    byte_limit: int = Field(DEFAULT_BYTE_LIMIT, ge=4096, le=5 * 1024 * 1024, description="raw: byte cap")
 
 
 class Truncation(Output):
@@ -223,10 +215,7 @@ def _raw(packets: list[dict[str, Any]], limit: int, byte_limit: int) -> tuple[li
     idempotent=True,
     open_world=True,
     transaction="manual",
-    description=(
-        "Dry-run a fetch handler with a config (or a flow's fetch step) and preview the items it would fetch. "
-        "Writes nothing."
-    ),
+    description=("Preview what a fetch handler (or a flow's fetch step) would fetch. Writes nothing."),
 )
 async def dry_run_handler(ctx: AbilityContext, inp: HandlerTestIn) -> HandlerTestOut:
     given_slug = inp.handler_slug.strip() if inp.handler_slug is not None else None
@@ -256,8 +245,6 @@ async def dry_run_handler(ctx: AbilityContext, inp: HandlerTestIn) -> HandlerTes
     try:
         validate_handler_config(spec, "fetch", config, files_roots=snap.files_roots())
         config = open_secrets(spec, config, ctx.runtime.box)
-    except ConfigError as err:
-        raise AbilityError(err.code, err.message, **err.data) from None
     except SecretUnavailable as err:
         raise AbilityError(
             "secret_unavailable", f"A stored secret of handler '{slug}' cannot be decrypted: {err}", handler_slug=slug

@@ -143,7 +143,7 @@ async def verify_token(
             reason = "agent_inactive"
         # Copied out while the session is open: ending a read transaction expires its rows.
         token_id, user_id, caps = row.token_id, row.user_id, row.capabilities
-        token_agent_id, token_prefix = row.agent_id, row.token_prefix
+        token_agent_id, token_prefix, rate_limit = row.agent_id, row.token_prefix, row.rate_limit_per_minute
         agent_slug = agent.agent_slug if agent is not None else None
         stale = row.last_used_at is None or (now - row.last_used_at).total_seconds() > 60
     if reason is not None:
@@ -177,6 +177,7 @@ async def verify_token(
         session_id=session_id,
         token_prefix=token_prefix,
         agent_slug=agent_slug,
+        rate_limit_per_minute=rate_limit,
     )
 
 
@@ -235,14 +236,14 @@ def _within_caller(p: Principal, caps: list[str] | None, token_user_is_admin: bo
 
 
 class CreateTokenIn(AgentSelector):
-    user_id: int | None = Field(None, ge=1, description="User the token acts as (another user: global admins only)")
-    label: str | None = Field(None, max_length=100, description='Label, e.g. "ci-pipeline"')
+    user_id: int | None = Field(None, ge=1, description="User it acts as")
+    label: str | None = Field(None, max_length=100, description="Label")
     capabilities: list[str] | None = Field(
         None,
         max_length=20,
-        description="Scopes narrowing the token: read, run, manage, admin, toolset:<name>; null = no narrowing",
+        description="read, run, manage, admin, toolset:<name>; null = all",
     )
-    expires_in: int | None = Field(None, ge=60, le=63072000, description="Lifetime in seconds; null = never")
+    expires_in: int | None = Field(None, ge=60, le=63072000, description="Lifetime (seconds)")
 
 
 class CreateTokenOut(Output):
@@ -261,10 +262,7 @@ class CreateTokenOut(Output):
     "create-agent-token",
     toolset="agents",
     level="any",
-    description=(
-        "Create a bearer token for HTTP clients or --token: an agent token (confined to one agent) or, "
-        "without an agent, a user token. The raw token is returned once."
-    ),
+    description=("Create a bearer token (agent or user) for HTTP or --token; shown once."),
 )
 async def create_agent_token(ctx: AbilityContext, inp: CreateTokenIn) -> CreateTokenOut:
     p = ctx.principal
@@ -318,8 +316,8 @@ async def create_agent_token(ctx: AbilityContext, inp: CreateTokenIn) -> CreateT
 
 
 class ListTokensIn(AgentSelector):
-    user_id: int | None = Field(None, ge=1, description="With no agent: whose user tokens (global admins for others)")
-    include_inactive: bool = Field(False, description="Include revoked and expired tokens")
+    user_id: int | None = Field(None, ge=1, description="Whose user tokens")
+    include_inactive: bool = Field(False, description="Include inactive tokens")
     per_page: int = Field(50, ge=1, le=100, description=PER_PAGE_DESC)
     offset: int = Field(0, ge=0, description=OFFSET_DESC)
 
@@ -334,10 +332,7 @@ class ListTokensOut(PageOut):
     level="any",
     read_only=True,
     idempotent=True,
-    description=(
-        "List bearer tokens of an agent (or, without an agent, your user tokens): label, prefix, scopes, "
-        "expiry, last use. Never returns token values."
-    ),
+    description=("List an agent's (or your) bearer tokens, never their values."),
 )
 async def list_agent_tokens(ctx: AbilityContext, inp: ListTokensIn) -> ListTokensOut:
     p = ctx.principal
@@ -379,7 +374,7 @@ async def list_agent_tokens(ctx: AbilityContext, inp: ListTokensIn) -> ListToken
 
 
 class RevokeTokenIn(AgentSelector):
-    token_id: int = Field(ge=1, description="Token to revoke")
+    token_id: int = Field(ge=1, description="Token")
 
 
 class RevokeTokenOut(Output):
@@ -396,7 +391,7 @@ class RevokeTokenOut(Output):
     level="any",
     destructive=True,
     idempotent=True,
-    description="Revoke a bearer token; it stops working on its next request.",
+    description="Revoke a bearer token at once.",
 )
 async def revoke_agent_token(ctx: AbilityContext, inp: RevokeTokenIn) -> RevokeTokenOut:
     p = ctx.principal

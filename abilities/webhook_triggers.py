@@ -1,13 +1,12 @@
 """Flows toolset, part 4: inbound webhook triggers (abilities.md §6 "Webhook triggers", storage.md §7.3).
 
 The configuration is ``scheduling_config.webhook``. Bearer tokens are stored only as their SHA-256
-hash and shown once; HMAC secrets are stored encrypted (kind ``webhook_trigger_secret``). The HTTP
-endpoint that verifies them is engine.md §17 (server layer).
+hash and shown once; HMAC secrets are stored encrypted (kind ``webhook_trigger_secret``). The engine
+verifies deliveries (``engine.webhooks``) on the HTTP route ``POST /webhooks/flows/{flow_id}``.
 """
 
 from __future__ import annotations
 
-import hashlib
 import secrets
 from datetime import timedelta
 from typing import Any, Literal
@@ -19,26 +18,23 @@ from datamachine_mcp.abilities.errors import AbilityError
 from datamachine_mcp.abilities.pipeline_common import load_flow, notify_flow
 from datamachine_mcp.abilities.registry import ability
 from datamachine_mcp.abilities.schema import Input, Opt, Output
+from datamachine_mcp.engine.items import sha256_hex
+from datamachine_mcp.engine.webhooks import TRIGGER_SECRET_KIND as SECRET_KIND
 from datamachine_mcp.storage.crypto import SecretBox
 from datamachine_mcp.storage.models import Flow
 from datamachine_mcp.storage.timeutil import iso, utcnow
 
-SECRET_KIND = "webhook_trigger_secret"
 DEFAULT_PREVIOUS_TTL = 604800
 AuthMode = Literal["bearer", "hmac"]
 NO_URL_WARNING = (
-    "This server has no public_base_url (e.g. stdio only), so the webhook URL is unknown; run the HTTP transport "
-    "with a public base URL and read it with webhook-trigger-status."
+    "This server has no public URL (stdio without DATAMACHINE_PUBLIC_URL), so webhook_url is unknown; it is "
+    "served by `datamachine-mcp serve --http`, whose URL webhook-trigger-status then shows."
 )
 
 
 def webhook_url(ctx: AbilityContext, flow_id: int) -> str | None:
     base = ctx.runtime.public_base_url
     return f"{base.rstrip('/')}/webhooks/flows/{flow_id}" if base else None
-
-
-def sha256_hex(value: str) -> str:
-    return hashlib.sha256(value.encode()).hexdigest()
 
 
 def new_token() -> str:
@@ -91,28 +87,17 @@ class SecretId(Output):
 
 
 class EnableIn(Input):
-    flow_id: int = Field(ge=1, description="Flow to trigger")
+    flow_id: int = Field(ge=1, description="Flow")
     auth_mode: AuthMode | None = Field(
         None,
-        description="bearer (a token in the Authorization header) or hmac (signed requests); default: current "
-        "mode, else bearer",
+        description="Auth mode",
     )
-    secret: str | None = Field(
-        None, min_length=16, max_length=256, description="hmac only: explicit shared secret (e.g. from the sender)"
-    )
-    generate_secret: bool = Field(False, description="hmac only: generate a new secret")
-    rate_limit_max: int | None = Field(
-        None, ge=0, le=10000, description="Accepted requests per window (0 = off; default: webhook_rate_limit)"
-    )
-    rate_limit_window: int | None = Field(
-        None, ge=1, le=86400, description="Rate-limit window in seconds (default: webhook_rate_limit)"
-    )
-    tolerance_seconds: int | None = Field(
-        None, ge=30, le=3600, description="HMAC timestamp tolerance (default: webhook_replay_window_seconds)"
-    )
-    max_body_bytes: int | None = Field(
-        None, ge=1024, le=10485760, description="Body size cap (default: webhook_max_body_bytes)"
-    )
+    secret: str | None = Field(None, min_length=16, max_length=256, description="hmac: shared secret to use")
+    generate_secret: bool = Field(False, description="hmac: generate one")
+    rate_limit_max: int | None = Field(None, ge=0, le=10000, description="Requests per window")
+    rate_limit_window: int | None = Field(None, ge=1, le=86400, description="Window (seconds)")
+    tolerance_seconds: int | None = Field(None, ge=30, le=3600, description="HMAC timestamp tolerance")
+    max_body_bytes: int | None = Field(None, ge=1024, le=10485760, description="Body size cap")
 
 
 class EnableOut(Output):
@@ -134,10 +119,7 @@ class EnableOut(Output):
     "webhook-trigger-enable",
     toolset="flows",
     level="admin",
-    description=(
-        "Let HTTP POSTs start a flow: enables its webhook trigger with a bearer token or HMAC signatures. Returns "
-        "the URL and the new credential once."
-    ),
+    description=("Let HTTP POSTs (bearer or HMAC) start a flow; returns its URL."),
 )
 async def webhook_trigger_enable(ctx: AbilityContext, inp: EnableIn) -> EnableOut:
     flow = await load_flow(ctx, inp.flow_id, "admin", mutating=True, lock=True)
@@ -151,7 +133,8 @@ async def webhook_trigger_enable(ctx: AbilityContext, inp: EnableIn) -> EnableOu
         )
     snap = await ctx.settings(access=True)
     defaults = snap["webhook_rate_limit"]
-    old_limit = old.get("rate_limit") if isinstance(old.get("rate_limit"), dict) else {}
+    raw_old_limit = old.get("rate_limit")
+    old_limit = raw_old_limit if isinstance(raw_old_limit, dict) else {}
     now = utcnow()
     hook: dict[str, Any] = {
         "enabled": True,
@@ -243,7 +226,7 @@ class DisableOut(Output):
     level="admin",
     destructive=True,
     idempotent=True,
-    description="Disable a flow's webhook trigger and destroy its token and secrets.",
+    description="Disable a flow's webhook trigger and its credentials.",
 )
 async def webhook_trigger_disable(ctx: AbilityContext, inp: FlowIn) -> DisableOut:
     flow = await load_flow(ctx, inp.flow_id, "admin", mutating=True, lock=True)
@@ -288,10 +271,7 @@ class StatusOn(Output):
     level="viewer",
     read_only=True,
     idempotent=True,
-    description=(
-        "Show whether a flow's webhook trigger is enabled, its URL, auth mode, token prefix, secret ids and limits "
-        "(never the secrets)."
-    ),
+    description=("Show a flow's webhook trigger."),
 )
 async def webhook_trigger_status(ctx: AbilityContext, inp: FlowIn) -> StatusOn | StatusOff:
     flow = await load_flow(ctx, inp.flow_id, "viewer", mutating=False)
@@ -323,13 +303,13 @@ async def webhook_trigger_status(ctx: AbilityContext, inp: FlowIn) -> StatusOn |
 
 class RotateIn(Input):
     flow_id: int = Field(ge=1, description="Flow")
-    secret: str | None = Field(None, min_length=16, max_length=256, description="hmac only: the new explicit secret")
-    generate: bool = Field(False, description="hmac only: generate the new secret")
+    secret: str | None = Field(None, min_length=16, max_length=256, description="hmac: new secret to use")
+    generate: bool = Field(False, description="hmac: generate one")
     previous_ttl_seconds: int = Field(
         DEFAULT_PREVIOUS_TTL,
         ge=0,
         le=2592000,
-        description="hmac only: how long the old secret keeps working (0 = revoke it now)",
+        description="hmac: old secret's grace",
     )
 
 
@@ -349,10 +329,7 @@ class RotateOut(Output):
     toolset="flows",
     level="admin",
     destructive=True,
-    description=(
-        "Replace a flow's webhook token or HMAC secret. An old HMAC secret keeps working for previous_ttl_seconds; a "
-        "bearer token is replaced at once."
-    ),
+    description=("Replace a flow's webhook token or HMAC secret."),
 )
 async def webhook_trigger_rotate_secret(ctx: AbilityContext, inp: RotateIn) -> RotateOut:
     flow = await load_flow(ctx, inp.flow_id, "admin", mutating=True, lock=True)

@@ -17,10 +17,11 @@ from datamachine_mcp.abilities.context import AbilityContext
 from datamachine_mcp.abilities.errors import AbilityError
 from datamachine_mcp.abilities.flow_ops import StepEdit, apply_step_edit
 from datamachine_mcp.abilities.job_common import JobOut
-from datamachine_mcp.abilities.jobs import MAX_WAIT, publish_changes, wait_into
+from datamachine_mcp.abilities.jobs import DEFAULT_WAIT, MAX_WAIT, publish_changes, wait_into
 from datamachine_mcp.abilities.pipeline_workflow import WorkflowIn, validate_workflow
 from datamachine_mcp.abilities.registry import ability
 from datamachine_mcp.abilities.schema import Input, Opt, Output
+from datamachine_mcp.abilities.uris import JOB
 from datamachine_mcp.engine.catalog import HANDLERS, STEP_TYPES
 from datamachine_mcp.engine.jobs import create_direct_job
 from datamachine_mcp.engine.lifecycle import Changes
@@ -36,22 +37,16 @@ MAX_TIMESTAMP = 253402300799  # 9999-12-31T23:59:59Z
 
 
 class ExecuteWorkflowIn(Input):
-    workflow: WorkflowIn = Field(description="Steps to run in order: {steps: [WorkflowStep]}, 1..50 steps")
+    workflow: WorkflowIn = Field(description="Steps to run")
     initial_data: dict[str, Any] = Field(
         default_factory=dict,
-        description="Initial engine data (no reserved keys); job_source / job_label set the job's source and label",
+        description="Run inputs",
     )
-    dry_run: bool = Field(False, description="Publish/update handlers preview instead of writing")
-    timestamp: int | None = Field(
-        None, ge=1, le=MAX_TIMESTAMP, description="Unix start time; a future time delays the run until then"
-    )
-    operation_key: str | None = Field(
-        None, min_length=1, max_length=191, description="Idempotency key: repeating it returns the same job"
-    )
-    agent_id: int | None = Field(None, ge=1, description="Owning agent of the job (default: your session's agent)")
-    wait_seconds: float = Field(
-        0, ge=0, le=MAX_WAIT, description="Block until the job is final or this many seconds pass"
-    )
+    dry_run: bool = Field(False, description="Publish/update only preview")
+    timestamp: int | None = Field(None, ge=1, le=MAX_TIMESTAMP, description="Unix start time")
+    operation_key: str | None = Field(None, min_length=1, max_length=191, description="Same key, same job")
+    agent_id: int | None = Field(None, ge=1, description="Owner agent")
+    wait_seconds: float = Field(DEFAULT_WAIT, ge=0, le=MAX_WAIT, description="Seconds to wait for the result")
 
 
 class ExecuteWorkflowOut(Output):
@@ -67,6 +62,7 @@ class ExecuteWorkflowOut(Output):
     job: JobOut | None = Opt("The job (with packets), when waited")
     final: bool | None = Opt("The job reached a final status (when waited)")
     timed_out: bool | None = Opt("wait_seconds passed first (when waited)")
+    follow_up: str | None = Opt("When the wait ended first: how to follow the job")
 
 
 def _initial_text(data: dict[str, Any], key: str, default: str, limit: int | None) -> str:
@@ -107,14 +103,12 @@ def _fingerprint_workflow(workflow: dict[str, Any]) -> dict[str, Any]:
 
 @ability(
     "execute-workflow",
+    links={"job_id": JOB},
     toolset="jobs",
     level="operator",
     open_world=True,
     transaction="manual",
-    description=(
-        "Run an ad-hoc workflow from inline steps without saving a pipeline or flow. Supports dry_run, delayed "
-        "start and operation_key idempotency."
-    ),
+    description=("Run inline steps as a job, without a saved pipeline or flow."),
 )
 async def execute_workflow(ctx: AbilityContext, inp: ExecuteWorkflowIn) -> ExecuteWorkflowOut:
     now = utcnow()
@@ -133,10 +127,7 @@ async def execute_workflow(ctx: AbilityContext, inp: ExecuteWorkflowIn) -> Execu
             )
         else:
             await ctx.access.authorize(Owner(agent_id=None, user_id=p.user_id), "operator", mutating=True)
-        try:
-            check_initial_data(inp.initial_data)
-        except PlanError as err:
-            raise AbilityError(err.code, err.message, **err.data) from None
+        check_initial_data(inp.initial_data)
         source = _initial_text(inp.initial_data, "job_source", DEFAULT_SOURCE, MAX_SOURCE)
         label = _initial_text(inp.initial_data, "job_label", DEFAULT_LABEL, None)[:255]
         snap = await ctx.settings()
@@ -167,36 +158,33 @@ async def execute_workflow(ctx: AbilityContext, inp: ExecuteWorkflowIn) -> Execu
             start = datetime.fromtimestamp(inp.timestamp, UTC)
             if start > now:
                 run_at = start
-        key = f"client:{p.user_id}:{inp.operation_key}" if inp.operation_key else None
+        idempotency_key = f"client:{p.user_id}:{inp.operation_key}" if inp.operation_key else None
         request = {
             "workflow": _fingerprint_workflow(inp.workflow.model_dump(exclude_unset=True)),
             "initial_data": inp.initial_data,
             "dry_run": inp.dry_run,
             "timestamp": inp.timestamp,
         }
-        try:
-            created = await create_direct_job(
-                session,
-                plan=plan,
-                flow_config=flow_config,
-                pipeline_config=pipeline_config,
-                user_id=p.user_id,
-                agent_id=agent.agent_id if agent is not None else None,
-                agent_slug=agent.agent_slug if agent is not None else None,
-                source=source,
-                label=label,
-                initial_data=inp.initial_data,
-                dry_run=inp.dry_run,
-                run_at=run_at,
-                idempotency_key=key,
-                request=request,
-                max_attempts=snap.int("retry_max_attempts"),
-                now=now,
-                origin_session_id=p.session_id,
-                threshold=str(snap["log_level"]),
-            )
-        except PlanError as err:
-            raise AbilityError(err.code, err.message, **err.data) from None
+        created = await create_direct_job(
+            session,
+            plan=plan,
+            flow_config=flow_config,
+            pipeline_config=pipeline_config,
+            user_id=p.user_id,
+            agent_id=agent.agent_id if agent is not None else None,
+            agent_slug=agent.agent_slug if agent is not None else None,
+            source=source,
+            label=label,
+            initial_data=inp.initial_data,
+            dry_run=inp.dry_run,
+            run_at=run_at,
+            idempotency_key=idempotency_key,
+            request=request,
+            max_attempts=snap.int("retry_max_attempts"),
+            now=now,
+            origin_session_id=p.session_id,
+            threshold=str(snap["log_level"]),
+        )
         job = created.job
         if not created.replayed:
             await ctx.audit(

@@ -1,4 +1,9 @@
-"""A bare MCPServer with one echo tool: the baseline the benchmarks compare against."""
+"""A bare MCPServer with one echo tool: the baseline the benchmarks compare against.
+
+``python bench/_echo_server.py`` serves it over stdio; ``... http PORT`` over the SDK's streamable HTTP app.
+"""
+
+import sys
 
 from mcp.server.mcpserver import MCPServer
 
@@ -12,4 +17,7 @@ def echo(text: str) -> str:
 
 
 if __name__ == "__main__":
-    server.run("stdio")
+    if sys.argv[1:2] == ["http"]:
+        server.run("streamable-http", host="127.0.0.1", port=int(sys.argv[2]))
+    else:
+        server.run("stdio")

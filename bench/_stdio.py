@@ -17,7 +17,11 @@ ROOT = Path(__file__).resolve().parent.parent
 def datamachine(db: Path) -> StdioServerParameters:
     env = {**os.environ, "DATAMACHINE_DATA_DIR": str(db.parent), "XDG_DATA_HOME": str(db.parent)}
     return StdioServerParameters(
-        command=sys.executable, args=["-m", "datamachine_mcp.server.cli", "--db", str(db)], env=env, cwd=str(ROOT)
+        command=sys.executable,
+        # every tool, as before the core default: the benchmarks call tools outside it (get-agent)
+        args=["-m", "datamachine_mcp.server.cli", "--db", str(db), "--toolsets", "all"],
+        env=env,
+        cwd=str(ROOT),
     )
 
 

@@ -67,7 +67,7 @@ async def make_flow(runtime) -> int:
         {"pipeline_name": "bench", "workflow": {"steps": [ECHO, ECHO]}},
         OWNER,
     )
-    assert out.ok, out.error
+    assert out.ok and out.output is not None, out.error
     return int(out.output["flow_id"])
 
 

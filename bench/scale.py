@@ -113,7 +113,7 @@ async def reset(rt) -> int:
 
     async def call(name: str, args: dict) -> dict:
         out = await invoke(rt, abilities[name], args, OWNER)
-        assert out.ok, out.error
+        assert out.ok and out.output is not None, out.error
         return out.output
 
     # info: the step-start debug rows are not stored (the default log level)
@@ -256,7 +256,7 @@ async def latency(rt, url: str, data_dir: Path, workers: int, samples: int, *, n
     return sorted(r.total_seconds() * 1000 for r in rows)
 
 
-def pct(values: list[float], q: float) -> float:
+def pct(values: list[float], q: int) -> float:
     return statistics.quantiles(values, n=100, method="inclusive")[q - 1] if len(values) > 1 else values[0]
 
 

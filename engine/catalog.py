@@ -26,7 +26,9 @@ class FieldSpec:
     items: FieldType | None = None  # element type of an array
     # Step types the field applies to (None = all the handler's types); e.g. files.pattern is fetch-only.
     step_types: tuple[str, ...] | None = None
-    kind: Literal["url", "directory", "filename_template"] | None = None
+    # Extra validation of a string value (engine/configs.py): url = http(s); feed_url = http(s) or file:///
+    # inside files_allowed_roots; directory = absolute, inside the roots; filename_template = a safe name.
+    kind: Literal["url", "feed_url", "directory", "filename_template"] | None = None
 
     def public(self) -> dict[str, Any]:
         """The FieldSpec shape of abilities.md §3: {type, required, default?, secret, description, enum?, min?, max?}."""

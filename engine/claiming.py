@@ -59,14 +59,14 @@ async def claim_due(db: Database, worker_id: str, limit: int, *, now: datetime, 
         ids = [r[0] for r in (await session.execute(due)).all()]
         if not ids:
             return []
-        stmt = (
+        claim = (
             update(Job)
             .where(Job.job_id.in_(ids), Job.status == st.PENDING)
             .values(**values)
             .returning(Job.job_id)
             .execution_options(synchronize_session=False)
         )
-        claimed = {r[0] for r in (await session.execute(stmt)).all()}
+        claimed = {r[0] for r in (await session.execute(claim)).all()}
         return [i for i in ids if i in claimed]
 
 

@@ -9,15 +9,16 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import Any
+from typing import Any, cast
 
-from sqlalchemy import and_, bindparam, delete, literal, select, true, update
+from sqlalchemy import Table, and_, bindparam, delete, literal, select, true, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from datamachine_mcp.engine import status as st
-from datamachine_mcp.engine.dedup import CLAIMED, PROCESSED, active_claim, list_rows, list_value, listed
+from datamachine_mcp.engine.dedup import CLAIMED, ITEMS, PROCESSED, active_claim, list_rows, list_value, listed
+from datamachine_mcp.storage.dml import rowcount
 from datamachine_mcp.storage.models import ProcessedItem
 
 _ITEM_KEY = ("flow_step_id", "source_type", "item_identifier")
@@ -99,8 +100,8 @@ async def claim(
 
 def _leftovers(dialect: str) -> Any:
     """This job's claims on the step that are not among ``kept`` (from an earlier attempt)."""
-    t = ProcessedItem.__table__.c
-    return delete(ProcessedItem.__table__).where(
+    t = ITEMS.c
+    return delete(ITEMS).where(
         t.job_id == bindparam("job_id"),
         t.flow_step_id == bindparam("fsid"),
         t.status == CLAIMED,
@@ -114,7 +115,7 @@ LEFTOVERS = {name: _leftovers(name) for name in ("sqlite", "postgresql")}
 def _claims_insert(dialect: str) -> Any:
     """INSERT … SELECT one claim per entry of the list parameter ``items`` … ON CONFLICT DO NOTHING
     RETURNING the identifiers inserted: one statement with seven parameters for any number of items."""
-    t = ProcessedItem.__table__
+    t = ITEMS
     c = t.c
     items = list_rows("items", dialect).subquery()
     rows = select(
@@ -215,7 +216,7 @@ async def _take_existing(
         .values(job_id=job_id, claim_expires_at=expires, processed_timestamp=now, last_seen_at=now)
         .execution_options(synchronize_session=False)
     )
-    return bool(result.rowcount)
+    return rowcount(result) > 0
 
 
 async def push_expiry(session: AsyncSession, job_id: int, expires: datetime | None) -> None:
@@ -238,7 +239,7 @@ async def settle(session: AsyncSession, job_id: int, final_status: str, now: dat
         )
     else:
         result = await session.execute(delete(ProcessedItem).where(held))
-    return int(result.rowcount or 0)
+    return rowcount(result)
 
 
 async def transfer_many(
@@ -253,9 +254,10 @@ async def transfer_many(
             params.append({"b_child": child_id, "b_ident": ident, "b_source": source, "b_fsid": fsid})
     if not params:
         return
-    t = ProcessedItem.__table__.c
+    table = cast(Table, ProcessedItem.__table__)  # typed as FromClause; a declarative model maps a Table
+    t = table.c
     await session.execute(
-        update(ProcessedItem.__table__)
+        update(table)
         .where(
             t.job_id == parent_id,
             t.status == CLAIMED,

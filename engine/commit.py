@@ -7,9 +7,9 @@ from __future__ import annotations
 import traceback
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
-from typing import Any
+from typing import Any, cast
 
-from sqlalchemy import bindparam, insert, update
+from sqlalchemy import Table, bindparam, insert, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from datamachine_mcp.engine import claims as claim_ops
@@ -356,7 +356,7 @@ async def _failed(
         "flow_step_id": fsid,
         "message": message,
         "class": error_class,
-        "handler": (result.handlers or [None])[0],
+        "handler": result.handlers[0] if result.handlers else None,
         "http_status": error.get("http_status"),
         "diagnostics": error.get("diagnostics"),
         "trace": error.get("trace"),
@@ -454,7 +454,7 @@ async def _fan_out(
         }
         for index, packet in enumerate(packets)
     ]
-    jobs_table = Job.__table__
+    jobs_table = cast(Table, Job.__table__)  # typed as FromClause; a declarative model maps a Table
     child_ids = list(
         (
             await session.execute(insert(jobs_table).returning(jobs_table.c.job_id, sort_by_parameter_order=True), rows)

@@ -14,17 +14,12 @@ from typing import Any
 from urllib.parse import unquote, urlparse
 
 from datamachine_mcp.engine.catalog import HANDLERS, STEP_TYPES, FieldSpec, HandlerSpec, handlers_for
+from datamachine_mcp.engine.errors import CodedError
 from datamachine_mcp.storage.crypto import MASK, SecretBox, is_envelope
 
 
-class ConfigError(Exception):
-    """A config problem with a stable code (``handler_not_found``, ``invalid_handler``, …) and data."""
-
-    def __init__(self, code: str, message: str, **data: Any) -> None:
-        super().__init__(f"{code}: {message}")
-        self.code = code
-        self.message = message
-        self.data = data
+class ConfigError(CodedError):
+    """A handler config or step settings problem (``handler_not_found``, ``invalid_handler``, …)."""
 
 
 def step_type_or_error(slug: str) -> None:

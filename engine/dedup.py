@@ -9,6 +9,7 @@ settlement is not lost.
 from __future__ import annotations
 
 import json
+import typing
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
@@ -19,6 +20,7 @@ from sqlalchemy import (
     ColumnElement,
     Select,
     String,
+    Table,
     and_,
     any_,
     bindparam,
@@ -37,6 +39,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from datamachine_mcp.engine.items import normalise_identifier
+from datamachine_mcp.storage.dml import rowcount
 from datamachine_mcp.storage.models import Job, ProcessedItem
 
 MAX_IDENTIFIER = 255
@@ -76,7 +79,8 @@ def active_claim(now: datetime | ColumnElement[datetime]) -> ColumnElement[bool]
 
 # The one-row lookup (params ``fsid``, ``source``, ``item``), built once on table columns so that it
 # runs on SQLAlchemy's Core path: it is the hot path of check-processed-item and of fetches.
-_T = ProcessedItem.__table__.c
+ITEMS = typing.cast(Table, ProcessedItem.__table__)  # typed as FromClause; a declarative model maps a Table
+_T = ITEMS.c
 PROCESSED_AT = (
     select(_T.processed_timestamp)
     .where(
@@ -224,9 +228,7 @@ async def ledger(
 
 
 TOUCH_SEEN = {
-    name: update(ProcessedItem.__table__)
-    .where(listed(_T.id, "ids", name, BigInteger))
-    .values(last_seen_at=bindparam("now"))
+    name: update(ITEMS).where(listed(_T.id, "ids", name, BigInteger)).values(last_seen_at=bindparam("now"))
     for name in ("sqlite", "postgresql")
 }
 
@@ -239,10 +241,12 @@ async def touch_seen(session: AsyncSession, row_ids: Sequence[int], now: datetim
 
 async def active_claims(
     session: AsyncSession, flow_step_id: str, source_type: str, identifiers: Iterable[str], now: datetime
-) -> dict[str, int]:
-    """``{normalised identifier: job_id}`` of active claims (the fetch engine's 'actively-claimed')."""
+) -> dict[str, int | None]:
+    """``{normalised identifier: job_id}`` of active claims (the fetch engine's 'actively-claimed').
+
+    job_id is None when the claiming job was deleted (the claim then lapses at its expiry)."""
     keys = list(dict.fromkeys(normalize_identifier(i) for i in identifiers))
-    found: dict[str, int] = {}
+    found: dict[str, int | None] = {}
     for part in chunks(keys):
         rows = await session.execute(
             select(P.item_identifier, P.job_id).where(
@@ -331,7 +335,7 @@ async def _clear(session: AsyncSession, scope: ColumnElement[bool], now: datetim
     keep = active_claim(now)
     skipped = (await session.execute(select(func.count()).select_from(P).where(scope, keep))).scalar() or 0
     result = await session.execute(delete(P).where(scope, ~keep).execution_options(synchronize_session=False))
-    return int(result.rowcount or 0), int(skipped)
+    return rowcount(result), int(skipped)
 
 
 async def clear_flows(session: AsyncSession, flow_ids: Sequence[int], now: datetime) -> tuple[int, int]:

@@ -35,6 +35,21 @@ HEURISTIC_WORDS = (
 )
 
 
+class CodedError(Exception):
+    """A refusal the caller can act on: a stable snake_case ``code``, one ``message`` sentence that names
+    the fix, and ``data``. The root of every caller error (abilities, configs, plans, schedules,
+    resources); the ability runner alone turns one into what the client sees (``payload()``)."""
+
+    def __init__(self, code: str, message: str, **data: Any) -> None:
+        super().__init__(f"{code}: {message}")
+        self.code = code
+        self.message = message
+        self.data = data
+
+    def payload(self) -> dict[str, Any]:
+        return {"code": self.code, "message": self.message, "data": self.data}
+
+
 class StepError(Exception):
     """A step or handler failure with a stable code (engine.md §6.1 ``error``).
 

@@ -17,6 +17,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from datamachine_mcp.engine import claims
 from datamachine_mcp.engine import status as st
 from datamachine_mcp.engine.token_usage import with_children
+from datamachine_mcp.storage.dml import rowcount
 from datamachine_mcp.storage.logs import write_log
 from datamachine_mcp.storage.models import Flow, Job
 
@@ -64,7 +65,7 @@ async def cas(
     if owner is not None:
         stmt = stmt.where(Job.lease_owner == owner)
     result = await session.execute(stmt.values(**values).execution_options(synchronize_session=False))
-    return bool(result.rowcount)
+    return bool(rowcount(result))
 
 
 async def reload(session: AsyncSession, job_id: int) -> Job | None:

@@ -28,6 +28,7 @@ from datamachine_mcp.engine.lifecycle import (
     reload,
 )
 from datamachine_mcp.engine.runtime import EngineServices
+from datamachine_mcp.storage.dml import rowcount
 from datamachine_mcp.storage.logs import write_log
 from datamachine_mcp.storage.models import Flow, Job, ProcessedItem
 from datamachine_mcp.storage.settings import Snapshot
@@ -250,8 +251,8 @@ async def recover(
                 if active is not None:
                     continue
                 budget -= 1
-                final, reason, _ = parent_outcome(await child_counts(session, job.job_id))
-                note(job, st.display(final, reason), "parent_completed", "parents_completed")
+                final, final_reason, _ = parent_outcome(await child_counts(session, job.job_id))
+                note(job, st.display(final, final_reason), "parent_completed", "parents_completed")
                 if not dry_run:
                     changes.merge(await complete_parent(session, job.job_id, now=now, threshold=threshold))
                 if budget <= 0:
@@ -289,7 +290,7 @@ async def housekeeping(services: EngineServices, snap: Snapshot, now: datetime) 
             .values(affinity=None)
             .execution_options(synchronize_session=False)
         )
-        counts["affinity_cleared"] = int(result.rowcount or 0)
+        counts["affinity_cleared"] = rowcount(result)
         # Interval and cron flows always have a next run while enabled; one_time's NULL means "fired".
         recurring = Flow.scheduling_config["interval"].as_string().not_in(("manual", "one_time"))
         rows = (await session.execute(select(Flow).where(Flow.next_run_at.is_(None), recurring).limit(500))).scalars()

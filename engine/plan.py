@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from datamachine_mcp.engine.catalog import STEP_TYPES
+from datamachine_mcp.engine.errors import CodedError
 
 SNAPSHOT_KEYS = ("job", "flow", "pipeline", "flow_config", "pipeline_config", "dry_run_mode")
 CONTROL_KEYS = (
@@ -30,12 +31,8 @@ RESERVED_KEYS = frozenset(SNAPSHOT_KEYS + CONTROL_KEYS + OBSERVABILITY_KEYS)
 QUEUE_KEYS = ("prompt_queue", "config_patch_queue")
 
 
-class PlanError(Exception):
-    def __init__(self, code: str, message: str, **data: Any) -> None:
-        super().__init__(f"{code}: {message}")
-        self.code = code
-        self.message = message
-        self.data = data
+class PlanError(CodedError):
+    """A flow or workflow that cannot become an execution plan, or reserved initial_data keys."""
 
 
 def canonical(value: Any) -> str:

@@ -9,11 +9,15 @@ import uuid
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
+from datamachine_mcp.engine.errors import StepError
 from datamachine_mcp.storage.crypto import SecretBox
 from datamachine_mcp.storage.db import Database
 from datamachine_mcp.storage.settings import SettingsStore, Snapshot
+
+if TYPE_CHECKING:
+    from datamachine_mcp.engine.providers.base import AIRequest, AIResponse
 
 
 class EngineEvents(Protocol):
@@ -32,6 +36,41 @@ class NullEngineEvents:
         return None
 
 
+class Sampler(Protocol):
+    """The ``sampling`` AI provider: a completion by a connected MCP client's model (the server's
+    bridge). ``session`` is the calling request's own session (a chat message); otherwise the job's
+    origin session is tried, then the user's other sessions. Failures are StepErrors."""
+
+    async def complete(
+        self,
+        request: AIRequest,
+        *,
+        origin_session_id: str | None = None,
+        user_id: int | None = None,
+        session: Any = None,
+        related_request_id: Any = None,
+        timeout: float | None = None,  # noqa: ASYNC109 (a per-request limit passed on to the client)
+    ) -> AIResponse: ...
+
+
+class NoSampler:
+    """A process that serves no MCP client (a worker): sampling is unavailable, a retryable failure."""
+
+    async def complete(
+        self,
+        request: AIRequest,
+        *,
+        origin_session_id: str | None = None,
+        user_id: int | None = None,
+        session: Any = None,
+        related_request_id: Any = None,
+        timeout: float | None = None,  # noqa: ASYNC109
+    ) -> AIResponse:
+        raise StepError(
+            "sampling_unavailable", "No MCP client with sampling is connected to this process.", retryable=True
+        )
+
+
 def make_worker_id() -> str:
     """``{hostname}:{pid}:{8 hex}`` (storage.md §6.5)."""
     return f"{socket.gethostname()[:70]}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
@@ -44,11 +83,12 @@ class EngineServices:
     box: SecretBox
     data_dir: Path
     version: str
-    events: Any = field(default_factory=NullEngineEvents)
+    # Given at construction by the process that serves MCP clients (its notifications and sampling
+    # bridge); a worker process keeps the null ones.
+    events: EngineEvents = field(default_factory=NullEngineEvents)
     worker_id: str = field(default_factory=make_worker_id)
     public_base_url: str | None = None
-    # Bridge to the MCP client's model for the ``sampling`` provider (set by the server).
-    sampling: Any = None
+    sampling: Sampler = field(default_factory=NoSampler)
     _wake: asyncio.Event = field(default_factory=asyncio.Event)
     _ai_limiter: asyncio.Semaphore | None = None
     _ai_limit: int = 0

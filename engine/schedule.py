@@ -13,6 +13,7 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from croniter import croniter
 
+from datamachine_mcp.engine.errors import CodedError
 from datamachine_mcp.storage.timeutil import iso, parse_datetime
 
 INTERVALS: dict[str, tuple[int, str]] = {
@@ -39,12 +40,8 @@ MAX_TIMESTAMP = 253402300799  # 9999-12-31T23:59:59Z, the last second a date can
 PAST_GRACE = timedelta(minutes=1)  # a one-time run set "now" by a slow client is not refused
 
 
-class ScheduleError(ValueError):
-    def __init__(self, code: str, message: str, **data: Any) -> None:
-        super().__init__(f"{code}: {message}")
-        self.code = code
-        self.message = message
-        self.data = data
+class ScheduleError(CodedError, ValueError):
+    """An invalid schedule (``invalid_interval``, ``invalid_cron_expression``, …); still a ValueError."""
 
 
 def valid_values() -> list[str]:

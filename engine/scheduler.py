@@ -123,6 +123,7 @@ class Scheduler:
             ).all()
         changes = Changes()
         for flow_id, slot in due:
+            assert slot is not None  # the query selects flows with a next_run_at
             outcome = await self._handle(flow_id, slot, snap, changes)
             counts[outcome] += 1
         if changes.jobs or changes.flows:
@@ -214,7 +215,17 @@ class Scheduler:
         try:
             plan = resolve_plan(flow.flow_config)
         except PlanError as err:
-            await self._fire_invalid(session, flow, pipeline, key, err, now, threshold, changes)
+            await create_failed_run(
+                session,
+                flow,
+                pipeline,
+                trigger="schedule",
+                key=key,
+                err=err,
+                now=now,
+                threshold=threshold,
+                changes=changes,
+            )
             return
         created = await create_flow_job(
             session,
@@ -232,43 +243,47 @@ class Scheduler:
         )
         changes.jobs.add(created.job.job_id)
 
-    async def _fire_invalid(
-        self,
-        session: Any,
-        flow: Flow,
-        pipeline: Pipeline,
-        key: str,
-        err: PlanError,
-        now: datetime,
-        threshold: str,
-        changes: Changes,
-    ) -> None:
-        """An automated run of an invalid flow is created and failed at once, so flow health shows it."""
-        job = pending_job(
-            trigger="schedule",
-            now=now,
-            idempotency_key=key,
-            plan=None,
-            engine_data={
-                "flow": {"flow_id": flow.flow_id, "name": flow.flow_name},
-                "pipeline": {"pipeline_id": pipeline.pipeline_id, "name": pipeline.pipeline_name},
-                "dry_run_mode": False,
-            },
-            **flow_job_columns(flow, pipeline),
-        )
-        session.add(job)
-        await session.flush()
-        flow.last_run_at = now
-        error = {"reason": err.code, "flow_step_id": None, "message": err.message, "class": None}
-        done = await finish(
-            session,
-            job.job_id,
-            st.FAILED,
-            err.code,
-            now=now,
-            allowed_from=(st.PENDING,),
-            engine_updates={"error": error},
-            threshold=threshold,
-        )
-        if done is not None:
-            changes.merge(done)
+
+async def create_failed_run(
+    session: Any,
+    flow: Flow,
+    pipeline: Pipeline,
+    *,
+    trigger: str,
+    key: str | None,
+    err: PlanError,
+    now: datetime,
+    threshold: str,
+    changes: Changes,
+) -> tuple[int, str]:
+    """An automated run (schedule, webhook) of an invalid flow is created and failed at once, so flow health
+    shows it (there is no caller to tell). Returns the job's id and status."""
+    job = pending_job(
+        trigger=trigger,
+        now=now,
+        idempotency_key=key,
+        plan=None,
+        engine_data={
+            "flow": {"flow_id": flow.flow_id, "name": flow.flow_name},
+            "pipeline": {"pipeline_id": pipeline.pipeline_id, "name": pipeline.pipeline_name},
+            "dry_run_mode": False,
+        },
+        **flow_job_columns(flow, pipeline),
+    )
+    session.add(job)
+    await session.flush()
+    flow.last_run_at = now
+    error = {"reason": err.code, "flow_step_id": None, "message": err.message, "class": None}
+    done = await finish(
+        session,
+        job.job_id,
+        st.FAILED,
+        err.code,
+        now=now,
+        allowed_from=(st.PENDING,),
+        engine_updates={"error": error},
+        threshold=threshold,
+    )
+    if done is not None:
+        changes.merge(done)
+    return job.job_id, st.FAILED

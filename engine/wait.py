@@ -2,6 +2,11 @@
 
 No transaction is held while waiting. Changes made in this process wake the waiter at once; changes
 made by other processes are seen by polling at most once a second.
+
+Progress goes out on every change of the job and at least every ``HEARTBEAT_SECONDS`` meanwhile
+(clients such as Claude Code reset their timeout on progress). The value is the finished units
+(steps, plus children after a fan-out) plus the elapsed share of the wait, below the next unit: it
+rises strictly with every notification and reaches the total when the job is final.
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ from datamachine_mcp.engine.runtime import EngineServices
 from datamachine_mcp.storage.models import Job
 
 POLL_SECONDS = 1.0
+HEARTBEAT_SECONDS = 3.5  # "at least every 5 s", with room for the 1 s poll and a slow read
 Progress = Callable[[float, float | None, str | None], Awaitable[None]]
 
 
@@ -30,8 +36,18 @@ class WaitResult:
     waited_seconds: float
 
 
-async def _progress_of(services: EngineServices, job: Job) -> tuple[float, float, str]:
-    """(finished units, total units, message): steps of the plan, plus children after a fan-out."""
+@dataclass(frozen=True)
+class Position:
+    """Where a job is: finished and total units, and a message naming the step and the counts."""
+
+    done: float
+    total: float
+    step: str  # "step 2/3: Publish"
+    message: str
+
+
+async def position_of(services: EngineServices, job: Job) -> Position:
+    """Steps of the plan, plus children after a fan-out."""
     data = job.engine_data or {}
     try:
         plan = plan_of(data)
@@ -45,20 +61,22 @@ async def _progress_of(services: EngineServices, job: Job) -> tuple[float, float
         total_steps, labels, index = 1, {}, 0
     done = float(len(data.get("step_results") or {}))
     total = float(total_steps)
+    children = ""
     if data.get("batch"):
         async with services.db.read() as session:
             rows = await session.execute(
                 select(Job.status, func.count()).where(Job.parent_job_id == job.job_id).group_by(Job.status)
             )
             counts = dict(rows.all())
-        children = sum(counts.values())
-        total += children
-        done += sum(n for status, n in counts.items() if status in st.FINAL)
+        finished = sum(n for status, n in counts.items() if status in st.FINAL)
+        total += sum(counts.values())
+        done += finished
+        children = f"; items {finished}/{sum(counts.values())} done"
     if job.status in st.FINAL:
         done = total
     label = labels.get(job.current_step_id or "") or job.current_step_id or ""
-    message = f"{st.display(job.status, job.status_reason)} — step {min(index + 1, total_steps)}/{total_steps}: {label}"
-    return min(done, total), total, message
+    step = f"step {min(index + 1, total_steps)}/{total_steps}: {label}"
+    return Position(min(done, total), total, step, f"{st.display(job.status, job.status_reason)} — {step}{children}")
 
 
 async def wait_for_job(
@@ -70,8 +88,11 @@ async def wait_for_job(
     progress: Progress | None = None,
 ) -> WaitResult:
     start = time.monotonic()
-    deadline = start + max(0.0, seconds)
-    sent = -1.0
+    limit = max(0.0, seconds)
+    deadline = start + limit
+    sent = -1.0  # last progress value sent
+    sent_at = start
+    last_done = -1.0
     while True:
         waiter = services.job_waiter(job_id)
         try:
@@ -80,11 +101,17 @@ async def wait_for_job(
             if job is None:
                 return WaitResult(None, False, False, time.monotonic() - start)
             final = job.status in st.FINAL
+            now = time.monotonic()
             if progress is not None:
-                done, total, message = await _progress_of(services, job)
-                if done > sent or final:
-                    sent = max(sent, done)
-                    await progress(sent, total, message)
+                where = await position_of(services, job)
+                if final or where.done > last_done or now - sent_at >= HEARTBEAT_SECONDS:
+                    elapsed = now - start
+                    # final: the total; else below the next unit, rising with the time waited
+                    share = min(elapsed / (limit + 1.0), 0.999)
+                    value = where.total if final else min(where.done, where.total - 1) + share
+                    value = max(value, sent + 1e-3)
+                    sent, sent_at, last_done = value, now, where.done
+                    await progress(value, where.total, f"{where.message} ({elapsed:.0f} s)")
             if final or (stop_on_waiting and job.status == st.WAITING):
                 return WaitResult(job, final, False, time.monotonic() - start)
             remaining = deadline - time.monotonic()

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import random
 from datetime import datetime, timedelta
@@ -25,6 +26,7 @@ from datamachine_mcp.engine.notify import post_wait_notification
 from datamachine_mcp.engine.plan import PlanError, plan_of, step_config
 from datamachine_mcp.engine.runtime import EngineServices
 from datamachine_mcp.engine.steps import LeaseLost, StepResult, StepRun, executor
+from datamachine_mcp.storage.dml import rowcount
 from datamachine_mcp.storage.logs import level_allows, write_log
 from datamachine_mcp.storage.models import Job, Setting
 from datamachine_mcp.storage.timeutil import iso, utcnow
@@ -92,7 +94,7 @@ class Worker:
                     self.jobs_started += 1
                     task = asyncio.create_task(self._run_job(job_id), name=f"job-{job_id}")
                     self._running[job_id] = task
-                    task.add_done_callback(lambda _t, j=job_id: self._done(j))
+                    task.add_done_callback(functools.partial(self._done, job_id))
                 if claimed and len(self._running) < self.concurrency:
                     continue  # there may be more due work
                 jitter = self.poll_seconds * random.uniform(0.9, 1.1)
@@ -129,7 +131,7 @@ class Worker:
         except Exception:
             log.debug("could not record worker liveness", exc_info=True)
 
-    def _done(self, job_id: int) -> None:
+    def _done(self, job_id: int, _task: asyncio.Task[None]) -> None:
         self._running.pop(job_id, None)
         self.services.wake()
 
@@ -195,7 +197,7 @@ class Worker:
                     .values(lease_expires_at=now - timedelta(seconds=1))
                     .execution_options(synchronize_session=False)
                 )
-            if voided.rowcount:
+            if rowcount(voided):
                 await recover(self.services, job_id=job_id, now=now)
         except Exception:
             log.exception("job %s: immediate recovery failed; the lease will expire and recovery takes over", job_id)
@@ -229,16 +231,18 @@ class Worker:
         try:
             plan = plan_of(data)
         except PlanError as err:
-            return await self._commit_plain(job, snap, fail_plan_result(err.code, err.message), started)
+            await self._commit_plain(job, snap, fail_plan_result(err.code, err.message), started)
+            return None
         fsid = job.current_step_id or plan.first["flow_step_id"]
         step = step_config(data, fsid)
         if step is None or plan.get(fsid) is None:
-            return await self._commit_plain(
+            await self._commit_plain(
                 job,
                 snap,
                 fail_plan_result("step_config_missing", f"Step {fsid} is not in the job's snapshot."),
                 started,
             )
+            return None
         run = StepRun(
             services=services,
             job=job,
@@ -336,9 +340,9 @@ class Worker:
                     .values(lease_expires_at=now + timedelta(seconds=ttl))
                     .execution_options(synchronize_session=False)
                 )
-                if result.rowcount:
+                if rowcount(result):
                     await push_expiry(session, run.job.job_id, now + timedelta(seconds=claim_ttl))
-            if not result.rowcount:
+            if not rowcount(result):
                 lost.set()
                 step_task.cancel()
                 return

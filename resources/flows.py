@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from datamachine_mcp.abilities.uris import FLOW
 from datamachine_mcp.resources.registry import ResourceSpec, resource
 
 
@@ -20,7 +21,7 @@ def _exists(output: dict[str, Any]) -> bool:
 
 resource(
     ResourceSpec(
-        uri="datamachine://flows/{flow_id}",
+        uri=FLOW,
         name="flow",
         title="Flow",
         description="One flow with its step configs, schedule, last and next run (twin: get-flows with flow_id).",

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from datamachine_mcp.abilities.uris import JOB
 from datamachine_mcp.resources.registry import Guard, ResourceSpec, resource
 
 
@@ -26,7 +27,7 @@ def _exists(output: dict[str, Any]) -> bool:
 
 resource(
     ResourceSpec(
-        uri="datamachine://jobs/{job_id}",
+        uri=JOB,
         name="job",
         title="Job",
         description="One job with its status, engine data (redacted) and packets (twin: get-jobs with job_id).",

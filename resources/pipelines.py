@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from datamachine_mcp.abilities.uris import PIPELINE
 from datamachine_mcp.resources.registry import ResourceSpec, resource
 
 
@@ -29,7 +30,7 @@ resource(
 )
 resource(
     ResourceSpec(
-        uri="datamachine://pipelines/{pipeline_id}",
+        uri=PIPELINE,
         name="pipeline",
         title="Pipeline",
         description="One pipeline with its steps and flows (twin: get-pipelines with pipeline_id).",

@@ -20,7 +20,8 @@ from mcp.shared.uri_template import UriTemplate
 from datamachine_mcp.abilities.access import Principal
 from datamachine_mcp.abilities.context import Runtime
 from datamachine_mcp.abilities.registry import Ability
-from datamachine_mcp.abilities.runner import invoke
+from datamachine_mcp.abilities.runner import Outcome, invoke
+from datamachine_mcp.engine.errors import CodedError
 
 NOT_FOUND_CODES = frozenset(
     {
@@ -34,17 +35,24 @@ NOT_FOUND_CODES = frozenset(
 )
 
 
-class ResourceNotFound(Exception):
-    """No declared resource matches the URI, or the object it names does not exist."""
+class ResourceNotFound(CodedError):
+    """No declared resource matches the URI (``resource_not_found``), or the object it names does not
+    exist (the twin's ``<kind>_not_found``). Carries no data: the reply names the URI."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(code, message)
 
 
-class ResourceRefused(Exception):
-    """The twin ability refused the read; the message starts with its code."""
+def unknown(uri: str, detail: str = "") -> ResourceNotFound:
+    return ResourceNotFound("resource_not_found", f"Unknown resource: {uri}{detail}")
+
+
+class ResourceRefused(CodedError):
+    """The twin ability refused the read: its code, message and data."""
 
     def __init__(self, code: str, message: str, data: Mapping[str, Any]) -> None:
-        super().__init__(f"{code}: {message}")
-        self.code = code
-        self.data = dict(data)
+        super().__init__(code, message)
+        self.data = dict(data)  # the twin's data may hold any key, "code" and "message" included
 
 
 @dataclass(frozen=True)
@@ -108,14 +116,14 @@ def match(uri: str, specs: list[ResourceSpec]) -> tuple[ResourceSpec, dict[str, 
         args: dict[str, Any] = {}
         for name, raw in found.items():
             if not isinstance(raw, str):
-                raise ResourceNotFound(f"Unknown resource: {uri}")
+                raise unknown(uri)
             convert = spec.params.get(name, str)
             try:
                 args[name] = convert(raw)
             except ValueError:
-                raise ResourceNotFound(f"Unknown resource: {uri} ({name} '{raw}' is not valid)") from None
+                raise unknown(uri, f" ({name} '{raw}' is not valid)") from None
         return spec, args
-    raise ResourceNotFound(f"Unknown resource: {uri}")
+    raise unknown(uri)
 
 
 async def read(
@@ -131,26 +139,26 @@ async def read(
     spec, args = match(uri, specs)
     twin = abilities.get(spec.twin)
     if twin is None:  # twin excluded by --toolsets/--read-only in this process
-        raise ResourceNotFound(f"Unknown resource: {uri}")
+        raise unknown(uri)
     if spec.guard is not None:
         guard = abilities.get(spec.guard.ability)
         if guard is None:
-            raise ResourceNotFound(f"Unknown resource: {uri}")
+            raise unknown(uri)
         checked = _output(
             uri, await invoke(runtime, guard, spec.guard.args(args), principal, record_denials=record_denials)
         )
         if not spec.guard.exists(checked):
-            raise ResourceNotFound(f"Unknown resource: {uri}")
+            raise unknown(uri)
     output = _output(uri, await invoke(runtime, twin, {**spec.fixed, **args}, principal, record_denials=record_denials))
     if spec.exists is not None and not spec.exists(output):
-        raise ResourceNotFound(f"Unknown resource: {uri}")
+        raise unknown(uri)
     return json.dumps(output, ensure_ascii=False)
 
 
-def _output(uri: str, outcome: Any) -> dict[str, Any]:
+def _output(uri: str, outcome: Outcome) -> dict[str, Any]:
     if outcome.error is not None:
         code = outcome.error["code"]
         if code in NOT_FOUND_CODES:
-            raise ResourceNotFound(f"{code}: {outcome.error['message']}")
+            raise ResourceNotFound(code, outcome.error["message"])
         raise ResourceRefused(code, outcome.error["message"], outcome.error.get("data") or {})
     return outcome.output or {}

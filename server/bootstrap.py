@@ -17,9 +17,13 @@ from sqlalchemy import select
 from datamachine_mcp.abilities.access import Principal
 from datamachine_mcp.abilities.context import Runtime
 from datamachine_mcp.abilities.errors import AbilityError
-from datamachine_mcp.abilities.registry import TOOLSETS
+from datamachine_mcp.abilities.registry import load_all
 from datamachine_mcp.abilities.tokens import TokenRejected, verify_token
+from datamachine_mcp.abilities.toolsets import CORE, SelectionError
+from datamachine_mcp.abilities.toolsets import parse_tools as _parse_tools
+from datamachine_mcp.abilities.toolsets import parse_toolsets as _parse_toolsets
 from datamachine_mcp.engine.runtime import EngineServices
+from datamachine_mcp.server.notifications import Notifications
 from datamachine_mcp.storage.crypto import SecretBox, SecretKeyError, load_key
 from datamachine_mcp.storage.db import Database, default_data_dir, default_db_path
 from datamachine_mcp.storage.migrate import MigrationError, migrate
@@ -49,12 +53,16 @@ class ProcessConfig:
     local_user: int = 1
     agent: str | None = None
     token: str | None = None
-    toolsets: frozenset[str] | None = None
+    # The tools listed: the core profile by default; None lists every tool (--toolsets all).
+    toolsets: frozenset[str] | None = frozenset({CORE})
+    tools: frozenset[str] = frozenset()  # single tools added with --tools
     read_only: bool = False
     busy_timeout_ms: int = 5000
-    public_base_url: str | None = None
+    public_base_url: str | None = None  # base of generated URLs (webhook_url, gate resume URLs)
     worker: bool = True  # run the engine (worker + maintenance) in this process
     concurrency: int = 4
+    http: str | None = None  # serve streamable HTTP on [HOST:]PORT instead of stdio
+    allow_origins: tuple[str, ...] = ()  # browser origins the HTTP listener accepts besides its own
 
 
 def env(name: str, default: str | None = None) -> str | None:
@@ -79,17 +87,30 @@ def resolve_data_dir(flag: str | None, db: str) -> Path:
 
 
 def parse_toolsets(raw: str | None) -> frozenset[str] | None:
+    """``--toolsets`` / DATAMACHINE_TOOLSETS: core (default), all, or toolset names and core."""
+    try:
+        return _parse_toolsets(raw)
+    except SelectionError as exc:
+        raise StartupError(str(exc)) from None
+
+
+def parse_tools(raw: str | None) -> frozenset[str]:
+    """``--tools`` / DATAMACHINE_TOOLS: single tools listed besides the toolsets."""
     if not raw:
-        return None
-    names = frozenset(part.strip() for part in raw.split(",") if part.strip())
-    unknown = sorted(names - set(TOOLSETS))
-    if unknown:
-        raise StartupError(f"unknown toolsets: {', '.join(unknown)} (choose from {', '.join(TOOLSETS)})")
-    return names
+        return frozenset()
+    try:
+        return _parse_tools(raw, load_all())
+    except SelectionError as exc:
+        raise StartupError(str(exc)) from None
 
 
-async def open_runtime(cfg: ProcessConfig) -> Runtime:
-    """Open the database (migrating it), load the secret key and settings."""
+async def open_runtime(cfg: ProcessConfig, notifications: Notifications | None = None) -> Runtime:
+    """Open the database (migrating it), load the secret key and settings.
+
+    ``notifications`` (a new one by default) is the process's: every runtime and its engine announce
+    committed changes to it and sample through its bridge; the servers of this runtime serve it.
+    """
+    hub = notifications if notifications is not None else Notifications()
     db = Database(cfg.db, busy_timeout_ms=cfg.busy_timeout_ms)
     try:
         await migrate(db)
@@ -112,6 +133,8 @@ async def open_runtime(cfg: ProcessConfig) -> Runtime:
         data_dir=cfg.data_dir,
         version=version(),
         public_base_url=cfg.public_base_url,
+        events=hub,
+        sampling=hub.sampling,
     )
     return Runtime(
         db=db,
@@ -120,8 +143,10 @@ async def open_runtime(cfg: ProcessConfig) -> Runtime:
         data_dir=cfg.data_dir,
         version=engine.version,
         toolsets=cfg.toolsets,
+        tools=cfg.tools,
         read_only=cfg.read_only,
         public_base_url=cfg.public_base_url,
+        events=hub,
         engine=engine,
     )
 

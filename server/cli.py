@@ -1,6 +1,7 @@
 """The ``datamachine-mcp`` command line.
 
-``datamachine-mcp`` (= ``serve``) speaks MCP over stdio; ``migrate`` upgrades a database;
+``datamachine-mcp`` (= ``serve``) speaks MCP over stdio, or with ``--http [HOST:]PORT`` over streamable HTTP
+(bearer tokens, webhook routes); ``worker`` runs only the engine; ``migrate`` upgrades a database;
 ``token create|list|revoke`` manage bearer tokens with local-owner authority (access.md §2.7).
 Heavy imports happen after argument parsing so ``--help`` and ``--version`` stay instant.
 """
@@ -45,14 +46,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     parser = argparse.ArgumentParser(
         prog="datamachine-mcp",
-        description="Data Machine automation engine as an MCP server (stdio). Without a command: serve.",
+        description="Data Machine automation engine as an MCP server: stdio, or streamable HTTP with --http. "
+        "Without a command: serve.",
     )
     parser.add_argument("--version", action="version", version=f"datamachine-mcp {version()}")
     _common(parser, sub=False)
     _serve_options(parser, sub=False)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
-    serve = sub.add_parser("serve", help="Serve MCP over stdio (the default)")
+    serve = sub.add_parser("serve", help="Serve MCP over stdio, or over HTTP with --http (the default command)")
     _common(serve)
     _serve_options(serve)
 
@@ -61,6 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
     work.add_argument(
         "--concurrency", type=int, default=argparse.SUPPRESS, metavar="N", help="Jobs run at once (default 4)"
     )
+    _public_url(work)
 
     mig = sub.add_parser("migrate", help="Bring the database schema to the newest revision")
     _common(mig)
@@ -85,8 +88,34 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _public_url(parser: argparse.ArgumentParser, *, sub: bool = True) -> None:
+    parser.add_argument(
+        "--public-url",
+        default=argparse.SUPPRESS if sub else None,
+        metavar="URL",
+        help="Base of generated URLs: webhook_url, gate resume URLs (env DATAMACHINE_PUBLIC_URL; "
+        "with --http default http://HOST:PORT)",
+    )
+
+
 def _serve_options(parser: argparse.ArgumentParser, *, sub: bool = True) -> None:
     default = argparse.SUPPRESS if sub else None
+    parser.add_argument(
+        "--http",
+        default=default,
+        metavar="[HOST:]PORT",
+        help="Serve MCP over streamable HTTP at /mcp (bearer tokens), with the webhook routes and /health, "
+        "instead of stdio (env DATAMACHINE_HTTP; HOST defaults to 127.0.0.1)",
+    )
+    _public_url(parser, sub=sub)
+    parser.add_argument(
+        "--allow-origin",
+        action="append",
+        default=default,
+        metavar="ORIGIN",
+        help="With --http: also accept browser requests from this origin, e.g. https://app.example "
+        "(repeatable; env DATAMACHINE_ALLOW_ORIGINS, comma-separated)",
+    )
     parser.add_argument("--token", default=default, help="Act as this bearer token's identity (env DATAMACHINE_TOKEN)")
     parser.add_argument(
         "--local-user",
@@ -97,7 +126,17 @@ def _serve_options(parser: argparse.ArgumentParser, *, sub: bool = True) -> None
     )
     parser.add_argument("--agent", default=default, metavar="SLUG", help="Run the local owner in this agent's context")
     parser.add_argument(
-        "--toolsets", default=default, metavar="LIST", help="Expose only these toolsets (comma-separated)"
+        "--toolsets",
+        default=default,
+        metavar="LIST",
+        help="Tools to list: core (default, a small set for the whole journey), all, or comma-separated "
+        "toolset names and core (env DATAMACHINE_TOOLSETS)",
+    )
+    parser.add_argument(
+        "--tools",
+        default=default,
+        metavar="NAME,...",
+        help="Also list these single tools (env DATAMACHINE_TOOLS)",
     )
     parser.add_argument(
         "--read-only",
@@ -126,20 +165,33 @@ def _setup_logging(level: str | None, default: str = "warning") -> None:
 
 
 def _config(args: argparse.Namespace) -> Any:
-    from datamachine_mcp.server.bootstrap import ProcessConfig, env, parse_toolsets, resolve_data_dir, resolve_db
+    from datamachine_mcp.server.bootstrap import (
+        ProcessConfig,
+        env,
+        parse_tools,
+        parse_toolsets,
+        resolve_data_dir,
+        resolve_db,
+    )
 
     db = resolve_db(getattr(args, "db", None))
     local_user = getattr(args, "local_user", None) or int(env("LOCAL_USER", "1") or 1)
+    serving = args.command in (None, "serve")
+    origins = getattr(args, "allow_origin", None) or (env("ALLOW_ORIGINS") or "").split(",")
     return ProcessConfig(
         db=db,
         data_dir=resolve_data_dir(getattr(args, "data_dir", None), db),
         local_user=local_user,
-        agent=getattr(args, "agent", None) if args.command in (None, "serve") else None,
-        token=(getattr(args, "token", None) or env("TOKEN")) if args.command in (None, "serve") else None,
+        agent=getattr(args, "agent", None) if serving else None,
+        token=(getattr(args, "token", None) or env("TOKEN")) if serving else None,
         toolsets=parse_toolsets(getattr(args, "toolsets", None) or env("TOOLSETS")),
+        tools=parse_tools(getattr(args, "tools", None) or env("TOOLS")) if serving else frozenset(),
         read_only=bool(getattr(args, "read_only", None) or env("READ_ONLY") in ("1", "true", "yes")),
         worker=not getattr(args, "no_worker", None),
         concurrency=max(1, getattr(args, "concurrency", None) or int(env("CONCURRENCY", "4") or 4)),
+        public_base_url=getattr(args, "public_url", None) or env("PUBLIC_URL"),
+        http=(getattr(args, "http", None) or env("HTTP")) if serving else None,
+        allow_origins=tuple(o.strip() for o in origins if o.strip()),
     )
 
 
@@ -159,6 +211,10 @@ def main(argv: list[str] | None = None) -> int:
             from datamachine_mcp.server.worker_cli import run_worker
 
             return asyncio.run(run_worker(cfg))
+        if cfg.http:
+            from datamachine_mcp.server.http_serve import serve_http
+
+            return asyncio.run(serve_http(cfg, cfg.http))
         from datamachine_mcp.server.stdio import serve_stdio
 
         return asyncio.run(serve_stdio(cfg))

@@ -2,7 +2,7 @@
 (engine.md §16.3, §5.5; abilities.md §10 send-chat-message).
 
 The server remembers, per client connection of the handshake ("legacy") era, the latest request
-session and who it acts as (:meth:`SamplingBridge.remember`, called by ``DataMachineServer``). An AI
+session and who it acts as (:meth:`SamplingBridge.remember`, called through ``Notifications``). An AI
 step asks :meth:`SamplingBridge.complete` with the job's ``origin_session_id`` and ``user_id``: the
 origin session is tried first if it is still connected, then the user's other connections, most
 recently active first (over stdio: the one client). Only clients that declared the ``sampling``
@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Hashable
 from dataclasses import dataclass
 from typing import Any
 
@@ -85,22 +86,25 @@ def _text(result: types.CreateMessageResult) -> str:
 
 
 class SamplingBridge:
-    """``EngineServices.sampling``: completes AI requests through connected MCP clients."""
+    """``EngineServices.sampling``: completes AI requests through connected MCP clients.
 
-    def __init__(self, services: Any = None, *, timeout: float | None = None) -> None:
-        self._seen: dict[int, _Seen] = {}
-        self.services = services  # EngineServices: ai_request_timeout_seconds comes from its settings
+    Callers pass ``timeout`` (the ``ai_request_timeout_seconds`` setting); ``timeout`` here is the
+    fallback, then 120 s.
+    """
+
+    def __init__(self, *, timeout: float | None = None) -> None:
+        self._seen: dict[Hashable, _Seen] = {}
         self.timeout = timeout
 
     # -- bookkeeping (called by the server on every request of a handshake-era connection) --------
 
-    def remember(self, key: int, session: Any, user_id: int, session_id: str | None = None) -> None:
+    def remember(self, key: Hashable, session: Any, user_id: int, session_id: str | None = None) -> None:
         self._seen[key] = _Seen(session, user_id, session_id, time.monotonic())
 
-    def forget(self, key: int) -> None:
+    def forget(self, key: Hashable) -> None:
         self._seen.pop(key, None)
 
-    def candidates(self, *, origin_session_id: str | None, user_id: int | None) -> list[tuple[int, Any]]:
+    def candidates(self, *, origin_session_id: str | None, user_id: int | None) -> list[tuple[Hashable, Any]]:
         """Connections to try, in order: the origin session, then the user's, most recent first."""
         rows = sorted(self._seen.items(), key=lambda kv: kv[1].at, reverse=True)
         first = [(k, s.session) for k, s in rows if origin_session_id is not None and s.session_id == origin_session_id]
@@ -121,7 +125,7 @@ class SamplingBridge:
     ) -> AIResponse:
         """One completion. ``session`` (send-chat-message: the calling request's session) bypasses the
         lookup; otherwise the job's origin session or the user's connections are tried in order."""
-        seconds = float(timeout or self.timeout or await self._setting_timeout())
+        seconds = float(timeout or self.timeout or DEFAULT_TIMEOUT)
         if session is not None:
             if not offers_sampling(session):
                 raise unavailable("the calling client did not declare the sampling capability")
@@ -143,14 +147,6 @@ class SamplingBridge:
                 self.forget(key)
                 continue
         raise unavailable("every connected session of the user is closed or has no back channel")
-
-    async def _setting_timeout(self) -> float:
-        if self.services is None:
-            return DEFAULT_TIMEOUT
-        try:
-            return float((await self.services.snapshot()).int("ai_request_timeout_seconds"))
-        except Exception:
-            return DEFAULT_TIMEOUT
 
     async def _ask(self, session: Any, request: AIRequest, seconds: float, related: Any) -> AIResponse:
         system, messages = messages_of(request)

@@ -87,6 +87,7 @@ async def serve_stdio(cfg: ProcessConfig) -> int:
         resolver = await stdio_identity(runtime, cfg)
         app = DataMachineServer(runtime, load_abilities(), load_resources(), resolver)
         if cfg.worker:
+            assert runtime.engine is not None  # open_runtime attaches one
             host = EngineHost(runtime.engine, concurrency=cfg.concurrency)
             await host.start()
         if sys.stdin.isatty():

@@ -16,10 +16,12 @@ from importlib.metadata import version as dist_version
 from pathlib import Path
 from typing import Any
 
+from datamachine_mcp import abilities as _abilities_package
 from datamachine_mcp.abilities.registry import Ability
 
 log = logging.getLogger("datamachine.server")
-ABILITIES_DIR = Path(__file__).resolve().parent.parent / "abilities"
+# Where the ability modules are installed (a wheel's site-packages or, in an editable install, the checkout).
+ABILITIES_DIR = Path(_abilities_package.__path__[0])
 
 
 def cache_key(app_version: str) -> str:

@@ -19,16 +19,16 @@ STOP_GRACE_SECONDS = 10.0
 
 async def run_worker(cfg: ProcessConfig) -> int:
     runtime = await open_runtime(cfg)
-    host = EngineHost(runtime.engine, concurrency=cfg.concurrency)
+    engine = runtime.engine
+    assert engine is not None  # open_runtime attaches one
+    host = EngineHost(engine, concurrency=cfg.concurrency)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     try:
         await host.start()
-        log.info(
-            "worker %s running on %s (concurrency %s)", runtime.engine.worker_id, runtime.db.describe(), cfg.concurrency
-        )
+        log.info("worker %s running on %s (concurrency %s)", engine.worker_id, runtime.db.describe(), cfg.concurrency)
         await stop.wait()
         log.info("stopping: handing running jobs back")
     finally:

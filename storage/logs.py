@@ -7,6 +7,7 @@ rows are never dropped).
 
 from __future__ import annotations
 
+from collections.abc import Hashable
 from typing import Any
 
 from sqlalchemy.ext.asyncio import AsyncSession
@@ -69,3 +70,22 @@ async def write_log(
     row = build_log_row(level, message, context, agent_id=agent_id, user_id=user_id)
     session.add(row)
     return row
+
+
+class LogThrottle:
+    """At most one row per key every ``every`` seconds, for events a caller can repeat at will (refused
+    webhooks, rate-limited requests): ``due`` counts the event and says how many to report now."""
+
+    def __init__(self, every: float = 60.0) -> None:
+        self.every = every
+        self._last: dict[Hashable, float] = {}
+        self._unlogged: dict[Hashable, int] = {}
+
+    def due(self, key: Hashable, now: float) -> int | None:
+        """The events to report in a row now (this one included), or None while the key's period runs."""
+        self._unlogged[key] = self._unlogged.get(key, 0) + 1
+        last = self._last.get(key)
+        if last is not None and now - last < self.every:
+            return None
+        self._last[key] = now
+        return self._unlogged.pop(key)

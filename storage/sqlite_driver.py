@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import collections
 import sqlite3
-from collections.abc import Iterator, Sequence
+from collections.abc import Generator, Iterator, Sequence
 from typing import Any
 
 from sqlalchemy import pool
@@ -26,8 +26,8 @@ from sqlalchemy.util.concurrency import await_, in_greenlet
 class _Ready:
     """An awaitable that completes at once: lets SQLAlchemy see an "async" step without a loop turn."""
 
-    def __await__(self) -> Iterator[None]:
-        return iter(())
+    def __await__(self) -> Generator[None, None, None]:
+        yield from ()
 
 
 _READY = _Ready()
@@ -99,6 +99,8 @@ class InlineCursor:
 
 class InlineConnection(AdaptedConnection):
     __slots__ = ("dbapi",)
+    # AdaptedConnection types its driver connection as an asyncio DBAPI; ours is sqlite3's, called inline.
+    _connection: sqlite3.Connection  # type: ignore[assignment]
 
     def __init__(self, dbapi: Any, connection: sqlite3.Connection) -> None:
         self.dbapi = dbapi
@@ -110,7 +112,8 @@ class InlineConnection(AdaptedConnection):
 
     @isolation_level.setter
     def isolation_level(self, value: str | None) -> None:
-        self._connection.isolation_level = value
+        # typeshed lists DEFERRED/EXCLUSIVE/IMMEDIATE/None; sqlite3 also takes "", which SQLAlchemy sets.
+        self._connection.isolation_level = value  # type: ignore[assignment]
 
     def create_function(self, *args: Any, **kwargs: Any) -> None:
         self._connection.create_function(*args, **kwargs)

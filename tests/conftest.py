@@ -17,7 +17,7 @@ from datamachine_mcp.abilities.access import Principal
 from datamachine_mcp.abilities.context import Runtime
 from datamachine_mcp.abilities.registry import load_all as load_abilities
 from datamachine_mcp.resources.registry import load_all as load_resources
-from datamachine_mcp.server.app import DataMachineServer
+from datamachine_mcp.server.app import ERROR_META_KEY, DataMachineServer
 from datamachine_mcp.server.bootstrap import ProcessConfig, open_runtime
 
 OWNER = Principal(user_id=1, is_admin=True, transport="stdio")
@@ -81,7 +81,8 @@ async def runtime(tmp_path: Path, db_backend: str) -> AsyncIterator[Runtime]:
     url = database_url(db_backend, tmp_path)
     if db_backend == "postgresql":
         await _wipe_postgres(url)
-    cfg = ProcessConfig(db=url, data_dir=tmp_path)
+    # Every tool listed (--toolsets all): tests call tools outside the default core list.
+    cfg = ProcessConfig(db=url, data_dir=tmp_path, toolsets=None)
     rt = await open_runtime(cfg)
     try:
         yield rt
@@ -118,14 +119,23 @@ async def call(client: Client, name: str, arguments: dict[str, Any] | None = Non
     return result.structured_content
 
 
+def error_of(result: Any) -> dict[str, Any]:
+    """The ``{code, message, data}`` of an error result: in its ``_meta``, never as structured content
+    (which clients validate against the tool's success output schema)."""
+    assert result.is_error, result
+    assert result.structured_content is None, result.structured_content
+    err = (result.meta or {}).get(ERROR_META_KEY)
+    assert err is not None and set(err) == {"code", "message", "data"}, result
+    return err
+
+
 async def fail(
     client: Client, name: str, arguments: dict[str, Any] | None = None, code: str | None = None
 ) -> dict[str, Any]:
     """Call a tool that must fail; returns ``{code, message, data}`` and checks the text prefix."""
     result = await client.call_tool(name, arguments or {})
     assert result.is_error, f"{name} unexpectedly succeeded: {result.structured_content}"
-    err = result.structured_content
-    assert err is not None and set(err) == {"code", "message", "data"}, err
+    err = error_of(result)
     assert result.content[0].text.startswith(f"{err['code']}: "), result.content[0].text
     if code is not None:
         assert err["code"] == code, err

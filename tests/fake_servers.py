@@ -112,7 +112,7 @@ class FakeServer:
         self._httpd = ThreadingHTTPServer(("127.0.0.1", 0), RequestHandler)
         self._httpd.daemon_threads = True
         self._httpd.block_on_close = False
-        self._httpd.handle_error = lambda request, client_address: None  # type: ignore[method-assign]
+        self._httpd.handle_error = lambda request, client_address: None
         self.port = self._httpd.server_address[1]
         self.base_url = f"http://127.0.0.1:{self.port}"
         self._thread = threading.Thread(target=self._httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)

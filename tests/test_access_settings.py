@@ -18,7 +18,7 @@ USER3 = Principal(user_id=3, transport="http")
 
 @pytest.fixture
 async def other_process(runtime, tmp_path, db_backend):
-    rt = await open_runtime(ProcessConfig(db=database_url(db_backend, tmp_path), data_dir=tmp_path))
+    rt = await open_runtime(ProcessConfig(db=database_url(db_backend, tmp_path), data_dir=tmp_path, toolsets=None))
     try:
         yield rt
     finally:

@@ -300,7 +300,7 @@ async def test_bundle_from_another_database_imports_identically(runtime, owner, 
     await seed_agent(runtime, owner)
     exported = await export(owner, "news")
     other_dir = tmp_path / "other"
-    other = await open_runtime(ProcessConfig(db=str(other_dir / "dm.db"), data_dir=other_dir))
+    other = await open_runtime(ProcessConfig(db=str(other_dir / "dm.db"), data_dir=other_dir, toolsets=None))
     try:
         async with connect(other) as c:
             await call(c, "create-agent", {"agent_slug": "filler"})  # ids differ from the source database

@@ -54,7 +54,9 @@ class Node:
             "PYTHONUNBUFFERED": "1",
         }
         return StdioServerParameters(
-            command=sys.executable, args=["-m", "datamachine_mcp.server.cli", "--db", str(self.db)], env=env
+            command=sys.executable,
+            args=["-m", "datamachine_mcp.server.cli", "--db", str(self.db), "--toolsets", "all"],
+            env=env,
         )
 
     @contextlib.asynccontextmanager
@@ -261,7 +263,9 @@ async def test_idempotency_key_returns_the_same_job(env):
     url = env.feed(("i", "Once"))
     client = env.client
     flow = await pipeline(client, [feed_step(url), files_step(env.outbox)])
-    first = await call(client, "run-flow", {"flow_id": flow["flow_id"], "idempotency_key": "deploy-42"})
+    first = await call(
+        client, "run-flow", {"wait_seconds": 0, "flow_id": flow["flow_id"], "idempotency_key": "deploy-42"}
+    )
     again = await call(
         client, "run-flow", {"flow_id": flow["flow_id"], "idempotency_key": "deploy-42", "wait_seconds": 20}
     )
@@ -282,7 +286,7 @@ async def test_cancel_during_a_long_step_abandons_it(env):
     client, node = env.client, env.node
     await call(client, "update-settings", {"settings": {"lease_ttl_seconds": 15}})  # heartbeat every 3.75 s
     flow = await pipeline(client, [feed_step(url), AI_STEP, files_step(env.outbox)])
-    started = await call(client, "run-flow", {"flow_id": flow["flow_id"]})
+    started = await call(client, "run-flow", {"wait_seconds": 0, "flow_id": flow["flow_id"]})
 
     async def model_called() -> bool:
         return bool(env.model_requests())
@@ -319,7 +323,7 @@ async def gated_run(env: Env, item: str, on_reject: str) -> tuple[dict[str, Any]
     """Run feed → approval → files until the job waits; returns (flow, pending action, job status)."""
     url = env.world.script(f"/{env.name}/{item}.xml", FakeResponse(200, rss((item, f"Story {item}")), RSS_HEADERS))
     flow = await pipeline(env.client, [feed_step(url), approval_step(on_reject), files_step(env.outbox)], name=item)
-    started = await call(env.client, "run-flow", {"flow_id": flow["flow_id"]})
+    started = await call(env.client, "run-flow", {"wait_seconds": 0, "flow_id": flow["flow_id"]})
     waited = await call(
         env.client, "wait-for-job", {"job_id": started["job_id"], "timeout_seconds": 20, "stop_on_waiting": True}
     )
@@ -450,8 +454,11 @@ async def test_readme_first_flow_walkthrough_works_as_written(tmp_path):
     root = shell_output(shell, env).strip().splitlines()[-1]
     assert root == str(tmp_path / "xdg" / "datamachine-mcp" / "files")
     create = json.loads(re.search(r"```json\n(.*?)```", section, re.S).group(1).replace("ROOT", root))
+    # As step 3 says: the default core list plus test-handler (and get-settings, which this test reads).
     params = StdioServerParameters(
-        command=sys.executable, args=["-m", "datamachine_mcp.server.cli"], env={**env, "PYTHONUNBUFFERED": "1"}
+        command=sys.executable,
+        args=["-m", "datamachine_mcp.server.cli", "--tools", "test-handler,get-settings"],
+        env={**env, "PYTHONUNBUFFERED": "1"},
     )
     async with Client(params, mode="legacy") as client:
         assert (await call(client, "get-settings"))["settings"]["files_allowed_roots"] == [root]
@@ -496,7 +503,7 @@ async def test_killed_worker_mid_step_is_recovered_by_a_new_process(tmp_path, wo
     async with node.client() as client:
         await call(client, "update-settings", {"settings": settings})
         flow = await pipeline(client, [feed_step(url), AI_STEP, files_step(node.outbox)])
-        job_id = (await call(client, "run-flow", {"flow_id": flow["flow_id"]}))["job_id"]
+        job_id = (await call(client, "run-flow", {"wait_seconds": 0, "flow_id": flow["flow_id"]}))["job_id"]
         await poll(lambda: bool(world.to(model)), 30)  # the AI step now hangs on the slow model
         ((owner, status),) = node.rows("SELECT lease_owner, status FROM datamachine_jobs WHERE job_id = ?", job_id)
         assert status == "processing"

@@ -481,6 +481,7 @@ async def test_delete_jobs_permissions_and_scope(runtime, owner):
             owner,
             "execute-workflow",
             {
+                "wait_seconds": 0,
                 "agent_id": bot,
                 "workflow": {"steps": [{"step_type": "system_task", "flow_step_settings": {"task_type": "echo"}}]},
             },
@@ -491,6 +492,7 @@ async def test_delete_jobs_permissions_and_scope(runtime, owner):
             owner,
             "execute-workflow",
             {
+                "wait_seconds": 0,
                 "agent_id": other,
                 "workflow": {"steps": [{"step_type": "system_task", "flow_step_settings": {"task_type": "echo"}}]},
             },

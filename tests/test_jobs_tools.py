@@ -109,7 +109,7 @@ async def test_get_jobs_filters(runtime, owner):
         await call(
             owner,
             "execute-workflow",
-            {"workflow": {"steps": [echo_step()]}, "initial_data": {"job_source": "chat"}},
+            {"wait_seconds": 0, "workflow": {"steps": [echo_step()]}, "initial_data": {"job_source": "chat"}},
         )
     )["job_id"]
     await call(owner, "fail-job", {"job_id": ja1})
@@ -146,7 +146,7 @@ async def test_get_jobs_children_and_scope(runtime, owner, engine):
     children = await ids(owner, parent_job_id=parent["job_id"])
     assert len(children) == 2
     assert await ids(owner, hide_children=True) == [parent["job_id"]]
-    own = (await call(owner, "execute-workflow", {"workflow": {"steps": [echo_step()]}}))["job_id"]
+    own = (await call(owner, "execute-workflow", {"wait_seconds": 0, "workflow": {"steps": [echo_step()]}}))["job_id"]
     async with connect(runtime, USER2) as viewer:
         listed = await call(viewer, "get-jobs", {})
         assert listed["total"] == 3 and own not in [j["job_id"] for j in listed["jobs"]]
@@ -255,7 +255,7 @@ async def test_jobs_summary_counts_and_breakdowns(runtime, owner):
         await run(owner, a["flow_id"])
     jb = (await run(owner, b["flow_id"]))["job_id"]
     await call(owner, "cancel-job", {"job_id": jb})
-    await call(owner, "execute-workflow", {"workflow": {"steps": [echo_step()]}})
+    await call(owner, "execute-workflow", {"wait_seconds": 0, "workflow": {"steps": [echo_step()]}})
     out = await call(owner, "get-jobs-summary", {})
     assert out["summary"] == {
         "pending": 4,
@@ -472,13 +472,15 @@ async def test_run_flow_idempotency_key_replay_and_conflict(runtime, owner):
         runtime,
         owner,
         "run-flow",
-        {"flow_id": made["flow_id"], "idempotency_key": "nightly-1", "initial_data": {"n": 2}},
+        {"wait_seconds": 0, "flow_id": made["flow_id"], "idempotency_key": "nightly-1", "initial_data": {"n": 2}},
         "idempotency_key_conflict",
     )
     assert err["data"]["existing_job_id"] == first["job_id"]
     async with connect(runtime, USER2) as other:
         # another user's key space: the flow is not theirs, so the call is refused, not replayed
-        await denied(runtime, other, "run-flow", {"flow_id": made["flow_id"], "idempotency_key": "nightly-1"})
+        await denied(
+            runtime, other, "run-flow", {"wait_seconds": 0, "flow_id": made["flow_id"], "idempotency_key": "nightly-1"}
+        )
 
 
 async def test_automatic_retries_show_in_metrics(runtime, owner, engine):
@@ -516,7 +518,9 @@ async def test_resume_url_is_masked_below_operator(runtime, owner, engine):
     bot = await make_agent(owner)
     await grant(owner, bot, 2, "viewer")
     gate = {"step_type": "webhook_gate", "flow_step_settings": {"description": "Wait for CI"}}
-    started = await call(owner, "execute-workflow", {"workflow": {"steps": [gate, echo_step()]}, "agent_id": bot})
+    started = await call(
+        owner, "execute-workflow", {"wait_seconds": 0, "workflow": {"steps": [gate, echo_step()]}, "agent_id": bot}
+    )
     parked = await wait_job(owner, started["job_id"], stop_on_waiting=True)
     wait = parked["job"]["wait"]
     assert wait["kind"] == "webhook_gate" and wait["resume_url"].startswith("https://dm.example.com/webhooks/gates/")

@@ -548,6 +548,9 @@ async def test_whoami(runtime, owner, bot):
         "token_prefix": None,
         "transport": "stdio",
         "toolsets": [t for t in TOOLSETS if any(a.toolset == t for a in load_abilities().values())],
+        "enabled": ["all"],
+        "not_listed": [],
+        "enable_hint": None,
         "read_only": False,
         "server_version": runtime.version,
     }

@@ -88,7 +88,7 @@ async def test_sqlite_pragmas(runtime):
 
 
 async def test_data_survives_closing_and_reopening(tmp_path):
-    cfg = ProcessConfig(db=str(tmp_path / "dm.db"), data_dir=tmp_path)
+    cfg = ProcessConfig(db=str(tmp_path / "dm.db"), data_dir=tmp_path, toolsets=None)
     rt = await open_runtime(cfg)
     try:
         async with connect(rt) as c:

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import anyio
 import pytest
+from mcp.types import CallToolResult
 
 from tests import jobs_support
-from tests.conftest import call, connect, table_rows
+from tests.conftest import call, connect, error_of, table_rows
 from tests.jobs_support import (
     USER2,
     USER3,
@@ -170,7 +171,7 @@ async def test_approval_without_input_passes_a_decision_packet(runtime, owner, e
             {"step_type": "system_task", "flow_step_settings": {"task_type": "echo", "params": {"x": 1}}},
         ]
     }
-    started = await call(owner, "execute-workflow", {"workflow": workflow})
+    started = await call(owner, "execute-workflow", {"wait_seconds": 0, "workflow": workflow})
     parked = await wait_job(owner, started["job_id"], stop_on_waiting=True)
     action_id = parked["job"]["wait"]["action_id"]
     action = (await call(owner, "list-pending-actions", {}))["actions"][0]
@@ -190,7 +191,7 @@ async def test_approval_without_input_passes_a_decision_packet(runtime, owner, e
 
 async def test_concurrent_decisions_exactly_one_wins(runtime, owner, engine):
     _, _, action_id = await gated(owner, runtime)
-    results: dict[str, object] = {}
+    results: dict[str, CallToolResult] = {}
 
     async def decide(decision: str) -> None:
         results[decision] = await owner.call_tool(
@@ -204,8 +205,8 @@ async def test_concurrent_decisions_exactly_one_wins(runtime, owner, engine):
     assert sorted(outcomes.values()) == [False, True]
     winner = next(d for d, is_error in outcomes.items() if not is_error)
     loser = results[next(d for d, is_error in outcomes.items() if is_error)]
-    assert loser.structured_content["code"] == "pending_action_already_resolved"
-    assert loser.structured_content["data"]["status"] == winner
+    assert error_of(loser)["code"] == "pending_action_already_resolved"
+    assert error_of(loser)["data"]["status"] == winner
     assert len(await audit_rows(runtime, "resolve-pending-action")) == 1
 
 
@@ -292,12 +293,14 @@ async def test_pending_action_errors(runtime, owner, engine):
         ("get-pending-action", {"action_id": action_id.upper()}, "action_id"),
         ("get-pending-action", {}, "action_id"),
         ("resolve-pending-action", {"action_id": action_id, "decision": "approve"}, "decision"),
-        ("resolve-pending-action", {"action_id": action_id}, "decision"),
         ("resolve-pending-action", {"action_id": action_id, "decision": "accepted", "note": "n" * 1001}, "note"),
         ("resolve-pending-action", {"action_id": action_id, "decision": "accepted", "why": 1}, "why"),
     ):
         err = await unchanged(runtime, owner, tool, args, "invalid_input")
         assert err["data"]["errors"][0]["field"] == field
+    # without a decision a client that cannot ask the user is told to give one (tests/test_elicitation.py asks)
+    err = await unchanged(runtime, owner, "resolve-pending-action", {"action_id": action_id}, "decision_required")
+    assert "accepted or rejected" in err["message"]
     before = await table_rows(runtime)
     assert (await call(owner, "get-pending-action", {"action_id": action_id}))["action"]["job_id"] == job_id
     assert await table_rows(runtime) == before

@@ -268,7 +268,9 @@ def shape(pipeline: dict[str, Any]) -> dict[str, Any]:
 
 
 async def test_import_from_another_database(runtime, owner, tmp_path: Path):
-    other = await open_runtime(ProcessConfig(db=str(tmp_path / "other" / "dm.db"), data_dir=tmp_path / "other"))
+    other = await open_runtime(
+        ProcessConfig(db=str(tmp_path / "other" / "dm.db"), data_dir=tmp_path / "other", toolsets=None)
+    )
     try:
         async with connect(other) as theirs:
             # a few pipelines first, so ids differ between the two databases

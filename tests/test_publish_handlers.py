@@ -10,6 +10,7 @@ import os
 import time
 import uuid
 from datetime import UTC, datetime
+from typing import Any
 
 import pytest
 
@@ -22,7 +23,7 @@ from tests.fake_servers import FakeResponse, RecordedRequest, make_context, make
 pytestmark = pytest.mark.anyio
 
 FSID = "2_5f0c7a3e-1b2c-4d5e-8f90-123456789abc_7"
-PACKET = {
+PACKET: dict[str, Any] = {
     "type": "ai_response",
     "timestamp": "2026-05-01T03:12:04Z",
     "data": {"title": "Hello, Wörld: a “test”!", "body": "Line one\nLine two\n"},

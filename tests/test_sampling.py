@@ -55,7 +55,7 @@ async def test_without_a_sampling_client_the_step_is_retried_as_unavailable(runt
     async with connect(runtime) as client:  # no sampling capability
         await settings(client, retry_base_seconds=60)
         flow = await make_flow(client, ai_flow_steps())
-        out = await call(client, "run-flow", {"flow_id": flow["flow_id"]})
+        out = await call(client, "run-flow", {"wait_seconds": 0, "flow_id": flow["flow_id"]})
 
         async def retried() -> bool:
             row = await job_row(runtime, out["job_id"])

@@ -58,7 +58,7 @@ async def pg(tmp_path: Path) -> AsyncIterator[Runtime]:
     if not url:
         pytest.skip(f"scale-out needs PostgreSQL: set {PG_URL_ENV}")
     await _wipe_postgres(url)
-    rt = await open_runtime(ProcessConfig(db=url, data_dir=tmp_path))
+    rt = await open_runtime(ProcessConfig(db=url, data_dir=tmp_path, toolsets=None))
     try:
         yield rt
     finally:
@@ -220,7 +220,7 @@ async def test_10000_item_feed_fans_out_to_child_jobs_on_four_workers(pg, worker
     parents = []
     async with connect(pg) as owner:
         for _ in range(FANOUT_RUNS):
-            parents.append((await call(owner, "run-flow", {"flow_id": made["flow_id"]}))["job_id"])
+            parents.append((await call(owner, "run-flow", {"wait_seconds": 0, "flow_id": made["flow_id"]}))["job_id"])
 
             async def fanned_out(parent: int = parents[-1]) -> bool:
                 return bool(
@@ -328,11 +328,11 @@ async def test_a_dropped_listen_connection_is_reopened(pg):
 
         await until(relistening, 20, 0.2)
         # a job created by another process wakes this worker through NOTIFY (its poll interval is 30 s)
-        other = await open_runtime(ProcessConfig(db=pg.db.url, data_dir=pg.data_dir))
+        other = await open_runtime(ProcessConfig(db=pg.db.url, data_dir=pg.data_dir, toolsets=None))
         try:
             async with connect(other) as owner:
                 made = await call(owner, "create-pipeline", {"pipeline_name": "E", "workflow": {"steps": [ECHO]}})
-                job_id = (await call(owner, "run-flow", {"flow_id": made["flow_id"]}))["job_id"]
+                job_id = (await call(owner, "run-flow", {"wait_seconds": 0, "flow_id": made["flow_id"]}))["job_id"]
         finally:
             await other.db.dispose()
 

@@ -148,7 +148,7 @@ async def test_two_schedulers_one_lease_and_one_job_per_slot(runtime, owner):
     data = await set_schedule(owner, fid, {"interval": "every_5_minutes", "allow_overlap": True})
     first = parse_datetime(data["next_run"])
     # a second process on the same database (its own connections and worker id)
-    other = await open_runtime(ProcessConfig(db=runtime.db.url, data_dir=runtime.data_dir))
+    other = await open_runtime(ProcessConfig(db=runtime.db.url, data_dir=runtime.data_dir, toolsets=None))
     try:
         clock = Clock(first)
         a = Scheduler(runtime.engine, now=clock)
@@ -201,7 +201,9 @@ async def test_two_schedulers_one_lease_and_one_job_per_slot(runtime, owner):
 async def test_concurrent_first_lease_takers_get_exactly_one_lease(runtime):
     """Several processes starting at once on an empty database: one creates the lease row, the others
     are refused cleanly (no error from the concurrent insert)."""
-    others = [await open_runtime(ProcessConfig(db=runtime.db.url, data_dir=runtime.data_dir)) for _ in range(3)]
+    others = [
+        await open_runtime(ProcessConfig(db=runtime.db.url, data_dir=runtime.data_dir, toolsets=None)) for _ in range(3)
+    ]
     try:
         schedulers = [Scheduler(rt.engine) for rt in (runtime, *others)]
         results = await asyncio.gather(*(s.acquire(30) for s in schedulers))
@@ -487,7 +489,7 @@ async def test_overlap_skips_the_slot_while_a_run_is_pending_or_processing(runti
 
 async def test_overlap_defers_a_one_time_slot_instead_of_losing_it(runtime, owner):
     fid = await new_flow(owner)
-    manual = await call(owner, "run-flow", {"flow_id": fid})
+    manual = await call(owner, "run-flow", {"wait_seconds": 0, "flow_id": fid})
     past = int(utcnow().timestamp()) - 5
     await call(owner, "schedule-flow", {"flow_id": fid, "interval_or_timestamp": past})
     clock = Clock(utcnow())
@@ -512,7 +514,7 @@ async def test_backpressure_defers_without_moving_the_grid(runtime, owner):
     fid = await new_flow(owner)
     first = parse_datetime((await set_schedule(owner, fid, {"interval": "hourly"}))["next_run"])
     for _ in range(2):
-        await call(owner, "run-flow", {"flow_id": busy})
+        await call(owner, "run-flow", {"wait_seconds": 0, "flow_id": busy})
     clock = Clock(first)
     scheduler = Scheduler(runtime.engine, now=clock)
     defer = timedelta(seconds=60 + zlib.crc32(str(fid).encode()) % 30)
@@ -532,8 +534,8 @@ async def test_backpressure_defers_without_moving_the_grid(runtime, owner):
     assert await fire(scheduler, clock, first + 2 * defer) == counts(fired=1)
     assert (await flow_out(owner, fid))["next_run"] == iso(first + timedelta(hours=1))
     # 0 disables backpressure
-    await call(owner, "run-flow", {"flow_id": busy})
-    await call(owner, "run-flow", {"flow_id": busy})
+    await call(owner, "run-flow", {"wait_seconds": 0, "flow_id": busy})
+    await call(owner, "run-flow", {"wait_seconds": 0, "flow_id": busy})
     await call(owner, "update-settings", {"settings": {"max_active_jobs": 0}})
     nxt = await schedule_as_of(runtime, fid, {"interval": "hourly", "allow_overlap": True}, clock())
     assert await fire(scheduler, clock, nxt) == counts(fired=1)

@@ -18,7 +18,7 @@ from mcp import Client
 from mcp.client.stdio import StdioServerParameters
 
 from datamachine_mcp.abilities.registry import load_all as load_abilities
-from datamachine_mcp.server.bootstrap import ProcessConfig, open_runtime
+from datamachine_mcp.server.bootstrap import ProcessConfig, open_runtime, parse_toolsets
 from tests.conftest import call, connect, log_rows
 
 pytestmark = pytest.mark.anyio
@@ -63,8 +63,10 @@ def _full_env(tmp_path: Path) -> dict[str, str]:
 
 
 def _params(tmp_path: Path, db: Path, *extra: str) -> StdioServerParameters:
+    """A stdio server listing every tool (``--toolsets all``) unless ``extra`` chooses."""
+    chosen = extra if "--toolsets" in extra else ("--toolsets", "all", *extra)
     return StdioServerParameters(
-        command=sys.executable, args=["-m", "datamachine_mcp.server.cli", "--db", str(db), *extra], env=_env(tmp_path)
+        command=sys.executable, args=["-m", "datamachine_mcp.server.cli", "--db", str(db), *chosen], env=_env(tmp_path)
     )
 
 
@@ -139,7 +141,17 @@ def test_stdout_carries_only_protocol_json(tmp_path):
     stderr_file = tmp_path / "stderr.log"
     with stderr_file.open("w") as errlog:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "datamachine_mcp.server.cli", "--db", str(db), "--log-level", "debug"],
+            [
+                sys.executable,
+                "-m",
+                "datamachine_mcp.server.cli",
+                "--db",
+                str(db),
+                "--log-level",
+                "debug",
+                "--toolsets",
+                "all",
+            ],
             env=_full_env(tmp_path),
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
@@ -177,7 +189,8 @@ def test_stdout_carries_only_protocol_json(tmp_path):
     assert tools >= FOUNDATION
     assert responses[3]["result"]["structuredContent"]["agent_slug"] == "raw"
     error = responses[4]["result"]
-    assert error["isError"] is True and error["structuredContent"]["code"] == "agent_not_found"
+    assert error["isError"] is True and "structuredContent" not in error
+    assert error["_meta"]["datamachine/error"]["code"] == "agent_not_found"
     assert error["content"][0]["text"].startswith("agent_not_found: ")
     assert json.loads(responses[5]["result"]["contents"][0]["text"])["agent"]["agent_slug"] == "raw"
     messages = {i["message"] for i in responses[6]["result"]["structuredContent"]["items"]}
@@ -185,7 +198,7 @@ def test_stdout_carries_only_protocol_json(tmp_path):
 
 
 async def _seed_agent(tmp_path: Path, db: Path, slug: str) -> None:
-    rt = await open_runtime(ProcessConfig(db=str(db), data_dir=tmp_path / "data"))
+    rt = await open_runtime(ProcessConfig(db=str(db), data_dir=tmp_path / "data", toolsets=None))
     try:
         async with connect(rt) as c:
             await call(c, "create-agent", {"agent_slug": slug})
@@ -194,7 +207,7 @@ async def _seed_agent(tmp_path: Path, db: Path, slug: str) -> None:
 
 
 async def _cli_audit_rows(tmp_path: Path, db: Path) -> list[dict]:
-    rt = await open_runtime(ProcessConfig(db=str(db), data_dir=tmp_path / "data"))
+    rt = await open_runtime(ProcessConfig(db=str(db), data_dir=tmp_path / "data", toolsets=None))
     try:
         return [r for r in await log_rows(rt) if (r["context"] or {}).get("transport") == "cli"]
     finally:
@@ -282,7 +295,7 @@ def _run_all(tmp_path: Path, db: Path, cases: dict[str, list[str]]) -> dict[str,
 
 async def test_revoked_or_bad_token_stops_the_server_at_start(tmp_path):
     db = tmp_path / "dm.db"
-    rt = await open_runtime(ProcessConfig(db=str(db), data_dir=tmp_path / "data"))
+    rt = await open_runtime(ProcessConfig(db=str(db), data_dir=tmp_path / "data", toolsets=None))
     try:
         async with connect(rt) as c:
             await call(c, "create-agent", {"agent_slug": "bot"})
@@ -371,12 +384,16 @@ async def test_the_readme_token_example_works_as_written_and_token_create_warns(
     """The README's steps for acting as another identity, run as written (default database of this
     environment): grant through the tools, mint with the CLI, serve with --token."""
     section = README_TEXT.split("## Connect a client", 1)[1].split("\n## ", 1)[0]
-    calls = re.findall(r"`(create-agent|grant-agent-access)` `(\{[^`]*\})`", section)
+    calls = re.findall(r"`(create-agent|grant-agent-access)`\s+`(\{[^`]*\})`", section)
     assert [name for name, _ in calls] == ["create-agent", "grant-agent-access"]
     command = re.search(r"`datamachine-mcp (token create [^`]*)`", section)
     assert command is not None
+    toolsets = re.search(r"`--toolsets ([a-z,]+)`", section)
+    assert toolsets is not None
     db = tmp_path / "xdg" / "datamachine-mcp" / "datamachine.db"  # the default path under _env's XDG_DATA_HOME
-    rt = await open_runtime(ProcessConfig(db=str(db), data_dir=tmp_path / "data"))
+    rt = await open_runtime(
+        ProcessConfig(db=str(db), data_dir=tmp_path / "data", toolsets=parse_toolsets(toolsets.group(1)))
+    )
     try:
         async with connect(rt) as owner:
             for name, arguments in calls:

@@ -105,8 +105,8 @@ async def test_health_check_reports_problems(runtime, owner, engine):
             s, system_tasks.HEARTBEAT_KEY, {runtime.engine.worker_id: (now - timedelta(seconds=61)).isoformat()}
         )
     await call(owner, "update-settings", {"settings": {"max_active_jobs": 2}})
-    late = (await call(owner, "run-flow", {"flow_id": made["flow_id"]}))["job_id"]
-    stuck = (await call(owner, "run-flow", {"flow_id": made["flow_id"]}))["job_id"]
+    late = (await call(owner, "run-flow", {"wait_seconds": 0, "flow_id": made["flow_id"]}))["job_id"]
+    stuck = (await call(owner, "run-flow", {"wait_seconds": 0, "flow_id": made["flow_id"]}))["job_id"]
     async with runtime.db.write() as s:
         await s.execute(update(Job).where(Job.job_id == late).values(run_at=now - timedelta(minutes=6)))
         await s.execute(
@@ -200,7 +200,7 @@ async def test_run_task_echo_runs_as_a_standalone_system_job(runtime, owner, eng
 
 
 async def test_run_task_without_waiting_queues_the_job(runtime, owner):
-    out = await call(owner, "run-task", {"task_type": "echo"})
+    out = await call(owner, "run-task", {"wait_seconds": 0, "task_type": "echo"})
     assert out["status"] == "pending" and "result" not in out
     assert out["message"] == f"System task echo queued as job {out['job_id']}."
 
@@ -266,7 +266,7 @@ async def test_run_task_retention_and_recovery(runtime, owner, engine):
 
 async def test_run_task_errors(runtime, owner, monkeypatch):
     before = await table_rows(runtime)
-    err = await fail(owner, "run-task", {"task_type": "reboot"}, "invalid_task_type")
+    err = await fail(owner, "run-task", {"wait_seconds": 0, "task_type": "reboot"}, "invalid_task_type")
     assert err["data"]["errors"][0]["field"] == "task_type"
     for args in (
         {},
@@ -280,7 +280,7 @@ async def test_run_task_errors(runtime, owner, monkeypatch):
 
     # non-admins: permission_denied, and only the denial's warning row is written
     async with connect(runtime, USER2) as user:
-        err = await fail(user, "run-task", {"task_type": "echo"}, "permission_denied")
+        err = await fail(user, "run-task", {"wait_seconds": 0, "task_type": "echo"}, "permission_denied")
     assert err["data"]["required_role"] == "global_admin"
     changed = changed_tables(before, await table_rows(runtime))
     assert list(changed) == ["datamachine_logs"] and len(changed["datamachine_logs"][1]) == 1
@@ -291,6 +291,6 @@ async def test_run_task_errors(runtime, owner, monkeypatch):
 
     monkeypatch.setattr(system_tasks, "create_direct_job", refuse)
     before = await table_rows(runtime)
-    err = await fail(owner, "run-task", {"task_type": "retention"}, "task_schedule_failed")
+    err = await fail(owner, "run-task", {"wait_seconds": 0, "task_type": "retention"}, "task_schedule_failed")
     assert err["message"] == "The retention job could not be created: database full"
     assert await table_rows(runtime) == before

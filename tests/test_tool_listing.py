@@ -232,7 +232,7 @@ BAD_INPUTS = [
     ("get-log-metadata", {"agent_id": 0}, "agent_id", "invalid_input"),
     ("get-log-metadata", {"agent_id": 1, "level": "info"}, "level", "invalid_input"),
     ("clear-logs", {"agent_id": "all"}, "agent_id", "invalid_input"),
-    ("clear-logs", {"confirm": True}, "confirm", "invalid_input"),
+    ("clear-logs", {"confirm": "yes"}, "confirm", "invalid_input"),
     ("get-settings", {"keys": ["log_level"]}, "keys", "invalid_input"),
     ("update-settings", {}, "settings", "invalid_input"),
     ("update-settings", {"settings": {}}, "settings", "invalid_input"),

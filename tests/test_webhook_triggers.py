@@ -50,7 +50,7 @@ async def test_bearer_token_is_shown_once_and_stored_hashed(runtime, owner):
     assert (out["auth_mode"], out["webhook_url"], out["secret_ids"]) == ("bearer", None, [])
     assert out["rate_limit"] == {"max": 60, "window": 60}
     assert (out["tolerance_seconds"], out["max_body_bytes"]) == (300, 1048576)
-    assert len(out["warnings"]) == 1 and "public_base_url" in out["warnings"][0]
+    assert len(out["warnings"]) == 1 and "DATAMACHINE_PUBLIC_URL" in out["warnings"][0]
     hook = await _hook(runtime, fid)
     assert hook["token_hash"] == hashlib.sha256(token.encode()).hexdigest()
     assert (hook["enabled"], hook["auth_mode"], hook["token_prefix"], hook["secrets"]) == (

@@ -160,7 +160,7 @@ async def test_the_worker_announces_start_and_stop_at_info_by_default(runtime, w
 
 async def test_sigterm_mid_step_hands_the_job_back_and_exits_zero(runtime, owner, server, workers):
     made, _ = await slow_flow(owner, server, delay=60)
-    job_id = (await call(owner, "run-flow", {"flow_id": made["flow_id"]}))["job_id"]
+    job_id = (await call(owner, "run-flow", {"wait_seconds": 0, "flow_id": made["flow_id"]}))["job_id"]
     first = workers.start()
     await wait_request(server, 1)  # the step is running (the server holds the answer)
     job = await job_row(runtime, job_id)
@@ -206,7 +206,7 @@ async def test_kill_9_the_other_worker_recovers_the_job_after_its_lease_expires(
     )
     made, _ = await slow_flow(owner, server, delay=120)
     procs = [workers.start(), workers.start()]
-    job_id = (await call(owner, "run-flow", {"flow_id": made["flow_id"]}))["job_id"]
+    job_id = (await call(owner, "run-flow", {"wait_seconds": 0, "flow_id": made["flow_id"]}))["job_id"]
     await wait_request(server, 1)
     job = await job_row(runtime, job_id)
     holder = job.lease_owner
@@ -257,7 +257,7 @@ async def test_a_failed_step_commit_is_recovered_at_once_not_after_the_lease(run
     host = EngineHost(runtime.engine, concurrency=1, poll_seconds=0.1)
     await host.start()
     try:
-        job_id = (await call(owner, "run-flow", {"flow_id": made["flow_id"]}))["job_id"]
+        job_id = (await call(owner, "run-flow", {"wait_seconds": 0, "flow_id": made["flow_id"]}))["job_id"]
         job = await wait_status(runtime, job_id, "completed", 15)
     finally:
         await host.stop(grace=5)
@@ -276,7 +276,9 @@ async def test_workers_starting_together_all_record_their_liveness(runtime, owne
     from datamachine_mcp.engine.worker import Worker
     from datamachine_mcp.server.bootstrap import ProcessConfig, open_runtime
 
-    others = [await open_runtime(ProcessConfig(db=runtime.db.url, data_dir=runtime.data_dir)) for _ in range(3)]
+    others = [
+        await open_runtime(ProcessConfig(db=runtime.db.url, data_dir=runtime.data_dir, toolsets=None)) for _ in range(3)
+    ]
     try:
         workers = [Worker(rt.engine) for rt in (runtime, *others)]
         await asyncio.gather(*(w._record_liveness() for w in workers))

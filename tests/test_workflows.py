@@ -31,7 +31,7 @@ ECHO = {"steps": [echo_step(a=1)]}
 
 
 async def execute(client, workflow=None, **extra):
-    return await call(client, "execute-workflow", {"workflow": workflow or ECHO, **extra})
+    return await call(client, "execute-workflow", {"wait_seconds": 0, "workflow": workflow or ECHO, **extra})
 
 
 async def test_direct_workflow_runs_and_waits(runtime, owner, engine):
@@ -67,7 +67,11 @@ async def test_source_label_and_returning_at_once(runtime, owner):
     assert job["engine_data"]["topic"] == "x"
     for data in ({"job_source": "s" * 51}, {"job_source": 5}, {"job_label": ""}, {"flow_config": {}}, {"retry": 1}):
         await unchanged(
-            runtime, owner, "execute-workflow", {"workflow": ECHO, "initial_data": data}, "invalid_initial_data"
+            runtime,
+            owner,
+            "execute-workflow",
+            {"wait_seconds": 0, "workflow": ECHO, "initial_data": data},
+            "invalid_initial_data",
         )
 
 
@@ -135,13 +139,13 @@ async def test_operation_key_replays_and_conflicts(runtime, owner):
         runtime,
         owner,
         "execute-workflow",
-        {"workflow": {"steps": [echo_step(a=2)]}, "operation_key": "op-1"},
+        {"wait_seconds": 0, "workflow": {"steps": [echo_step(a=2)]}, "operation_key": "op-1"},
         "operation_key_conflict",
     )
     assert err["data"]["existing_job_id"] == first["job_id"]
     # keys are per user
     async with connect(runtime, USER2) as other:
-        theirs = await call(other, "execute-workflow", {"workflow": ECHO, "operation_key": "op-1"})
+        theirs = await call(other, "execute-workflow", {"wait_seconds": 0, "workflow": ECHO, "operation_key": "op-1"})
         assert theirs["replayed"] is False and theirs["job_id"] != first["job_id"]
         assert (await job_row(runtime, theirs["job_id"])).idempotency_key == "client:2:op-1"
 
@@ -156,7 +160,9 @@ async def test_invalid_workflow_lists_every_problem(runtime, owner):
             {"step_type": "publish", "handler_slugs": ["webhook"], "handler_configs": {"webhook": {}}},
         ]
     }
-    err = await unchanged(runtime, owner, "execute-workflow", {"workflow": workflow}, "invalid_workflow")
+    err = await unchanged(
+        runtime, owner, "execute-workflow", {"wait_seconds": 0, "workflow": workflow}, "invalid_workflow"
+    )
     messages = [e["message"] for e in err["data"]["errors"]]
     assert "Step 0 has unknown step_type 'teleport'" in messages
     assert "Step 1 uses unsupported legacy field handler_slug; use handler_slugs and handler_configs" in messages
@@ -169,7 +175,7 @@ async def test_invalid_workflow_lists_every_problem(runtime, owner):
         runtime,
         owner,
         "execute-workflow",
-        {"workflow": {"steps": [{"step_type": "fetch", "handler_slugs": ["ftp"]}]}},
+        {"wait_seconds": 0, "workflow": {"steps": [{"step_type": "fetch", "handler_slugs": ["ftp"]}]}},
         "handler_not_found",
     )
     assert err["data"]["handler_slug"] == "ftp"
@@ -180,7 +186,7 @@ async def test_invalid_workflow_lists_every_problem(runtime, owner):
     }
     # a workflow whose only problem is a handler's config: the flow tools' invalid_handler_config
     for tool, args in (
-        ("execute-workflow", {"workflow": outside}),
+        ("execute-workflow", {"wait_seconds": 0, "workflow": outside}),
         ("create-pipeline", {"pipeline_name": "P", "workflow": outside}),
     ):
         err = await unchanged(runtime, owner, tool, args, "invalid_handler_config")
@@ -244,21 +250,25 @@ async def test_owner_agent_and_roles(runtime, owner):
     await grant(owner, bot, 2, "viewer")
     await grant(owner, bot, 3, "operator")
     async with connect(runtime, USER3) as operator:
-        out = await call(operator, "execute-workflow", {"workflow": ECHO, "agent_id": bot})
+        out = await call(operator, "execute-workflow", {"wait_seconds": 0, "workflow": ECHO, "agent_id": bot})
         job = (await call(operator, "get-jobs", {"job_id": out["job_id"]}))["jobs"][0]
         assert (job["agent_id"], job["user_id"]) == (bot, 3)
         assert job["engine_data"]["job"]["agent_slug"] == "bot"
-        own = await call(operator, "execute-workflow", {"workflow": ECHO})
+        own = await call(operator, "execute-workflow", {"wait_seconds": 0, "workflow": ECHO})
         assert (await job_row(runtime, own["job_id"])).agent_id is None
     async with connect(runtime, USER2) as viewer:
-        err = await denied(runtime, viewer, "execute-workflow", {"workflow": ECHO, "agent_id": bot})
+        err = await denied(runtime, viewer, "execute-workflow", {"wait_seconds": 0, "workflow": ECHO, "agent_id": bot})
         assert err["data"]["required_role"] == "operator"
         # without an agent the job is the caller's own
-        mine = await call(viewer, "execute-workflow", {"workflow": ECHO})
+        mine = await call(viewer, "execute-workflow", {"wait_seconds": 0, "workflow": ECHO})
         assert (await job_row(runtime, mine["job_id"])).user_id == 2
-    await unchanged(runtime, owner, "execute-workflow", {"workflow": ECHO, "agent_id": 99}, "agent_not_found")
+    await unchanged(
+        runtime, owner, "execute-workflow", {"wait_seconds": 0, "workflow": ECHO, "agent_id": 99}, "agent_not_found"
+    )
     await call(owner, "update-agent", {"agent_id": bot, "status": "inactive"})
-    await unchanged(runtime, owner, "execute-workflow", {"workflow": ECHO, "agent_id": bot}, "agent_inactive")
+    await unchanged(
+        runtime, owner, "execute-workflow", {"wait_seconds": 0, "workflow": ECHO, "agent_id": bot}, "agent_inactive"
+    )
 
 
 async def test_agent_bound_token_defaults_to_its_agent(runtime, owner):
@@ -267,8 +277,8 @@ async def test_agent_bound_token_defaults_to_its_agent(runtime, owner):
     bot = await make_agent(owner)
     principal = await as_token(runtime, user_id=1, agent_slug="bot")
     async with connect(runtime, principal) as bound:
-        out = await call(bound, "execute-workflow", {"workflow": ECHO})
+        out = await call(bound, "execute-workflow", {"wait_seconds": 0, "workflow": ECHO})
     assert (await job_row(runtime, out["job_id"])).agent_id == bot
     read_only = await as_token(runtime, user_id=1, agent_slug="bot", capabilities=["read"])
     async with connect(runtime, read_only) as reader:
-        await fail(reader, "execute-workflow", {"workflow": ECHO}, "permission_denied")
+        await fail(reader, "execute-workflow", {"wait_seconds": 0, "workflow": ECHO}, "permission_denied")

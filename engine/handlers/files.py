@@ -267,7 +267,7 @@ def render_document(fmt: str, fields: list[tuple[str, Any]], body: str, metadata
         document = dict(fields)
         document["body"] = body
         document["metadata"] = dict(metadata)
-        ordered = {k: document[k] for k in ("title", "body", "date") if k in document}
+        ordered: dict[str, Any] = {k: document[k] for k in ("title", "body", "date") if k in document}
         ordered.update({k: v for k, v in document.items() if k not in ordered})
         return json.dumps(ordered, ensure_ascii=False, indent=2) + "\n"
     lines = ["---", *(f"{key}: {yaml_scalar(value)}" for key, value in fields), "---", ""]

@@ -68,7 +68,8 @@ async def complete(
         )
     if not text.strip():
         raise empty_response("anthropic")
-    usage = document.get("usage") if isinstance(document.get("usage"), dict) else {}
+    raw_usage = document.get("usage")
+    usage = raw_usage if isinstance(raw_usage, dict) else {}
     prompt = int_or_zero(usage.get("input_tokens"))
     completion = int_or_zero(usage.get("output_tokens"))
     stop = document.get("stop_reason")

@@ -66,7 +66,8 @@ async def complete(
     text = _content(choice.get("message"))
     if not text.strip():
         raise empty_response("openai")
-    usage = document.get("usage") if isinstance(document.get("usage"), dict) else {}
+    raw_usage = document.get("usage")
+    usage = raw_usage if isinstance(raw_usage, dict) else {}
     prompt = int_or_zero(usage.get("prompt_tokens"))
     completion = int_or_zero(usage.get("completion_tokens"))
     total = int_or_zero(usage.get("total_tokens")) or prompt + completion

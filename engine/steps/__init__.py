@@ -20,6 +20,7 @@ from datamachine_mcp.engine import status as st
 from datamachine_mcp.engine.claims import Candidate
 from datamachine_mcp.engine.plan import Plan
 from datamachine_mcp.engine.runtime import EngineServices
+from datamachine_mcp.storage.dml import rowcount
 from datamachine_mcp.storage.models import Job
 from datamachine_mcp.storage.settings import Snapshot
 
@@ -90,7 +91,7 @@ class StepRun:
                 .values(lease_expires_at=now + timedelta(seconds=ttl))
                 .execution_options(synchronize_session=False)
             )
-            if not result.rowcount:
+            if not rowcount(result):
                 raise LeaseLost(self.job.job_id)
             yield session
 

@@ -53,13 +53,13 @@ def first_line_title(text: str) -> str:
 async def call_provider(run: StepRun, provider: str, request: AIRequest) -> AIResponse:
     settings = run.settings
     if provider == "sampling":
-        bridge = run.services.sampling
-        if bridge is None:
-            raise StepError(
-                "sampling_unavailable", "No MCP client with sampling is connected to this process.", retryable=True
-            )
         origin = (run.engine_data.get("job") or {}).get("origin_session_id")
-        return await bridge.complete(request, origin_session_id=origin, user_id=run.job.user_id)
+        return await run.services.sampling.complete(
+            request,
+            origin_session_id=origin,
+            user_id=run.job.user_id,
+            timeout=settings.int("ai_request_timeout_seconds"),
+        )
     providers = settings["ai_providers"]
     if provider not in providers:
         raise StepError("provider_not_configured", f"Unknown AI provider '{provider}'.", retryable=False)

@@ -109,7 +109,7 @@ async def run(run: StepRun) -> StepResult:
     source_type = str(items.source_type or slug)
     eligible, stages = await classify(run, source_type, list(items))
     max_items = int(with_defaults(slug, "fetch", config).get("max_items", 1) or 0)
-    fetch_stages = {
+    fetch_stages: dict[str, Any] = {
         "source_items": items.source_count,
         "identifierless_items": stages["identifierless_items"],
         "filtered_out": items.filtered_out,

@@ -5,7 +5,7 @@ still-listed item would publish it again, so each row gets a full retention wind
 The index on (status, processed_timestamp), kept for retention, is replaced by one on last_seen_at.
 
 Revision ID: 0003_processed_last_seen
-Revises: 0002_pg_job_notify
+Revises: 0005_pg_change_notify
 """
 
 import sqlalchemy as sa
@@ -15,7 +15,7 @@ from datamachine_mcp.storage.timeutil import utcnow
 from datamachine_mcp.storage.types import UTCDateTime
 
 revision = "0003_processed_last_seen"
-down_revision = "0002_pg_job_notify"
+down_revision = "0005_pg_change_notify"
 branch_labels = None
 depends_on = None
 
