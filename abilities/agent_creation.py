@@ -59,7 +59,7 @@ async def enforce_agent_limit(ctx: AbilityContext) -> None:
     p = ctx.principal
     if p.is_admin:
         return
-    limit = (await ctx.settings()).int("max_agents_per_user")
+    limit = (await ctx.settings(access=True)).int("max_agents_per_user")
     owned = (await ctx.session.execute(select(Agent).where(Agent.owner_id == p.user_id))).scalars().all()
     if len(owned) < limit:
         return

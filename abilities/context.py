@@ -91,8 +91,9 @@ class AbilityContext:
             self._access = Access(self.principal, self.session)
         return self._access
 
-    async def settings(self) -> Snapshot:
-        return await self.runtime.settings.snapshot(self.session)
+    async def settings(self, *, access: bool = False) -> Snapshot:
+        """The settings; ``access=True`` for a decision on who may do what (those keys read current)."""
+        return await self.runtime.settings.snapshot(self.session, access=access)
 
     @asynccontextmanager
     async def transaction(self) -> AsyncIterator[AsyncSession]:

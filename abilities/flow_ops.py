@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 from pydantic import Field
 
@@ -37,8 +37,14 @@ from datamachine_mcp.storage.timeutil import iso, utcnow
 QueueMode = Literal["static", "drain", "loop"]
 
 
+# "handler" is close to four step fields (two of them legacy): point at the one to use.
+STEP_FIELD_HINTS = {"handler": "handler_slugs", "handlers": "handler_slugs", "config": "handler_configs"}
+
+
 class StepConfigInput(Input):
     """Per-step configuration accepted by create-flow, configure-flow-steps and duplicate-flow."""
+
+    field_hints: ClassVar[dict[str, str]] = STEP_FIELD_HINTS
 
     handler_slugs: list[str] | None = Field(None, max_length=10, description="Handlers, in run order")
     handler_configs: dict[str, dict[str, Any]] | None = Field(None, description="{slug: config}, merged")
@@ -253,9 +259,10 @@ def seeded_warnings(entry: dict[str, Any]) -> list[str]:
     return warnings
 
 
-def normalize_schedule(raw: dict[str, Any] | None) -> dict[str, Any]:
-    """Validate client schedule keys (the §2.10 codes)."""
-    return sched.normalize(raw or {"interval": "manual"})
+def normalize_schedule(raw: dict[str, Any] | None, *, allow_past: bool = False) -> dict[str, Any]:
+    """Validate client schedule keys (the §2.10 codes). A one-time run in the past is refused unless
+    ``allow_past`` (imports, which turn it into manual themselves)."""
+    return sched.normalize(raw or {"interval": "manual"}, not_before=None if allow_past else utcnow())
 
 
 def set_schedule(flow: Flow, client: dict[str, Any], *, now: datetime) -> bool:

@@ -178,12 +178,8 @@ async def job_conditions(ctx: AbilityContext, inp: Any, applied: dict[str, Any])
 async def get_jobs(ctx: AbilityContext, inp: GetJobsIn) -> GetJobsOut:
     if inp.job_id is not None:
         applied: dict[str, Any] = {"job_id": inp.job_id}
-        job = await ctx.session.get(Job, inp.job_id)
-        if job is None:
-            rows: list[dict[str, Any]] = []
-        else:
-            await load_job(ctx, inp.job_id, "viewer", mutating=False)
-            rows = await describe_jobs(ctx, [job], engine_data=True, packets=True)
+        job, _ = await load_job(ctx, inp.job_id, "viewer", mutating=False)  # job_not_found when missing
+        rows = await describe_jobs(ctx, [job], engine_data=True, packets=True)
         return GetJobsOut(jobs=rows, total=len(rows), per_page=inp.per_page, offset=inp.offset, filters_applied=applied)
     applied = {}
     conds = await job_conditions(ctx, inp, applied)

@@ -132,7 +132,7 @@ async def verify_token(
             log.debug("rejected a token with a wrong secret")
             raise TokenRejected("unknown")
         agent = await session.get(Agent, row.agent_id) if row.agent_id is not None else None
-        snap = await settings.snapshot(session)
+        snap = await settings.snapshot(session, access=True)
         now = utcnow()
         reason = None
         if row.revoked_at is not None:
@@ -282,7 +282,7 @@ async def create_agent_token(ctx: AbilityContext, inp: CreateTokenIn) -> CreateT
         )
     if user_id != p.user_id:
         ctx.access.require_global_admin("Creating a token for another user", target)
-    snap = await ctx.settings()
+    snap = await ctx.settings(access=True)
     _within_caller(p, caps, user_id in snap["admin_user_ids"])
     slug_part = agent.agent_slug if agent else f"user-{user_id}"
     minted = await mint(

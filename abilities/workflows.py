@@ -211,4 +211,9 @@ async def execute_workflow(ctx: AbilityContext, inp: ExecuteWorkflowIn) -> Execu
         "message": message,
     }
     await wait_into(ctx, out, job_id, inp.wait_seconds)
+    # After a wait the message reports what the wait saw, not the job's creation (a replay's stands).
+    if out.get("final") and not created.replayed:
+        out["message"] = f"Direct workflow job {job_id} ({len(steps)} steps) finished: {out['status']}."
+    elif out.get("timed_out") and not created.replayed and not delayed:
+        out["message"] = f"Direct workflow job {job_id} ({len(steps)} steps) is still {out['status']}."
     return ExecuteWorkflowOut.model_validate(out)

@@ -14,6 +14,7 @@ from typing import Any
 from datamachine_mcp.engine import status as st
 from datamachine_mcp.engine.catalog import claiming_step_types, wait_kinds
 from datamachine_mcp.engine.store import JobRow, StoreTx
+from datamachine_mcp.engine.token_usage import TOKEN_KEYS, own_usage
 
 
 @dataclass
@@ -220,8 +221,15 @@ async def complete_parent(tx: StoreTx, parent_id: int, *, now: datetime, thresho
         guard="status",
         allowed=(st.PROCESSING,),
         threshold=threshold,
-        engine_updates={"batch_results": results},
+        # the children's AI usage counts as the batch's (they recorded it on their own rows)
+        engine_updates={"batch_results": results, "token_usage": await _batch_usage(tx, parent)},
     )
+
+
+async def _batch_usage(tx: StoreTx, parent: JobRow) -> dict[str, int]:
+    own = own_usage(parent.engine_data)
+    children = await tx.child_token_usage(parent.job_id)
+    return {k: own[k] + n for k, n in zip(TOKEN_KEYS, children, strict=True)}
 
 
 async def cancel_descendants(

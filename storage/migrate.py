@@ -86,6 +86,8 @@ async def migrate(db: Database) -> bool:
             before = await _run(conn)
     if before != HEAD_REVISION:
         log.info("database migrated from %s to %s", before or "empty", HEAD_REVISION)
+        if before is not None:  # a table rebuilt by a migration has lost its statistics
+            await db.analyze()
     return before != HEAD_REVISION
 
 

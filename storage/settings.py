@@ -1,8 +1,10 @@
 """Runtime settings: keys, defaults, validation, clamping and storage (storage.md §9).
 
 A missing row means the default. Writes validate types, clamp ranges (reported back) and
-encrypt provider API keys. Readers get a cached snapshot; a write in this process invalidates
-it, and other processes' writes are seen after ``CACHE_SECONDS``.
+encrypt provider API keys. Readers get a cached snapshot; a write in this process invalidates it,
+and other processes' writes are seen after ``CACHE_SECONDS`` - except the settings that decide
+access (``ACCESS_KEYS``): a snapshot taken for an access decision checks their rows' ``updated_at``
+first, so a change by any process takes effect at once.
 """
 
 from __future__ import annotations
@@ -197,6 +199,12 @@ class Snapshot(Mapping[str, Any]):
         return out
 
 
+# Settings that decide who may do what (admins, self-service limits, rate limits): read current.
+ACCESS_KEYS = frozenset({"admin_user_ids", "max_agents_per_user", "http_rate_limit_per_minute", "webhook_rate_limit"})
+_T = Setting.__table__.c
+_ACCESS_STAMPS = select(_T.key, _T.updated_at).where(_T.key.in_(sorted(ACCESS_KEYS)))
+
+
 class SettingsStore:
     """Reads and writes ``datamachine_settings`` for one process."""
 
@@ -214,10 +222,18 @@ class SettingsStore:
             return self._cache[1]
         return None
 
-    async def snapshot(self, session: AsyncSession, *, fresh: bool = False) -> Snapshot:
+    async def snapshot(self, session: AsyncSession, *, fresh: bool = False, access: bool = False) -> Snapshot:
+        """The effective settings. ``access``: for an access decision, with ``ACCESS_KEYS`` current as
+        of this transaction (one query of a few rows when the cache is warm)."""
         now = time.monotonic()
-        if not fresh and self._cache is not None and now - self._cache[0] < CACHE_SECONDS:
-            return self._cache[1]
+        if not fresh and self._cache is not None:
+            snap = self._cache[1]
+            if access:
+                stamps = dict((await session.execute(_ACCESS_STAMPS)).all())
+                if stamps == {k: v for k, v in snap.updated_at.items() if k in ACCESS_KEYS}:
+                    return snap
+            elif now - self._cache[0] < CACHE_SECONDS:
+                return snap
         rows = (await session.execute(select(Setting))).scalars().all()
         stored = {row.key: row for row in rows}
         values: dict[str, Any] = {}

@@ -155,7 +155,7 @@ async def test_get_session_is_private(runtime, owner):
     await unchanged(runtime, owner, "get-chat-session", {"session_id": sid}, "session_not_found")
     assert (await call(owner, "get-chat-session", {"session_id": sid, "user_id": 2}))["title"] == "mine"
     await unchanged(runtime, owner, "get-chat-session", {"session_id": str(uuid.uuid4())}, "session_not_found")
-    await unchanged(runtime, owner, "get-chat-session", {"session_id": sid, "user_id": "2"}, "invalid_input")
+    await unchanged(runtime, owner, "get-chat-session", {"session_id": sid, "user_id": "2.0"}, "invalid_input")
     await unchanged(runtime, owner, "get-chat-session", {}, "invalid_input")
 
 

@@ -111,7 +111,7 @@ async def test_fail_job_errors_write_nothing(runtime, owner):
     )
     await unchanged(runtime, owner, "fail-job", {"job_id": 999}, "job_not_found")
     for args, field in (
-        ({"job_id": "1"}, "job_id"),
+        ({"job_id": "1.0"}, "job_id"),
         ({"job_id": 0}, "job_id"),
         ({}, "job_id"),
         ({"job_id": job_id, "reason": ""}, "reason"),

@@ -258,7 +258,7 @@ async def test_get_pipelines_embeds_only_readable_flows(runtime, owner):
         ({"per_page": 101}, "per_page"),
         ({"offset": -1}, "offset"),
         ({"output_mode": "everything"}, "output_mode"),
-        ({"pipeline_id": "1"}, "pipeline_id"),
+        ({"pipeline_id": "1.0"}, "pipeline_id"),
         ({"user_id": -1}, "user_id"),
         ({"colour": "red"}, "colour"),
     ],
@@ -620,7 +620,7 @@ async def test_update_pipeline_errors(runtime, owner):
     )
     await unchanged(runtime, owner, "update-pipeline", {"pipeline_id": 999, "pipeline_name": "X"}, "pipeline_not_found")
     await unchanged(runtime, owner, "update-pipeline", {"pipeline_id": pid, "agent_id": 77}, "agent_not_found")
-    err = await unchanged(runtime, owner, "update-pipeline", {"pipeline_id": pid, "agent_id": "2"}, "invalid_input")
+    err = await unchanged(runtime, owner, "update-pipeline", {"pipeline_id": pid, "agent_id": "2.0"}, "invalid_input")
     assert err["data"]["errors"][0]["field"] == "agent_id"
 
 

@@ -7,6 +7,7 @@ import time
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
+from urllib.parse import urljoin, urlsplit
 
 import anyio
 import feedparser
@@ -76,7 +77,10 @@ def entry_to_item(entry: Any, feed_title: str) -> Item:
 def parse_feed(content: bytes, content_type: str | None, url: str, shown: str | None = None) -> ItemList:
     """Items of a feed document (``url`` resolves relative links; ``shown`` is used in messages)."""
     shown = shown or url.split("?", 1)[0]
-    headers = {"content-location": url}
+    local = url.lower().startswith("file:")
+    # feedparser resolves relative links against content-location, but turns file:///dir/x into
+    # file://dir/x (a host "dir"): a local feed's links are resolved here instead, its guids kept as written.
+    headers = {} if local else {"content-location": url}
     if content_type:
         headers["content-type"] = content_type
     # A stream, never bytes/str: feedparser treats strings as URLs or file names.
@@ -93,7 +97,12 @@ def parse_feed(content: bytes, content_type: str | None, url: str, shown: str | 
             diagnostics={"url": shown, "body": excerpt(content)},
         )
     feed_title = _text((parsed.get("feed") or {}).get("title"))
-    return ItemList(entry_to_item(entry, feed_title) for entry in entries)
+    items = ItemList(entry_to_item(entry, feed_title) for entry in entries)
+    if local:
+        for item in items:
+            if item.source_url and not urlsplit(item.source_url).scheme:
+                item.source_url = urljoin(url, item.source_url)
+    return items
 
 
 def read_feed_file(url: str, roots: list[Path], max_bytes: int) -> bytes:

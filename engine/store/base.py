@@ -151,6 +151,11 @@ class StoreTx:
         counts["total"] = sum(counts.values())
         return counts
 
+    async def child_token_usage(self, parent_id: int) -> tuple[int, int, int]:
+        """``(prompt, completion, total)`` tokens the children of ``parent_id`` recorded."""
+        row = (await self.rows(q.CHILD_TOKEN_USAGE, {"parent_id": parent_id}))[0]
+        return int(row[0] or 0), int(row[1] or 0), int(row[2] or 0)
+
     # --- guarded job writes --------------------------------------------------------------------
     async def _guarded(self, stmt: q.Query, params: dict[str, Any]) -> None:
         if not await self.run(stmt, params):

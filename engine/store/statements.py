@@ -12,6 +12,7 @@ import re
 from dataclasses import dataclass
 
 from datamachine_mcp.engine.store.rows import JOB_COLUMNS
+from datamachine_mcp.engine.token_usage import TOKEN_KEYS
 
 JOBS = "datamachine_jobs"
 ITEMS = "datamachine_processed_items"
@@ -103,6 +104,17 @@ ACTIVE_CHILDREN = query(
 )
 CHILD_COUNTS = query(
     "child_counts", f"SELECT status, COUNT(*) FROM {JOBS} WHERE parent_job_id = :parent_id GROUP BY status"
+)
+
+# A batch parent's AI usage is its children's, summed where they recorded it (their own engine_data).
+CHILD_TOKEN_USAGE = query(
+    "child_token_usage",
+    "SELECT "
+    + ", ".join(f"COALESCE(SUM(json_extract(engine_data, '$.token_usage.{k}')), 0)" for k in TOKEN_KEYS)
+    + f" FROM {JOBS} WHERE parent_job_id = :parent_id",
+    "SELECT "
+    + ", ".join(f"COALESCE(SUM((engine_data->'token_usage'->>'{k}')::bigint), 0)" for k in TOKEN_KEYS)
+    + f" FROM {JOBS} WHERE parent_job_id = :parent_id",
 )
 
 # --- worker writes (lease guard) --------------------------------------------------------------------
@@ -209,7 +221,7 @@ PUSH_CLAIMS = query(
 )
 COMPLETE_CLAIMS = query(
     "complete_claims",
-    f"UPDATE {ITEMS} SET status = 'processed', processed_timestamp = :now, claim_expires_at = NULL "
+    f"UPDATE {ITEMS} SET status = 'processed', processed_timestamp = :now, last_seen_at = :now, claim_expires_at = NULL "
     "WHERE job_id = :job_id AND status = 'claimed'",
 )
 RELEASE_CLAIMS = query("release_claims", f"DELETE FROM {ITEMS} WHERE job_id = :job_id AND status = 'claimed'")
