@@ -1,4 +1,4 @@
-"""Principals, roles and their enforcement (access.md §1-§5).
+"""Principals, roles and their enforcement (docs/access.md).
 
 Every call runs as a ``Principal``. ``Access`` answers, for one call, what role the principal has
 on a resource and builds the implicit list filter; it caches the principal's agents so a call
@@ -34,7 +34,7 @@ SCOPE_ROLE = {"read": "viewer", "run": "operator", "manage": "admin", "admin": "
 
 @dataclass(frozen=True)
 class Principal:
-    """Who a call runs as (access.md §1.1)."""
+    """Who a call runs as (docs/access.md, Principals)."""
 
     user_id: int
     agent_id: int | None = None
@@ -89,7 +89,7 @@ class Principal:
 
 
 def level_visible(principal: Principal, level: Level, toolset: str) -> bool:
-    """Whether a tool of this level and toolset can ever be used by the principal (access.md §9)."""
+    """Whether a tool of this level and toolset can ever be used by the principal (docs/access.md, Tool visibility)."""
     if level == "global_admin" and not principal.is_admin:
         return False
     return principal.scope_allows(LEVEL_SCOPE[level]) and principal.toolset_allows(toolset)
@@ -139,7 +139,7 @@ class Access:
         return (await self.agent_roles()).get(agent_id)
 
     async def effective_role(self, owner: Owner) -> str | None:
-        """access.md §3.2 steps 1-4."""
+        """docs/access.md, Effective role on a resource, steps 1-4."""
         p = self.principal
         if p.agent_id is not None:
             if owner.agent_id == p.agent_id:
@@ -179,7 +179,7 @@ class Access:
         mutating: bool,
         target: dict[str, Any] | None = None,
     ) -> str:
-        """Allow the operation or raise: ceiling, then role, then inactive agent (access.md §3.2)."""
+        """Allow the operation or raise: ceiling, then role, then inactive agent."""
         self.check_scope(required, target)
         role = await self.effective_role(owner)
         if role is None or ROLE_RANK[role] < ROLE_RANK[required]:
@@ -213,7 +213,7 @@ class Access:
             )
 
     async def scope_filter(self, agent_col: Any, user_col: Any, *, shared: bool = True) -> ColumnElement[bool]:
-        """The implicit list filter of access.md §5 for a table's owner columns."""
+        """The implicit list filter for a table's owner columns (docs/access.md, List scoping)."""
         p = self.principal
         if p.is_admin and p.agent_id is None:
             return true()

@@ -1,4 +1,4 @@
-"""The agent bundle (abilities.md §4): its format and the validation of a bundle to import.
+"""The agent bundle: its format and the validation of a bundle to import.
 
 Bundle v1: ``{format, version, exported_at, agent, pipelines, flows}``. Refs are the source ids as
 strings (pipelines: pipeline_id, steps: pipeline_step_id). Secrets never leave the server: they are

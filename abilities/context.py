@@ -22,7 +22,7 @@ if TYPE_CHECKING:
 
 
 class EventSink(Protocol):
-    """Where committed changes are announced (the server implements it; engine.md §14)."""
+    """Where committed changes are announced (the server implements it; docs/architecture.md, Notifications)."""
 
     async def resource_updated(self, uri: str) -> None: ...
 
@@ -129,7 +129,7 @@ class AbilityContext:
         pipeline_id: int | None = None,
         **extra: Any,
     ) -> None:
-        """Write this call's audit row in its transaction (access.md §7.2). Exactly once per call."""
+        """Write this call's audit row in its transaction (docs/access.md, Audit). Exactly once per call."""
         if self.audited:
             raise RuntimeError(f"{self.ability.slug} wrote a second audit row")
         self.audited = True

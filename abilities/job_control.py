@@ -1,4 +1,4 @@
-"""Jobs toolset, manual controls: fail, cancel and retry a job (abilities.md §7, engine.md §11.5).
+"""Jobs toolset, manual controls: fail, cancel and retry a job (docs/engine.md, Manual controls).
 
 Each mutation runs in one transaction with one audit row; after it commits the changed jobs and flows are
 announced through the engine (local waiters, ``datamachine://jobs/{id}`` subscribers), and local workers are
@@ -36,7 +36,7 @@ class EndJobOut(Output):
 async def end_job(
     ctx: AbilityContext, job_id: int, reason: str, to_status: str, *, cascade_reason: str, verb: str, allowed: str
 ) -> EndJobOut:
-    """fail-job / cancel-job (engine.md §11.5): CAS from an active status, terminal accounting, cascade."""
+    """fail-job / cancel-job: CAS from an active status, terminal accounting, cascade."""
     now = utcnow()
     reason = reason.strip() or "manual"
     async with ctx.transaction() as session:

@@ -1,4 +1,4 @@
-"""Jobs toolset, maintenance: delete-jobs and recover-stuck-jobs (abilities.md §7, engine.md §11.6).
+"""Jobs toolset, maintenance: delete-jobs and recover-stuck-jobs (docs/engine.md, Recovery and maintenance).
 
 Each mutation writes one audit row; after it commits the changed jobs are announced through the engine
 (local waiters, ``datamachine://jobs/{id}`` subscribers).

@@ -1,6 +1,6 @@
-"""Jobs toolset, reads: get-jobs and get-jobs-summary (abilities.md §7).
+"""Jobs toolset, reads: get-jobs and get-jobs-summary.
 
-Every listing is scoped to the rows the principal may read (access.md §5) and every count is computed
+Every listing is scoped to the rows the principal may read (docs/access.md, List scoping) and every count is computed
 over that same set. Flow health, problem flows and run metrics are in ``abilities.job_stats``.
 """
 
@@ -28,7 +28,7 @@ BREAKDOWN_LIMIT = 50
 
 
 async def check_agent_filter(ctx: AbilityContext, agent_id: int) -> None:
-    """An explicit agent filter: the agent must exist and be readable (access.md §5)."""
+    """An explicit agent filter: the agent must exist and be readable."""
     agent = await ctx.session.get(Agent, agent_id)
     if agent is None:
         raise AbilityError("agent_not_found", f"Agent {agent_id} not found.", agent_id=agent_id)

@@ -1,6 +1,6 @@
-"""Jobs toolset, health and metrics: get-flow-health, get-problem-flows and get-run-metrics (abilities.md §7).
+"""Jobs toolset, health and metrics: get-flow-health, get-problem-flows and get-run-metrics.
 
-Listings are scoped to the rows the principal may read (access.md §5).
+Listings are scoped to the rows the principal may read (docs/access.md, List scoping).
 """
 
 from __future__ import annotations

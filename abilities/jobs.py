@@ -1,4 +1,4 @@
-"""Jobs toolset: starting flow runs, and the wait routine every waiting tool shares (abilities.md §7, §2.9)."""
+"""Jobs toolset: starting flow runs, and the wait routine every waiting tool shares."""
 
 from __future__ import annotations
 
@@ -27,7 +27,7 @@ MAX_WAIT = 300
 DEFAULT_WAIT = 45
 IDEMPOTENCY_PATTERN = r"^[\x20-\x7e]+$"
 
-# A job's pipeline_id / flow_id as an input: an id, or "direct" for ad-hoc workflows (abilities.md §2.7).
+# A job's pipeline_id / flow_id as an input: an id, or "direct" for ad-hoc workflows.
 JobRef = Annotated[int, Field(ge=1)] | Literal["direct"]
 BaseStatus = Literal[
     "pending", "processing", "waiting", "completed", "failed", "cancelled", "completed_no_items", "agent_skipped"
@@ -41,7 +41,7 @@ def ref_condition(column_str: Any, column_key: Any, value: int | str) -> ColumnE
 
 async def role_condition(ctx: AbilityContext, required: Role) -> ColumnElement[bool]:
     """Jobs on which the principal holds at least ``required`` and whose agent is active: the rows a bulk
-    mutation may touch (abilities.md §2.3, access.md §3.2-§3.4)."""
+    mutation may touch (docs/access.md, Effective role on a resource)."""
     p = ctx.principal
     rank = ROLE_RANK[required]
     if p.agent_id is not None:
@@ -92,7 +92,7 @@ def gate_token(ctx: AbilityContext, job: Job) -> str | None:
 async def describe_jobs(
     ctx: AbilityContext, jobs: list[Job], *, engine_data: bool = False, packets: bool = False
 ) -> list[dict[str, Any]]:
-    """Job rows as the Job shape (abilities.md §3), redacted per the caller's role on each job."""
+    """Job rows as the Job shape, redacted per the caller's role on each job."""
     counts = await child_counts(ctx, [j.job_id for j in jobs if (j.engine_data or {}).get("batch")])
     roles: dict[tuple[int | None, int], str | None] = {}
     out = []
@@ -130,9 +130,10 @@ async def publish_changes(ctx: AbilityContext, changes: front.Changes, *, wake: 
 async def wait_and_describe(
     ctx: AbilityContext, job_id: int, seconds: float, *, stop_on_waiting: bool = False, engine_data: bool = False
 ) -> dict[str, Any]:
-    """The shared wait routine of run-flow, execute-workflow, run-task and wait-for-job (§2.9).
+    """The shared wait routine of run-flow, execute-workflow, run-task and wait-for-job.
 
-    A wait that ends before the job does says so in ``follow_up``: where the job is and how to follow it.
+    A wait that ends before the job does says so in ``follow_up``: where the job is and how to follow
+    it (docs/architecture.md, Waiting for a job).
     """
     engine = ctx.runtime.engine
     if engine is None:

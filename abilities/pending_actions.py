@@ -1,4 +1,4 @@
-"""Jobs toolset, approvals: list, read and decide pending actions (abilities.md §7, engine.md §13.1-§13.2).
+"""Jobs toolset, approvals: list, read and decide pending actions (docs/engine.md, Waits: approval and webhook gate).
 
 A pending action is a job parked at an ``approval`` step: ``wait_ref`` holds its ``pa_<32 hex>`` id and
 ``engine_data.approval`` its state, kept (with the decision record) after the job moves on.

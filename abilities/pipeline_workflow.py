@@ -1,4 +1,4 @@
-"""Workflow steps (abilities.md §3 WorkflowStep): the input models and their semantic validation, shared by
+"""Workflow steps (``WorkflowStep``): the input models and their semantic validation, shared by
 create-pipeline's workflow mode and execute-workflow.
 """
 

@@ -1,4 +1,4 @@
-"""Processed-items toolset: the dedup ledger of flow steps (abilities.md §8, engine.md §10).
+"""Processed-items toolset: the dedup ledger of flow steps (docs/engine.md, Dedup and claims).
 
 Rows take their owner from their flow. Reads answer "nothing processed" for a flow step id that does
 not parse or whose flow does not exist; an existing flow the caller cannot read is

@@ -1,4 +1,4 @@
-"""The ability registry: each ability declared once (ARCHITECTURE decision 1).
+"""The ability registry: each ability declared once (docs/architecture.md, The ability registry).
 
 A declaration carries everything the server needs to publish a tool (name, title, description,
 input and output schemas, annotations) and everything the runner needs to call it (required
@@ -46,7 +46,7 @@ class Ability:
     # mapped fields whose absence uses their code too (otherwise a missing field is invalid_input)
     missing_uses_code: tuple[str, ...] = ()
     # "auto": the runner wraps the call in one transaction; "manual": the handler opens short
-    # transactions itself (tools that wait or call out must not hold one, abilities.md §2.4)
+    # transactions itself (tools that wait or call out must not hold one)
     transaction: Literal["auto", "manual"] = "auto"
     order: tuple[str, int] = ("", 0)
     # In the small default tool list (--toolsets core): together these cover a whole journey.

@@ -80,7 +80,7 @@ def validation_error(ability: Ability, exc: ValidationError, hints: dict[Loc, li
     top = str(first["loc"][0]) if first["loc"] else ""
     code = "invalid_input"
     # A missing mapped field is still invalid_input; a mapped field that is present but invalid
-    # (including a missing key inside it) uses the mapped code (abilities.md §2.2).
+    # (including a missing key inside it) uses the mapped code.
     missing = first["type"] == "missing" and len(first["loc"]) == 1 and top not in ability.missing_uses_code
     if top in ability.error_fields and not missing:
         code = ability.error_fields[top]

@@ -2,7 +2,7 @@
 
 Inputs are strict and closed (unknown fields are rejected), so the published JSON schema is what is
 enforced; the only leniency is the two client forms read in ``input_forms`` (``"6"`` for an integer,
-JSON text for an object or array). Outputs follow abilities.md §2.1: a field
+JSON text for an object or array). In outputs, a field
 declared with ``Opt(...)`` is left out when it does not apply; every other field is always present.
 """
 
@@ -43,7 +43,7 @@ def _is_none(value: Any) -> bool:
 
 
 def Opt(description: str, **kwargs: Any) -> Any:
-    """An output field that is omitted when it does not apply (``?`` in abilities.md)."""
+    """An output field that is omitted when it does not apply."""
     return Field(None, description=description, exclude_if=_is_none, **kwargs)
 
 
@@ -62,7 +62,7 @@ def _parse_dt(value: Any) -> Any:
     return value
 
 
-# Datetime inputs accept ISO 8601 or "YYYY-MM-DD HH:MM:SS", read as UTC (abilities.md §2.7).
+# Datetime inputs accept ISO 8601 or "YYYY-MM-DD HH:MM:SS", read as UTC.
 DateTimeIn = Annotated[
     datetime,
     BeforeValidator(_parse_dt),

@@ -1,4 +1,4 @@
-"""System toolset: health check and system tasks (abilities.md §12)."""
+"""System toolset: health check and system tasks."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Flows toolset, part 4: inbound webhook triggers (abilities.md §6 "Webhook triggers", storage.md §7.3).
+"""Flows toolset, part 4: inbound webhook triggers (docs/engine.md, Inbound webhooks).
 
 The configuration is ``scheduling_config.webhook``. Bearer tokens are stored only as their SHA-256
 hash and shown once; HMAC secrets are stored encrypted (kind ``webhook_trigger_secret``). The engine

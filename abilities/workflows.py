@@ -1,7 +1,7 @@
-"""Jobs toolset: execute-workflow, an ad-hoc run from inline steps (abilities.md §7, engine.md §3.4 "Direct workflow").
+"""Jobs toolset: execute-workflow, an ad-hoc run from inline steps (docs/engine.md, Other creation paths).
 
 No pipeline or flow row is written: the steps become an ephemeral plan (``ephemeral_step_{i}``) inside the
-job's snapshot, with secret handler fields encrypted. Direct jobs never deduplicate (engine.md §10.5).
+job's snapshot, with secret handler fields encrypted. Direct jobs never deduplicate.
 """
 
 from __future__ import annotations
@@ -114,7 +114,7 @@ async def execute_workflow(ctx: AbilityContext, inp: ExecuteWorkflowIn) -> Execu
     p = ctx.principal
     steps_in = inp.workflow.steps
     async with ctx.transaction() as session:
-        # Owner of the job (access.md §3.5): the agent named, else the session's agent, else the caller's user.
+        # Owner of the job: the agent named, else the session's agent, else the caller's user.
         agent: Agent | None = None
         agent_id = inp.agent_id if inp.agent_id is not None else p.agent_id
         if agent_id is not None:

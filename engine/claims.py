@@ -1,5 +1,5 @@
-"""Item claims held by jobs (engine.md §10): taking them at a fetch commit, pushing their expiry,
-moving them to batch children, and settling them when the job ends.
+"""Item claims held by jobs (docs/engine.md, Dedup and claims): taking them at a fetch commit,
+pushing their expiry, moving them to batch children, and settling them when the job ends.
 
 Every function runs inside the caller's transaction.
 """
@@ -24,7 +24,7 @@ _ITEM_KEY = ("flow_step_id", "source_type", "item_identifier")
 
 
 def active_claim_condition(now: datetime, *, other_than_job: int | None = None) -> Any:
-    """SQL condition: the row is a claim held by a live job (engine.md §10.3), optionally not ``job``'s."""
+    """SQL condition: the row is a claim held by a live job (an active claim), optionally not ``job``'s."""
     cond = active_claim(now)
     return and_(cond, ProcessedItem.job_id != other_than_job) if other_than_job is not None else cond
 
@@ -52,7 +52,7 @@ async def claim(
     """Claim up to ``max_items`` candidates in order, backfilling lost ones from the reserves.
 
     Returns (claimed candidates, claim conflicts). Items without an identifier are taken unclaimed.
-    This job's older claims on the step that are not selected now are deleted (engine.md §10.1 step 7).
+    This job's older claims on the step that are not selected now are deleted.
     The new items of each round go in one multi-row ``INSERT … ON CONFLICT DO NOTHING``; only the few
     that hit an existing row are looked at one by one.
     """

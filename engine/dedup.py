@@ -1,8 +1,8 @@
-"""The processed-items ledger: identifiers, lookups, claims and clearing (engine.md §10, storage.md §3.4).
+"""The processed-items ledger: identifiers, lookups, claims and clearing (docs/engine.md, Dedup and claims).
 
 Pure database functions on a caller's session, shared by the processed-items tools and the fetch
 engine. A row is either a ``processed`` record or an in-flight ``claimed`` row; only processed rows
-count as processed, and clearing never deletes an *active* claim (§10.3), so a running job's
+count as processed, and clearing never deletes an *active* claim, so a running job's
 settlement is not lost.
 """
 
@@ -55,7 +55,7 @@ P = ProcessedItem
 
 
 def normalize_identifier(identifier: str) -> str:
-    """Identifiers longer than 255 characters become ``sha256:<64 hex>`` of the full text (§2.7)."""
+    """Identifiers longer than 255 characters become ``sha256:<64 hex>`` of the full text, so they fit the column."""
     return normalise_identifier(identifier) or identifier
 
 
@@ -65,7 +65,7 @@ def chunks(values: Sequence[str], size: int = CHUNK) -> Iterator[Sequence[str]]:
 
 
 def active_claim(now: datetime | ColumnElement[datetime]) -> ColumnElement[bool]:
-    """engine.md §10.3: a claim held by a job that is not final and whose expiry has not passed."""
+    """An active claim: held by a job that is not final and whose expiry has not passed."""
     job_alive = exists().where(Job.job_id == P.job_id, Job.status.in_(ACTIVE_JOB_STATUSES))
     return and_(
         P.status == CLAIMED,
@@ -199,7 +199,7 @@ async def ledger(
     """Classify a fetch's candidates against the ledger in one query, statuses sorted out here.
 
     A status term in SQL would let the planner walk a ``(status, …)`` index across every flow's
-    processed rows instead; the job-liveness check of a claim (§10.3) runs only for the claims found.
+    processed rows instead; the job-liveness check of a claim runs only for the claims found.
     """
     out = Ledger()
     keys = list(dict.fromkeys(identifiers))
@@ -292,7 +292,7 @@ async def mark_processed(
     job_id: int | None,
     now: datetime,
 ) -> tuple[ProcessedItem, bool]:
-    """Upsert the item to ``processed`` (engine.md §10.4); overrides a claim. Returns (row, created).
+    """Upsert the item to ``processed``; overrides a claim. Returns (row, created).
 
     ``job_id`` replaces the stored one when given; otherwise the stored value is kept (NULL for a
     new row). The timestamp is refreshed on every call.
@@ -355,8 +355,8 @@ def _like_prefix(prefix: str) -> str:
 async def clear_pipeline_step(session: AsyncSession, pipeline_step_id: str, now: datetime) -> tuple[int, int]:
     """Clear the rows of every flow step of one pipeline step.
 
-    The escaped prefix of storage.md §3.4 narrows the rows; the exact ``{pipeline_step_id}_{flow_key}``
-    comparison keeps a longer step id that merely starts with this one out.
+    An escaped ``LIKE '{pipeline_step_id}_%'`` narrows the rows (it can use the index); the exact
+    ``{pipeline_step_id}_{flow_key}`` comparison keeps a longer step id that merely starts with this one out.
     """
     exact = P.flow_step_id == literal(f"{pipeline_step_id}_") + cast(P.flow_key, String)
     scope = and_(P.flow_step_id.like(_like_prefix(pipeline_step_id), escape="\\"), exact)

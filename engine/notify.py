@@ -1,4 +1,4 @@
-"""The optional ``notify_url`` POST when a job parks at a gate (engine.md §13.1). Best effort."""
+"""The optional ``notify_url`` POST when a job parks at a gate. Best effort."""
 
 from __future__ import annotations
 
@@ -47,5 +47,5 @@ async def post_wait_notification(
     try:
         async with Outbound(snap, version=services.version) as outbound:
             await outbound.post_json(notify["url"], payload, headers=headers)
-    except Exception as exc:  # failures are only logged (engine.md §13.1)
+    except Exception as exc:  # failures are only logged: the job stays parked either way
         log.warning("wait notification for job %s to %s failed: %s", job.job_id, notify["url"], exc)

@@ -1,4 +1,4 @@
-"""Execution plans and the engine snapshot (engine.md §3.1 step 6, §3.3, §3.4; storage.md §7.4).
+"""Execution plans and the engine snapshot (docs/engine.md, The snapshot; docs/storage.md, engine_data).
 
 A job reads its configuration only from the snapshot written at creation, so editing a flow never
 changes runs already created; queues are the exception (read live from the flow row).
@@ -174,7 +174,7 @@ def snapshot(
 
 
 def direct_configs(steps: list[dict[str, Any]], *, now_iso: str) -> tuple[dict[str, Any], dict[str, Any]]:
-    """flow_config and pipeline_config of an ephemeral workflow (engine.md §3.4, ids ephemeral_step_{i}).
+    """flow_config and pipeline_config of an ephemeral workflow (ids ``ephemeral_step_{i}``).
 
     An AI step's ``user_message`` becomes a one-entry static prompt queue kept in the snapshot.
     """

@@ -1,4 +1,4 @@
-"""Retention (storage.md §10): delete what has aged out, in batches of 1,000 rows per transaction."""
+"""Retention (docs/engine.md, Retention): delete what has aged out, in batches of 1,000 rows per transaction."""
 
 from __future__ import annotations
 
@@ -96,7 +96,7 @@ async def run_retention(
     result = {"dry_run": dry_run, "ran_at": iso(now), "deleted": counts}
     if not dry_run:
         async with services.db.write() as session:
-            # storage.md §10: each part logs one info row with its counts
+            # each part logs one info row with its counts
             for part, deleted in counts.items():
                 days = ages[part]
                 age = "not seen by a fetch for" if part == "processed_items" else "older than"

@@ -73,7 +73,7 @@ class NoSampler:
 
 
 def make_worker_id() -> str:
-    """``{hostname}:{pid}:{8 hex}`` (storage.md §6.5)."""
+    """``{hostname}:{pid}:{8 hex}``: readable in lease columns and logs, unique per process."""
     return f"{socket.gethostname()[:70]}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
 
 

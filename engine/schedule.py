@@ -1,4 +1,4 @@
-"""Schedules: validation, derived keys and ``next_run_at`` (engine.md §12, storage.md §7.3).
+"""Schedules: validation, derived keys and ``next_run_at`` (docs/engine.md, Scheduling).
 
 Pure functions of a flow's ``scheduling_config`` and the current time; the scheduler loop that fires
 flows uses the same functions after each fire.
@@ -55,7 +55,7 @@ def looks_like_cron(value: str) -> bool:
 
 
 def stagger_seconds(flow_id: int, interval_seconds: int) -> int:
-    """Deterministic first-run offset, identical to DM's calculateStaggerOffset (engine.md §12.3)."""
+    """Deterministic first-run offset, identical to DM's calculateStaggerOffset."""
     return zlib.crc32(f"datamachine_stagger_{flow_id}".encode()) % min(interval_seconds, MAX_STAGGER_SECONDS)
 
 
@@ -181,7 +181,7 @@ def client_keys(config: dict[str, Any] | None) -> dict[str, Any]:
 def next_cron(expression: str, timezone: str, after: datetime) -> datetime:
     """First match strictly after ``after``, evaluated in ``timezone`` (DST-aware), in UTC.
 
-    Matches are local wall-clock times (engine.md §12.1): one that does not exist (spring forward)
+    Matches are local wall-clock times: one that does not exist (spring forward)
     is skipped, and one that occurs twice (fall back) fires once, at its first occurrence.
     """
     zone = _zone(timezone)
@@ -250,7 +250,7 @@ def apply(
 
 
 def resume(config: dict[str, Any], *, flow_id: int, now: datetime) -> tuple[dict[str, Any], datetime | None]:
-    """Remove ``enabled: false`` and recompute the next run on the existing grid (engine.md §12.2)."""
+    """Remove ``enabled: false`` and recompute the next run on the existing grid."""
     out = dict(config)
     out.pop("enabled", None)
     interval = out.get("interval")

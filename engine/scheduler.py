@@ -1,4 +1,4 @@
-"""The scheduler: fires due flows (engine.md §12.4-§12.5).
+"""The scheduler: fires due flows (docs/engine.md, The scheduler loop; Overlap and backpressure).
 
 Only one scheduler acts at a time per database: a lease row (internal settings key
 ``scheduler_lease``) is taken and renewed under a row lock, so several processes can run the loop
@@ -178,7 +178,7 @@ class Scheduler:
     async def _decide(
         self, session: Any, flow: Flow, schedule: dict[str, Any], snap: Any, now: datetime
     ) -> tuple[str | None, datetime | None]:
-        """engine.md §12.5, in order. Returns (skip or defer reason, deferral time)."""
+        """docs/engine.md, Overlap and backpressure, in order. Returns (skip or defer reason, deferral time)."""
         if flow.agent_id is not None:
             status = (await session.execute(select(Agent.status).where(Agent.agent_id == flow.agent_id))).scalar()
             if status == "inactive":
@@ -203,7 +203,7 @@ class Scheduler:
         try:
             plan = resolve_plan(flow.flow_config)
         except PlanError:
-            return None, None  # fired anyway: an invalid plan becomes a failed job (engine.md §3.4)
+            return None, None  # fired anyway: an invalid plan becomes a failed job, visible in the flow's health
         if empty_first_queue(plan, flow.flow_config or {}):
             return "empty_drain_queue", None
         return None, None

@@ -1,4 +1,4 @@
-"""Opening a process: configuration, database and migrations, secret key, identity (ARCHITECTURE §10).
+"""Opening a process: configuration, database and migrations, secret key, identity.
 
 Flags override environment (``DATAMACHINE_*``), which overrides defaults.
 """
@@ -155,7 +155,7 @@ Resolver = Callable[[Any], Awaitable[Principal]]
 
 
 async def stdio_identity(runtime: Runtime, cfg: ProcessConfig) -> Resolver:
-    """access.md §1.3: the local owner, optionally in an agent's context, or a token's identity."""
+    """The stdio principal: the local owner, optionally in an agent's context, or a token's identity."""
     if cfg.token:
         if cfg.agent:
             raise StartupError("--agent cannot be combined with --token: the token decides the agent")

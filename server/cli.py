@@ -2,7 +2,7 @@
 
 ``datamachine-mcp`` (= ``serve``) speaks MCP over stdio, or with ``--http [HOST:]PORT`` over streamable HTTP
 (bearer tokens, webhook routes); ``worker`` runs only the engine; ``migrate`` upgrades a database;
-``token create|list|revoke`` manage bearer tokens with local-owner authority (access.md §2.7).
+``token create|list|revoke`` manage bearer tokens with local-owner authority.
 Heavy imports happen after argument parsing so ``--help`` and ``--version`` stay instant.
 """
 

@@ -1,4 +1,4 @@
-"""``datamachine-mcp token create|list|revoke``: token management from the shell (access.md §2.7).
+"""``datamachine-mcp token create|list|revoke``: token management from the shell.
 
 The CLI acts with local-owner authority and goes through the same abilities as tool calls, so its
 actions are audited with ``transport = cli``.

@@ -1,4 +1,4 @@
-"""Engines, sessions and dialect details (storage.md §11-§13).
+"""Engines, sessions and dialect details (docs/storage.md: Transactions, SQLite, PostgreSQL).
 
 Every unit of work is one transaction: ``Database.write()`` for changes, ``Database.read()`` for
 reads. On SQLite a write transaction starts with ``BEGIN IMMEDIATE`` so the write lock is taken
@@ -189,7 +189,7 @@ class Database:
             yield session
 
     def for_update(self, stmt: Select[Any], *, skip_locked: bool = False) -> Select[Any]:
-        """Lock the selected rows for a read-modify-write (storage.md §11 rule 4).
+        """Lock the selected rows for a read-modify-write of a JSON column or a job row.
 
         SQLite's ``BEGIN IMMEDIATE`` already holds the database write lock; PostgreSQL takes
         row locks. ``skip_locked`` leaves rows another transaction holds to it (sweeps that several

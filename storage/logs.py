@@ -1,4 +1,4 @@
-"""The single function that writes log rows (storage.md §3.8, §7.8).
+"""The single function that writes log rows (docs/storage.md, datamachine_logs; Log context).
 
 It promotes integer ``job_id``/``flow_id``/``pipeline_id`` context values to their indexed
 columns, truncates long messages, and drops entries below the ``log_level`` threshold (audit

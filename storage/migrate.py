@@ -1,4 +1,4 @@
-"""Schema migrations on start, under a lock (storage.md §14).
+"""Schema migrations on start, under a lock (docs/storage.md, Migrations).
 
 Startup reads ``alembic_version`` directly and imports Alembic only when an upgrade is needed:
 the common case (schema already at head) then costs one query.

@@ -1,6 +1,6 @@
-"""SQLAlchemy models of the eight Data Machine tables and the two auxiliary tables (storage.md §3-§5).
+"""SQLAlchemy models of the eight Data Machine tables and the two auxiliary tables.
 
-Columns, indexes and constraints follow storage.md exactly; "(added)" columns are documented there.
+Columns, indexes and cascades are described in docs/storage.md, Tables; keep the two in step.
 Defaults are applied by the application (no server defaults), so SQLite and PostgreSQL hold
 identical values.
 """

@@ -1,4 +1,4 @@
-"""Runtime settings: keys, defaults, validation, clamping and storage (storage.md §9).
+"""Runtime settings: keys, defaults, validation, clamping and storage (docs/storage.md, Settings).
 
 A missing row means the default. Writes validate types, clamp ranges (reported back) and
 encrypt provider API keys. Readers get a cached snapshot; a write in this process invalidates it,
@@ -103,7 +103,7 @@ OTHER_DEFAULTS: dict[str, Callable[[], Any]] = {
     "webhook_rate_limit": lambda: {"max": 60, "window": 60},
 }
 
-# The documented order of storage.md §9 (get-settings lists keys in this order).
+# The order of the table in docs/storage.md, Settings (get-settings lists keys in this order).
 SETTING_KEYS: tuple[str, ...] = (
     "log_level",
     "retention_completed_jobs_days",
@@ -263,7 +263,7 @@ class SettingsStore:
         return None if row is None else row.value
 
     async def internal_set(self, session: AsyncSession, key: str, value: Any, *, at: datetime | None = None) -> None:
-        """Write an internal key (not a §9 setting, never listed), e.g. the last retention run, as of ``at``."""
+        """Write an internal key (not in SETTING_KEYS, never listed), e.g. the last retention run, as of ``at``."""
         # an upsert: two processes writing the same key never collide on its primary key
         now = at or utcnow()
         stmt = _insert(session).values(key=key, value=value, is_secret=False, updated_at=now)

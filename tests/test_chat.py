@@ -1,4 +1,4 @@
-"""Chat toolset without send-chat-message (abilities.md §10, access.md §6.1, storage.md §3.5, §10)."""
+"""Chat toolset without send-chat-message (docs/storage.md, datamachine_chat_sessions)."""
 
 from __future__ import annotations
 

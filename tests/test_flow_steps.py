@@ -1,6 +1,6 @@
 """Flow steps: get-flow-steps, update-flow-step, configure-flow-steps, validate-flow-steps-config.
 
-abilities.md §6 (flow-step lookup, the four tools), §2.8 secrets, §2.11 handler configuration.
+Flow-step lookup, secrets (docs/storage.md, Secrets at rest) and docs/engine.md, Handler configuration.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Flows toolset: get/create/update/delete/duplicate flows, pause/resume, the flow resource (abilities.md §6).
+"""Flows toolset: get/create/update/delete/duplicate flows, pause/resume, the flow resource.
 
 Helpers here (pipelines built directly from the shared step builder, agents, grants) are reused by the other
 flow test modules.

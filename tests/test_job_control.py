@@ -1,4 +1,7 @@
-"""fail-job, cancel-job, retry-job, delete-jobs and recover-stuck-jobs (abilities.md §7, engine.md §11.5-§11.6)."""
+"""fail-job, cancel-job, retry-job, delete-jobs and recover-stuck-jobs.
+
+See docs/engine.md, Manual controls and Recovery and maintenance.
+"""
 
 from __future__ import annotations
 

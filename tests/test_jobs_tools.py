@@ -1,4 +1,4 @@
-"""get-jobs, get-jobs-summary, wait-for-job, get-flow-health, get-problem-flows and get-run-metrics (abilities.md §7)."""
+"""get-jobs, get-jobs-summary, wait-for-job, get-flow-health, get-problem-flows and get-run-metrics."""
 
 from __future__ import annotations
 

@@ -1,5 +1,4 @@
-"""Pipelines toolset: get, create, update, delete and duplicate pipelines, and the pipeline resources
-(abilities.md §5, storage.md §5, access.md §3)."""
+"""Pipelines toolset: get, create, update, delete and duplicate pipelines, and the pipeline resources."""
 
 from __future__ import annotations
 
@@ -54,7 +53,7 @@ async def unchanged(runtime, client, tool: str, args: dict[str, Any], code: str)
 
 
 async def denied(runtime, client, tool: str, args: dict[str, Any], code: str = "agent_access_denied") -> dict:
-    """The call is refused: nothing changes but the one warning row of the denial (access.md §7.3)."""
+    """The call is refused: nothing changes but the one warning row of the denial."""
     before = await table_rows(runtime)
     err = await fail(client, tool, args, code)
     changed = changed_tables(before, await table_rows(runtime))

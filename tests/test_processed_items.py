@@ -1,4 +1,4 @@
-"""Processed-items toolset: the dedup ledger (abilities.md §8, engine.md §10, storage.md §3.4)."""
+"""Processed-items toolset: the dedup ledger (docs/engine.md, Dedup and claims)."""
 
 from __future__ import annotations
 

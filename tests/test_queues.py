@@ -1,4 +1,4 @@
-"""Prompt queues: queue-add, queue-list, queue-remove, queue-clear, queue-mode (abilities.md §6 "Prompt queues")."""
+"""Prompt queues: queue-add, queue-list, queue-remove, queue-clear, queue-mode (docs/engine.md, Queues)."""
 
 from __future__ import annotations
 

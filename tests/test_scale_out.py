@@ -1,4 +1,4 @@
-"""Scale-out on PostgreSQL (engine.md §5.6): several ``datamachine-mcp worker`` processes on one database.
+"""Scale-out on PostgreSQL (docs/engine.md, Guarantees): several ``datamachine-mcp worker`` processes on one database.
 
 * 2,000 runs of a one-step flow, first on two worker processes, then on four (two more join while
   the queue drains): every job runs exactly once and all four processes take part.

@@ -1,4 +1,4 @@
-"""The scheduler (engine.md §12.2-§12.5): firing on the grid, cron across DST, pause/resume, downtime,
+"""The scheduler (docs/engine.md, Scheduling): firing on the grid, cron across DST, pause/resume, downtime,
 one-time runs, overlap, backpressure and inactive agents; one lease and one job per slot.
 
 The scheduler is driven by a fake clock (``Scheduler(services, now=clock)``) and ``tick()`` is called
@@ -46,7 +46,7 @@ class Clock:
 
 
 def stagger(flow_id: int, seconds: int) -> int:
-    """engine.md §12.3, written out independently of the implementation."""
+    """The stagger (docs/engine.md, Next run and stagger), written out independently of the implementation."""
     return zlib.crc32(f"datamachine_stagger_{flow_id}".encode()) % min(seconds, 3600)
 
 
@@ -287,7 +287,7 @@ async def test_cron_skips_a_nonexistent_local_time_and_fires_a_repeated_one_once
 
 
 def test_next_cron_wall_clock_rules():
-    """engine.md §12.1 on the pure function: strictly after, in the zone, gaps skipped, folds once."""
+    """Cron matching on the pure function: strictly after, in the zone, gaps skipped, folds once."""
     berlin = "Europe/Berlin"
 
     def walk(expression: str, start: datetime, n: int) -> list[str]:

@@ -1,6 +1,6 @@
 """Schedules: validation table, derived keys and next_run, schedule-flow, pause/resume, intervals.
 
-abilities.md §2.10, schedule-flow, get-scheduling-intervals; engine.md §12.1-12.3; storage.md §7.3.
+See docs/engine.md, Schedule types and Next run and stagger; docs/storage.md, scheduling_config.
 Firing is the scheduler's job and not tested here.
 """
 
@@ -36,7 +36,7 @@ VALID = sorted([*INTERVALS, "manual", "one_time", "cron", "every_6_hours", "ever
 
 
 def stagger(flow_id: int, seconds: int) -> int:
-    """engine.md §12.3, written out independently of the implementation."""
+    """The stagger (docs/engine.md, Next run and stagger), written out independently of the implementation."""
     return zlib.crc32(f"datamachine_stagger_{flow_id}".encode()) % min(seconds, 3600)
 
 

@@ -1,4 +1,4 @@
-"""The real stdio server in a subprocess, and the token CLI (access.md §1.3, §2.7; ARCHITECTURE 4).
+"""The real stdio server in a subprocess, and the token CLI (docs/access.md, Per transport).
 
 Every subprocess gets XDG_DATA_HOME and DATAMACHINE_DATA_DIR in tmp_path so nothing touches the real home.
 """

@@ -1,4 +1,4 @@
-"""system-health-check and run-task (abilities.md §12, engine.md §15.7)."""
+"""system-health-check and run-task."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""test-handler (abilities.md §5): a dry run of a fetch handler against local fake servers and files."""
+"""test-handler: a dry run of a fetch handler against local fake servers and files."""
 
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """tools/list per principal, published schemas and annotations, input validation of every tool.
 
-access.md §9, abilities.md §1, §2.1, §2.2, §2.5.
+See docs/access.md, Tool visibility, and docs/architecture.md, How a call runs.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from tests.conftest import as_token, call, changed_tables, connect, fail, log_ro
 
 pytestmark = pytest.mark.anyio
 
-# tool -> (read_only, destructive, idempotent), abilities.md §1
+# tool -> (read_only, destructive, idempotent), written out here so a changed hint shows up
 ANNOTATIONS = {
     "create-agent": (False, False, False),
     "get-agent": (True, False, True),
@@ -190,7 +190,7 @@ async def test_read_only_flag_exposes_only_read_only_tools(runtime):
         assert me["read_only"] is True
 
 
-# --- input validation of every tool (abilities.md §2.2) ----------------------------------------
+# --- input validation of every tool ----------------------------------------------------------
 
 BAD_INPUTS = [
     ("create-agent", {"agent_slug": 5}, "agent_slug", "invalid_input"),

@@ -1,4 +1,4 @@
-"""``datamachine-mcp worker`` as real processes (engine.md §5.1, §5.4, §11.4).
+"""``datamachine-mcp worker`` as real processes (docs/engine.md, Workers, claims and leases; Lease expiry).
 
 * SIGTERM in the middle of a step: the job is handed back (``pending``, no lease, the attempt not
   counted) and the process exits 0 within a bounded time; another worker then finishes the job.

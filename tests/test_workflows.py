@@ -1,4 +1,4 @@
-"""execute-workflow: ad-hoc runs from inline steps (abilities.md §7, engine.md §3.4 "Direct workflow")."""
+"""execute-workflow: ad-hoc runs from inline steps (docs/engine.md, Other creation paths)."""
 
 from __future__ import annotations
 

@@ -1,9 +1,9 @@
 """``files`` handler: read files from a directory (fetch) or write Markdown/JSON files (publish, update).
 
-engine.md §15.1, §15.4, §15.5. Every path is checked at run time against ``files_allowed_roots``
-(``realpath``), whatever the saved config said: an escape → ``path_not_allowed``.
+Every path is checked at run time against ``files_allowed_roots`` (``realpath``), whatever the saved
+config said: an escape → ``path_not_allowed``.
 
-Decisions where the spec is silent:
+Choices of this handler:
 
 * Fetch matches ``pattern`` against the file name (or, if the pattern contains ``/``, against
   the path relative to the directory); hidden files and directories (leading ``.``) are skipped

@@ -1,4 +1,4 @@
-"""``http_json`` fetch handler: GET a JSON API and map an array of objects (engine.md §15.4).
+"""``http_json`` fetch handler: GET a JSON API and map an array of objects.
 
 Non-object elements of the array are skipped and counted in ``ItemList.skipped["non_object"]``.
 """

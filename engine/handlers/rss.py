@@ -1,4 +1,4 @@
-"""``rss`` fetch handler: RSS 2.0, RSS 1.0/RDF and Atom feeds (engine.md §15.4)."""
+"""``rss`` fetch handler: RSS 2.0, RSS 1.0/RDF and Atom feeds."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""``webhook`` publish/update handler: a signed JSON POST to a URL (engine.md §15.5).
+"""``webhook`` publish/update handler: a signed JSON POST to a URL.
 
 Body (compact UTF-8 JSON): ``{event, delivery_id, job_id, flow_id, pipeline_id, flow_step_id,
 dry_run: false, packet, engine}``. Headers: ``Content-Type``, ``X-DataMachine-Event``,
@@ -28,7 +28,7 @@ EVENTS = {"publish": "datamachine.publish", "update": "datamachine.update"}
 
 
 def delivery_id(job_id: Any, flow_step_id: Any, kind: str = "webhook") -> str:
-    """UUID5 (``uuid.NAMESPACE_URL``) of ``datamachine-mcp:{kind}:{job_id}:{flow_step_id}`` (storage.md §6.5)."""
+    """UUID5 (``uuid.NAMESPACE_URL``) of ``datamachine-mcp:{kind}:{job_id}:{flow_step_id}``: the same on every retry."""
     return str(uuid.uuid5(uuid.NAMESPACE_URL, f"datamachine-mcp:{kind}:{job_id}:{flow_step_id}"))
 
 

@@ -1,4 +1,4 @@
-"""``webhook_payload`` fetch handler: items from the inbound webhook that started the job (engine.md §15.4).
+"""``webhook_payload`` fetch handler: items from the inbound webhook that started the job.
 
 Paths (``title_path``, ``body_path``, ``identifier_path``, template placeholders, ``metadata``
 values) are dotted paths inside each item — the whole payload when ``items_path`` is absent, an

@@ -1,4 +1,4 @@
-"""``wordpress`` publish/update handler: WordPress REST API with an application password (engine.md §15.5).
+"""``wordpress`` publish/update handler: WordPress REST API with an application password.
 
 *Publish*: ``POST {api_base}/wp/v2/{post_type_base}`` with ``{title, content, status,
 categories?, tags?}`` → ``engine_updates {post_id, published_url}``. *Update*: ``POST

@@ -1,4 +1,4 @@
-"""The AI step (engine.md §16): resolve provider and model, build the messages, call the provider."""
+"""The AI step (docs/engine.md, The AI step): resolve provider and model, build the messages, call the provider."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The fetch step (engine.md §10.1, §15.2): fetch, filter, classify against the dedup ledger.
+"""The fetch step (docs/engine.md, Dedup and claims): fetch, filter, classify against the dedup ledger.
 
 The step itself only reads; the eligible items go to the commit as ``candidates``, which claims the
 first ``max_items`` of them (backfilling from the rest when another job wins an item).
@@ -89,7 +89,7 @@ async def run(run: StepRun) -> StepResult:
         return StepResult(status="completed_no_items", reason="empty_drain_queue", handlers=[slug])
     if patch and isinstance(patch.get("patch"), dict):
         config = deep_merge(config, patch["patch"])
-    # Run-time checks (paths, URLs, secrets) raise the handler codes of engine.md §15.1.
+    # Run-time checks (paths, URLs, secrets) raise the handler codes (path_not_allowed, secret_unavailable, …).
     config = open_config(slug, config, run.services.box)
     async with Outbound(run.settings, version=run.services.version) as outbound:
         ctx = HandlerContext(

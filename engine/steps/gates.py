@@ -1,4 +1,4 @@
-"""Waiting steps: approval and webhook gate (engine.md §13). They park the job; nothing holds a worker."""
+"""Waiting steps: approval and webhook gate. They park the job; nothing holds a worker."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Publish and update steps (engine.md §15.3): handlers in order on the newest packet, each at most once."""
+"""Publish and update steps: handlers in order on the newest packet, each at most once."""
 
 from __future__ import annotations
 
@@ -39,7 +39,7 @@ async def run(run: StepRun) -> StepResult:
             results.append(previous.get("summary") or {"handler": slug, "status": "done"})
             engine_updates.update(previous.get("engine_updates") or {})
             continue
-        # Run-time checks (paths, URLs, secrets) raise the handler codes of engine.md §15.1.
+        # Run-time checks (paths, URLs, secrets) raise the handler codes (path_not_allowed, secret_unavailable, …).
         config = prepare_config(
             slug, step_type, (run.step.get("handler_configs") or {}).get(slug) or {}, run.services.box
         )

@@ -1,4 +1,4 @@
-"""Taking one entry from a step's queue per run (engine.md §16.2).
+"""Taking one entry from a step's queue per run (docs/engine.md, Queues).
 
 Queues live in the flow row and are consumed live. A consumed entry is backed up in the job's
 ``engine_data.queue_backups`` in the same lease-checked transaction, and a re-run of the step reuses

@@ -1,4 +1,4 @@
-"""The system task step (engine.md §15.7): retention, stuck-job recovery, echo."""
+"""The system task step: retention, stuck-job recovery, echo."""
 
 from __future__ import annotations
 
