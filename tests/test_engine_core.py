@@ -28,7 +28,7 @@ pytestmark = pytest.mark.anyio
 
 async def two_step_jobs(owner, n: int = 1) -> tuple[int, list[int]]:
     made = await make_flow(owner, [echo_step(a=1), echo_step(b=2)], name="Core")
-    ids = [(await call(owner, "run-flow", {"flow_id": made["flow_id"]}))["job_id"] for _ in range(n)]
+    ids = [(await call(owner, "run-flow", {"flow_id": made["flow_id"], "wait_seconds": 0}))["job_id"] for _ in range(n)]
     return made["flow_id"], ids
 
 
@@ -168,7 +168,7 @@ def test_retry_policy():
 async def test_park_then_decide_through_the_front_door(runtime, owner):
     """A gate parks the job (no lease); the decision resumes it exactly once at the next step."""
     made = await make_flow(owner, [approval_step(), echo_step(c=3)], name="Gate")
-    job_id = (await call(owner, "run-flow", {"flow_id": made["flow_id"]}))["job_id"]
+    job_id = (await call(owner, "run-flow", {"flow_id": made["flow_id"], "wait_seconds": 0}))["job_id"]
     worker = Worker(runtime.engine)
     (job,) = await worker.claim(1)
     assert await worker._run_step(job) is False

@@ -102,7 +102,7 @@ async def test_completions_offer_only_what_the_caller_may_read(runtime, owner):
     async with connect(runtime, USER2) as user2:
         await call(user2, "create-agent", {"agent_slug": "second-bot"})
         theirs = await make_flow(user2, [echo_step()], name="Second digest")
-        job = await call(user2, "run-flow", {"flow_id": theirs["flow_id"]})
+        job = await call(user2, "run-flow", {"flow_id": theirs["flow_id"], "wait_seconds": 0})
 
         flows = await _values(user2, PROMPT(name="diagnose-flow"), "flow_id")
         assert flows == [f"{theirs['flow_id']}: Second digest"]

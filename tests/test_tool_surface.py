@@ -245,7 +245,7 @@ async def test_results_link_the_resources_they_name(runtime, owner):
     flow = await owner.call_tool("create-flow", {"pipeline_id": out["pipeline_id"]})
     assert _links(flow) == [f"datamachine://flows/{flow.structured_content['flow_id']}"]
 
-    run = await owner.call_tool("run-flow", {"flow_id": out["flow_id"]})
+    run = await owner.call_tool("run-flow", {"flow_id": out["flow_id"], "wait_seconds": 0})
     job_id = run.structured_content["job_id"]
     assert _links(run) == [f"datamachine://jobs/{job_id}", f"datamachine://flows/{out['flow_id']}"]
     link = next(c for c in run.content if isinstance(c, types.ResourceLink))
@@ -255,7 +255,7 @@ async def test_results_link_the_resources_they_name(runtime, owner):
 
     single = await owner.call_tool("get-jobs", {"job_id": job_id})
     assert _links(single) == [f"datamachine://jobs/{job_id}"]
-    await call(owner, "run-flow", {"flow_id": out["flow_id"]})
+    await call(owner, "run-flow", {"flow_id": out["flow_id"], "wait_seconds": 0})
     assert _links(await owner.call_tool("get-jobs", {})) == []  # a list links nothing
     waited = await owner.call_tool("wait-for-job", {"job_id": job_id, "timeout_seconds": 0})
     assert _links(waited) == [f"datamachine://jobs/{job_id}"]
