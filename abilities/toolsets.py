@@ -2,8 +2,8 @@
 
 ``core`` (the default) is a small list covering a whole journey, for clients that carry every tool
 definition in every turn; ``all`` lists every tool; toolset names add whole toolsets; single tools are
-added by name. The selection narrows the tool list only: a resource is offered whenever its twin's
-toolset is selected, and ``core`` or ``all`` select every toolset for reading resources.
+added by name. The selection narrows the tool list only: resources (reads) are offered whatever the
+selection, and the caller's role decides what each read returns.
 """
 
 from __future__ import annotations
@@ -54,11 +54,6 @@ def listed(ability: Ability, toolsets: frozenset[str] | None, tools: Iterable[st
         or (CORE in toolsets and ability.core)
         or ability.slug in frozenset(tools)
     )
-
-
-def readable(ability: Ability, toolsets: frozenset[str] | None, tools: Iterable[str] = ()) -> bool:
-    """Whether ``ability`` may serve resource reads (as a twin) under the selection."""
-    return toolsets is None or CORE in toolsets or listed(ability, toolsets, tools)
 
 
 @dataclass(frozen=True)

@@ -24,7 +24,7 @@ from datamachine_mcp.abilities.access import Principal
 from datamachine_mcp.abilities.context import Runtime
 from datamachine_mcp.abilities.registry import Ability
 from datamachine_mcp.abilities.runner import error_text, invoke, refusal, visible
-from datamachine_mcp.abilities.toolsets import ENABLE_HINT, instructions_note, listed, readable
+from datamachine_mcp.abilities.toolsets import ENABLE_HINT, instructions_note, listed
 from datamachine_mcp.engine.errors import CodedError
 from datamachine_mcp.resources.registry import ResourceNotFound, ResourceSpec, read
 from datamachine_mcp.server import tool_cache
@@ -69,12 +69,9 @@ def exposed_abilities(abilities: dict[str, Ability], runtime: Runtime) -> dict[s
 
 
 def resource_twins(abilities: dict[str, Ability], runtime: Runtime) -> dict[str, Ability]:
-    """Abilities that serve resource reads in this process (``core`` narrows the tool list only)."""
-    return {
-        slug: a
-        for slug, a in abilities.items()
-        if readable(a, runtime.toolsets, runtime.tools) and (a.read_only or not runtime.read_only)
-    }
+    """Abilities that may serve resource reads: every read-only one, whatever ``--toolsets``/``--tools``/
+    ``--read-only`` list as tools (reads follow the caller's role, not the tool selection)."""
+    return {slug: a for slug, a in abilities.items() if a.read_only}
 
 
 def instructions(abilities: dict[str, Ability], runtime: Runtime) -> str:

@@ -29,11 +29,13 @@ class PromptSpec:
     name: str
     title: str
     description: str
-    render: Callable[[dict[str, str]], list[types.PromptMessage]]
+    render: Callable[[dict[str, str], frozenset[str]], list[types.PromptMessage]]
     arguments: tuple[Argument, ...] = field(default_factory=tuple)
     # The tools its messages tell the model to call (a test checks the text names exactly these): the
-    # prompt is offered only where they are all listed.
+    # prompt is offered only where ``uses`` are all listed; a ``follow_ups`` tool is named only when listed,
+    # so a read-only or narrowed session still gets the prompts it can carry out.
     uses: frozenset[str] = frozenset()
+    follow_ups: frozenset[str] = frozenset()
 
     def prompt(self) -> types.Prompt:
         return types.Prompt(
@@ -66,7 +68,12 @@ def positive_id(args: dict[str, str], name: str) -> int:
     return int(head)
 
 
-def _feed_digest(args: dict[str, str]) -> list[types.PromptMessage]:
+def _either(offer: frozenset[str], *tools: str) -> str:
+    """ "`a` or `b`" over the listed ``tools`` ("" when none is listed)."""
+    return " or ".join(f"`{t}`" for t in tools if t in offer)
+
+
+def _feed_digest(args: dict[str, str], offer: frozenset[str]) -> list[types.PromptMessage]:
     feed = args.get("feed_url", "").strip() or "(ask me for the feed URL)"
     publish = args.get("publish_handler", "").strip() or "files"
     schedule = args.get("schedule", "").strip() or "daily"
@@ -88,8 +95,15 @@ def _feed_digest(args: dict[str, str]) -> list[types.PromptMessage]:
     ]
 
 
-def _diagnose_flow(args: dict[str, str]) -> list[types.PromptMessage]:
+def _diagnose_flow(args: dict[str, str], offer: frozenset[str]) -> list[types.PromptMessage]:
     flow_id = positive_id(args, "flow_id")
+    fix = "5. Explain the cause in plain words and propose the fix"
+    if "update-flow-step" in offer:
+        again = _either(offer, "retry-job", "run-flow")
+        fix += " (usually `update-flow-step`), then, once I agree, apply it"
+        fix += f" and {again} (the failed job, or the flow again)." if again else "."
+    else:
+        fix += "; this session cannot apply it, so tell me what to change."
     return [
         _user(
             f"Flow {flow_id} is not doing what I expect. Find out why and propose a fix; change nothing "
@@ -98,15 +112,13 @@ def _diagnose_flow(args: dict[str, str]) -> list[types.PromptMessage]:
             f"2. Call `get-jobs` with flow_id {flow_id} (and status failed) for its recent jobs, then `get-jobs` "
             "with the job_id of the latest failure for its engine data and packets.\n"
             f"3. Call `read-logs` with flow_id {flow_id} (min_level warning) for errors.\n"
-            "4. Compare each step's handler config with `get-handler-config-fields`.\n"
-            "5. Explain the cause in plain words. Propose the fix (usually `update-flow-step`), then, once I "
-            "agree, apply it and `retry-job` the failed job or `run-flow` again."
+            "4. Compare each step's handler config with `get-handler-config-fields`.\n" + fix
         ),
         _link(FLOW.format(flow_id=flow_id), f"flow-{flow_id}"),
     ]
 
 
-def _review_approvals(args: dict[str, str]) -> list[types.PromptMessage]:
+def _review_approvals(args: dict[str, str], offer: frozenset[str]) -> list[types.PromptMessage]:
     flow_id = positive_id(args, "flow_id") if args.get("flow_id", "").strip() else None
     scope = f" for flow {flow_id}" if flow_id else ""
     listing = f"`list-pending-actions` with flow_id {flow_id}" if flow_id else "`list-pending-actions`"
@@ -122,8 +134,14 @@ def _review_approvals(args: dict[str, str]) -> list[types.PromptMessage]:
     ]
 
 
-def _explain_job(args: dict[str, str]) -> list[types.PromptMessage]:
+def _explain_job(args: dict[str, str], offer: frozenset[str]) -> list[types.PromptMessage]:
     job_id = positive_id(args, "job_id")
+    cases = [
+        (_either(offer, "wait-for-job"), "if it is still running"),
+        (_either(offer, "retry-job", "fail-job"), "if it failed or is stuck"),
+        (_either(offer, "resolve-pending-action"), "if it waits for an approval"),
+    ]
+    nexts = ", ".join(f"{tools} {when}" for tools, when in cases if tools)
     return [
         _user(
             f"Explain job {job_id} to me: what ran, what came out, and what to do next.\n\n"
@@ -131,8 +149,7 @@ def _explain_job(args: dict[str, str]) -> list[types.PromptMessage]:
             f"2. Call `read-logs` with job_id {job_id} for what happened along the way.\n"
             "3. Explain in plain words: which flow and steps ran, how many items, what was published, and why "
             "it ended as it did.\n"
-            "4. Suggest the next step: `wait-for-job` if it is still running, `retry-job` or `fail-job` if it "
-            "failed or is stuck, `resolve-pending-action` if it waits for an approval."
+            f"4. Suggest the next step{': ' + nexts if nexts else ' in words'}."
         ),
         _link(JOB.format(job_id=job_id), f"job-{job_id}"),
     ]
@@ -159,10 +176,8 @@ PROMPTS: tuple[PromptSpec, ...] = (
         title="Diagnose a failing flow",
         description="Find out why a flow fails or finds nothing, from its jobs, logs and step configs.",
         render=_diagnose_flow,
-        uses=frozenset(
-            {"get-flows", "get-jobs", "read-logs", "get-handler-config-fields", "update-flow-step", "retry-job"}
-            | {"run-flow"}
-        ),
+        uses=frozenset({"get-flows", "get-jobs", "read-logs", "get-handler-config-fields"}),
+        follow_ups=frozenset({"update-flow-step", "retry-job", "run-flow"}),
         arguments=(Argument("flow_id", "The flow to diagnose", True, completion="flow_id"),),
     ),
     PromptSpec(
@@ -178,15 +193,17 @@ PROMPTS: tuple[PromptSpec, ...] = (
         title="Explain a job",
         description="What a job ran, what it produced, why it ended as it did, and what to do next.",
         render=_explain_job,
-        uses=frozenset({"get-jobs", "read-logs", "wait-for-job", "retry-job", "fail-job", "resolve-pending-action"}),
+        uses=frozenset({"get-jobs", "read-logs"}),
+        follow_ups=frozenset({"wait-for-job", "retry-job", "fail-job", "resolve-pending-action"}),
         arguments=(Argument("job_id", "The job to explain", True, completion="job_id"),),
     ),
 )
 BY_NAME = {p.name: p for p in PROMPTS}
+BY_TOOL_ANY = frozenset().union(*(p.uses | p.follow_ups for p in PROMPTS))  # every tool a prompt may name
 
 
 def offered(tools: Iterable[str]) -> list[PromptSpec]:
-    """The prompts whose tools are all listed in this process."""
+    """The prompts whose needed tools are all listed in this process."""
     listed = set(tools)
     return [p for p in PROMPTS if p.uses <= listed]
 
@@ -209,4 +226,5 @@ def render(name: str, arguments: dict[str, str] | None, offer: Iterable[str] | N
             message=f"{spec.name} has no argument {', '.join(unknown)}; "
             f"it takes {', '.join(a.name for a in spec.arguments)}.",
         )
-    return types.GetPromptResult(description=spec.description, messages=spec.render(args))
+    listed = frozenset(BY_TOOL_ANY if offer is None else offer)
+    return types.GetPromptResult(description=spec.description, messages=spec.render(args, listed))

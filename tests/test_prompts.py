@@ -46,7 +46,8 @@ async def test_prompts_render_messages_that_name_core_tools(owner, name):
     assert texts and all(m.role == "user" for m in result.messages)
     abilities = load_abilities()
     named = {t for t in re.findall(r"`([a-z][a-z-]+)`", " ".join(texts)) if t in abilities or "-" in t}
-    assert named == BY_NAME[name].uses, named ^ BY_NAME[name].uses
+    spec = BY_NAME[name]
+    assert named == spec.uses | spec.follow_ups, named ^ (spec.uses | spec.follow_ups)
     assert named <= set(abilities), named - set(abilities)
     assert all(abilities[t].core for t in named), [t for t in named if not abilities[t].core]
 
@@ -87,6 +88,19 @@ async def test_prompts_whose_tools_are_not_listed_are_not_offered(runtime):
     with_jobs = dataclasses.replace(runtime, toolsets=frozenset({"core"}), tools=frozenset())
     async with connect(with_jobs) as c:
         assert {p.name for p in (await c.list_prompts()).prompts} == set(BY_NAME)
+
+
+async def test_a_read_only_session_offers_the_prompts_it_can_carry_out(runtime):
+    """Read-only: explain-job and diagnose-flow are offered; their text names only tools that are listed."""
+    read_only = dataclasses.replace(runtime, read_only=True)
+    async with connect(read_only) as c:
+        listed = {t.name for t in (await c.list_tools()).tools}
+        assert {p.name for p in (await c.list_prompts()).prompts} == {"diagnose-flow", "explain-job"}
+        for name, args in (("diagnose-flow", {"flow_id": "3"}), ("explain-job", {"job_id": "7"})):
+            text = (await c.get_prompt(name, args)).messages[0].content.text
+            named = set(re.findall(r"`([a-z][a-z-]+-[a-z-]+)`", text))
+            assert named and named <= listed, named - listed
+        assert "`wait-for-job` if it is still running" in text and "retry-job" not in text
 
 
 # --- completions --------------------------------------------------------------------------------

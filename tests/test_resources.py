@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import anyio
@@ -53,6 +54,23 @@ async def test_resource_listing(owner):
     } <= templates
     for r in resources.values():
         assert r.mime_type == "application/json" and r.description and r.title
+
+
+@pytest.mark.parametrize(
+    "narrowed",
+    [{"toolsets": frozenset({"chat"})}, {"read_only": True}, {"toolsets": frozenset({"logs"}), "tools": frozenset()}],
+    ids=["chat", "read-only", "logs"],
+)
+async def test_resources_do_not_depend_on_the_tool_selection(runtime, owner, narrowed):
+    """--toolsets / --tools / --read-only narrow the tool list; every resource stays readable."""
+    full = {str(r.uri) for r in (await owner.list_resources()).resources}
+    templates = {t.uri_template for t in (await owner.list_resource_templates()).resource_templates}
+    async with connect(dataclasses.replace(runtime, **narrowed)) as c:
+        assert {str(r.uri) for r in (await c.list_resources()).resources} == full
+        assert {t.uri_template for t in (await c.list_resource_templates()).resource_templates} == templates
+        assert "whoami" not in {t.name for t in (await c.list_tools()).tools} or "read_only" in narrowed
+        assert (await _read(c, "datamachine://whoami"))["user_id"] == 1
+        assert "agents" in await _read(c, "datamachine://agents")
 
 
 @pytest.mark.parametrize("principal", [None, USER2], ids=["owner", "user2"])

@@ -172,13 +172,12 @@ async def test_toolsets_flag_removes_other_tools(runtime):
         with pytest.raises(MCPError, match="Unknown tool: create-agent"):
             await c.call_tool("create-agent", {"agent_slug": "x"})
         assert await table_rows(runtime) == before
-        # resources whose twin does not exist in this process are not offered either
+        # resources are reads: offered whatever tools the selection lists
         resources = {str(r.uri) for r in (await c.list_resources()).resources}
-        assert {"datamachine://whoami", "datamachine://logs/metadata"} <= resources
-        assert "datamachine://agents" not in resources
+        assert {"datamachine://whoami", "datamachine://logs/metadata", "datamachine://agents"} <= resources
         templates = {t.uri_template for t in (await c.list_resource_templates()).resource_templates}
         assert "datamachine://logs{?level,agent_id,job_id,per_page,offset}" in templates
-        assert "datamachine://agents/{agent_slug}" not in templates
+        assert "datamachine://agents/{agent_slug}" in templates
 
 
 async def test_read_only_flag_exposes_only_read_only_tools(runtime):
