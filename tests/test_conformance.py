@@ -31,6 +31,8 @@ SCENARIOS = (
     "resources-subscribe",
     "resources-unsubscribe",
     "server-sse-multiple-streams",  # concurrent POST streams on one session
+    "prompts-list",  # every prompt has a name and described arguments
+    "completion-complete",  # completion/complete answers (our prompts' and templates' arguments)
 )
 
 # Scenarios of the pinned suite that are not run, and why. The brief's other generic checks have no scenario
@@ -43,24 +45,22 @@ NOT_APPLICABLE = {
     "tools-call-audio": "needs the fixture tool test_audio_content",
     "tools-call-embedded-resource": "needs the fixture tool test_embedded_resource",
     "tools-call-mixed-content": "needs the fixture tool test_multiple_content_types",
-    "tools-call-with-logging": "needs the fixture tool test_tool_with_logging (and the deprecated logging capability)",
+    "tools-call-with-logging": "sets the deprecated logging level first (logging/setLevel: method not found)",
     "tools-call-with-progress": "needs the fixture tool test_tool_with_progress",
     "tools-call-sampling": "needs the fixture tool test_sampling",
-    "tools-call-elicitation": "needs the fixture tool test_elicitation (the server never elicits)",
-    "elicitation-sep1034-defaults": "needs a fixture elicitation tool (the server never elicits)",
-    "elicitation-sep1330-enums": "needs a fixture elicitation tool (the server never elicits)",
+    "tools-call-elicitation": "needs the fixture tool test_elicitation (our elicitation: tests/test_elicitation.py)",
+    "elicitation-sep1034-defaults": "needs the fixture tool test_elicitation_sep1034_defaults",
+    "elicitation-sep1330-enums": "needs the fixture tool test_elicitation_sep1330_enums",
     "json-schema-2020-12": "needs the fixture tool json_schema_2020_12_tool (pending in the suite)",
-    "server-sse-polling": "needs the fixture tool test_reconnection (pending in the suite)",
+    "server-sse-polling": "needs the fixture tool test_reconnection (pending in the suite; without it only warnings)",
     "logging-set-level": "the server does not offer the deprecated logging capability",
-    "completion-complete": "the server offers no completions (no prompts or templated arguments to complete)",
     "resources-read-text": "reads the fixture resource test://static-text",
     "resources-read-binary": "reads the fixture resource test://static-binary",
     "resources-templates-read": "reads the fixture template test://template/{id}/data",
-    "prompts-list": "the server offers no prompts",
-    "prompts-get-simple": "the server offers no prompts",
-    "prompts-get-with-args": "the server offers no prompts",
-    "prompts-get-embedded-resource": "the server offers no prompts",
-    "prompts-get-with-image": "the server offers no prompts",
+    "prompts-get-simple": "gets the fixture prompt test_simple_prompt",
+    "prompts-get-with-args": "gets the fixture prompt test_prompt_with_arguments",
+    "prompts-get-embedded-resource": "gets the fixture prompt test_prompt_with_embedded_resource",
+    "prompts-get-with-image": "gets the fixture prompt test_prompt_with_image",
 }
 
 
