@@ -255,7 +255,7 @@ def interpret_schedule_value(value: str | int, previous: dict[str, Any]) -> dict
         else:
             raw = {"interval": text}
     if isinstance(raw.get("timestamp"), int) and raw["timestamp"] <= 0:
-        raise AbilityError("missing_timestamp", "A one-time run needs a positive Unix timestamp.")
+        raise AbilityError("invalid_timestamp", "A one-time run needs a positive Unix timestamp.")
     if previous.get("enabled") is False:
         raw["enabled"] = False
     if isinstance(previous.get("allow_overlap"), bool):

@@ -84,6 +84,9 @@ def validation_error(ability: Ability, exc: ValidationError, hints: dict[Loc, li
     missing = first["type"] == "missing" and len(first["loc"]) == 1 and top not in ability.missing_uses_code
     if top in ability.error_fields and not missing:
         code = ability.error_fields[top]
+    # A field whose absence has its own code (missing_uses_code) keeps it whatever else is wrong.
+    absent = [str(e["loc"][0]) for e in exc.errors(include_url=False) if e["type"] == "missing" and len(e["loc"]) == 1]
+    code = next((ability.error_fields[f] for f in absent if f in ability.missing_uses_code), code)
     summary = "; ".join(f"{e['field']}: {e['message']}" for e in errors[:5])
     more = f" (and {len(errors) - 5} more)" if len(errors) > 5 else ""
     return AbilityError(code, f"Invalid input for {ability.slug}: {summary}{more}.", errors=errors)

@@ -9,9 +9,11 @@ declared with ``Opt(...)`` is left out when it does not apply; every other field
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Annotated, Any, ClassVar
+from typing import Annotated, Any, ClassVar, get_args
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, WithJsonSchema, field_validator
+import annotated_types
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationInfo, WithJsonSchema, field_validator
+from pydantic.fields import FieldInfo
 
 from datamachine_mcp.storage.timeutil import iso, parse_datetime
 
@@ -29,13 +31,36 @@ class Input(BaseModel):
 
     @field_validator("*", mode="after")
     @classmethod
-    def _fits_64_bits(cls, value: Any) -> Any:
+    def _fits_64_bits(cls, value: Any, info: ValidationInfo) -> Any:
         # Ids, offsets and counts end up in SQL parameters, which hold 64 bits: refuse larger ones here
         # (a validation error on the field) rather than fail in the driver.
         for number in value if isinstance(value, list) else (value,):
             if type(number) is int and not INT64_MIN <= number <= INT64_MAX:
-                raise ValueError(f"must be between {INT64_MIN} and {INT64_MAX}")
+                raise ValueError(_range_text(info.field_name or "", cls.model_fields.get(info.field_name or "")))
         return value
+
+
+def _rules(annotation: Any, found: list[Any]) -> list[Any]:
+    """A field's constraints, including those of its list items (``list[Annotated[int, Field(ge=1)]]``)."""
+    for arg in get_args(annotation):
+        if isinstance(arg, FieldInfo):
+            found += arg.metadata
+        elif get_args(arg):
+            _rules(arg, found)
+    return found
+
+
+def _range_text(name: str, field: FieldInfo | None) -> str:
+    """The range a 64-bit field accepts, from its own minimum: "a positive id" for ids."""
+    low = INT64_MIN
+    for rule in _rules(field.annotation, list(field.metadata)) if field is not None else ():
+        if isinstance(rule, annotated_types.Ge) and isinstance(rule.ge, int):
+            low = rule.ge
+        elif isinstance(rule, annotated_types.Gt) and isinstance(rule.gt, int):
+            low = rule.gt + 1
+    if low == 1 and (name.endswith("_id") or name.endswith("_ids")):
+        return f"must be a positive id (1 to {INT64_MAX})"
+    return f"must be from {low} to {INT64_MAX}"
 
 
 def _is_none(value: Any) -> bool:

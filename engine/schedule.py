@@ -61,7 +61,7 @@ def stagger_seconds(flow_id: int, interval_seconds: int) -> int:
 
 def _unix(value: Any) -> int:
     if isinstance(value, bool):
-        raise ScheduleError("missing_timestamp", "timestamp must be Unix seconds or an ISO 8601 date-time.")
+        raise ScheduleError("invalid_timestamp", "timestamp must be Unix seconds or an ISO 8601 date-time.")
     if isinstance(value, int):
         seconds = value
     elif isinstance(value, str) and value.strip().isdigit():
@@ -71,15 +71,15 @@ def _unix(value: Any) -> int:
             seconds = int(parse_datetime(value).timestamp())
         except ValueError:
             raise ScheduleError(
-                "missing_timestamp", f"timestamp '{value}' is neither Unix seconds nor an ISO 8601 date-time."
+                "invalid_timestamp", f"timestamp '{value}' is neither Unix seconds nor an ISO 8601 date-time."
             ) from None
     else:
         raise ScheduleError("missing_timestamp", "A one_time schedule needs a timestamp (Unix seconds or ISO 8601).")
     if seconds <= 0:
-        raise ScheduleError("missing_timestamp", "timestamp must be a positive Unix time.")
+        raise ScheduleError("invalid_timestamp", "timestamp must be a positive Unix time.")
     if seconds > MAX_TIMESTAMP:
         raise ScheduleError(
-            "missing_timestamp", f"timestamp must be at most {MAX_TIMESTAMP} (9999-12-31T23:59:59Z).", timestamp=seconds
+            "invalid_timestamp", f"timestamp must be at most {MAX_TIMESTAMP} (9999-12-31T23:59:59Z).", timestamp=seconds
         )
     return seconds
 

@@ -385,6 +385,9 @@ async def test_clear_errors_and_roles(runtime, owner, flow):
         )
     err = await unchanged(runtime, owner, "clear-processed-items", {"clear_type": "flow"}, "target_id_invalid")
     assert err["data"]["errors"] == [{"field": "target_id", "message": "Field required"}]
+    for args in ({}, {"clear_type": "job"}):  # target_id missing is target_id_invalid whatever else is wrong
+        err = await unchanged(runtime, owner, "clear-processed-items", args, "target_id_invalid")
+        assert {"field": "target_id", "message": "Field required"} in err["data"]["errors"]
     await unchanged(runtime, owner, "clear-processed-items", {"clear_type": "flow", "target_id": 99}, "flow_not_found")
     await unchanged(
         runtime, owner, "clear-processed-items", {"clear_type": "pipeline", "target_id": 99}, "pipeline_not_found"

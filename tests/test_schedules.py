@@ -140,8 +140,8 @@ async def test_schedule_validation_table(runtime, owner):
     # the other error codes, each writing nothing
     for schedule, code in [
         ({"interval": "one_time"}, "missing_timestamp"),
-        ({"interval": "one_time", "timestamp": 0}, "missing_timestamp"),
-        ({"interval": "one_time", "timestamp": "next tuesday"}, "missing_timestamp"),
+        ({"interval": "one_time", "timestamp": 0}, "invalid_timestamp"),
+        ({"interval": "one_time", "timestamp": "next tuesday"}, "invalid_timestamp"),
         ({"interval": "cron"}, "missing_cron_expression"),
         ({"interval": "cron", "cron_expression": "61 * * * *"}, "invalid_cron_expression"),
         ({"interval": "cron", "cron_expression": "* * *"}, "invalid_cron_expression"),
@@ -220,8 +220,8 @@ async def test_schedule_flow_keeps_pause_and_timezone_and_rejects_bad_values(run
     resumed = await call(owner, "resume-flow", {"flow_id": fid})
     assert resumed["flows"][0]["next_run"] == iso(next_local(8, 0, "Europe/Berlin", utcnow()))
     for value, code in [
-        (-5, "missing_timestamp"),
-        ("0", "missing_timestamp"),
+        (-5, "invalid_timestamp"),
+        ("0", "invalid_timestamp"),
         ("sometimes", "invalid_interval"),
         ("99 * * * *", "invalid_cron_expression"),
     ]:
@@ -248,8 +248,8 @@ async def test_cron_looking_values_out_of_range_fields_and_past_or_far_timestamp
         ("0 0 * * */8", "invalid_cron_expression"),
         (now - 120, "timestamp_in_past"),
         (str(now - 3600), "timestamp_in_past"),
-        (253402300800, "missing_timestamp"),  # after 9999-12-31T23:59:59Z
-        (10**15, "missing_timestamp"),
+        (253402300800, "invalid_timestamp"),  # after 9999-12-31T23:59:59Z
+        (10**15, "invalid_timestamp"),
     ]:
         err = await unchanged(runtime, owner, "schedule-flow", {"flow_id": fid, "interval_or_timestamp": value}, code)
         assert ".." not in err["message"]
@@ -257,7 +257,7 @@ async def test_cron_looking_values_out_of_range_fields_and_past_or_far_timestamp
         ({"interval": "*/61 * * * *"}, "invalid_cron_expression"),
         ({"interval": "cron", "cron_expression": "*/61 * * * *"}, "invalid_cron_expression"),
         ({"interval": "one_time", "timestamp": "2001-09-09T01:46:40Z"}, "timestamp_in_past"),
-        ({"interval": "one_time", "timestamp": 99999999999999}, "missing_timestamp"),
+        ({"interval": "one_time", "timestamp": 99999999999999}, "invalid_timestamp"),
     ]:
         await unchanged(runtime, owner, "update-flow", {"flow_id": fid, "scheduling_config": schedule}, code)
     # a step that fits its field, and a one-time run set "now" by a slow client, are fine
