@@ -104,6 +104,15 @@ def parse_tools(raw: str | None) -> frozenset[str]:
         raise StartupError(str(exc)) from None
 
 
+def cannot_open(db: Database, exc: BaseException) -> str:
+    """One line for a database that cannot be opened: the driver's own reason, without SQLAlchemy's
+    wrapper class and "Background on this error" link."""
+    reason = str(getattr(exc, "orig", None) or exc) or type(exc).__name__
+    reason = reason.split("\n(Background on this error", 1)[0].strip()
+    reason = " ".join(line.strip() for line in reason.splitlines() if line.strip())
+    return f"cannot open the database {db.describe()}: {reason}"
+
+
 async def open_runtime(cfg: ProcessConfig, notifications: Notifications | None = None) -> Runtime:
     """Open the database (migrating it), load the secret key and settings.
 
@@ -119,7 +128,7 @@ async def open_runtime(cfg: ProcessConfig, notifications: Notifications | None =
         raise StartupError(str(exc)) from None
     except Exception as exc:
         await db.dispose()
-        raise StartupError(f"cannot open the database {db.describe()}: {exc}") from None
+        raise StartupError(cannot_open(db, exc)) from None
     try:
         box = SecretBox(load_key(cfg.data_dir))
     except SecretKeyError as exc:

@@ -226,6 +226,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 async def _migrate(cfg: Any) -> int:
+    from datamachine_mcp.server.bootstrap import cannot_open
     from datamachine_mcp.storage.db import Database
     from datamachine_mcp.storage.migrate import MigrationError, current_revision, migrate
 
@@ -236,6 +237,9 @@ async def _migrate(cfg: Any) -> int:
         after = await current_revision(db)
     except MigrationError as exc:
         print(f"datamachine-mcp: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    except Exception as exc:  # unreachable server, bad credentials: one line, as serve and worker say it
+        print(f"datamachine-mcp: {cannot_open(db, exc)}", file=sys.stderr)
         return EXIT_CONFIG
     finally:
         await db.dispose()

@@ -155,3 +155,25 @@ def test_cli_migrate_reports_progress(tmp_path):
     second = _cli(tmp_path, "migrate", "--db", str(path))
     assert second.returncode == 0 and f"already at {HEAD_REVISION}" in second.stderr
     assert _tables(path) == {*TABLES, "alembic_version"}
+
+
+def _unreachable_urls() -> list[str]:
+    """A closed loopback port (no server needed) and, with a test PostgreSQL, a wrong password."""
+    urls = ["postgresql://dm:dm@127.0.0.1:1/nothing"]
+    pg = os.environ.get("DATAMACHINE_TEST_PG_URL")
+    if pg:
+        scheme, _, rest = pg.partition("://")
+        host = rest.rpartition("@")[2]
+        urls.append(f"{scheme}://dm:not-the-password@{host}")
+    return urls
+
+
+@pytest.mark.parametrize("command", [["migrate"], [], ["worker"]], ids=["migrate", "serve", "worker"])
+def test_a_database_that_cannot_be_opened_is_one_line_on_every_command(tmp_path, command):
+    for url in _unreachable_urls():
+        result = _cli(tmp_path, *command, "--db", url)
+        assert result.returncode == 2 and result.stdout == "", result.stderr
+        lines = result.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("datamachine-mcp: cannot open the database "), lines[:5]
+        assert "sqlalche.me" not in lines[0] and "sqlalchemy" not in lines[0], lines[0]
+        assert "not-the-password" not in lines[0]
