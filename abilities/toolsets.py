@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
+from difflib import get_close_matches
 
 from datamachine_mcp.abilities.registry import TOOLSETS, Ability
 
@@ -83,3 +84,22 @@ def instructions_note(abilities: Mapping[str, Ability], toolsets: frozenset[str]
     if summary.hidden_tools:
         text += f" {summary.hidden_tools} tools are not listed. {ENABLE_HINT}"
     return text
+
+
+def unknown_tool_text(
+    name: str, abilities: Mapping[str, Ability], toolsets: frozenset[str] | None, tools: Iterable[str], read_only: bool
+) -> str:
+    """Why ``name`` is not a tool here: hidden by the selection (how to list it) or a typo (close matches)."""
+    ability = abilities.get(name)
+    if ability is not None and read_only and not ability.read_only:
+        return f"Unknown tool: {name}. It changes data and this server runs with --read-only: restart it without --read-only to use it."
+    if ability is not None:
+        return (
+            f"Unknown tool: {name}. It is in the {ability.toolset} toolset, not listed by this server: restart it "
+            f"with --tools {name} (env DATAMACHINE_TOOLS) or --toolsets core,{ability.toolset}."
+        )
+    offered = [s for s, a in abilities.items() if listed(a, toolsets, tools) and (a.read_only or not read_only)]
+    close = get_close_matches(name, offered, n=3, cutoff=0.6) or get_close_matches(name, list(abilities), n=3)
+    if close:
+        return f"Unknown tool: {name}. Did you mean {' or '.join(close)}?"
+    return f"Unknown tool: {name}. tools/list shows the tools this server offers."

@@ -24,7 +24,7 @@ from datamachine_mcp.abilities.access import Principal
 from datamachine_mcp.abilities.context import Runtime
 from datamachine_mcp.abilities.registry import Ability
 from datamachine_mcp.abilities.runner import error_text, invoke, refusal, visible
-from datamachine_mcp.abilities.toolsets import ENABLE_HINT, instructions_note, listed
+from datamachine_mcp.abilities.toolsets import instructions_note, listed, unknown_tool_text
 from datamachine_mcp.engine.errors import CodedError
 from datamachine_mcp.resources.registry import ResourceNotFound, ResourceSpec, read
 from datamachine_mcp.server import tool_cache
@@ -113,6 +113,7 @@ class DataMachineServer:
         resolve_principal: PrincipalResolver,
     ) -> None:
         self.runtime = runtime
+        self._registry = abilities  # every tool, for saying why one is not offered here
         self.abilities = exposed_abilities(abilities, runtime)
         self.twins = resource_twins(abilities, runtime)
         self.resources = resources
@@ -193,7 +194,10 @@ class DataMachineServer:
     ) -> types.CallToolResult | types.InputRequiredResult:
         ability = self.abilities.get(params.name)
         if ability is None:
-            raise MCPError(code=types.INVALID_PARAMS, message=f"Unknown tool: {params.name}. {ENABLE_HINT}")
+            text = unknown_tool_text(
+                params.name, self._registry, self.runtime.toolsets, self.runtime.tools, self.runtime.read_only
+            )
+            raise MCPError(code=types.INVALID_PARAMS, message=text)
         try:
             principal = await self._principal(ctx)
         except CodedError as err:

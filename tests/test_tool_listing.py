@@ -187,6 +187,27 @@ async def test_read_only_flag_exposes_only_read_only_tools(runtime):
         assert await _all_names(c) == {slug for slug, a in load_abilities().items() if a.read_only}
         me = await call(c, "whoami", {})
         assert me["read_only"] is True
+        with pytest.raises(MCPError) as info:
+            await c.call_tool("create-agent", {"agent_slug": "x"})
+        assert "changes data and this server runs with --read-only" in info.value.error.message
+
+
+@pytest.mark.parametrize(
+    ("name", "says"),
+    [
+        ("get-pipeline", "Did you mean get-pipelines"),  # a typo: the close matches, not a restart hint
+        ("list-agent", "Did you mean list-agents"),
+        ("frobnicate", "tools/list shows the tools this server offers"),
+        ("queue-add", "It is in the flows toolset, not listed by this server: restart it with --tools queue-add"),
+    ],
+)
+async def test_an_unknown_tool_is_told_apart_from_a_hidden_one(runtime, name, says):
+    async with connect(dataclasses.replace(runtime, toolsets=frozenset({"core"}), tools=frozenset())) as c:
+        with pytest.raises(MCPError) as info:
+            await c.call_tool(name, {})
+        assert info.value.error.message.startswith(f"Unknown tool: {name}. {says}"), info.value.error.message
+        if "restart" not in says:
+            assert "--toolsets" not in info.value.error.message
 
 
 # --- input validation of every tool ----------------------------------------------------------

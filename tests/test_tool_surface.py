@@ -113,8 +113,10 @@ async def test_stdio_default_lists_core_and_says_how_to_list_the_rest(tmp_path):
         assert me["enabled"] == ["core"] and "--toolsets all" in me["enable_hint"]
         assert {"chat", "settings"} <= set(me["not_listed"])
         # a tool outside the list is unknown here, and the answer says how to list it
-        with pytest.raises(MCPError, match=r"Unknown tool: get-settings\. .*--toolsets all"):
+        with pytest.raises(MCPError, match=r"Unknown tool: get-settings\. It is in the settings toolset") as info:
             await c.call_tool("get-settings", {})
+        assert "--tools get-settings" in info.value.error.message
+        assert "--toolsets core,settings" in info.value.error.message
         # resources do not depend on the tool list: the agents resources read through get-agent
         created = await call(c, "create-agent", {"agent_slug": "core-bot"})
         read = await c.read_resource("datamachine://agents/core-bot", cache_mode="bypass")
