@@ -291,7 +291,7 @@ class DataMachineServer:
         self, ctx: ServerRequestContext[Any, Any], params: types.GetPromptRequestParams
     ) -> types.GetPromptResult:
         self._attach(ctx)
-        return render(params.name, params.arguments, offer=self.abilities)
+        return render(params.name, params.arguments, offer=self.abilities, read_only=self.runtime.read_only)
 
     async def _complete(
         self, ctx: ServerRequestContext[Any, Any], params: types.CompleteRequestParams

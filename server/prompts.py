@@ -208,13 +208,23 @@ def offered(tools: Iterable[str]) -> list[PromptSpec]:
     return [p for p in PROMPTS if p.uses <= listed]
 
 
-def render(name: str, arguments: dict[str, str] | None, offer: Iterable[str] | None = None) -> types.GetPromptResult:
+def render(
+    name: str, arguments: dict[str, str] | None, offer: Iterable[str] | None = None, *, read_only: bool = False
+) -> types.GetPromptResult:
     """The prompt's messages; ``offer`` (the listed tools) hides prompts this process cannot serve."""
     spec = BY_NAME.get(name)
-    if spec is not None and offer is not None and not spec.uses <= set(offer):
-        spec = None
+    listed = set(BY_TOOL_ANY if offer is None else offer)
+    if spec is not None and not spec.uses <= listed:
+        needed = ",".join(sorted(spec.uses - listed))
+        raise MCPError(
+            code=types.INVALID_PARAMS,
+            message=f"Prompt {name} needs tools this server does not list: {needed}. "
+            f"Restart it with --tools {needed} (env DATAMACHINE_TOOLS) or --toolsets all"
+            + (", without --read-only." if read_only else "."),
+        )
     if spec is None:
-        raise MCPError(code=types.INVALID_PARAMS, message=f"Unknown prompt: {name}. Prompts: {', '.join(BY_NAME)}.")
+        names = ", ".join(p.name for p in offered(listed)) or "none in this server"
+        raise MCPError(code=types.INVALID_PARAMS, message=f"Unknown prompt: {name}. Prompts: {names}.")
     args = {k: v for k, v in (arguments or {}).items() if isinstance(v, str)}
     missing = [a.name for a in spec.arguments if a.required and not args.get(a.name, "").strip()]
     if missing:
@@ -226,5 +236,4 @@ def render(name: str, arguments: dict[str, str] | None, offer: Iterable[str] | N
             message=f"{spec.name} has no argument {', '.join(unknown)}; "
             f"it takes {', '.join(a.name for a in spec.arguments)}.",
         )
-    listed = frozenset(BY_TOOL_ANY if offer is None else offer)
-    return types.GetPromptResult(description=spec.description, messages=spec.render(args, listed))
+    return types.GetPromptResult(description=spec.description, messages=spec.render(args, frozenset(listed)))

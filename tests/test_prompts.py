@@ -83,8 +83,15 @@ async def test_prompts_whose_tools_are_not_listed_are_not_offered(runtime):
     logs_only = dataclasses.replace(runtime, toolsets=frozenset({"logs", "system"}))
     async with connect(logs_only) as c:
         assert (await c.list_prompts()).prompts == []
-        with pytest.raises(MCPError, match="Unknown prompt: explain-job"):
+        with pytest.raises(MCPError) as info:  # a hidden prompt says which tools it needs and how to list them
             await c.get_prompt("explain-job", {"job_id": "1"})
+        assert info.value.error.message == (
+            "Prompt explain-job needs tools this server does not list: get-jobs. "
+            "Restart it with --tools get-jobs (env DATAMACHINE_TOOLS) or --toolsets all."
+        )
+        with pytest.raises(MCPError) as info:  # an unknown name lists only the prompts offered here
+            await c.get_prompt("explain", {})
+        assert info.value.error.message == "Unknown prompt: explain. Prompts: none in this server."
     with_jobs = dataclasses.replace(runtime, toolsets=frozenset({"core"}), tools=frozenset())
     async with connect(with_jobs) as c:
         assert {p.name for p in (await c.list_prompts()).prompts} == set(BY_NAME)
@@ -101,6 +108,13 @@ async def test_a_read_only_session_offers_the_prompts_it_can_carry_out(runtime):
             named = set(re.findall(r"`([a-z][a-z-]+-[a-z-]+)`", text))
             assert named and named <= listed, named - listed
         assert "`wait-for-job` if it is still running" in text and "retry-job" not in text
+        with pytest.raises(
+            MCPError,
+            match=r"does not list: create-pipeline,pause-flow,run-flow,schedule-flow\..* without --read-only\.",
+        ):
+            await c.get_prompt("feed-digest", {"feed_url": "https://example.org/feed.xml"})
+        with pytest.raises(MCPError, match=r"Unknown prompt: digest\. Prompts: diagnose-flow, explain-job\."):
+            await c.get_prompt("digest", {})
 
 
 # --- completions --------------------------------------------------------------------------------
