@@ -7,6 +7,7 @@ Handler configuration (handler choice, merging, validation, secrets) hold everyw
 
 from __future__ import annotations
 
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -37,14 +38,38 @@ from datamachine_mcp.storage.timeutil import iso, utcnow
 QueueMode = Literal["static", "drain", "loop"]
 
 
-# "handler" is close to four step fields (two of them legacy): point at the one to use.
-STEP_FIELD_HINTS = {"handler": "handler_slugs", "handlers": "handler_slugs", "config": "handler_configs"}
+class _StepFieldHints(Mapping[str, str]):
+    """Unknown step keys -> the field to use. "handler" is close to four step fields (two of them legacy):
+    point at the one to use; a step type's setting given at the step's top level (``task_type``,
+    ``timeout_hours``) belongs in ``flow_step_settings``, read from the step types' declarations."""
+
+    FIXED: ClassVar[dict[str, str]] = {
+        "handler": "handler_slugs",
+        "handlers": "handler_slugs",
+        "config": "handler_configs",
+    }
+
+    def _all(self) -> dict[str, str]:
+        settings = {n: f"flow_step_settings.{n}" for t in STEP_TYPES.values() for n in t.settings_fields}
+        return {**settings, **self.FIXED}
+
+    def __getitem__(self, key: str) -> str:
+        return self._all()[key]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._all())
+
+    def __len__(self) -> int:
+        return len(self._all())
+
+
+STEP_FIELD_HINTS: Mapping[str, str] = _StepFieldHints()
 
 
 class StepConfigInput(Input):
     """Per-step configuration accepted by create-flow, configure-flow-steps and duplicate-flow."""
 
-    field_hints: ClassVar[dict[str, str]] = STEP_FIELD_HINTS
+    field_hints: ClassVar[Mapping[str, str]] = STEP_FIELD_HINTS
 
     handler_slugs: list[str] | None = Field(None, max_length=10, description="Handlers, in run order")
     handler_configs: dict[str, dict[str, Any]] | None = Field(None, description="{slug: config}, merged")

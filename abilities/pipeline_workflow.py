@@ -5,6 +5,7 @@ create-pipeline's workflow mode and execute-workflow.
 from __future__ import annotations
 
 import uuid
+from collections.abc import Mapping
 from typing import Any, ClassVar
 
 from pydantic import Field
@@ -23,7 +24,7 @@ from datamachine_mcp.storage.crypto import mask
 class WorkflowStepIn(Input):
     """One step of a workflow: its type, handlers and their configs, AI settings."""
 
-    field_hints: ClassVar[dict[str, str]] = STEP_FIELD_HINTS
+    field_hints: ClassVar[Mapping[str, str]] = STEP_FIELD_HINTS
 
     step_type: str = Field(
         max_length=50, description="fetch, ai, publish, update, approval, webhook_gate or system_task"

@@ -8,6 +8,7 @@ declared with ``Opt(...)`` is left out when it does not apply; every other field
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from datetime import datetime
 from typing import Annotated, Any, ClassVar, get_args
 
@@ -27,7 +28,7 @@ class Input(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True, populate_by_name=False, defer_build=True)
 
     # Unknown key -> the field to suggest, where a close match would miss or mislead.
-    field_hints: ClassVar[dict[str, str]] = {}
+    field_hints: ClassVar[Mapping[str, str]] = {}
 
     @field_validator("*", mode="after")
     @classmethod

@@ -98,3 +98,24 @@ async def test_handler_on_a_step_points_at_handler_slugs(owner: Client, runtime:
     err = await fail(owner, "execute-workflow", {"workflow": {"steps": [step]}})
     assert err["data"]["errors"][0]["suggestions"] == ["handler_slugs"]
     assert await table_rows(runtime) == before
+
+
+@pytest.mark.parametrize(
+    ("step", "key"),
+    [
+        ({"step_type": "system_task", "task_type": "echo"}, "task_type"),
+        ({"step_type": "approval", "timeout_hours": 2}, "timeout_hours"),
+    ],
+)
+async def test_a_step_setting_at_the_top_of_a_step_points_at_flow_step_settings(
+    owner: Client, runtime: Runtime, step: dict, key: str
+) -> None:
+    before = await table_rows(runtime)
+    for tool, args in (
+        ("create-pipeline", {"pipeline_name": "x", "workflow": {"steps": [step]}}),
+        ("execute-workflow", {"workflow": {"steps": [step]}}),
+    ):
+        err = await fail(owner, tool, args)
+        assert err["data"]["errors"][0]["suggestions"] == [f"flow_step_settings.{key}"], err
+        assert f"did you mean flow_step_settings.{key}?" in err["message"]
+    assert await table_rows(runtime) == before
