@@ -164,6 +164,29 @@ def _setup_logging(level: str | None, default: str = "warning") -> None:
     )
 
 
+def _checked_public_url(raw: str | None) -> str | None:
+    """--public-url is the base of URLs handed to other systems (webhooks, gate resumes): an absolute
+    http(s) URL, refused at start otherwise rather than producing unusable links later."""
+    if not raw:
+        return None
+    from urllib.parse import urlsplit
+
+    from datamachine_mcp.server.bootstrap import StartupError
+
+    try:
+        parts = urlsplit(raw.strip())
+        ok = parts.scheme in ("http", "https") and bool(parts.hostname) and not parts.query and not parts.fragment
+        _ = parts.port  # a port that is not a number raises here
+    except ValueError:
+        ok = False
+    if not ok:
+        raise StartupError(
+            f"--public-url (env DATAMACHINE_PUBLIC_URL) must be an absolute http(s) URL such as "
+            f"https://dm.example.com, not {raw!r}"
+        )
+    return raw.strip()
+
+
 def _config(args: argparse.Namespace) -> Any:
     from datamachine_mcp.server.bootstrap import (
         ProcessConfig,
@@ -189,7 +212,7 @@ def _config(args: argparse.Namespace) -> Any:
         read_only=bool(getattr(args, "read_only", None) or env("READ_ONLY") in ("1", "true", "yes")),
         worker=not getattr(args, "no_worker", None),
         concurrency=max(1, getattr(args, "concurrency", None) or int(env("CONCURRENCY", "4") or 4)),
-        public_base_url=getattr(args, "public_url", None) or env("PUBLIC_URL"),
+        public_base_url=_checked_public_url(getattr(args, "public_url", None) or env("PUBLIC_URL")),
         http=(getattr(args, "http", None) or env("HTTP")) if serving else None,
         allow_origins=tuple(o.strip() for o in origins if o.strip()),
     )

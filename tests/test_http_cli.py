@@ -142,3 +142,25 @@ def test_listen_addresses(given, expected):
 def test_bad_listen_addresses_are_refused_with_the_form_to_use(given):
     with pytest.raises(StartupError, match="give PORT or HOST:PORT"):
         parse_listen(given)
+
+
+@pytest.mark.parametrize("given", ["notaurl", "dm.example.com", "ftp://dm.example.com", "https://", "http://h:port"])
+def test_a_public_url_that_is_not_an_absolute_http_url_stops_the_server(tmp_path, given):
+    for args, extra_env in (
+        (["serve", "--http", "127.0.0.1:0", "--public-url", given], {}),
+        (["worker"], {"DATAMACHINE_PUBLIC_URL": given}),
+    ):
+        done = subprocess.run(
+            [sys.executable, "-m", "datamachine_mcp.server.cli", *args],
+            cwd=ROOT,
+            env={"DATAMACHINE_DB": str(tmp_path / "dm.db"), "PATH": "/usr/bin:/bin", **extra_env},
+            capture_output=True,
+            text=True,
+            timeout=60,
+            stdin=subprocess.DEVNULL,
+        )
+        assert done.returncode == 2 and done.stdout == "", done.stderr
+        assert done.stderr == (
+            "datamachine-mcp: --public-url (env DATAMACHINE_PUBLIC_URL) must be an absolute http(s) URL such as "
+            f"https://dm.example.com, not {given!r}\n"
+        )
