@@ -17,6 +17,12 @@ class WhoamiIn(Input):
     pass
 
 
+class ToolsetCount(Output):
+    toolset: str = Field(description="Toolset name")
+    listed: int = Field(description="Its tools listed for this session")
+    total: int = Field(description="Its tools in all")
+
+
 class WhoamiOut(Output):
     user_id: int = Field(description="The user this session acts as")
     agent_id: int | None = Field(description="Agent context (null = none)")
@@ -25,25 +31,25 @@ class WhoamiOut(Output):
     capabilities: list[str] | None = Field(description="Token scopes (null = no narrowing)")
     token_prefix: str | None = Field(description="Display prefix of the token used (never the secret)")
     transport: Literal["stdio", "http", "cli"] = Field(description="How this session is connected")
-    toolsets: list[str] = Field(description="Toolsets with at least one tool listed for this session")
+    toolsets: list[ToolsetCount] = Field(description="Per toolset: tools listed for this session, of all it has")
     enabled: list[str] = Field(description="The process's tool selection: core, all, toolset names, tool:<name>")
-    not_listed: list[str] = Field(description="Toolsets with tools this process does not list")
     enable_hint: str | None = Field(description="How to list the other tools (null when all are listed)")
     read_only: bool = Field(description="Whether mutating tools are hidden in this process")
     server_version: str = Field(description="datamachine-mcp version")
 
 
-def exposed_toolsets(ctx: AbilityContext) -> list[str]:
+def toolset_counts(ctx: AbilityContext) -> list[ToolsetCount]:
+    """Per toolset, the tools this session sees listed (selection, --read-only, its role) and the total."""
     rt = ctx.runtime
     out = []
     for toolset in TOOLSETS:
-        tools = [
+        tools = [a for a in registered().values() if a.toolset == toolset]
+        shown = [
             a
-            for a in registered().values()
-            if a.toolset == toolset and (a.read_only or not rt.read_only) and listed(a, rt.toolsets, rt.tools)
+            for a in tools
+            if (a.read_only or not rt.read_only) and listed(a, rt.toolsets, rt.tools) and visible(a, ctx.principal)
         ]
-        if any(visible(a, ctx.principal) for a in tools):
-            out.append(toolset)
+        out.append(ToolsetCount(toolset=toolset, listed=len(shown), total=len(tools)))
     return out
 
 
@@ -67,9 +73,8 @@ async def whoami(ctx: AbilityContext, inp: WhoamiIn) -> WhoamiOut:
         capabilities=sorted(p.capabilities) if p.capabilities is not None else None,
         token_prefix=p.token_prefix,
         transport=p.transport if p.transport in ("stdio", "http", "cli") else "stdio",
-        toolsets=exposed_toolsets(ctx),
+        toolsets=toolset_counts(ctx),
         enabled=selection.enabled,
-        not_listed=selection.hidden_toolsets,
         enable_hint=ENABLE_HINT if selection.hidden_tools else None,
         read_only=ctx.runtime.read_only,
         server_version=ctx.runtime.version,

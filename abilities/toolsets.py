@@ -60,7 +60,6 @@ def listed(ability: Ability, toolsets: frozenset[str] | None, tools: Iterable[st
 @dataclass(frozen=True)
 class SelectionSummary:
     enabled: list[str]  # the selection as given: profiles and toolset names, then single tools
-    hidden_toolsets: list[str]  # toolsets with tools this selection does not list
     hidden_tools: int
 
 
@@ -72,7 +71,6 @@ def summarize(
     hidden = [a for a in abilities.values() if (a.read_only or not read_only) and not listed(a, toolsets, extra)]
     return SelectionSummary(
         enabled=enabled + [f"tool:{t}" for t in extra],
-        hidden_toolsets=[t for t in TOOLSETS if any(a.toolset == t for a in hidden)],
         hidden_tools=len(hidden),
     )
 

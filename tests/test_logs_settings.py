@@ -537,6 +537,11 @@ async def test_settings_need_a_global_admin(runtime, owner):
 # --- whoami ------------------------------------------------------------------------------------
 
 
+def _toolset_sizes() -> dict[str, int]:
+    abilities = load_abilities().values()
+    return {t: sum(a.toolset == t for a in abilities) for t in TOOLSETS}
+
+
 async def test_whoami(runtime, owner, bot):
     out = await call(owner, "whoami", {})
     assert out == {
@@ -547,9 +552,8 @@ async def test_whoami(runtime, owner, bot):
         "capabilities": None,
         "token_prefix": None,
         "transport": "stdio",
-        "toolsets": [t for t in TOOLSETS if any(a.toolset == t for a in load_abilities().values())],
+        "toolsets": [{"toolset": t, "listed": n, "total": n} for t, n in _toolset_sizes().items()],
         "enabled": ["all"],
-        "not_listed": [],
         "enable_hint": None,
         "read_only": False,
         "server_version": runtime.version,
@@ -565,7 +569,7 @@ async def test_whoami(runtime, owner, bot):
     assert me["is_admin"] is False and me["transport"] == "http"
     assert me["capabilities"] == ["read", "toolset:agents", "toolset:system"]
     assert me["token_prefix"] == token.token_prefix and me["token_prefix"].startswith("dm_bot_")
-    assert me["toolsets"] == ["agents", "system"]
+    assert [t["toolset"] for t in me["toolsets"] if t["listed"]] == ["agents", "system"]
     async with connect(runtime, USER2) as c:
-        toolsets = (await call(c, "whoami", {}))["toolsets"]
-    assert "settings" not in toolsets and {"agents", "logs", "system"} <= set(toolsets)
+        counts = {t["toolset"]: t["listed"] for t in (await call(c, "whoami", {}))["toolsets"]}
+    assert counts["settings"] == 0 and all(counts[t] for t in ("agents", "logs", "system"))

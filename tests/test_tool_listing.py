@@ -166,7 +166,8 @@ async def test_toolsets_flag_removes_other_tools(runtime):
         registry = load_abilities()
         assert {registry[name].toolset for name in await _all_names(c)} == {"logs", "system"}
         me = await call(c, "whoami", {})
-        assert me["toolsets"] == ["logs", "system"]
+        assert [t["toolset"] for t in me["toolsets"] if t["listed"]] == ["logs", "system"]
+        assert {t["toolset"]: t["listed"] for t in me["toolsets"]}["logs"] == 4
         before = await table_rows(runtime)
         # excluded tools do not exist in this process (not a permission denial)
         with pytest.raises(MCPError, match="Unknown tool: create-agent"):

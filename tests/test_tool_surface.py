@@ -111,7 +111,13 @@ async def test_stdio_default_lists_core_and_says_how_to_list_the_rest(tmp_path):
         assert c.server_info is not None and c.server_info.icons
         me = await call(c, "whoami")
         assert me["enabled"] == ["core"] and "--toolsets all" in me["enable_hint"]
-        assert {"chat", "settings"} <= set(me["not_listed"])
+        # per toolset: how many of its tools are listed, of how many (the core list has some of most)
+        counts = {t["toolset"]: (t["listed"], t["total"]) for t in me["toolsets"]}
+        assert list(counts) == list(TOOLSETS)
+        abilities = load_abilities().values()
+        for name, (shown, total) in counts.items():
+            assert total == sum(a.toolset == name for a in abilities)
+            assert shown == sum(a.toolset == name and a.core for a in abilities) < total, name
         # a tool outside the list is unknown here, and the answer says how to list it
         with pytest.raises(MCPError, match=r"Unknown tool: get-settings\. It is in the settings toolset") as info:
             await c.call_tool("get-settings", {})
@@ -134,7 +140,8 @@ async def test_toolsets_and_tools_flags_add_to_the_list(tmp_path):
     async with Client(_server(tmp_path, **env), mode="legacy") as c:
         assert {t.name for t in (await c.list_tools()).tools} == set(abilities)
         me = await call(c, "whoami")
-        assert me["enabled"] == ["all"] and me["enable_hint"] is None and me["not_listed"] == []
+        assert me["enabled"] == ["all"] and me["enable_hint"] is None
+        assert all(t["listed"] == t["total"] for t in me["toolsets"])
 
 
 def test_unknown_toolset_or_tool_stops_the_server_naming_the_valid_ones(tmp_path):
