@@ -68,7 +68,8 @@ class Worker:
 
     async def run(self) -> None:
         """Claim and run jobs until ``stop()``."""
-        log.info("worker %s started (concurrency %s)", self.worker_id, self.concurrency)
+        # DEBUG: the process that owns the worker announces it (the worker CLI names the database too)
+        log.debug("worker %s started (concurrency %s)", self.worker_id, self.concurrency)
         try:
             while not self._stopping.is_set():
                 self.last_loop_at = self.now()
