@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from datetime import timedelta
 from typing import Annotated, Any, Literal
 
 from pydantic import Field
@@ -17,14 +18,16 @@ from datamachine_mcp.abilities.schema import Input, Opt, Output
 from datamachine_mcp.abilities.uris import FLOW, JOB
 from datamachine_mcp.engine import front
 from datamachine_mcp.engine import status as st
+from datamachine_mcp.engine.worker import LIVENESS_KEY
 from datamachine_mcp.storage.crypto import SecretUnavailable
 from datamachine_mcp.storage.models import Agent, Job, Pipeline
-from datamachine_mcp.storage.timeutil import utcnow
+from datamachine_mcp.storage.timeutil import iso, utcnow
 
 MAX_WAIT = 300
 # Default wait of run-flow, execute-workflow, run-task and wait-for-job: the result comes back in one call
 # when it is quick, and the call always ends before a client that gives up at 60 s (Claude Desktop) does.
 DEFAULT_WAIT = 45
+WORKER_ALIVE_SECONDS = 60  # a worker heartbeat younger than this means jobs are being claimed
 IDEMPOTENCY_PATTERN = r"^[\x20-\x7e]+$"
 
 # A job's pipeline_id / flow_id as an input: an id, or "direct" for ad-hoc workflows.
@@ -153,12 +156,28 @@ async def wait_and_describe(
     }
     if not result.final:
         where = await front.position_of(engine, job or result.job)
-        out["follow_up"] = follow_up(job_id, described["status"], where.step, result.waited_seconds)
+        idle = described["base_status"] == st.PENDING and not await worker_alive(ctx)
+        out["follow_up"] = follow_up(job_id, described["status"], where.step, result.waited_seconds, no_worker=idle)
     return out
 
 
-def follow_up(job_id: int, status: str, step: str, waited: float) -> str:
+async def worker_alive(ctx: AbilityContext) -> bool:
+    """Whether any worker (in this or another process) ran recently: workers record a heartbeat at least
+    every 15 s under an internal settings key, the one system-health-check reads."""
+    async with ctx.reading():
+        beats = await ctx.runtime.settings.internal_get(ctx.session, LIVENESS_KEY) or {}
+    recent = iso(utcnow() - timedelta(seconds=WORKER_ALIVE_SECONDS))
+    return any(isinstance(at, str) and at >= recent for at in beats.values())
+
+
+def follow_up(job_id: int, status: str, step: str, waited: float, *, no_worker: bool = False) -> str:
     """What to tell a caller whose wait ended before the job: it runs on, and how to follow it."""
+    if no_worker:
+        return (
+            f"Job {job_id} is still pending after {waited:.0f} s ({step}): no worker has run in the last "
+            f"{WORKER_ALIVE_SECONDS} s (this server runs none with --no-worker). Start one with "
+            f"`datamachine-mcp worker` on the same database; the job runs then. Read {JOB.format(job_id=job_id)}."
+        )
     text = (
         f"Job {job_id} is not finished after {waited:.0f} s ({status}, {step}); it keeps running. "
         f'Follow it with wait-for-job {{"job_id": {job_id}}} or read {JOB.format(job_id=job_id)}.'

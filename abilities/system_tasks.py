@@ -15,6 +15,7 @@ from datamachine_mcp.abilities.registry import ability
 from datamachine_mcp.abilities.schema import Input, Opt, Output
 from datamachine_mcp.engine import front
 from datamachine_mcp.engine import status as st
+from datamachine_mcp.engine.worker import LIVENESS_KEY
 from datamachine_mcp.storage.crypto import SecretUnavailable
 from datamachine_mcp.storage.migrate import current_revision
 from datamachine_mcp.storage.migrations import HEAD_REVISION
@@ -23,7 +24,7 @@ from datamachine_mcp.storage.timeutil import parse_datetime, utcnow
 
 CHECKS = ("database", "migrations", "worker", "scheduler", "jobs", "providers", "secrets")
 TASK_LABELS = {"retention": "Retention cleanup", "recover_stuck_jobs": "Recover stuck jobs", "echo": "Echo"}
-HEARTBEAT_KEY = "worker_heartbeat"
+HEARTBEAT_KEY = LIVENESS_KEY  # the key workers write their heartbeats under
 
 
 CheckType = Literal["all", "database", "migrations", "worker", "scheduler", "jobs", "providers", "secrets"]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+from datamachine_mcp.engine.host import EngineHost
 from tests import jobs_support
 from tests.conftest import call, connect, table_rows
 from tests.jobs_support import (
@@ -533,3 +534,19 @@ async def test_resume_url_is_masked_below_operator(runtime, owner, engine):
         assert seen["wait"]["resume_url"] == "********"
         listed = (await call(viewer, "get-jobs", {"include_engine_data": True}))["jobs"][0]
         assert listed["wait"]["resume_url"] == "********" and token not in str(listed)
+
+
+@pytest.mark.backends
+async def test_a_wait_with_no_worker_running_says_so_instead_of_it_keeps_running(runtime, owner):
+    made = await make_flow(owner, [echo_step()])
+    idle = await call(owner, "run-flow", {"flow_id": made["flow_id"], "wait_seconds": 0.5})
+    assert idle["status"] == "pending" and idle["final"] is False
+    assert "no worker has run in the last 60 s" in idle["follow_up"], idle["follow_up"]
+    assert "datamachine-mcp worker" in idle["follow_up"] and "keeps running" not in idle["follow_up"]
+    # once a worker has run (its heartbeat is recent), a pending job is just not claimed yet
+    host = EngineHost(runtime.engine, concurrency=1, poll_seconds=0.1)
+    await host.start()
+    await jobs_support.wait_job(owner, idle["job_id"])
+    await host.stop(grace=5)
+    later = await call(owner, "run-flow", {"flow_id": made["flow_id"], "wait_seconds": 0.5})
+    assert later["status"] == "pending" and "keeps running" in later["follow_up"], later["follow_up"]
