@@ -25,8 +25,6 @@ from collections.abc import Iterable, Iterator
 from datetime import UTC, datetime, timedelta
 from typing import Any, Protocol
 
-from sqlalchemy import bindparam, text
-
 from datamachine_mcp.storage.db import Database
 from datamachine_mcp.storage.timeutil import utcnow
 
@@ -90,6 +88,8 @@ def _chunks(ids: list[int]) -> Iterator[list[int]]:
 
 def poll_statement(keys: Iterable[Key]) -> Any:
     """One query for every key: rows ``(kind, id, newest updated_at, count)``; a missing row is gone."""
+    from sqlalchemy import bindparam, text
+
     by_kind: dict[str, list[int]] = {"j": [], "f": [], "p": []}
     for kind, ident in keys:
         if kind in by_kind:
@@ -127,10 +127,18 @@ def _stamp(value: Any) -> datetime | None:
 class ChangeWatch:
     """The process's watch over one database (``Notifications.watch_other_processes`` runs it)."""
 
-    def __init__(self, notifications: Announcer, db: Database, *, every: float = WATCH_SECONDS) -> None:
+    def __init__(
+        self,
+        notifications: Announcer,
+        db: Database,
+        *,
+        every: float = WATCH_SECONDS,
+        ready: asyncio.Event | None = None,
+    ) -> None:
         self._notifications = notifications
         self._db = db
         self._every = every
+        self._ready = ready  # set once the baseline is read: changes from then on are announced
         self._started = utcnow()
         self._last: dict[Key, State | None] = {}
         self._wake = asyncio.Event()
@@ -151,6 +159,8 @@ class ChangeWatch:
 
     async def _loop(self) -> None:
         await self.poll()  # the baseline: a change from now on differs from it
+        if self._ready is not None:
+            self._ready.set()
         while True:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), self._every)

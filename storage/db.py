@@ -14,23 +14,23 @@ to the busy timeout instead of letting SQLite's ``busy_timeout`` block the threa
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import sqlite3
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from functools import cached_property
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import event
-from sqlalchemy.engine import Connection
-from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker, create_async_engine
-from sqlalchemy.pool import StaticPool
-from sqlalchemy.sql import Select
-from sqlalchemy.util.concurrency import await_
+if TYPE_CHECKING:
+    from sqlalchemy.engine import Connection, Engine
+    from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
+    from sqlalchemy.sql import Select
 
-import datamachine_mcp.storage.sqlite_driver  # noqa: F401 - registers the sqlite+dminline dialect
+    from datamachine_mcp.storage.reads import Reads
 
 log = logging.getLogger(__name__)
 
@@ -63,19 +63,24 @@ def sqlite_path(url: str) -> Path | None:
 READ_BUSY_TIMEOUT_MS = 100  # WAL readers rarely wait; bound the rare wait that blocks the loop
 
 
-def _install_sqlite_hooks(engine: AsyncEngine, *, write: bool, busy_timeout_ms: int) -> None:
-    @event.listens_for(engine.sync_engine, "connect")
+def install_sqlite_hooks(engine: Engine, *, write: bool, busy_timeout_ms: int) -> None:
+    """WAL, foreign keys and our own BEGIN (IMMEDIATE for writers) on every connection of ``engine``."""
+    from sqlalchemy import event
+    from sqlalchemy.util.concurrency import await_
+
+    @event.listens_for(engine, "connect")
     def _on_connect(dbapi_connection: Any, _record: Any) -> None:
         # Take over transaction control from the driver so BEGIN can be IMMEDIATE.
         dbapi_connection.isolation_level = None
-        raw = dbapi_connection.driver_connection
+        # the sqlite3 connection itself (a synchronous engine's) or the one our async dialect adapts
+        raw = getattr(dbapi_connection, "driver_connection", dbapi_connection)
         raw.execute("PRAGMA journal_mode=WAL")
         raw.execute("PRAGMA foreign_keys=ON")
         # Writers never sleep inside SQLite (see _on_begin); readers may, briefly.
         raw.execute(f"PRAGMA busy_timeout={0 if write else READ_BUSY_TIMEOUT_MS}")
         raw.execute("PRAGMA synchronous=NORMAL")
 
-    @event.listens_for(engine.sync_engine, "begin")
+    @event.listens_for(engine, "begin")
     def _on_begin(conn: Connection) -> None:
         raw: sqlite3.Connection = conn.connection.driver_connection  # type: ignore[assignment]
         if not write:
@@ -97,7 +102,11 @@ def _install_sqlite_hooks(engine: AsyncEngine, *, write: bool, busy_timeout_ms: 
 
 
 class Database:
-    """One database (SQLite file or PostgreSQL), with write and read sessions."""
+    """One database (SQLite file or PostgreSQL), with write and read sessions.
+
+    SQLAlchemy is imported and the engines are created on first use: a process that only lists tools
+    never loads it (see ``storage.migrate`` for the start-up schema check on the raw driver).
+    """
 
     def __init__(
         self,
@@ -109,26 +118,54 @@ class Database:
         self.url = normalize_url(path_or_url)
         self.dialect = "postgresql" if self.url.startswith("postgresql") else "sqlite"
         self.path = sqlite_path(self.url)
-        if self.dialect == "sqlite":
-            if self.path is not None:
-                self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-            memory = self.path is None
-            kwargs: dict[str, Any] = {"poolclass": StaticPool} if memory else {}
-            self.write_engine = create_async_engine(self.url, **kwargs)
-            _install_sqlite_hooks(self.write_engine, write=True, busy_timeout_ms=busy_timeout_ms)
-            if memory:  # one shared connection: reads go through the write engine
-                self.read_engine = self.write_engine
-            else:
-                self.read_engine = create_async_engine(self.url)
-                _install_sqlite_hooks(self.read_engine, write=False, busy_timeout_ms=busy_timeout_ms)
-        else:
-            self.write_engine = create_async_engine(
-                self.url, pool_size=pool_size, max_overflow=pool_size, pool_pre_ping=True
-            )
-            self.read_engine = self.write_engine
+        self.busy_timeout_ms = busy_timeout_ms
+        self.pool_size = pool_size
+        if self.dialect == "sqlite" and self.path is not None:
+            self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
         self._write_lock = asyncio.Lock() if self.dialect == "sqlite" else None
-        self._writer = async_sessionmaker(self.write_engine, expire_on_commit=False, autoflush=True)
-        self._reader = async_sessionmaker(self.read_engine, expire_on_commit=False, autoflush=True)
+        self.light_connections: list[sqlite3.Connection] = []  # idle connections of ``reads()`` (SQLite)
+
+    @cached_property
+    def _engines(self) -> tuple[AsyncEngine, AsyncEngine]:
+        from sqlalchemy.ext.asyncio import create_async_engine
+        from sqlalchemy.pool import StaticPool
+
+        import datamachine_mcp.storage.sqlite_driver  # noqa: F401 - registers the sqlite+dminline dialect
+
+        if self.dialect != "sqlite":
+            pooled = create_async_engine(
+                self.url, pool_size=self.pool_size, max_overflow=self.pool_size, pool_pre_ping=True
+            )
+            return pooled, pooled
+        memory = self.path is None
+        kwargs: dict[str, Any] = {"poolclass": StaticPool} if memory else {}
+        write_engine = create_async_engine(self.url, **kwargs)
+        install_sqlite_hooks(write_engine.sync_engine, write=True, busy_timeout_ms=self.busy_timeout_ms)
+        if memory:  # one shared connection: reads go through the write engine
+            return write_engine, write_engine
+        read_engine = create_async_engine(self.url)
+        install_sqlite_hooks(read_engine.sync_engine, write=False, busy_timeout_ms=self.busy_timeout_ms)
+        return write_engine, read_engine
+
+    @property
+    def write_engine(self) -> AsyncEngine:
+        return self._engines[0]
+
+    @property
+    def read_engine(self) -> AsyncEngine:
+        return self._engines[1]
+
+    @cached_property
+    def _writer(self) -> async_sessionmaker[AsyncSession]:
+        from sqlalchemy.ext.asyncio import async_sessionmaker
+
+        return async_sessionmaker(self.write_engine, expire_on_commit=False, autoflush=True)
+
+    @cached_property
+    def _reader(self) -> async_sessionmaker[AsyncSession]:
+        from sqlalchemy.ext.asyncio import async_sessionmaker
+
+        return async_sessionmaker(self.read_engine, expire_on_commit=False, autoflush=True)
 
     @property
     def is_sqlite(self) -> bool:
@@ -152,6 +189,16 @@ class Database:
         async with self._reader() as session:
             yield session
 
+    def read_session(self) -> AsyncSession:
+        """A read session not yet begun (it begins at its first statement); the caller closes it."""
+        return self._reader()
+
+    def reads(self) -> contextlib.AbstractAsyncContextManager[Reads]:
+        """A light read transaction: prebuilt Core SELECTs without an ORM session (``storage.reads``)."""
+        from datamachine_mcp.storage.reads import open_reads
+
+        return open_reads(self)
+
     def for_update(self, stmt: Select[Any], *, skip_locked: bool = False) -> Select[Any]:
         """Lock the selected rows for a read-modify-write (storage.md §11 rule 4).
 
@@ -162,9 +209,14 @@ class Database:
         return stmt.with_for_update(skip_locked=skip_locked) if self.dialect == "postgresql" else stmt
 
     async def dispose(self) -> None:
-        await self.write_engine.dispose()
-        if self.read_engine is not self.write_engine:
-            await self.read_engine.dispose()
+        while self.light_connections:
+            self.light_connections.pop().close()
+        if "_engines" not in self.__dict__:
+            return  # never used: no engine to close
+        write_engine, read_engine = self._engines
+        await write_engine.dispose()
+        if read_engine is not write_engine:
+            await read_engine.dispose()
 
     def describe(self) -> str:
         if self.path is not None:

@@ -13,17 +13,16 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlparse
 
-from sqlalchemy import select
-from sqlalchemy.dialects.postgresql import insert as pg_insert
-from sqlalchemy.dialects.sqlite import insert as sqlite_insert
-from sqlalchemy.ext.asyncio import AsyncSession
-
 from datamachine_mcp.storage.crypto import MASK, SecretBox, is_envelope, mask
-from datamachine_mcp.storage.models import LOG_LEVELS, Setting
 from datamachine_mcp.storage.timeutil import utcnow
+
+# SQLAlchemy and the models are imported by the methods that read or write rows: a process that
+# serves only its tool list opens a SettingsStore without loading them.
+if TYPE_CHECKING:
+    from sqlalchemy.ext.asyncio import AsyncSession
 
 CACHE_SECONDS = 2.0
 PROVIDERS = ("openai", "anthropic", "sampling")
@@ -52,6 +51,11 @@ class IntSpec:
 
 def _insert(session: AsyncSession) -> Any:
     """The dialect's INSERT construct (both offer ``on_conflict_do_update``)."""
+    from sqlalchemy.dialects.postgresql import insert as pg_insert
+    from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+
+    from datamachine_mcp.storage.models import Setting
+
     return pg_insert(Setting) if session.get_bind().dialect.name == "postgresql" else sqlite_insert(Setting)
 
 
@@ -218,6 +222,10 @@ class SettingsStore:
         now = time.monotonic()
         if not fresh and self._cache is not None and now - self._cache[0] < CACHE_SECONDS:
             return self._cache[1]
+        from sqlalchemy import select
+
+        from datamachine_mcp.storage.models import Setting
+
         rows = (await session.execute(select(Setting))).scalars().all()
         stored = {row.key: row for row in rows}
         values: dict[str, Any] = {}
@@ -243,6 +251,8 @@ class SettingsStore:
         return stored
 
     async def internal_get(self, session: AsyncSession, key: str) -> Any:
+        from datamachine_mcp.storage.models import Setting
+
         row = await session.get(Setting, key)
         return None if row is None else row.value
 
@@ -263,6 +273,8 @@ class SettingsStore:
         One statement, so of several processes racing for the same key exactly one wins: the engine's
         once-a-day jobs (retention) run on one process even when several start together.
         """
+        from datamachine_mcp.storage.models import Setting
+
         now = at
         stmt = _insert(session).values(key=key, value=value, is_secret=False, updated_at=now)
         stmt = stmt.on_conflict_do_update(
@@ -282,6 +294,8 @@ class SettingsStore:
         self, session: AsyncSession, changes: Mapping[str, Any], *, user_id: int | None
     ) -> tuple[list[str], dict[str, Any]]:
         """Validate, clamp and store ``changes``. Returns (updated keys, adjusted values)."""
+        from datamachine_mcp.storage.models import Setting
+
         current = await self.snapshot(session, fresh=True)
         adjusted: dict[str, Any] = {}
         to_store: dict[str, Any] = {}
@@ -312,6 +326,8 @@ class SettingsStore:
         if key in INT_SETTINGS:
             return _clamp(key, value, adjusted)
         if key == "log_level":
+            from datamachine_mcp.storage.models import LOG_LEVELS
+
             if value not in LOG_LEVELS:
                 raise SettingError(key, f"log_level must be one of: {', '.join(LOG_LEVELS)}")
             return value
