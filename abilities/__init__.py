@@ -1,1 +1,1 @@
-"""Abilities: every operation, declared once and served as an MCP tool (ARCHITECTURE decision 1)."""
+"""Abilities: every operation, declared once and served as an MCP tool (docs/architecture.md, The ability registry)."""

@@ -1,4 +1,4 @@
-"""Principals, roles and their enforcement (access.md §1-§5).
+"""Principals, roles and their enforcement (docs/access.md).
 
 Every call runs as a ``Principal``. ``Access`` answers, for one call, what role the principal has
 on a resource and builds the implicit list filter; it caches the principal's agents so a call
@@ -97,7 +97,7 @@ class Access:
         return (await self.agent_roles()).get(agent_id)
 
     async def effective_role(self, owner: Owner) -> str | None:
-        """access.md §3.2 steps 1-4."""
+        """docs/access.md, Effective role on a resource, steps 1-4."""
         p = self.principal
         if p.agent_id is not None:
             if owner.agent_id == p.agent_id:
@@ -137,7 +137,7 @@ class Access:
         mutating: bool,
         target: dict[str, Any] | None = None,
     ) -> str:
-        """Allow the operation or raise: ceiling, then role, then inactive agent (access.md §3.2)."""
+        """Allow the operation or raise: ceiling, then role, then inactive agent."""
         self.check_scope(required, target)
         role = await self.effective_role(owner)
         if role is None or ROLE_RANK[role] < ROLE_RANK[required]:
@@ -171,7 +171,7 @@ class Access:
             )
 
     async def scope_filter(self, agent_col: Any, user_col: Any, *, shared: bool = True) -> ColumnElement[bool]:
-        """The implicit list filter of access.md §5 for a table's owner columns."""
+        """The implicit list filter for a table's owner columns (docs/access.md, List scoping)."""
         p = self.principal
         if p.is_admin and p.agent_id is None:
             return true()

@@ -1,4 +1,4 @@
-"""The agent bundle (abilities.md §4): its format and the validation of a bundle to import.
+"""The agent bundle: its format and the validation of a bundle to import.
 
 Bundle v1: ``{format, version, exported_at, agent, pipelines, flows}``. Refs are the source ids as
 strings (pipelines: pipeline_id, steps: pipeline_step_id). Secrets never leave the server: they are
@@ -69,7 +69,7 @@ class BundleErrors:
             more = f" (and {len(self.errors) - 1} more)" if len(self.errors) > 1 else ""
             raise AbilityError(
                 "invalid_bundle",
-                f"The bundle is not a valid {FORMAT} v{VERSION}: {first['path']}: {first['message']}{more}.",
+                f"The bundle is not a valid {FORMAT} v{VERSION}: {first['path']}: {first['message'].rstrip('.')}{more}.",
                 errors=self.errors,
             )
 
@@ -235,7 +235,8 @@ async def plan_bundle(ctx: AbilityContext, bundle: dict[str, Any]) -> tuple[list
     for i, f in enumerate(bundle.get("flows") or []):
         raw = f.get("scheduling_config", {"interval": "manual"}) if isinstance(f, dict) else {}
         try:
-            schedules.append(normalize_schedule(client_keys(_obj(raw, f"flows[{i}].scheduling_config", errs))))
+            client = client_keys(_obj(raw, f"flows[{i}].scheduling_config", errs))
+            schedules.append(normalize_schedule(client, allow_past=True))
         except AbilityError as err:
             errs.add(f"flows[{i}].scheduling_config", err.message)
     errs.raise_if_any()

@@ -1,4 +1,4 @@
-"""Shared pieces of the agent tools: slugs, the agent selector, output shapes (abilities.md §3, §4)."""
+"""Shared pieces of the agent tools: slugs, the agent selector, output shapes."""
 
 from __future__ import annotations
 

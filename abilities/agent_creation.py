@@ -1,4 +1,4 @@
-"""Creating agents (abilities.md §4, access.md §6.4): slug checks, the self-service limit and the insert
+"""Creating agents (docs/access.md, New resources): slug checks, the self-service limit and the insert
 shared by create-agent and import-agent.
 """
 
@@ -44,7 +44,7 @@ async def slug_free(ctx: AbilityContext, slug: str) -> None:
 
 
 def refuse_agent_bound(ctx: AbilityContext) -> None:
-    """Agent-bound principals cannot create agents (access.md §6.4)."""
+    """Agent-bound principals cannot create agents (docs/access.md, New resources)."""
     if ctx.principal.agent_id is not None:
         raise AccessDenied(
             "permission_denied",
@@ -59,7 +59,7 @@ async def enforce_agent_limit(ctx: AbilityContext) -> None:
     p = ctx.principal
     if p.is_admin:
         return
-    limit = (await ctx.settings()).int("max_agents_per_user")
+    limit = (await ctx.settings(access=True)).int("max_agents_per_user")
     owned = (await ctx.session.execute(select(Agent).where(Agent.owner_id == p.user_id))).scalars().all()
     if len(owned) < limit:
         return

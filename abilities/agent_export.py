@@ -1,4 +1,4 @@
-"""export-agent: an agent with its pipelines and flows as a portable bundle (abilities.md §4).
+"""export-agent: an agent with its pipelines and flows as a portable bundle.
 
 Secrets never leave the server: they are dropped and their paths listed in ``redacted_fields``. The
 bundle format is described in ``abilities.agent_bundle``.

@@ -1,4 +1,4 @@
-"""import-agent: create an agent with its pipelines and flows from a bundle (abilities.md §4).
+"""import-agent: create an agent with its pipelines and flows from a bundle.
 
 The whole bundle is validated first (``abilities.agent_bundle``), then the agent, its pipelines (fresh
 ids) and flows are created in the call's one transaction; schedules start paused unless

@@ -1,4 +1,4 @@
-"""Agents toolset: create, read, list, update, rename and delete agents (abilities.md §4).
+"""Agents toolset: create, read, list, update, rename and delete agents.
 
 The creation helpers shared with import-agent are in ``abilities.agent_creation``; export-agent and
 import-agent in ``abilities.agent_export`` and ``abilities.agent_import``.
@@ -96,7 +96,7 @@ class CreateAgentIn(Input):
 
 
 class CreateAgentOut(Output):
-    # Exactly the fields abilities.md lists for create-agent (no timestamps; get-agent has them).
+    # The create-agent answer: no timestamps (get-agent has them).
     agent_id: int = Field(description="Agent id")
     agent_slug: str = Field(description="Unique slug")
     agent_name: str = Field(description="Display name")
@@ -264,7 +264,7 @@ async def update_agent(ctx: AbilityContext, inp: UpdateAgentIn) -> UpdateAgentOu
             "invalid_agent_update", "No fields to update. Provide agent_name, agent_config, status or owner_id."
         )
     p = ctx.principal
-    # A global administrator is the one principal who may change an inactive agent (access.md §3.4).
+    # A global administrator is the one principal who may change an inactive agent (to reactivate it).
     agent, role = await load_agent(ctx, inp, "admin", mutating=not p.is_admin)
     if inp.owner_id is not None and not p.is_admin:
         raise AccessDenied(

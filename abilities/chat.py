@@ -1,4 +1,4 @@
-"""Chat toolset: private multi-turn sessions (abilities.md §10, access.md §6.1, storage.md §3.5, §7.7).
+"""Chat toolset: private multi-turn sessions (docs/storage.md, datamachine_chat_sessions).
 
 Sessions belong to one user. Someone else's session id is ``session_not_found``; global admins reach
 other users' sessions by passing ``user_id`` (get, list, delete). Agent-bound principals see and create

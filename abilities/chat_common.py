@@ -1,4 +1,4 @@
-"""Shared pieces of the chat tools (abilities.md §10, access.md §6.1): loading a session, scopes, expiry,
+"""Shared pieces of the chat tools: loading a session, scopes, expiry,
 titles and the output shapes of sessions and messages, used by the session tools (``abilities.chat``) and
 send-chat-message (``abilities.chat_message``).
 """
@@ -76,7 +76,7 @@ async def load_session(
     """The caller's session (or, for global admins passing ``user_id``, that user's).
 
     Unknown ids and other users' sessions are both ``session_not_found``. A change to a session of an
-    inactive agent is ``agent_inactive`` (access.md §3.4).
+    inactive agent is ``agent_inactive``.
     """
     subject = subject_user(ctx, user_id)
     sid = session_id.strip()

@@ -1,6 +1,6 @@
-"""send-chat-message (abilities.md §10): a user message in a chat session and the AI's reply.
+"""send-chat-message: a user message in a chat session and the AI's reply.
 
-Three phases, so no transaction is open while the provider answers (abilities.md §2.4):
+Three phases, so no transaction is open while the provider answers:
 
 1. a read transaction: the session (owner only), its agent (viewer, active), settings, provider and
    model resolution, the conversation so far and its message count;
@@ -13,7 +13,7 @@ Three phases, so no transaction is open while the provider answers (abilities.md
 
 Any error leaves the session unchanged (not even the user message is saved). No retries are made.
 
-Decisions where the spec is silent:
+Choices made here:
 
 * The resolved provider and model are stored on the session (not only an explicit override), so the
   session keeps answering with the model it started with even if agent or settings defaults change.
@@ -75,7 +75,7 @@ class SendChatMessageOut(Output):
 
 def resolve(inp: SendChatMessageIn, session: Any, agent_cfg: dict[str, Any], snap: Any) -> tuple[str, str]:
     """Provider and model, each from the first non-empty of input, session, agent chat mode, agent default,
-    settings default (abilities.md §10 note 1)."""
+    settings default."""
     overrides = [(inp.provider, inp.model), (session.provider, session.model)]
     return resolve_provider_model(overrides, agent_cfg, "chat", snap)
 

@@ -28,7 +28,7 @@ if TYPE_CHECKING:
 
 
 class EventSink(Protocol):
-    """Where committed changes are announced (the server implements it; engine.md §14)."""
+    """Where committed changes are announced (the server implements it; docs/architecture.md, Notifications)."""
 
     async def resource_updated(self, uri: str) -> None: ...
 
@@ -139,9 +139,10 @@ class AbilityContext:
             self._access_of = self._session
         return self._access
 
-    async def settings(self) -> Snapshot:
-        cached = self.runtime.settings.cached()  # fresh enough: no need to open a read-only call's session
-        return cached if cached is not None else await self.runtime.settings.snapshot(self.session)
+    async def settings(self, *, access: bool = False) -> Snapshot:
+        """The settings; ``access=True`` for a decision on who may do what (those keys read current)."""
+        cached = None if access else self.runtime.settings.cached()  # fresh: a read-only call opens no session
+        return cached if cached is not None else await self.runtime.settings.snapshot(self.session, access=access)
 
     @asynccontextmanager
     async def transaction(self) -> AsyncIterator[AsyncSession]:
@@ -177,7 +178,7 @@ class AbilityContext:
         pipeline_id: int | None = None,
         **extra: Any,
     ) -> None:
-        """Write this call's audit row in its transaction (access.md §7.2). Exactly once per call."""
+        """Write this call's audit row in its transaction (docs/access.md, Audit). Exactly once per call."""
         if self.audited:
             raise RuntimeError(f"{self.ability.slug} wrote a second audit row")
         self.audited = True

@@ -18,7 +18,7 @@ class AccessDenied(CodedError):
     """A permission refusal (``permission_denied`` or ``agent_access_denied``).
 
     Unlike other errors it leaves a trace: one ``warning`` log row written in its own transaction
-    after the call's transaction rolled back (access.md §7.3).
+    after the call's transaction rolled back (docs/access.md, Denial rows).
     """
 
     def __init__(

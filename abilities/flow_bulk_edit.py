@@ -1,4 +1,4 @@
-"""Planning of bulk flow-step changes (configure-flow-steps, validate-flow-steps-config; abilities.md §6).
+"""Planning of bulk flow-step changes (configure-flow-steps, validate-flow-steps-config).
 
 Turns a pipeline/global change or an updates list into per-step ``StepEdit``s, applies them with
 ``flow_ops.apply_step_edit`` and collects the results, skips, errors and warnings in a ``Plan``.

@@ -1,4 +1,4 @@
-"""Shared pieces of the flow tools (abilities.md §6, §2.10): the schedule input, names, owners of new flows."""
+"""Shared pieces of the flow tools: the schedule input, names, owners of new flows."""
 
 from __future__ import annotations
 
@@ -45,7 +45,7 @@ class ScheduleIn(Input):
 
 
 def schedule_from(value: ScheduleIn | None) -> dict[str, Any]:
-    """Validated client keys (the §2.10 codes); no input means manual."""
+    """Validated client keys (docs/engine.md, Schedule types); no input means manual."""
     return normalize_schedule(value.client() if value is not None else {"interval": "manual"})
 
 
@@ -66,7 +66,7 @@ def flow_target(flow_id: int | None) -> dict[str, Any]:
 async def new_flow_owner(
     ctx: AbilityContext, agent_id: int | None, fallback_agent: int | None
 ) -> tuple[int | None, Owner]:
-    """Owner of a new flow (access.md §3.5): the agent_id input, else the pipeline's agent, else the caller's."""
+    """Owner of a new flow: the agent_id input, else the pipeline's agent, else the caller's."""
     p = ctx.principal
     if agent_id is not None:
         if await ctx.session.get(Agent, agent_id) is None:

@@ -1,6 +1,4 @@
-"""duplicate-flow: copy a flow's step configs and prompt queues into the same or a compatible pipeline
-(abilities.md §6).
-"""
+"""duplicate-flow: copy a flow's step configs and prompt queues into the same or a compatible pipeline."""
 
 from __future__ import annotations
 

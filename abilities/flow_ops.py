@@ -1,8 +1,8 @@
 """Operations on flows shared by several tools: editing one flow step, creating a flow, setting a schedule.
 
 update-flow-step, configure-flow-steps, create-flow, create-pipeline (workflow mode), duplicate and
-import tools all change flow steps through ``apply_step_edit`` so the rules of abilities.md §2.11
-(handler choice, merging, validation, secrets) hold everywhere.
+import tools all change flow steps through ``apply_step_edit`` so the rules of docs/engine.md,
+Handler configuration (handler choice, merging, validation, secrets) hold everywhere.
 """
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 from pydantic import Field
 
@@ -37,8 +37,14 @@ from datamachine_mcp.storage.timeutil import iso, utcnow
 QueueMode = Literal["static", "drain", "loop"]
 
 
+# "handler" is close to four step fields (two of them legacy): point at the one to use.
+STEP_FIELD_HINTS = {"handler": "handler_slugs", "handlers": "handler_slugs", "config": "handler_configs"}
+
+
 class StepConfigInput(Input):
     """Per-step configuration accepted by create-flow, configure-flow-steps and duplicate-flow."""
+
+    field_hints: ClassVar[dict[str, str]] = STEP_FIELD_HINTS
 
     handler_slugs: list[str] | None = Field(None, max_length=10, description="Handlers, in run order")
     handler_configs: dict[str, dict[str, Any]] | None = Field(None, description="{slug: config}, merged")
@@ -95,7 +101,7 @@ def apply_step_edit(
     files_roots: list[Path] | None,
     now: datetime | None = None,
 ) -> EditResult:
-    """Return the flow step after ``edit``; raises AbilityError with the §2.11 codes. Pure (no I/O)."""
+    """Return the flow step after ``edit``; raises AbilityError with the handler-configuration codes. Pure (no I/O)."""
     step_type = entry.get("step_type", "")
     spec = STEP_TYPES.get(step_type)
     if spec is None:
@@ -236,7 +242,7 @@ def apply_step_edit(
 
 
 def seeded_warnings(entry: dict[str, Any]) -> list[str]:
-    """Warnings for copied configs that still miss required fields (abilities.md §2.11)."""
+    """Warnings for copied configs that still miss required fields (stored anyway; a run fails until set)."""
     warnings = []
     step_type = entry.get("step_type", "")
     for slug in entry.get("handler_slugs") or []:
@@ -253,9 +259,10 @@ def seeded_warnings(entry: dict[str, Any]) -> list[str]:
     return warnings
 
 
-def normalize_schedule(raw: dict[str, Any] | None) -> dict[str, Any]:
-    """Validate client schedule keys (the §2.10 codes)."""
-    return sched.normalize(raw or {"interval": "manual"})
+def normalize_schedule(raw: dict[str, Any] | None, *, allow_past: bool = False) -> dict[str, Any]:
+    """Validate client schedule keys (docs/engine.md, Schedule types). A one-time run in the past is refused unless
+    ``allow_past`` (imports, which turn it into manual themselves)."""
+    return sched.normalize(raw or {"interval": "manual"}, not_before=None if allow_past else utcnow())
 
 
 def set_schedule(flow: Flow, client: dict[str, Any], *, now: datetime) -> bool:
@@ -287,7 +294,7 @@ async def create_flow_record(
 ) -> tuple[Flow, list[str], list[str]]:
     """Insert a flow with steps synced from ``pipeline``, ``step_configs`` applied and its schedule set.
 
-    Returns (flow, configured flow_step_ids, warnings). create-flow's steps 2-5 (abilities.md §6).
+    Returns (flow, configured flow_step_ids, warnings).
     """
     now = utcnow()
     flow = Flow(

@@ -1,4 +1,4 @@
-"""Flow schedules: pause-flow, resume-flow, schedule-flow and get-scheduling-intervals (abilities.md §6, §2.10)."""
+"""Flow schedules: pause-flow, resume-flow, schedule-flow and get-scheduling-intervals (docs/engine.md, Scheduling)."""
 
 from __future__ import annotations
 

@@ -1,9 +1,9 @@
-"""Flows toolset, part 2: flow steps (abilities.md §6).
+"""Flows toolset, part 2: flow steps.
 
 get-flow-steps and update-flow-step, plus the flow-step lookup shared with the queue tools. The bulk
 tools configure-flow-steps and validate-flow-steps-config are in ``abilities.flow_steps_config``.
-Every change goes through ``flow_ops.apply_step_edit`` so the §2.11 rules (handler choice, merging,
-validation, secrets) are the same as in create-flow and the import tools.
+Every change goes through ``flow_ops.apply_step_edit`` so the rules of docs/engine.md, Handler
+configuration (handler choice, merging, validation, secrets) are the same as in create-flow and the import tools.
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ from datamachine_mcp.storage.timeutil import utcnow
 FSID_DESC = "{pipeline_step_id}_{flow_id}"
 
 
-# --- lookup (abilities.md §6 "Flow-step lookup") -------------------------------------------------
+# --- lookup -------------------------------------------------------------------------------------
 
 
 def _invalid(message: str, **data: Any) -> AbilityError:

@@ -1,4 +1,4 @@
-"""Flows toolset: bulk flow-step configuration (abilities.md §6).
+"""Flows toolset: bulk flow-step configuration.
 
 configure-flow-steps (pipeline, global or updates scope) and validate-flow-steps-config (its preview).
 The planning both share is in ``abilities.flow_bulk_edit``.

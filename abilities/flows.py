@@ -1,4 +1,4 @@
-"""Flows toolset, part 1: get, create, update and delete flows (abilities.md §6).
+"""Flows toolset, part 1: get, create, update and delete flows.
 
 duplicate-flow is in ``abilities.flow_duplicate``; pausing, resuming and scheduling in
 ``abilities.flow_schedule``; flow steps in ``abilities.flow_steps`` and ``abilities.flow_steps_config``;
@@ -388,7 +388,7 @@ async def delete_flow(ctx: AbilityContext, inp: FlowIdIn) -> DeleteFlowOut:
         )
     ).scalar() or 0
     flow_id, pipeline_id, name, agent_id = flow.flow_id, flow.pipeline_id, flow.flow_name, flow.agent_id
-    # The database cascade removes the jobs (and their children) and processed items (storage.md §5).
+    # The database cascade removes the jobs (and their children) and processed items.
     await ctx.session.execute(delete(Flow).where(Flow.flow_id == flow_id).execution_options(synchronize_session=False))
     ctx.session.expunge(flow)
     await ctx.audit(

@@ -1,4 +1,4 @@
-"""Agents toolset: role grants on agents (abilities.md §4, access.md §6.5)."""
+"""Agents toolset: role grants on agents (docs/access.md, Roles)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The step-type and handler registries as tools (abilities.md §5: get-step-types, get-handlers,
+"""The step-type and handler registries as tools (get-step-types, get-handlers,
 get-handler-config-fields, validate-handler).
 
 All four read ``engine.catalog`` only: no storage, no per-resource role.
@@ -18,7 +18,7 @@ from datamachine_mcp.engine.catalog import HANDLERS, STEP_TYPES, FieldSpec, Hand
 
 
 class FieldSpecOut(Output):
-    """FieldSpec (abilities.md §3): one config or settings field."""
+    """One config or settings field."""
 
     type: Literal["string", "integer", "number", "boolean", "object", "array"] = Field(description="JSON type")
     required: bool = Field(description="Must be set before the step can run")

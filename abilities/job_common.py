@@ -1,4 +1,4 @@
-"""Shared pieces of the job tools: loading a job with its role check, and the Job output shape (abilities.md §3)."""
+"""Shared pieces of the job tools: loading a job with its role check, and the Job output shape."""
 
 from __future__ import annotations
 

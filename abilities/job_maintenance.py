@@ -1,4 +1,4 @@
-"""Jobs toolset, maintenance: delete-jobs and recover-stuck-jobs (abilities.md §7, engine.md §11.6).
+"""Jobs toolset, maintenance: delete-jobs and recover-stuck-jobs (docs/engine.md, Recovery and maintenance).
 
 Each mutation writes one audit row; after it commits the changed jobs are announced through the engine
 (local waiters, ``datamachine://jobs/{id}`` subscribers).
@@ -20,9 +20,8 @@ from datamachine_mcp.abilities.pipeline_common import load_flow, load_pipeline
 from datamachine_mcp.abilities.questions import confirmation
 from datamachine_mcp.abilities.registry import ability
 from datamachine_mcp.abilities.schema import Input, Output
+from datamachine_mcp.engine import front
 from datamachine_mcp.engine import status as st
-from datamachine_mcp.engine.lifecycle import Changes
-from datamachine_mcp.engine.maintenance import recover
 from datamachine_mcp.storage.dml import rowcount
 from datamachine_mcp.storage.models import Agent, Job, ProcessedItem
 
@@ -163,7 +162,7 @@ async def delete_jobs(ctx: AbilityContext, inp: DeleteJobsIn) -> DeleteJobsOut:
                 pipeline_id=inp.pipeline_id if isinstance(inp.pipeline_id, int) else None,
                 deleted_job_ids=doomed[:1000],
             )
-    await publish_changes(ctx, Changes(jobs=set(doomed)))
+    await publish_changes(ctx, front.Changes(jobs=set(doomed)))
     parts = [f"Deleted {len(doomed)} job(s)"]
     if inp.cleanup_processed:
         parts.append(f"cleaned {cleaned} processed item(s)")
@@ -233,7 +232,7 @@ async def recover_stuck_jobs(ctx: AbilityContext, inp: RecoverIn) -> RecoverOut:
             await load_flow(ctx, inp.flow_id, "operator", mutating=not inp.dry_run)
         where = await role_condition(ctx, "operator")
     # recover() runs the maintenance steps in its own short transactions and announces what changed.
-    report = await recover(
+    report = await front.recover(
         engine,
         dry_run=inp.dry_run,
         flow_id=inp.flow_id,

@@ -1,6 +1,6 @@
-"""Jobs toolset, reads: get-jobs and get-jobs-summary (abilities.md §7).
+"""Jobs toolset, reads: get-jobs and get-jobs-summary.
 
-Every listing is scoped to the rows the principal may read (access.md §5) and every count is computed
+Every listing is scoped to the rows the principal may read (docs/access.md, List scoping) and every count is computed
 over that same set. Flow health, problem flows and run metrics are in ``abilities.job_stats``.
 """
 
@@ -28,7 +28,7 @@ BREAKDOWN_LIMIT = 50
 
 
 async def check_agent_filter(ctx: AbilityContext, agent_id: int) -> None:
-    """An explicit agent filter: the agent must exist and be readable (access.md §5)."""
+    """An explicit agent filter: the agent must exist and be readable."""
     agent = await ctx.session.get(Agent, agent_id)
     if agent is None:
         raise AbilityError("agent_not_found", f"Agent {agent_id} not found.", agent_id=agent_id)
@@ -178,12 +178,8 @@ async def job_conditions(ctx: AbilityContext, inp: Any, applied: dict[str, Any])
 async def get_jobs(ctx: AbilityContext, inp: GetJobsIn) -> GetJobsOut:
     if inp.job_id is not None:
         applied: dict[str, Any] = {"job_id": inp.job_id}
-        job = await ctx.session.get(Job, inp.job_id)
-        if job is None:
-            rows: list[dict[str, Any]] = []
-        else:
-            await load_job(ctx, inp.job_id, "viewer", mutating=False)
-            rows = await describe_jobs(ctx, [job], engine_data=True, packets=True)
+        job, _ = await load_job(ctx, inp.job_id, "viewer", mutating=False)  # job_not_found when missing
+        rows = await describe_jobs(ctx, [job], engine_data=True, packets=True)
         return GetJobsOut(jobs=rows, total=len(rows), per_page=inp.per_page, offset=inp.offset, filters_applied=applied)
     applied = {}
     conds = await job_conditions(ctx, inp, applied)

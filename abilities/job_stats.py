@@ -1,6 +1,6 @@
-"""Jobs toolset, health and metrics: get-flow-health, get-problem-flows and get-run-metrics (abilities.md §7).
+"""Jobs toolset, health and metrics: get-flow-health, get-problem-flows and get-run-metrics.
 
-Listings are scoped to the rows the principal may read (access.md §5).
+Listings are scoped to the rows the principal may read (docs/access.md, List scoping).
 """
 
 from __future__ import annotations
@@ -18,12 +18,10 @@ from datamachine_mcp.abilities.pipeline_common import load_flow
 from datamachine_mcp.abilities.registry import ability
 from datamachine_mcp.abilities.schema import Input, Opt, Output, ts
 from datamachine_mcp.engine import status as st
+from datamachine_mcp.engine.token_usage import own_usage, with_children
 from datamachine_mcp.storage.crypto import mask
 from datamachine_mcp.storage.models import Flow, Job, ProcessedItem
 from datamachine_mcp.storage.timeutil import utcnow
-
-ZERO_TOKENS = {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0}
-
 
 # --- get-flow-health / get-problem-flows ------------------------------------------------------
 
@@ -284,8 +282,11 @@ async def get_run_metrics(ctx: AbilityContext, inp: RunMetricsIn) -> RunMetricsO
     )
     children = {status: int(n) for status, n in rows.all()}
     children["total"] = sum(children.values())
-    raw_tokens = data.get("token_usage")
-    tokens = raw_tokens if isinstance(raw_tokens, dict) else {}
+    # A batch parent's usage includes its children's: written when it completes, summed live before.
+    if data.get("batch") and job.status not in st.FINAL:
+        tokens = await with_children(ctx.session, job)
+    else:
+        tokens = own_usage(data)
     metrics = {
         "job_id": job.job_id,
         "status": st.display(job.status, job.status_reason),
@@ -311,6 +312,6 @@ async def get_run_metrics(ctx: AbilityContext, inp: RunMetricsIn) -> RunMetricsO
         "fetch_stages": fetch_stages,
         "child_jobs": children,
         "batch_results": data.get("batch_results") if isinstance(data.get("batch_results"), dict) else None,
-        "token_usage": {k: int(tokens.get(k, 0)) for k in ZERO_TOKENS},
+        "token_usage": tokens,
     }
     return RunMetricsOut.model_validate({"metrics": metrics})

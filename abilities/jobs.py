@@ -1,4 +1,4 @@
-"""Jobs toolset: starting flow runs, and the wait routine every waiting tool shares (abilities.md §7, §2.9)."""
+"""Jobs toolset: starting flow runs, and the wait routine every waiting tool shares."""
 
 from __future__ import annotations
 
@@ -15,11 +15,8 @@ from datamachine_mcp.abilities.pipeline_common import load_flow, notify_flow, ow
 from datamachine_mcp.abilities.registry import ability
 from datamachine_mcp.abilities.schema import Input, Opt, Output
 from datamachine_mcp.abilities.uris import FLOW, JOB
+from datamachine_mcp.engine import front
 from datamachine_mcp.engine import status as st
-from datamachine_mcp.engine.jobs import create_flow_job, empty_first_queue
-from datamachine_mcp.engine.lifecycle import Changes
-from datamachine_mcp.engine.plan import check_initial_data, resolve_plan
-from datamachine_mcp.engine.wait import position_of, wait_for_job
 from datamachine_mcp.storage.crypto import SecretUnavailable
 from datamachine_mcp.storage.models import Agent, Job, Pipeline
 from datamachine_mcp.storage.timeutil import utcnow
@@ -30,7 +27,7 @@ MAX_WAIT = 300
 DEFAULT_WAIT = 45
 IDEMPOTENCY_PATTERN = r"^[\x20-\x7e]+$"
 
-# A job's pipeline_id / flow_id as an input: an id, or "direct" for ad-hoc workflows (abilities.md §2.7).
+# A job's pipeline_id / flow_id as an input: an id, or "direct" for ad-hoc workflows.
 JobRef = Annotated[int, Field(ge=1)] | Literal["direct"]
 BaseStatus = Literal[
     "pending", "processing", "waiting", "completed", "failed", "cancelled", "completed_no_items", "agent_skipped"
@@ -44,7 +41,7 @@ def ref_condition(column_str: Any, column_key: Any, value: int | str) -> ColumnE
 
 async def role_condition(ctx: AbilityContext, required: Role) -> ColumnElement[bool]:
     """Jobs on which the principal holds at least ``required`` and whose agent is active: the rows a bulk
-    mutation may touch (abilities.md §2.3, access.md §3.2-§3.4)."""
+    mutation may touch (docs/access.md, Effective role on a resource)."""
     p = ctx.principal
     rank = ROLE_RANK[required]
     if p.agent_id is not None:
@@ -95,7 +92,7 @@ def gate_token(ctx: AbilityContext, job: Job) -> str | None:
 async def describe_jobs(
     ctx: AbilityContext, jobs: list[Job], *, engine_data: bool = False, packets: bool = False
 ) -> list[dict[str, Any]]:
-    """Job rows as the Job shape (abilities.md §3), redacted per the caller's role on each job."""
+    """Job rows as the Job shape, redacted per the caller's role on each job."""
     counts = await child_counts(ctx, [j.job_id for j in jobs if (j.engine_data or {}).get("batch")])
     roles: dict[tuple[int | None, int], str | None] = {}
     out = []
@@ -117,28 +114,31 @@ async def describe_jobs(
     return out
 
 
-async def publish_changes(ctx: AbilityContext, changes: Changes, *, wake: bool = False) -> None:
-    """After commit: wake local waiters, notify subscribers of the changed jobs and flows (engine.md §14),
-    and start claimable work without waiting for the next poll."""
+def engine_of(ctx: AbilityContext) -> Any:
+    """The process's engine services (every runtime opened by the server has them)."""
     engine = ctx.runtime.engine
     if engine is None:
-        return
-    await engine.announce(changes.jobs, changes.flows)
-    if wake:
-        engine.wake()
+        raise AbilityError("engine_unavailable", "This process has no engine attached; jobs cannot be changed.")
+    return engine
+
+
+async def publish_changes(ctx: AbilityContext, changes: front.Changes, *, wake: bool = False) -> None:
+    """After commit: announce the changed jobs and flows; ``wake`` starts claimable work at once."""
+    await front.announce(ctx.runtime.engine, changes, wake=wake)
 
 
 async def wait_and_describe(
     ctx: AbilityContext, job_id: int, seconds: float, *, stop_on_waiting: bool = False, engine_data: bool = False
 ) -> dict[str, Any]:
-    """The shared wait routine of run-flow, execute-workflow, run-task and wait-for-job (§2.9).
+    """The shared wait routine of run-flow, execute-workflow, run-task and wait-for-job.
 
-    A wait that ends before the job does says so in ``follow_up``: where the job is and how to follow it.
+    A wait that ends before the job does says so in ``follow_up``: where the job is and how to follow
+    it (docs/architecture.md, Waiting for a job).
     """
     engine = ctx.runtime.engine
     if engine is None:
         raise AbilityError("engine_unavailable", "This process has no engine attached; waits are not possible.")
-    result = await wait_for_job(engine, job_id, seconds, stop_on_waiting=stop_on_waiting, progress=ctx.progress)
+    result = await front.wait_for_job(engine, job_id, seconds, stop_on_waiting=stop_on_waiting, progress=ctx.progress)
     if result.job is None:
         raise AbilityError("job_not_found", f"Job {job_id} not found (it was deleted while waiting).", job_id=job_id)
     async with ctx.reading():
@@ -152,7 +152,7 @@ async def wait_and_describe(
         "waited_seconds": round(result.waited_seconds, 3),
     }
     if not result.final:
-        where = await position_of(engine, job or result.job)
+        where = await front.position_of(engine, job or result.job)
         out["follow_up"] = follow_up(job_id, described["status"], where.step, result.waited_seconds)
     return out
 
@@ -228,10 +228,27 @@ async def run_flow(ctx: AbilityContext, inp: RunFlowIn) -> RunFlowOut:
         flow = await load_flow(ctx, inp.flow_id, "operator", mutating=True)
         pipeline = await session.get(Pipeline, flow.pipeline_id)
         assert pipeline is not None
-        check_initial_data(inp.initial_data)
-        plan = resolve_plan(flow.flow_config)
-        first = plan.first["flow_step_id"]
-        if empty_first_queue(plan, flow.flow_config or {}):
+        snap = await ctx.settings()
+        key = f"client:{ctx.principal.user_id}:{inp.idempotency_key}" if inp.idempotency_key else None
+        engine = ctx.runtime.engine
+        affinity = None
+        if uses_sampling(flow.flow_config or {}, pipeline.pipeline_config or {}) and engine is not None:
+            affinity = engine.worker_id
+        start = await front.run_flow(
+            session,
+            flow=flow,
+            pipeline=pipeline,
+            initial_data=inp.initial_data,
+            dry_run=inp.dry_run,
+            idempotency_key=key,
+            max_attempts=snap.int("retry_max_attempts"),
+            now=now,
+            affinity=affinity,
+            origin_session_id=ctx.principal.session_id,
+            threshold=str(snap["log_level"]),
+        )
+        first = start.first_step
+        if start.created is None:
             return RunFlowOut(
                 flow_id=flow.flow_id,
                 job_id=None,
@@ -239,30 +256,9 @@ async def run_flow(ctx: AbilityContext, inp: RunFlowIn) -> RunFlowOut:
                 first_step=first,
                 replayed=False,
                 skipped=True,
-                reason="empty_drain_queue",
+                reason=start.skipped_reason,
             )
-        snap = await ctx.settings()
-        key = f"client:{ctx.principal.user_id}:{inp.idempotency_key}" if inp.idempotency_key else None
-        engine = ctx.runtime.engine
-        affinity = None
-        if uses_sampling(flow.flow_config or {}, pipeline.pipeline_config or {}) and engine is not None:
-            affinity = engine.worker_id
-        created = await create_flow_job(
-            session,
-            flow=flow,
-            pipeline=pipeline,
-            plan=plan,
-            trigger="manual",
-            initial_data=inp.initial_data,
-            dry_run=inp.dry_run,
-            idempotency_key=key,
-            request={"flow_id": flow.flow_id, "initial_data": inp.initial_data, "dry_run": inp.dry_run},
-            max_attempts=snap.int("retry_max_attempts"),
-            now=now,
-            affinity=affinity,
-            origin_session_id=ctx.principal.session_id,
-            threshold=str(snap["log_level"]),
-        )
+        created = start.created
         job = created.job
         if not created.replayed:
             await ctx.audit(

@@ -1,4 +1,4 @@
-"""Logs toolset: the central log and audit trail (abilities.md §9, access.md §6.2)."""
+"""Logs toolset: the central log and audit trail (docs/access.md, Audit)."""
 
 from __future__ import annotations
 

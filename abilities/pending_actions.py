@@ -1,4 +1,4 @@
-"""Jobs toolset, approvals: list, read and decide pending actions (abilities.md §7, engine.md §13.1-§13.2).
+"""Jobs toolset, approvals: list, read and decide pending actions (docs/engine.md, Waits: approval and webhook gate).
 
 A pending action is a job parked at an ``approval`` step: ``wait_ref`` holds its ``pa_<32 hex>`` id and
 ``engine_data.approval`` its state, kept (with the decision record) after the job moves on.
@@ -6,27 +6,23 @@ A pending action is a job parked at an ``approval`` step: ``wait_ref`` holds its
 
 from __future__ import annotations
 
-from datetime import timedelta
 from typing import Any, Literal
 
 from pydantic import Field
-from sqlalchemy import func, select, update
+from sqlalchemy import func, select
 
 from datamachine_mcp.abilities.context import AbilityContext
 from datamachine_mcp.abilities.errors import AbilityError
 from datamachine_mcp.abilities.job_common import job_ref
 from datamachine_mcp.abilities.job_reports import check_agent_filter
-from datamachine_mcp.abilities.jobs import publish_changes
+from datamachine_mcp.abilities.jobs import engine_of, publish_changes
 from datamachine_mcp.abilities.pipeline_common import owner_of
 from datamachine_mcp.abilities.questions import decision
 from datamachine_mcp.abilities.registry import ability
 from datamachine_mcp.abilities.schema import OFFSET_DESC, PER_PAGE_DESC, Input, Output, PageOut
-from datamachine_mcp.engine import claims
+from datamachine_mcp.engine import front
 from datamachine_mcp.engine import status as st
-from datamachine_mcp.engine.lifecycle import Changes, ed, finish
-from datamachine_mcp.engine.plan import step_config
 from datamachine_mcp.storage.crypto import mask
-from datamachine_mcp.storage.dml import rowcount
 from datamachine_mcp.storage.models import Job
 from datamachine_mcp.storage.timeutil import iso, utcnow
 
@@ -224,7 +220,7 @@ class ResolveOut(Output):
     message: str = Field(description="Human-readable result")
 
 
-def already_resolved(job: Job, action_id: str) -> AbilityError:
+def already_resolved(job: Any, action_id: str) -> AbilityError:
     approval = (job.engine_data or {}).get("approval") or {}
     if approval.get("action_id") != action_id:
         approval = {}  # the job parked at a new approval since; this action's record was superseded
@@ -243,14 +239,6 @@ def already_resolved(job: Job, action_id: str) -> AbilityError:
         decided_at=decided_at,
         decided_by_user_id=approval.get("decided_by_user_id"),
     )
-
-
-def _on_reject(data: dict[str, Any], approval: dict[str, Any]) -> str:
-    value = approval.get("on_reject")
-    if value not in ("skip", "fail"):
-        step = step_config(data, str(approval.get("flow_step_id") or "")) or {}
-        value = (step.get("flow_step_settings") or {}).get("on_reject")
-    return "fail" if value == "fail" else "skip"
 
 
 @ability(
@@ -296,112 +284,27 @@ async def resolve_pending_action(ctx: AbilityContext, inp: ResolveIn) -> Resolve
             target={"type": "job", "id": job.job_id},
         )
         job_id = job.job_id
-        data = ed(job)
-        approval = dict(data.get("approval") or {})
+        approval = dict((job.engine_data or {}).get("approval") or {})
         if job.status != st.WAITING or job.wait_ref != inp.action_id or approval.get("status") != "pending":
             raise already_resolved(job, inp.action_id)
-        # Compare-and-set on the waiting job: of two concurrent decisions exactly one matches a row (the other
-        # blocks on the row lock, then finds the job no longer waiting).
-        won = await session.execute(
-            update(Job)
-            .where(Job.job_id == job_id, Job.status == st.WAITING, Job.wait_ref == inp.action_id)
-            .values(updated_at=now)
-            .execution_options(synchronize_session=False)
-        )
-        if not rowcount(won):
-            current = await session.get(Job, job_id, populate_existing=True)
-            raise already_resolved(current or job, inp.action_id)
-        threshold = str((await ctx.settings())["log_level"])
-        decided = {
-            **approval,
-            "status": inp.decision,
-            "decided_by_user_id": p.user_id,
-            "decided_by_agent_id": p.agent_id,
-            "decided_at": iso(now),
-            "note": inp.note,
-        }
-        gate = str(approval.get("flow_step_id") or job.current_step_id or "")
-        step_results = dict(data.get("step_results") or {})
-        if isinstance(step_results.get(gate), dict):
-            outcome = "succeeded" if inp.decision == "accepted" else "rejected"
-            step_results[gate] = {**step_results[gate], "status": outcome, "decision": inp.decision}
-        updates: dict[str, Any] = {"approval": decided, "step_results": step_results}
-        if inp.decision == "accepted":
-            packets = list(job.packets or []) or [
-                {
-                    "type": "approval_decision",
-                    "timestamp": iso(now),
-                    "data": {
-                        "title": approval.get("description") or "",
-                        "body": inp.note or "",
-                        "decision": inp.decision,
-                    },
-                    "metadata": {"flow_step_id": gate, "action_id": inp.action_id},
-                }
-            ]
-            next_step = approval.get("next_flow_step_id")
-            if next_step:
-                await session.execute(
-                    update(Job)
-                    .where(Job.job_id == job_id, Job.status == st.WAITING)
-                    .values(
-                        status=st.PENDING,
-                        current_step_id=next_step,
-                        packets=packets,
-                        attempts=0,
-                        run_at=now,
-                        wait_expires_at=None,
-                        updated_at=now,
-                        engine_data={**data, **updates},
-                    )
-                    .execution_options(synchronize_session=False)
-                )
-                snap = await ctx.settings()
-                await claims.push_expiry(session, job_id, now + timedelta(seconds=snap.int("claim_ttl_seconds")))
-                changes = Changes(jobs={job_id})
-                resumed = True
-            else:
-                done = await finish(
-                    session,
-                    job_id,
-                    st.COMPLETED,
-                    None,
-                    now=now,
-                    allowed_from=(st.WAITING,),
-                    packets=packets,
-                    engine_updates=updates,
-                    threshold=threshold,
-                )
-                assert done is not None
-                changes = done
-        else:
-            if _on_reject(data, approval) == "fail":
-                to_status = st.FAILED
-                updates["error"] = {
-                    "reason": "approval_rejected",
-                    "flow_step_id": gate,
-                    "message": f"Rejected by user {p.user_id}" + (f": {inp.note}" if inp.note else "."),
-                    "class": "approval",
-                    "handler": None,
-                    "http_status": None,
-                    "diagnostics": None,
-                }
-            else:
-                to_status = st.SKIPPED
-            done = await finish(
+        snap = await ctx.settings()
+        try:
+            decided = await front.resolve_approval(
+                engine_of(ctx),
                 session,
                 job_id,
-                to_status,
-                "approval_rejected",
+                inp.action_id,
+                inp.decision,
+                note=inp.note,
+                user_id=p.user_id,
+                agent_id=p.agent_id,
                 now=now,
-                allowed_from=(st.WAITING,),
-                engine_updates=updates,
-                threshold=threshold,
+                threshold=str(snap["log_level"]),
+                claim_ttl=snap.int("claim_ttl_seconds"),
             )
-            assert done is not None
-            changes = done
-        current = await session.get(Job, job_id, populate_existing=True)
-        assert current is not None
+        except front.AlreadyResolved as gone:
+            raise already_resolved(gone.job, inp.action_id) from None
+        current, changes, resumed = decided.job, decided.changes, decided.resumed
         job_status = st.display(current.status, current.status_reason)
         await ctx.audit(
             f"approval {inp.action_id} of job {job_id} {inp.decision}; job is {job_status}",

@@ -1,8 +1,8 @@
 """Shared pieces of the pipeline, flow, queue and processed-item tools.
 
-Step identifiers (storage.md §6), loading pipelines and flows with their role checks, keeping each
+Step identifiers, loading pipelines and flows with their role checks, keeping each
 flow's ``flow_config`` in sync with its pipeline's steps, and the Pipeline / PipelineStep / Flow /
-FlowStep output shapes of abilities.md §3.
+FlowStep output shapes.
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ PIPELINE_STEP_RE = re.compile(rf"^([0-9]+)_{UUID4}$")
 Owned = TypeVar("Owned", Pipeline, Flow)
 
 
-# --- identifiers (storage.md §6.1-6.2) -----------------------------------------------------------
+# --- identifiers (docs/storage.md, pipeline_config; flow_config) ---------------------------------
 
 
 def new_pipeline_step_id(pipeline_id: int) -> str:
@@ -117,7 +117,7 @@ def step_label(step_type: str) -> str:
 
 
 def seed_flow_step(pipeline_step: dict[str, Any], *, flow_id: int, pipeline_id: int) -> dict[str, Any]:
-    """A new flow step for ``pipeline_step``: mirrored keys, handler defaults, empty queue (storage.md §7.2)."""
+    """A new flow step for ``pipeline_step``: mirrored keys, handler defaults, empty queue."""
     psid = pipeline_step["pipeline_step_id"]
     step_type = pipeline_step["step_type"]
     entry: dict[str, Any] = {
@@ -150,7 +150,7 @@ def sync_flow_config(
     """A flow_config with exactly one entry per pipeline step and mirrored keys up to date.
 
     Existing entries keep their handler configs, settings and queues; new steps are seeded; steps no
-    longer in the pipeline are dropped (storage.md §7.2).
+    longer in the pipeline are dropped.
     """
     current = dict(flow_config or {})
     out: dict[str, Any] = {}
@@ -176,7 +176,7 @@ async def flows_of(ctx: AbilityContext, pipeline_id: int, *, lock: bool = False)
     return list((await ctx.session.execute(stmt)).scalars())
 
 
-# --- output shapes (abilities.md §3) --------------------------------------------------------------
+# --- output shapes -------------------------------------------------------------------------------
 
 
 class OpenOutput(Output):
@@ -370,7 +370,7 @@ def flow_uri(flow_id: int) -> str:
 
 
 def notify_flow(ctx: AbilityContext, flow: Flow) -> None:
-    """Flow changed: its resource and its pipeline's (which embeds its flows) (engine.md §14.1)."""
+    """Flow changed: its resource and its pipeline's (which embeds its flows)."""
     ctx.notify_updated(flow_uri(flow.flow_id))
     ctx.notify_updated(pipeline_uri(flow.pipeline_id))
 
@@ -407,7 +407,7 @@ def build_pipeline_step(
 
     The server sets ``pipeline_step_id`` and ``execution_order``; ``handler`` is accepted as a spelling
     of ``handler_slug``; handler defaults are validated (types, unknown fields; not required fields)
-    and their secrets sealed; other seed keys are kept (storage.md §7.1).
+    and their secrets sealed; other seed keys are kept.
     """
     step = {k: v for k, v in seed.items() if k not in ("pipeline_step_id", "execution_order", "handler")}
     step_type = seed.get("step_type")

@@ -1,6 +1,6 @@
 """What copies of pipelines and flows keep: secrets are stripped (duplicate-pipeline for callers who do not
 administer the source, export-pipelines always), one-time schedules become manual, flow configs move to
-the copy's step ids (abilities.md §5).
+the copy's step ids.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Pipelines toolset, part 3: export-pipelines and its CSV format (abilities.md §5).
+"""Pipelines toolset, part 3: export-pipelines and its CSV format.
 
 The CSV format (RFC 4180, ``\\n`` line ends) has the header
 ``pipeline_id,pipeline_name,step_position,step_type,step_config,flow_id,flow_name,settings``. For
@@ -7,7 +7,7 @@ PipelineStep as JSON) followed by one *flow row* per flow whose step has setting
 ``{handler_slugs?, handler_configs?, flow_step_settings?, queue_mode?, prompt_queue?}``). Secrets
 are never exported.
 
-Two additions keep a round trip lossless where the spec's rows alone would drop something: a flow
+Two additions keep a round trip lossless where the plain format would drop something: a flow
 none of whose steps has settings still gets one flow row (at its first step, ``settings`` ``{}``),
 and a pipeline without steps gets one row with empty ``step_position``/``step_type``/``step_config``
 (its flows likewise with an empty ``step_position``).

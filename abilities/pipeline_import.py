@@ -1,4 +1,4 @@
-"""Pipelines toolset: import-pipelines (abilities.md §5).
+"""Pipelines toolset: import-pipelines.
 
 Reads the CSV that export-pipelines writes (the format is described in ``abilities.pipeline_export``):
 every row is parsed and every pipeline planned with placeholder ids before anything is written.
@@ -72,7 +72,7 @@ class ImportPipelinesOut(Output):
 def bad_row(row: int, message: str) -> AbilityError:
     where = "the header" if row == 0 else f"row {row}"
     err = AbilityError("invalid_import_data", f"Invalid import data at {where}: {message}", row=row)
-    err.data["message"] = message  # data {row, message} (abilities.md §5); "message" is also the positional
+    err.data["message"] = message  # data {row, message}; "message" is also the positional
     return err
 
 

@@ -1,4 +1,4 @@
-"""Shared pieces of the pipeline tools (abilities.md §5): the step-seed input, the owner of a new pipeline
+"""Shared pieces of the pipeline tools: the step-seed input, the owner of a new pipeline
 and step renumbering, used by create-pipeline, the step tools, import-pipelines and the workflow checks.
 """
 
@@ -19,7 +19,7 @@ from datamachine_mcp.storage.models import Agent
 
 
 class StepSeedIn(Input):
-    """A pipeline-step seed: label, AI fields, handler defaults; other keys are kept (storage.md §7.1)."""
+    """A pipeline-step seed: label, AI fields, handler defaults; other keys are kept (as in ``pipeline_config``)."""
 
     model_config = ConfigDict(extra="allow")
 
@@ -53,7 +53,7 @@ async def agent_or_error(ctx: AbilityContext, agent_id: int) -> Agent:
 async def new_resource_owner(
     ctx: AbilityContext, agent_id: int | None, *, shared: bool = False, what: str = "pipeline"
 ) -> tuple[int | None, int]:
-    """(agent_id, user_id) of a new pipeline, with admin on it checked (abilities.md §2.3, access.md §3.5).
+    """(agent_id, user_id) of a new pipeline, with admin on it checked (docs/access.md, New resources).
 
     The ``agent_id`` input, else the principal's agent, else the caller's user; ``shared`` (global
     administrators) makes a user-0 resource without an agent.

@@ -1,9 +1,9 @@
-"""Pipelines toolset, part 2: a pipeline's steps (abilities.md §5): get-pipeline-steps, add-pipeline-step and
+"""Pipelines toolset, part 2: a pipeline's steps: get-pipeline-steps, add-pipeline-step and
 update-pipeline-step, plus the helpers every step tool uses. delete-pipeline-step and reorder-pipeline-steps
 are in ``abilities.pipeline_steps_order``.
 
 Every change keeps ``execution_order`` contiguous (0..n-1) and every flow of the pipeline in sync
-(storage.md §7.1-7.2) in the same transaction.
+(docs/storage.md, flow_config) in the same transaction.
 """
 
 from __future__ import annotations

@@ -1,8 +1,8 @@
-"""Pipelines toolset: removing and reordering a pipeline's steps (abilities.md §5: delete-pipeline-step,
+"""Pipelines toolset: removing and reordering a pipeline's steps (delete-pipeline-step,
 reorder-pipeline-steps).
 
-Both keep ``execution_order`` contiguous (0..n-1) and resync every flow of the pipeline (storage.md
-§7.1-7.2) in the same transaction.
+Both keep ``execution_order`` contiguous (0..n-1) and resync every flow of the pipeline (one
+``flow_config`` entry per pipeline step) in the same transaction.
 """
 
 from __future__ import annotations
@@ -58,7 +58,7 @@ async def delete_pipeline_step(ctx: AbilityContext, inp: DeletePipelineStepIn) -
     flows = await sync_flows(ctx, pipeline, now)
     deleted = 0
     if flows:
-        # Active claims stay so a running job's settlement is not lost (engine.md §10.4).
+        # Active claims stay so a running job's settlement is not lost.
         deleted, _ = await dedup.clear_pipeline_step(ctx.session, psid, now)
     await ctx.audit(
         f"step {psid} ({removed.get('step_type')}) deleted from pipeline {pipeline.pipeline_id}, "

@@ -1,17 +1,17 @@
-"""Workflow steps (abilities.md §3 WorkflowStep): the input models and their semantic validation, shared by
+"""Workflow steps (``WorkflowStep``): the input models and their semantic validation, shared by
 create-pipeline's workflow mode and execute-workflow.
 """
 
 from __future__ import annotations
 
 import uuid
-from typing import Any
+from typing import Any, ClassVar
 
 from pydantic import Field
 
 from datamachine_mcp.abilities.context import AbilityContext
 from datamachine_mcp.abilities.errors import AbilityError
-from datamachine_mcp.abilities.flow_ops import StepEdit, apply_step_edit
+from datamachine_mcp.abilities.flow_ops import STEP_FIELD_HINTS, StepEdit, apply_step_edit
 from datamachine_mcp.abilities.json_schema import UNPUBLISHED
 from datamachine_mcp.abilities.pipeline_common import seed_flow_step
 from datamachine_mcp.abilities.pipeline_shapes import seed_of
@@ -22,6 +22,8 @@ from datamachine_mcp.storage.crypto import mask
 
 class WorkflowStepIn(Input):
     """One step of a workflow: its type, handlers and their configs, AI settings."""
+
+    field_hints: ClassVar[dict[str, str]] = STEP_FIELD_HINTS
 
     step_type: str = Field(
         max_length=50, description="fetch, ai, publish, update, approval, webhook_gate or system_task"
@@ -56,6 +58,7 @@ def validate_workflow(ctx: AbilityContext, steps: list[WorkflowStepIn], files_ro
     configuration (handler_slugs, handler_configs, flow_step_settings, user_message).
     """
     problems: list[dict[str, Any]] = []
+    config_errors: list[AbilityError] = []
     out: list[dict[str, Any]] = []
 
     def problem(i: int, message: str, field: str | None = None) -> None:
@@ -134,12 +137,20 @@ def validate_workflow(ctx: AbilityContext, steps: list[WorkflowStepIn], files_ro
                 if err.code == "handler_not_found":
                     raise AbilityError(err.code, err.message, **err.data, step=i) from None
                 field = f"handler_configs.{err.data['handler_slug']}" if "handler_slug" in err.data else None
-                problem(i, f"Step {i}: {err.message}", field)
+                if err.code == "invalid_handler_config":  # the flow tools' code, unless the shape is wrong too
+                    config_errors.append(AbilityError(err.code, f"Step {i}: {err.message}", **err.data, step=i))
+                else:
+                    problem(i, f"Step {i}: {err.message}", field)
         seed = {k: v for k, v in seed_of(step).items() if k in ("step_type", "label", *AI_FIELDS)}
         preview = {k: v for k, v in mask(probe).items() if k in PREVIEW_KEYS}
         out.append({"seed": seed, "edit": edit, "preview": preview})
     if problems:
-        summary = "; ".join(p["message"] for p in problems[:5])
+        for config_error in config_errors:
+            data = config_error.data
+            problem(data["step"], config_error.message, f"handler_configs.{data['handler_slug']}")
+        summary = "; ".join(p["message"].rstrip(".") for p in problems[:5])
         more = f" (and {len(problems) - 5} more)" if len(problems) > 5 else ""
         raise AbilityError("invalid_workflow", f"Invalid workflow: {summary}{more}.", errors=problems)
+    if config_errors:
+        raise config_errors[0]
     return out

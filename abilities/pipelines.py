@@ -1,4 +1,4 @@
-"""Pipelines toolset, part 1: get, create, update, delete and duplicate pipelines (abilities.md §5).
+"""Pipelines toolset, part 1: get, create, update, delete and duplicate pipelines.
 
 Steps are edited in ``abilities.pipeline_steps`` and ``abilities.pipeline_steps_order``; export/import live
 in ``abilities.pipeline_export`` and ``abilities.pipeline_import``; the step-type and handler registries in
@@ -484,7 +484,7 @@ async def delete_pipeline(ctx: AbilityContext, inp: DeletePipelineIn) -> DeleteP
     s = ctx.session
     pid = pipeline.pipeline_id
     flow_ids = list((await s.execute(select(Flow.flow_id).where(Flow.pipeline_id == pid))).scalars())
-    # Counted before deleting: the database cascade (storage.md §5) removes the rows.
+    # Counted before deleting: the database cascade removes the rows (docs/storage.md, Foreign keys and cascades).
     jobs = (
         await s.execute(
             select(func.count()).select_from(Job).where(or_(Job.pipeline_key == pid, Job.flow_key.in_(flow_ids)))

@@ -27,7 +27,7 @@ SCOPE_ROLE = {"read": "viewer", "run": "operator", "manage": "admin", "admin": "
 
 @dataclass(frozen=True)
 class Principal:
-    """Who a call runs as."""
+    """Who a call runs as (docs/access.md, Principals)."""
 
     user_id: int
     agent_id: int | None = None
@@ -82,7 +82,7 @@ class Principal:
 
 
 def level_visible(principal: Principal, level: Level, toolset: str) -> bool:
-    """Whether a tool of this level and toolset can ever be used by the principal."""
+    """Whether a tool of this level and toolset can ever be used by the principal (docs/access.md, Tool visibility)."""
     if level == "global_admin" and not principal.is_admin:
         return False
     return principal.scope_allows(LEVEL_SCOPE[level]) and principal.toolset_allows(toolset)

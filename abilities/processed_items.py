@@ -1,4 +1,4 @@
-"""Processed-items toolset: the dedup ledger of flow steps (abilities.md §8, engine.md §10).
+"""Processed-items toolset: the dedup ledger of flow steps (docs/engine.md, Dedup and claims).
 
 Rows take their owner from their flow. Reads answer "nothing processed" for a flow step id that does
 not parse or whose flow does not exist; an existing flow the caller cannot read is
@@ -285,6 +285,7 @@ class ClearOut(Output):
     idempotent=True,
     description=("Forget the processed items of a flow or pipeline so they are fetched again."),
     error_fields={"clear_type": "clear_type_invalid", "target_id": "target_id_invalid"},
+    missing_uses_code=("target_id",),
 )
 async def clear_processed_items(ctx: AbilityContext, inp: ClearIn) -> ClearOut:
     role: Role = "admin"
@@ -336,7 +337,8 @@ class FindStaleIn(Input):
     flow_step_id: str = Field(max_length=255, description=FSID_DESC)
     source_type: str = Field(max_length=50, description=SOURCE_DESC)
     candidate_identifiers: list[Candidate] = Field(max_length=5000, description=CANDIDATES_DESC)
-    max_age_days: int = Field(ge=1, description="Age threshold (days)")
+    # capped like the retention settings (100 years): a cutoff must still be a date
+    max_age_days: int = Field(ge=1, le=36500, description="Age threshold (days, 1-36500)")
     limit: int = Field(100, ge=1, le=5000, description="Maximum returned")
 
 

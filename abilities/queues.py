@@ -1,4 +1,4 @@
-"""Flows toolset, part 3: prompt queues of flow steps (abilities.md §6 "Prompt queues", engine.md §16.2).
+"""Flows toolset, part 3: prompt queues of flow steps (docs/engine.md, Queues).
 
 Queues live in the flow row (``prompt_queue`` on ai steps, ``config_patch_queue`` on fetch steps),
 each entry ``{prompt, added_at}`` / ``{patch, added_at}``; ``queue_mode`` says how a run takes one.

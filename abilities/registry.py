@@ -1,4 +1,4 @@
-"""The ability registry: each ability declared once (ARCHITECTURE decision 1).
+"""The ability registry: each ability declared once (docs/architecture.md, The ability registry).
 
 A declaration carries everything the server needs to publish a tool (name, title, description,
 input and output schemas, annotations) and everything the runner needs to call it (required
@@ -43,8 +43,10 @@ class Ability:
     open_world: bool = False
     # field -> DM error code used instead of invalid_input when that field's value is invalid
     error_fields: Mapping[str, str] = field(default_factory=dict)
+    # mapped fields whose absence uses their code too (otherwise a missing field is invalid_input)
+    missing_uses_code: tuple[str, ...] = ()
     # "auto": the runner wraps the call in one transaction; "manual": the handler opens short
-    # transactions itself (tools that wait or call out must not hold one, abilities.md §2.4)
+    # transactions itself (tools that wait or call out must not hold one)
     transaction: Literal["auto", "manual"] = "auto"
     order: tuple[str, int] = ("", 0)
     # In the small default tool list (--toolsets core): together these cover a whole journey.
@@ -111,6 +113,7 @@ def ability(
     open_world: bool = False,
     title: str | None = None,
     error_fields: Mapping[str, str] | None = None,
+    missing_uses_code: tuple[str, ...] = (),
     transaction: Literal["auto", "manual"] = "auto",
     output: Any = None,
     core: bool = False,
@@ -146,6 +149,7 @@ def ability(
             idempotent=idempotent,
             open_world=open_world,
             error_fields=dict(error_fields or {}),
+            missing_uses_code=missing_uses_code,
             transaction=transaction,
             # Import order varies (other layers import some modules early); source position does not.
             order=(fn.__module__, fn.__code__.co_firstlineno),

@@ -14,6 +14,7 @@ from pydantic import ValidationError
 
 from datamachine_mcp.abilities.context import AbilityContext, ProgressFn, Runtime
 from datamachine_mcp.abilities.errors import AbilityError, AccessDenied
+from datamachine_mcp.abilities.input_forms import Loc, client_forms
 from datamachine_mcp.abilities.principal import Principal, level_visible
 from datamachine_mcp.abilities.registry import Ability
 from datamachine_mcp.engine.errors import CodedError
@@ -61,14 +62,26 @@ def _field(loc: tuple[Any, ...]) -> str:
     return ".".join(str(part) for part in loc) or "(input)"
 
 
-def validation_error(ability: Ability, exc: ValidationError) -> AbilityError:
-    errors = [{"field": _field(e["loc"]), "message": e["msg"]} for e in exc.errors(include_url=False)]
+def _error_entry(e: Any, hints: dict[Loc, list[str]]) -> dict[str, Any]:
+    entry: dict[str, Any] = {"field": _field(e["loc"]), "message": e["msg"].rstrip(".")}
+    if e["type"] == "extra_forbidden":
+        entry["message"] = "unknown field"
+        found = hints.get(tuple(e["loc"]))
+        if found:
+            entry["message"] += f" (did you mean {' or '.join(found)}?)"
+            entry["suggestions"] = found
+    return entry
+
+
+def validation_error(ability: Ability, exc: ValidationError, hints: dict[Loc, list[str]] | None = None) -> AbilityError:
+    errors = [_error_entry(e, hints or {}) for e in exc.errors(include_url=False)]
     first = exc.errors(include_url=False)[0]
     top = str(first["loc"][0]) if first["loc"] else ""
     code = "invalid_input"
     # A missing mapped field is still invalid_input; a mapped field that is present but invalid
-    # (including a missing key inside it) uses the mapped code (abilities.md §2.2).
-    if top in ability.error_fields and not (first["type"] == "missing" and len(first["loc"]) == 1):
+    # (including a missing key inside it) uses the mapped code.
+    missing = first["type"] == "missing" and len(first["loc"]) == 1 and top not in ability.missing_uses_code
+    if top in ability.error_fields and not missing:
         code = ability.error_fields[top]
     summary = "; ".join(f"{e['field']}: {e['message']}" for e in errors[:5])
     more = f" (and {len(errors) - 5} more)" if len(errors) > 5 else ""
@@ -76,7 +89,10 @@ def validation_error(ability: Ability, exc: ValidationError) -> AbilityError:
 
 
 def parse_input(ability: Ability, arguments: dict[str, Any]) -> Any:
-    for name, value in arguments.items():
+    # "6" for an integer and JSON text for an object/array are read first (input_forms); the rest is
+    # strict JSON-mode validation against exactly the published schema.
+    forms = client_forms(ability.input_model, arguments)
+    for name, value in forms.arguments.items():
         if isinstance(value, dict | list):
             size = len(json.dumps(value, separators=(",", ":")).encode())
             if size > MAX_OBJECT_INPUT:
@@ -87,10 +103,9 @@ def parse_input(ability: Ability, arguments: dict[str, Any]) -> Any:
                     bytes=size,
                 )
     try:
-        # JSON-mode strict validation: exactly the published JSON schema (no "5" for 5).
-        return ability.input_model.model_validate_json(json.dumps(arguments), strict=True)
+        return ability.input_model.model_validate_json(json.dumps(forms.arguments), strict=True)
     except ValidationError as exc:
-        raise validation_error(ability, exc) from None
+        raise validation_error(ability, exc, forms.hints) from None
 
 
 async def _record_denial(runtime: Runtime, ability: Ability, principal: Principal, err: AccessDenied) -> None:

@@ -1,4 +1,4 @@
-"""Settings toolset: global runtime settings (abilities.md §11, storage.md §9)."""
+"""Settings toolset: global runtime settings (docs/storage.md, Settings)."""
 
 from __future__ import annotations
 
@@ -74,14 +74,14 @@ async def update_settings(ctx: AbilityContext, inp: UpdateSettingsIn) -> UpdateS
     try:
         updated, adjusted = await ctx.runtime.settings.update(ctx.session, inp.settings, user_id=ctx.principal.user_id)
     except SettingError as err:
-        # data {key, message} (abilities.md update-settings); "message" cannot be a keyword of AbilityError.
+        # data {key, message}; "message" cannot be a keyword of AbilityError.
         error = AbilityError("invalid_setting", err.message, key=err.key)
         error.data["message"] = err.message
         raise error from None
     await ctx.session.flush()
     snap = await ctx.runtime.settings.snapshot(ctx.session, fresh=True)
     if updated:
-        # Names only: values of secret keys never reach the log (access.md §6.3).
+        # Names only: values of secret keys never reach the log.
         await ctx.audit(f"settings changed: {', '.join(updated)}", target=("settings", "global"), changes=updated)
     return UpdateSettingsOut(
         updated_keys=updated,

@@ -1,4 +1,4 @@
-"""System toolset: who am I (abilities.md §12). Health checks and tasks come with the engine."""
+"""System toolset: who am I. Health checks and tasks come with the engine."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""System toolset: health check and system tasks (abilities.md §12)."""
+"""System toolset: health check and system tasks."""
 
 from __future__ import annotations
 
@@ -13,14 +13,13 @@ from datamachine_mcp.abilities.errors import AbilityError
 from datamachine_mcp.abilities.jobs import DEFAULT_WAIT, MAX_WAIT, wait_and_describe
 from datamachine_mcp.abilities.registry import ability
 from datamachine_mcp.abilities.schema import Input, Opt, Output
+from datamachine_mcp.engine import front
 from datamachine_mcp.engine import status as st
-from datamachine_mcp.engine.jobs import create_direct_job
-from datamachine_mcp.engine.plan import direct_configs, resolve_plan
 from datamachine_mcp.storage.crypto import SecretUnavailable
 from datamachine_mcp.storage.migrate import current_revision
 from datamachine_mcp.storage.migrations import HEAD_REVISION
 from datamachine_mcp.storage.models import Flow, Job, Setting
-from datamachine_mcp.storage.timeutil import iso, parse_datetime, utcnow
+from datamachine_mcp.storage.timeutil import parse_datetime, utcnow
 
 CHECKS = ("database", "migrations", "worker", "scheduler", "jobs", "providers", "secrets")
 TASK_LABELS = {"retention": "Retention cleanup", "recover_stuck_jobs": "Recover stuck jobs", "echo": "Echo"}
@@ -248,16 +247,13 @@ async def run_task(ctx: AbilityContext, inp: RunTaskIn) -> RunTaskOut:
             "flow_step_settings": {"task_type": inp.task_type, "params": inp.task_params},
         }
     ]
-    flow_config, pipeline_config = direct_configs(steps, now_iso=iso(now))
     async with ctx.transaction() as session:
         ctx.access.require_global_admin("Running system tasks")
         snap = await ctx.settings()
         try:
-            created = await create_direct_job(
+            _, created = await front.run_workflow(
                 session,
-                plan=resolve_plan(flow_config),
-                flow_config=flow_config,
-                pipeline_config=pipeline_config,
+                steps=steps,
                 user_id=ctx.principal.user_id,
                 agent_id=None,
                 agent_slug=None,

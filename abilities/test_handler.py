@@ -1,4 +1,4 @@
-"""test-handler (abilities.md §5): dry-run a fetch handler and preview what it would fetch.
+"""test-handler: dry-run a fetch handler and preview what it would fetch.
 
 The handler runs exactly as a fetch step would (engine.handlers.run_fetch: defaults, the handler,
 identifier normalisation, the common filters; engine.http.Outbound: SSRF rules and size caps), but
@@ -6,7 +6,7 @@ outside any job: no job is created and processed items are neither read nor writ
 lists every item the source offers up to ``max_items``. Nothing is held open while the source is
 fetched: the flow and settings are read in a short read transaction first.
 
-Decisions where the spec is silent:
+Choices made here:
 
 * With ``flow_id`` the flow's first fetch step (by execution_order) is used: its handler and its
   config (the flow step's ``handler_configs``, falling back to the pipeline step's, secrets
@@ -101,7 +101,7 @@ def _handler(slug: str) -> HandlerSpec:
 
 
 async def _require_some_operator(ctx: AbilityContext) -> None:
-    """Without a flow: operator on at least one agent, or a global administrator (abilities.md §5)."""
+    """Without a flow: operator on at least one agent, or a global administrator."""
     p = ctx.principal
     ctx.access.check_scope("operator")
     if p.is_admin:

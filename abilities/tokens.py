@@ -1,4 +1,4 @@
-"""Agents toolset: bearer tokens (abilities.md §4, access.md §2).
+"""Agents toolset: bearer tokens (docs/access.md, Tokens).
 
 Tokens are ``dm_<slug>_<64 hex>``; only a salted SHA-256 of the secret is stored. ``verify_token``
 is also what the server uses to resolve ``--token`` and HTTP bearer credentials.
@@ -42,7 +42,7 @@ def hash_secret(salt_hex: str, secret: str) -> str:
 
 
 def validate_capabilities(caps: list[str] | None) -> list[str] | None:
-    """access.md §2.3: at least one of read/run/manage/admin; known toolsets only."""
+    """Token scopes: at least one of read/run/manage/admin; known toolsets only."""
     if caps is None:
         return None
     unknown = [c for c in caps if c not in SCOPES and not (c.startswith("toolset:") and c[8:] in TOOLSETS)]
@@ -114,7 +114,7 @@ class TokenRejected(Exception):
 async def verify_token(
     db: Database, settings: SettingsStore, raw: str, *, transport: str, session_id: str | None = None
 ) -> Principal:
-    """access.md §2.5. Raises ``TokenRejected``; rejections of known tokens leave a warning row."""
+    """Verify a raw token. Raises ``TokenRejected``; rejections of known tokens leave a warning row."""
     match = TOKEN_RE.match(raw.strip())
     if match is None:
         log.debug("rejected a malformed token")
@@ -132,7 +132,7 @@ async def verify_token(
             log.debug("rejected a token with a wrong secret")
             raise TokenRejected("unknown")
         agent = await session.get(Agent, row.agent_id) if row.agent_id is not None else None
-        snap = await settings.snapshot(session)
+        snap = await settings.snapshot(session, access=True)
         now = utcnow()
         reason = None
         if row.revoked_at is not None:
@@ -163,7 +163,7 @@ async def verify_token(
                 tok = await session.get(AgentToken, token_id)
                 if tok is not None:
                     tok.last_used_at = now
-        except Exception:  # best effort (access.md §2.5 step 6)
+        except Exception:  # best effort: a failed stamp must not refuse a valid token
             log.debug("could not record last use of token %s", token_id, exc_info=True)
     capabilities = frozenset(caps) if caps is not None else None
     is_admin = user_id in snap["admin_user_ids"] and (capabilities is None or "admin" in capabilities)
@@ -210,7 +210,7 @@ def token_info(row: AgentToken) -> dict[str, Any]:
 
 
 def _within_caller(p: Principal, caps: list[str] | None, token_user_is_admin: bool) -> None:
-    """A token never widens its creator's rights (access.md §2.6)."""
+    """A token never widens its creator's rights (docs/access.md, Scopes and capabilities)."""
     if caps is not None and "admin" in caps and not token_user_is_admin:
         raise AbilityError("invalid_capabilities", "The admin scope is only for tokens of global administrators.")
     if p.capabilities is None:
@@ -282,7 +282,7 @@ async def create_agent_token(ctx: AbilityContext, inp: CreateTokenIn) -> CreateT
         )
     if user_id != p.user_id:
         ctx.access.require_global_admin("Creating a token for another user", target)
-    snap = await ctx.settings()
+    snap = await ctx.settings(access=True)
     _within_caller(p, caps, user_id in snap["admin_user_ids"])
     slug_part = agent.agent_slug if agent else f"user-{user_id}"
     minted = await mint(
@@ -404,7 +404,7 @@ async def revoke_agent_token(ctx: AbilityContext, inp: RevokeTokenIn) -> RevokeT
     if agent is not None and row.agent_id != agent.agent_id:
         raise unknown
     if row.user_id != p.user_id:
-        # Tokens the caller may not manage are answered exactly like unknown ids (access.md §2.6).
+        # Tokens the caller may not manage are answered exactly like unknown ids, so ids reveal nothing.
         if row.agent_id is None:
             if not p.is_admin or not p.scope_allows("admin"):
                 raise unknown

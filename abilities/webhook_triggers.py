@@ -1,4 +1,4 @@
-"""Flows toolset, part 4: inbound webhook triggers (abilities.md §6 "Webhook triggers", storage.md §7.3).
+"""Flows toolset, part 4: inbound webhook triggers (docs/engine.md, Inbound webhooks).
 
 The configuration is ``scheduling_config.webhook``. Bearer tokens are stored only as their SHA-256
 hash and shown once; HMAC secrets are stored encrypted (kind ``webhook_trigger_secret``). The engine
@@ -131,7 +131,7 @@ async def webhook_trigger_enable(ctx: AbilityContext, inp: EnableIn) -> EnableOu
             "secret and generate_secret apply to auth_mode hmac; bearer mode uses a generated token.",
             auth_mode=mode,
         )
-    snap = await ctx.settings()
+    snap = await ctx.settings(access=True)
     defaults = snap["webhook_rate_limit"]
     raw_old_limit = old.get("rate_limit")
     old_limit = raw_old_limit if isinstance(raw_old_limit, dict) else {}
@@ -278,7 +278,7 @@ async def webhook_trigger_status(ctx: AbilityContext, inp: FlowIn) -> StatusOn |
     hook = _hook(flow)
     if hook is None:
         return StatusOff(flow_id=flow.flow_id, flow_name=flow.flow_name, webhook_enabled=False)
-    snap = await ctx.settings()
+    snap = await ctx.settings(access=True)
     mode = hook.get("auth_mode") or "bearer"
     limit = hook.get("rate_limit") if isinstance(hook.get("rate_limit"), dict) else snap["webhook_rate_limit"]
     return StatusOn.model_validate(

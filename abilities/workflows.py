@@ -1,7 +1,7 @@
-"""Jobs toolset: execute-workflow, an ad-hoc run from inline steps (abilities.md §7, engine.md §3.4 "Direct workflow").
+"""Jobs toolset: execute-workflow, an ad-hoc run from inline steps (docs/engine.md, Other creation paths).
 
 No pipeline or flow row is written: the steps become an ephemeral plan (``ephemeral_step_{i}``) inside the
-job's snapshot, with secret handler fields encrypted. Direct jobs never deduplicate (engine.md §10.5).
+job's snapshot, with secret handler fields encrypted. Direct jobs never deduplicate.
 """
 
 from __future__ import annotations
@@ -17,15 +17,14 @@ from datamachine_mcp.abilities.context import AbilityContext
 from datamachine_mcp.abilities.errors import AbilityError
 from datamachine_mcp.abilities.flow_ops import StepEdit, apply_step_edit
 from datamachine_mcp.abilities.job_common import JobOut
-from datamachine_mcp.abilities.jobs import DEFAULT_WAIT, MAX_WAIT, publish_changes, wait_into
+from datamachine_mcp.abilities.jobs import DEFAULT_WAIT, MAX_WAIT, wait_into
 from datamachine_mcp.abilities.pipeline_workflow import WorkflowIn, validate_workflow
 from datamachine_mcp.abilities.registry import ability
 from datamachine_mcp.abilities.schema import Input, Opt, Output
 from datamachine_mcp.abilities.uris import JOB
+from datamachine_mcp.engine import front
 from datamachine_mcp.engine.catalog import HANDLERS, STEP_TYPES
-from datamachine_mcp.engine.jobs import create_direct_job
-from datamachine_mcp.engine.lifecycle import Changes
-from datamachine_mcp.engine.plan import PlanError, check_initial_data, direct_configs, resolve_plan
+from datamachine_mcp.engine.front import check_initial_data
 from datamachine_mcp.storage.crypto import MASK
 from datamachine_mcp.storage.models import Agent
 from datamachine_mcp.storage.timeutil import iso, utcnow
@@ -115,7 +114,7 @@ async def execute_workflow(ctx: AbilityContext, inp: ExecuteWorkflowIn) -> Execu
     p = ctx.principal
     steps_in = inp.workflow.steps
     async with ctx.transaction() as session:
-        # Owner of the job (access.md §3.5): the agent named, else the session's agent, else the caller's user.
+        # Owner of the job: the agent named, else the session's agent, else the caller's user.
         agent: Agent | None = None
         agent_id = inp.agent_id if inp.agent_id is not None else p.agent_id
         if agent_id is not None:
@@ -148,11 +147,6 @@ async def execute_workflow(ctx: AbilityContext, inp: ExecuteWorkflowIn) -> Execu
                 if "user_message" in entry["edit"]:
                     step["user_message"] = entry["edit"]["user_message"]
             steps.append(step)
-        flow_config, pipeline_config = direct_configs(steps, now_iso=iso(now) or "")
-        try:
-            plan = resolve_plan(flow_config)
-        except PlanError as err:  # validate_workflow rules these out; kept as a guard
-            raise AbilityError("invalid_workflow", err.message, errors=[{"message": err.message}]) from None
         run_at = now
         if inp.timestamp is not None:
             start = datetime.fromtimestamp(inp.timestamp, UTC)
@@ -165,11 +159,9 @@ async def execute_workflow(ctx: AbilityContext, inp: ExecuteWorkflowIn) -> Execu
             "dry_run": inp.dry_run,
             "timestamp": inp.timestamp,
         }
-        created = await create_direct_job(
+        _, created = await front.run_workflow(
             session,
-            plan=plan,
-            flow_config=flow_config,
-            pipeline_config=pipeline_config,
+            steps=steps,
             user_id=p.user_id,
             agent_id=agent.agent_id if agent is not None else None,
             agent_slug=agent.agent_slug if agent is not None else None,
@@ -200,7 +192,7 @@ async def execute_workflow(ctx: AbilityContext, inp: ExecuteWorkflowIn) -> Execu
         scheduled_for = iso(job.run_at) if delayed else None
         dry_run = bool((job.engine_data or {}).get("dry_run_mode"))
     if not created.replayed:
-        await publish_changes(ctx, Changes(jobs={job_id}), wake=not delayed)
+        await front.announce(ctx.runtime.engine, front.Changes(jobs={job_id}), wake=not delayed)
     if created.replayed:
         message = f"Operation key already used: returning job {job_id} ({status})."
     elif delayed:
@@ -219,4 +211,9 @@ async def execute_workflow(ctx: AbilityContext, inp: ExecuteWorkflowIn) -> Execu
         "message": message,
     }
     await wait_into(ctx, out, job_id, inp.wait_seconds)
+    # After a wait the message reports what the wait saw, not the job's creation (a replay's stands).
+    if out.get("final") and not created.replayed:
+        out["message"] = f"Direct workflow job {job_id} ({len(steps)} steps) finished: {out['status']}."
+    elif out.get("timed_out") and not created.replayed and not delayed:
+        out["message"] = f"Direct workflow job {job_id} ({len(steps)} steps) is still {out['status']}."
     return ExecuteWorkflowOut.model_validate(out)

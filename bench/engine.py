@@ -18,16 +18,20 @@ The CPU time of the process is printed too: on a machine shared with other work 
 understates what one core does, and "jobs per CPU-second" is the rate with a core to itself.
 
 ``--profile`` runs phase 1 under cProfile and prints the most expensive functions.
+``--count-statements`` counts the SQL statements of phase 1 on every SQLite connection of the process
+(worker, scheduler and maintenance loops; transaction control included) and prints them per job.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import collections
 import cProfile
 import io
 import pstats
 import shutil
+import sqlite3
 import statistics
 import sys
 import tempfile
@@ -117,9 +121,38 @@ async def wait_all(runtime, since_id: int, total: int, limit: float) -> None:
         await asyncio.sleep(0.2)
 
 
+STATEMENTS: collections.Counter[str] = collections.Counter()
+COUNTING = False
+
+
+def count_statements() -> None:
+    """Trace every SQLite connection opened from now on; statements are counted while COUNTING."""
+    connect = sqlite3.connect
+
+    def traced(*args, **kwargs):
+        conn = connect(*args, **kwargs)
+
+        def trace(sql: str) -> None:
+            if COUNTING:
+                words = sql.split()
+                kind = " ".join(words[:2]) if words[0].upper() in ("BEGIN", "UPDATE", "DELETE") else words[0]
+                if words[0].upper() == "INSERT":
+                    kind = " ".join(words[:3])
+                if words[0].upper() == "SELECT" and "FROM" in sql.upper():
+                    kind = "SELECT " + sql.upper().split("FROM", 1)[1].split()[0].lower()
+                STATEMENTS[kind] += 1
+
+        conn.set_trace_callback(trace)
+        return conn
+
+    sqlite3.connect = traced
+
+
 async def throughput(runtime, flow_id: int, jobs: int, concurrency: int, profile: bool) -> float:
+    global COUNTING
     before = await max_id(runtime)
     await create_jobs(runtime, flow_id, jobs)
+    COUNTING = True
     host = EngineHost(runtime.engine, concurrency=concurrency)
     profiler = cProfile.Profile(time.process_time) if profile else None
     t0, c0 = time.perf_counter(), time.process_time()
@@ -131,6 +164,12 @@ async def throughput(runtime, flow_id: int, jobs: int, concurrency: int, profile
     if profiler:
         profiler.disable()
     await host.stop()
+    COUNTING = False
+    if STATEMENTS:
+        total = sum(STATEMENTS.values())
+        print(f"statements: {total / jobs:.2f} per job (all connections, phase 1):")
+        for kind, n in STATEMENTS.most_common():
+            print(f"    {n / jobs:6.2f}  {kind}")
     async with runtime.db.read() as session:
         statuses = (
             await session.execute(select(Job.status, func.count()).where(Job.job_id > before).group_by(Job.status))
@@ -196,6 +235,8 @@ async def latency(runtime, flow_id: int, n: int, rate: float, concurrency: int) 
 
 
 async def main(args: argparse.Namespace) -> None:
+    if args.count_statements:
+        count_statements()
     tmp = Path(tempfile.mkdtemp(prefix="dm-bench-engine-"))
     try:
         runtime = await open_runtime(ProcessConfig(db=str(tmp / "bench.db"), data_dir=tmp))
@@ -225,4 +266,5 @@ if __name__ == "__main__":
     )
     parser.add_argument("--latency-jobs", type=int, default=200, help="jobs created in the latency phase")
     parser.add_argument("--profile", action="store_true", help="profile the throughput phase")
+    parser.add_argument("--count-statements", action="store_true", help="count SQL statements per job")
     asyncio.run(main(parser.parse_args()))

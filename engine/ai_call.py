@@ -1,4 +1,4 @@
-"""What the AI step (engine.md §16) and send-chat-message (abilities.md §10) share: provider/model
+"""What the AI step (docs/engine.md, The AI step) and send-chat-message share: provider/model
 resolution and one completion from an HTTP provider (``openai``/``anthropic``).
 
 Each caller keeps its own resolution order (the sources before the agent), its own sampling path,

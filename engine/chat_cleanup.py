@@ -1,4 +1,4 @@
-"""Deleting expired chat sessions (storage.md §10, "Chat sessions" row).
+"""Deleting expired chat sessions (docs/engine.md, Retention).
 
 Sessions expire on a sliding window (``expires_at = updated_at + chat_session_ttl_hours``); this
 removes those whose ``expires_at`` has passed, 1,000 per transaction so that no transaction holds the

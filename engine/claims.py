@@ -1,5 +1,5 @@
-"""Item claims held by jobs (engine.md §10): taking them at a fetch commit, pushing their expiry,
-moving them to batch children, and settling them when the job ends.
+"""Item claims held by jobs (docs/engine.md, Dedup and claims): taking them at a fetch commit,
+pushing their expiry, moving them to batch children, and settling them when the job ends.
 
 Every function runs inside the caller's transaction.
 """
@@ -11,27 +11,20 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any, cast
 
-from sqlalchemy import Table, and_, bindparam, delete, select, update
+from sqlalchemy import Table, and_, bindparam, delete, literal, select, true, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from datamachine_mcp.engine import status as st
-from datamachine_mcp.engine.dedup import CLAIMED, PROCESSED, active_claim
+from datamachine_mcp.engine.dedup import CLAIMED, ITEMS, PROCESSED, active_claim, list_rows, list_value, listed
 from datamachine_mcp.storage.dml import rowcount
 from datamachine_mcp.storage.models import ProcessedItem
 
 _ITEM_KEY = ("flow_step_id", "source_type", "item_identifier")
 
 
-def _insert(session: AsyncSession) -> Any:
-    """The dialect's INSERT construct (both offer ``on_conflict_do_nothing``)."""
-    name = session.get_bind().dialect.name
-    return pg_insert(ProcessedItem) if name == "postgresql" else sqlite_insert(ProcessedItem)
-
-
 def active_claim_condition(now: datetime, *, other_than_job: int | None = None) -> Any:
-    """SQL condition: the row is a claim held by a live job (engine.md §10.3), optionally not ``job``'s."""
+    """SQL condition: the row is a claim held by a live job (an active claim), optionally not ``job``'s."""
     cond = active_claim(now)
     return and_(cond, ProcessedItem.job_id != other_than_job) if other_than_job is not None else cond
 
@@ -59,109 +52,170 @@ async def claim(
     """Claim up to ``max_items`` candidates in order, backfilling lost ones from the reserves.
 
     Returns (claimed candidates, claim conflicts). Items without an identifier are taken unclaimed.
-    This job's older claims on the step that are not selected now are deleted (engine.md §10.1 step 7).
+    This job's older claims on the step that are not selected now are deleted.
+    The new items of each round go in one multi-row ``INSERT … ON CONFLICT DO NOTHING``; only the few
+    that hit an existing row are looked at one by one.
     """
     limit = max_items if max_items > 0 else len(candidates)
     expires = now + timedelta(seconds=claim_ttl)
-    taken: list[Candidate] = []
+    taken: dict[int, Candidate] = {}  # by position, so the result keeps source order
     kept_ids: set[str] = set()
     conflicts = 0
-    for candidate in candidates:
-        if len(taken) >= limit:
+    pos = 0
+    while len(taken) < limit and pos < len(candidates):
+        batch: list[tuple[int, str]] = []
+        while len(taken) + len(batch) < limit and pos < len(candidates):
+            candidate = candidates[pos]
+            if candidate.identifier is None:
+                taken[pos] = candidate
+            else:
+                batch.append((pos, candidate.identifier))
+            pos += 1
+        if not batch:
             break
-        ident = candidate.identifier
-        if ident is None:
-            taken.append(candidate)
-            continue
-        values = {
-            "flow_step_id": flow_step_id,
-            "source_type": source_type,
-            "item_identifier": ident,
-            "flow_key": flow_key,
-            "job_id": job_id,
-            "status": CLAIMED,
-            "claim_expires_at": expires,
-            "processed_timestamp": now,
-        }
-        # INSERT … ON CONFLICT DO NOTHING: a concurrent claim of the same item (PostgreSQL) makes this a
-        # no-op instead of a unique-key error that would abort the whole step commit.
-        inserted = (
-            await session.execute(
-                _insert(session)
-                .values(**values)
-                .on_conflict_do_nothing(index_elements=_ITEM_KEY)
-                .returning(ProcessedItem.id)
-            )
-        ).scalar()
-        if inserted is not None:
-            taken.append(candidate)
-            kept_ids.add(ident)
-            continue
-        row = (
-            await session.execute(
-                select(ProcessedItem)
-                .where(
-                    ProcessedItem.flow_step_id == flow_step_id,
-                    ProcessedItem.source_type == source_type,
-                    ProcessedItem.item_identifier == ident,
-                )
-                .execution_options(populate_existing=True)
-            )
-        ).scalar_one_or_none()
-        if row is None:  # the conflicting row was deleted meanwhile: the item is free next run
-            conflicts += 1
-            continue
-        elif row.job_id != job_id or row.status != CLAIMED:
-            # Take the row over only if it is not processed and not actively claimed by another job.
-            result = await session.execute(
-                update(ProcessedItem)
-                .where(
-                    ProcessedItem.id == row.id,
-                    ProcessedItem.status == CLAIMED,
-                    ~active_claim_condition(now, other_than_job=job_id),
-                )
-                .values(job_id=job_id, claim_expires_at=expires, processed_timestamp=now)
-                .execution_options(synchronize_session=False)
-            )
-            if rowcount(result) == 0:
-                conflicts += 1
-                continue
-        else:
-            await session.execute(
-                update(ProcessedItem).where(ProcessedItem.id == row.id).values(claim_expires_at=expires)
-            )
-        taken.append(candidate)
-        kept_ids.add(ident)
-    leftovers = delete(ProcessedItem).where(
-        ProcessedItem.job_id == job_id,
-        ProcessedItem.flow_step_id == flow_step_id,
-        ProcessedItem.status == CLAIMED,
-    )
-    if kept_ids:
-        leftovers = leftovers.where(ProcessedItem.item_identifier.not_in(kept_ids))
-    await session.execute(leftovers)
-    return taken, conflicts
-
-
-async def push_expiry(session: AsyncSession, job_id: int, expires: datetime | None) -> None:
-    """Keep a job's claims ahead of its real lifetime (heartbeat, retry requeue, parking)."""
-    await session.execute(
-        update(ProcessedItem)
-        .where(ProcessedItem.job_id == job_id, ProcessedItem.status == CLAIMED)
-        .values(claim_expires_at=expires)
-    )
-
-
-async def settle(session: AsyncSession, job_id: int, final_status: str, now: datetime) -> int:
-    """Complete (success statuses) or release (failed/cancelled) the job's claims; returns the count."""
-    held = and_(ProcessedItem.job_id == job_id, ProcessedItem.status == CLAIMED)
-    if final_status in st.SUCCESS:
-        result = await session.execute(
-            update(ProcessedItem).where(held).values(status=PROCESSED, processed_timestamp=now, claim_expires_at=None)
+        inserted = await _insert_claims(
+            session, [ident for _, ident in batch], job_id, flow_key, flow_step_id, source_type, now, expires
         )
-    else:
-        result = await session.execute(delete(ProcessedItem).where(held))
-    return rowcount(result)
+        for at, ident in batch:
+            if ident in inserted or await _take_existing(
+                session,
+                ident,
+                job_id=job_id,
+                flow_step_id=flow_step_id,
+                source_type=source_type,
+                now=now,
+                expires=expires,
+            ):
+                taken[at] = candidates[at]
+                kept_ids.add(ident)
+            else:
+                conflicts += 1
+    dialect = session.get_bind().dialect.name
+    await session.execute(
+        LEFTOVERS[dialect], {"job_id": job_id, "fsid": flow_step_id, "kept": list_value(kept_ids, dialect)}
+    )
+    return [taken[at] for at in sorted(taken)], conflicts
+
+
+def _leftovers(dialect: str) -> Any:
+    """This job's claims on the step that are not among ``kept`` (from an earlier attempt)."""
+    t = ITEMS.c
+    return delete(ITEMS).where(
+        t.job_id == bindparam("job_id"),
+        t.flow_step_id == bindparam("fsid"),
+        t.status == CLAIMED,
+        ~listed(t.item_identifier, "kept", dialect),
+    )
+
+
+LEFTOVERS = {name: _leftovers(name) for name in ("sqlite", "postgresql")}
+
+
+def _claims_insert(dialect: str) -> Any:
+    """INSERT … SELECT one claim per entry of the list parameter ``items`` … ON CONFLICT DO NOTHING
+    RETURNING the identifiers inserted: one statement with seven parameters for any number of items."""
+    t = ITEMS
+    c = t.c
+    items = list_rows("items", dialect).subquery()
+    rows = select(
+        bindparam("fsid", type_=c.flow_step_id.type),
+        bindparam("source", type_=c.source_type.type),
+        items.c.value,
+        bindparam("flow_key", type_=c.flow_key.type),
+        bindparam("job_id", type_=c.job_id.type),
+        literal(CLAIMED, type_=c.status.type),
+        bindparam("expires", type_=c.claim_expires_at.type),
+        bindparam("now", type_=c.processed_timestamp.type),
+        bindparam("now", type_=c.last_seen_at.type),
+    ).where(true())  # SQLite needs a WHERE before ON CONFLICT in INSERT … SELECT
+    columns = [
+        "flow_step_id",
+        "source_type",
+        "item_identifier",
+        "flow_key",
+        "job_id",
+        "status",
+        "claim_expires_at",
+        "processed_timestamp",
+        "last_seen_at",
+    ]
+    insert = pg_insert(t) if dialect == "postgresql" else sqlite_insert(t)
+    # ON CONFLICT DO NOTHING: a concurrent claim of the same item (PostgreSQL) leaves its row alone
+    # instead of raising a unique-key error that would abort the whole step commit.
+    return (
+        insert.from_select(columns, rows).on_conflict_do_nothing(index_elements=_ITEM_KEY).returning(c.item_identifier)
+    )
+
+
+CLAIMS_INSERT = {name: _claims_insert(name) for name in ("sqlite", "postgresql")}
+
+
+async def _insert_claims(
+    session: AsyncSession,
+    idents: list[str],
+    job_id: int,
+    flow_key: int,
+    flow_step_id: str,
+    source_type: str,
+    now: datetime,
+    expires: datetime,
+) -> set[str]:
+    """Insert claims for the identifiers that have no row yet; returns those inserted."""
+    dialect = session.get_bind().dialect.name
+    params = {
+        "items": list_value(dict.fromkeys(idents), dialect),
+        "fsid": flow_step_id,
+        "source": source_type,
+        "flow_key": flow_key,
+        "job_id": job_id,
+        "expires": expires,
+        "now": now,
+    }
+    return set((await session.execute(CLAIMS_INSERT[dialect], params)).scalars().all())
+
+
+async def _take_existing(
+    session: AsyncSession,
+    ident: str,
+    *,
+    job_id: int,
+    flow_step_id: str,
+    source_type: str,
+    now: datetime,
+    expires: datetime,
+) -> bool:
+    """An item that already has a row: keep this job's own claim, or take over a free claim.
+
+    A processed row, or a claim a live job holds, stays as it is (False).
+    """
+    row = (
+        await session.execute(
+            select(ProcessedItem)
+            .where(
+                ProcessedItem.flow_step_id == flow_step_id,
+                ProcessedItem.source_type == source_type,
+                ProcessedItem.item_identifier == ident,
+            )
+            .execution_options(populate_existing=True)
+        )
+    ).scalar_one_or_none()
+    if row is None:  # the conflicting row was deleted meanwhile: the item is free next run
+        return False
+    if row.job_id == job_id and row.status == CLAIMED:
+        await session.execute(update(ProcessedItem).where(ProcessedItem.id == row.id).values(claim_expires_at=expires))
+        return True
+    # Take the row over only if it is not processed and not actively claimed by another job.
+    result = await session.execute(
+        update(ProcessedItem)
+        .where(
+            ProcessedItem.id == row.id,
+            ProcessedItem.status == CLAIMED,
+            ~active_claim_condition(now, other_than_job=job_id),
+        )
+        .values(job_id=job_id, claim_expires_at=expires, processed_timestamp=now, last_seen_at=now)
+        .execution_options(synchronize_session=False)
+    )
+    return rowcount(result) > 0
 
 
 async def transfer_many(
@@ -245,4 +299,5 @@ async def reclaim(
         row.job_id = job_id
         row.claim_expires_at = expires
         row.processed_timestamp = now
+        row.last_seen_at = now
     return conflicts

@@ -1,4 +1,4 @@
-"""Validating, merging and sealing handler configs and step settings (abilities.md §2.11, storage.md §8).
+"""Validating, merging and sealing handler configs and step settings (docs/engine.md, Handler configuration).
 
 Used when a config is saved (abilities) and again when a step runs (the engine), so both agree on
 what a valid config is.
@@ -222,7 +222,7 @@ def validate_step_settings(step_type: str, settings: Mapping[str, Any], *, check
 
 
 def merge(stored: Mapping[str, Any] | None, patch: Mapping[str, Any]) -> dict[str, Any]:
-    """Shallow merge (abilities.md §2.11): given keys replace, ``null`` removes, MASK keeps the stored secret."""
+    """Shallow merge: given keys replace, ``null`` removes, MASK keeps the stored secret."""
     out = dict(stored or {})
     for key, value in patch.items():
         if value is None:

@@ -1,18 +1,40 @@
-"""The processed-items ledger: identifiers, lookups, claims and clearing (engine.md §10, storage.md §3.4).
+"""The processed-items ledger: identifiers, lookups, claims and clearing (docs/engine.md, Dedup and claims).
 
 Pure database functions on a caller's session, shared by the processed-items tools and the fetch
 engine. A row is either a ``processed`` record or an in-flight ``claimed`` row; only processed rows
-count as processed, and clearing never deletes an *active* claim (§10.3), so a running job's
+count as processed, and clearing never deletes an *active* claim, so a running job's
 settlement is not lost.
 """
 
 from __future__ import annotations
 
+import json
+import typing
 from collections.abc import Iterable, Iterator, Sequence
-from datetime import datetime
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import ColumnElement, String, and_, bindparam, cast, delete, exists, func, literal, or_, select
+from sqlalchemy import (
+    BigInteger,
+    ColumnElement,
+    Select,
+    String,
+    Table,
+    and_,
+    any_,
+    bindparam,
+    cast,
+    delete,
+    exists,
+    func,
+    literal,
+    literal_column,
+    or_,
+    select,
+    text,
+    update,
+)
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncSession
 
@@ -25,12 +47,15 @@ CHUNK = 500
 ACTIVE_JOB_STATUSES = ("pending", "processing", "waiting")
 PROCESSED = "processed"
 CLAIMED = "claimed"
+# A fetch rewrites an item's last_seen_at only when it is older than this, so a flow that runs every
+# few minutes does not write its whole feed each run; retention adds it to its window in return.
+LAST_SEEN_REFRESH = timedelta(days=1)
 
 P = ProcessedItem
 
 
 def normalize_identifier(identifier: str) -> str:
-    """Identifiers longer than 255 characters become ``sha256:<64 hex>`` of the full text (§2.7)."""
+    """Identifiers longer than 255 characters become ``sha256:<64 hex>`` of the full text, so they fit the column."""
     return normalise_identifier(identifier) or identifier
 
 
@@ -40,7 +65,7 @@ def chunks(values: Sequence[str], size: int = CHUNK) -> Iterator[Sequence[str]]:
 
 
 def active_claim(now: datetime | ColumnElement[datetime]) -> ColumnElement[bool]:
-    """engine.md §10.3: a claim held by a job that is not final and whose expiry has not passed."""
+    """An active claim: held by a job that is not final and whose expiry has not passed."""
     job_alive = exists().where(Job.job_id == P.job_id, Job.status.in_(ACTIVE_JOB_STATUSES))
     return and_(
         P.status == CLAIMED,
@@ -54,7 +79,8 @@ def active_claim(now: datetime | ColumnElement[datetime]) -> ColumnElement[bool]
 
 # The one-row lookup (params ``fsid``, ``source``, ``item``), built once on table columns so that it
 # runs on SQLAlchemy's Core path: it is the hot path of check-processed-item and of fetches.
-_T = ProcessedItem.__table__.c
+ITEMS = typing.cast(Table, ProcessedItem.__table__)  # typed as FromClause; a declarative model maps a Table
+_T = ITEMS.c
 PROCESSED_AT = (
     select(_T.processed_timestamp)
     .where(
@@ -92,6 +118,125 @@ async def processed_times(
         )
         found.update({ident: stamp for ident, stamp, status in rows.all() if status == PROCESSED})
     return found
+
+
+@dataclass
+class Ledger:
+    """What the ledger holds for a fetch's candidates (normalised identifiers)."""
+
+    processed: set[str] = field(default_factory=set)
+    claimed_elsewhere: set[str] = field(default_factory=set)
+    # ids of processed rows whose last_seen_at is older than LAST_SEEN_REFRESH
+    seen_stale: list[int] = field(default_factory=list)
+
+
+# --- a list of identifiers as one parameter ---------------------------------------------------------
+# A JSON array on SQLite (json_each), an array on PostgreSQL: the statement is the same for 1 or 1,000
+# identifiers (cached once, no per-call SQL for a long IN list, no per-value parameter processing).
+
+
+def list_value(values: Iterable[Any], dialect: str) -> Any:
+    """The bound value of a ``listed`` parameter."""
+    return list(values) if dialect == "postgresql" else json.dumps(list(values))
+
+
+def list_rows(name: str, dialect: str, element: Any = String) -> Select[Any]:
+    """``SELECT value`` for each entry of the list parameter ``name``."""
+    if dialect == "postgresql":
+        return select(func.unnest(bindparam(name, type_=postgresql.ARRAY(element))).label("value"))
+    return select(literal_column("value")).select_from(func.json_each(bindparam(name, type_=String)))
+
+
+def listed(column: ColumnElement[Any], name: str, dialect: str, element: Any = String) -> ColumnElement[bool]:
+    """``column`` is one of the entries of the list parameter ``name``."""
+    if dialect == "postgresql":
+        return column == any_(bindparam(name, type_=postgresql.ARRAY(element)))
+    return column.in_(list_rows(name, dialect, element).scalar_subquery())
+
+
+def _ledger_rows(dialect: str) -> Any:
+    """The ledger rows of a fetch's identifiers, answered by the unique ``(flow_step_id, source_type,
+    item_identifier)`` index; two flags computed by the database, so no timestamp is parsed per row."""
+    seen_stale = bindparam("stale_before", type_=_T.last_seen_at.type)
+    now = bindparam("now", type_=_T.claim_expires_at.type)
+    if dialect == "sqlite":
+        # CROSS JOIN makes the list the outer loop: one index search per identifier.
+        return text(
+            "SELECT p.id, p.item_identifier, p.status, p.job_id, p.last_seen_at < :stale_before, "
+            "p.claim_expires_at IS NULL OR p.claim_expires_at > :now "
+            f"FROM json_each(:items) AS j CROSS JOIN {ProcessedItem.__tablename__} AS p "
+            "WHERE p.flow_step_id = :fsid AND p.source_type = :source AND p.item_identifier = j.value"
+        ).bindparams(seen_stale, now)
+    return select(
+        _T.id,
+        _T.item_identifier,
+        _T.status,
+        _T.job_id,
+        _T.last_seen_at < seen_stale,
+        or_(_T.claim_expires_at.is_(None), _T.claim_expires_at > now),
+    ).where(
+        _T.flow_step_id == bindparam("fsid"),
+        _T.source_type == bindparam("source"),
+        listed(_T.item_identifier, "items", dialect),
+    )
+
+
+LEDGER_ROWS = {name: _ledger_rows(name) for name in ("sqlite", "postgresql")}
+LIVE_JOBS = select(Job.__table__.c.job_id).where(
+    Job.__table__.c.job_id.in_(bindparam("jobs", expanding=True)), Job.__table__.c.status.in_(ACTIVE_JOB_STATUSES)
+)
+
+
+async def ledger(
+    session: AsyncSession,
+    flow_step_id: str,
+    source_type: str,
+    identifiers: Sequence[str],
+    *,
+    job_id: int,
+    now: datetime,
+) -> Ledger:
+    """Classify a fetch's candidates against the ledger in one query, statuses sorted out here.
+
+    A status term in SQL would let the planner walk a ``(status, …)`` index across every flow's
+    processed rows instead; the job-liveness check of a claim runs only for the claims found.
+    """
+    out = Ledger()
+    keys = list(dict.fromkeys(identifiers))
+    dialect = session.get_bind().dialect.name
+    params = {
+        "fsid": flow_step_id,
+        "source": source_type,
+        "items": list_value(keys, dialect),
+        "stale_before": now - LAST_SEEN_REFRESH,
+        "now": now,
+    }
+    claims: dict[str, int] = {}
+    for row_id, ident, status, holder, seen_stale, unexpired in (
+        await session.execute(LEDGER_ROWS[dialect], params)
+    ).all():
+        if status == PROCESSED:
+            out.processed.add(ident)
+            if seen_stale:
+                out.seen_stale.append(row_id)
+        elif holder is not None and holder != job_id and unexpired:
+            claims[ident] = holder
+    if claims:
+        live = {r[0] for r in (await session.execute(LIVE_JOBS, {"jobs": list(set(claims.values()))})).all()}
+        out.claimed_elsewhere = {ident for ident, holder in claims.items() if holder in live}
+    return out
+
+
+TOUCH_SEEN = {
+    name: update(ITEMS).where(listed(_T.id, "ids", name, BigInteger)).values(last_seen_at=bindparam("now"))
+    for name in ("sqlite", "postgresql")
+}
+
+
+async def touch_seen(session: AsyncSession, row_ids: Sequence[int], now: datetime) -> None:
+    """Record that a fetch saw these processed items in their source: one UPDATE by primary key."""
+    dialect = session.get_bind().dialect.name
+    await session.execute(TOUCH_SEEN[dialect], {"ids": list_value(row_ids, dialect), "now": now})
 
 
 async def active_claims(
@@ -147,7 +292,7 @@ async def mark_processed(
     job_id: int | None,
     now: datetime,
 ) -> tuple[ProcessedItem, bool]:
-    """Upsert the item to ``processed`` (engine.md §10.4); overrides a claim. Returns (row, created).
+    """Upsert the item to ``processed``; overrides a claim. Returns (row, created).
 
     ``job_id`` replaces the stored one when given; otherwise the stored value is kept (NULL for a
     new row). The timestamp is refreshed on every call.
@@ -162,15 +307,22 @@ async def mark_processed(
         "item_identifier": item,
         "job_id": job_id,
         "processed_timestamp": now,
+        "last_seen_at": now,
         "status": PROCESSED,
         "claim_expires_at": None,
         "flow_key": flow_id,
     }
     stmt = dialect.insert(P).values(**values)
-    update = {"processed_timestamp": now, "status": PROCESSED, "claim_expires_at": None, "flow_key": flow_id}
+    changes = {
+        "processed_timestamp": now,
+        "last_seen_at": now,
+        "status": PROCESSED,
+        "claim_expires_at": None,
+        "flow_key": flow_id,
+    }
     if job_id is not None:
-        update["job_id"] = job_id
-    stmt = stmt.on_conflict_do_update(index_elements=["flow_step_id", "source_type", "item_identifier"], set_=update)
+        changes["job_id"] = job_id
+    stmt = stmt.on_conflict_do_update(index_elements=["flow_step_id", "source_type", "item_identifier"], set_=changes)
     await session.execute(stmt)
     row = (await session.execute(select(P).where(*key).execution_options(populate_existing=True))).scalar_one()
     return row, not existed
@@ -203,8 +355,8 @@ def _like_prefix(prefix: str) -> str:
 async def clear_pipeline_step(session: AsyncSession, pipeline_step_id: str, now: datetime) -> tuple[int, int]:
     """Clear the rows of every flow step of one pipeline step.
 
-    The escaped prefix of storage.md §3.4 narrows the rows; the exact ``{pipeline_step_id}_{flow_key}``
-    comparison keeps a longer step id that merely starts with this one out.
+    An escaped ``LIKE '{pipeline_step_id}_%'`` narrows the rows (it can use the index); the exact
+    ``{pipeline_step_id}_{flow_key}`` comparison keeps a longer step id that merely starts with this one out.
     """
     exact = P.flow_step_id == literal(f"{pipeline_step_id}_") + cast(P.flow_key, String)
     scope = and_(P.flow_step_id.like(_like_prefix(pipeline_step_id), escape="\\"), exact)

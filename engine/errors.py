@@ -1,8 +1,9 @@
-"""Step errors and their retry classification (engine.md §6.1, §11.2, §15.1).
+"""Step errors and their retry classification (docs/engine.md, The step contract; Retryable classification).
 
 Handlers and providers raise :class:`StepError` with a stable ``code`` (the job's failure reason)
 and optional retry hints. :func:`classify` decides whether a failure is retryable and its retry
-class (``transport``, ``rate_limit``, ``upstream``), following engine.md §11.2 rule by rule.
+class (``transport``, ``rate_limit``, ``upstream``), rule by rule as docs/engine.md, Retryable
+classification lists them.
 """
 
 from __future__ import annotations
@@ -49,9 +50,9 @@ class CodedError(Exception):
 
 
 class StepError(Exception):
-    """A step or handler failure with a stable code (engine.md §6.1 ``error``).
+    """A step or handler failure with a stable code: the ``error`` of a step result.
 
-    ``retryable``/``error_class`` are explicit overrides (rule 1 of §11.2); left ``None``, the
+    ``retryable``/``error_class`` are explicit overrides (rule 1); left ``None``, the
     rules decide from ``code`` and ``http_status``. ``retry_after`` is in seconds. ``provider``
     names the AI provider whose call failed: only such errors (and unexpected exceptions) get the
     message heuristic of rule 5.
@@ -94,7 +95,7 @@ class StepError(Exception):
         return out
 
 
-HandlerError = StepError  # the spec's other name (engine.md §6.1)
+HandlerError = StepError  # one error type; handler code may use either name
 
 
 def _status_class(status: int | None) -> str | None:
@@ -115,7 +116,7 @@ def _heuristic(message: str) -> bool:
 
 
 def _rules(code: str | None, status: int | None, message: str, heuristic: bool) -> tuple[bool, str | None]:
-    """Rules 2-6 of engine.md §11.2."""
+    """Rules 2-6 of docs/engine.md, Retryable classification."""
     if code in TRANSPORT_CODES:
         return True, "transport"
     if code == "http_rate_limited":
@@ -131,7 +132,7 @@ def _rules(code: str | None, status: int | None, message: str, heuristic: bool) 
 
 
 def classify(error: BaseException | Mapping[str, Any]) -> tuple[bool, str | None]:
-    """``(retryable, error_class)`` of a failure per engine.md §11.2, first matching rule wins.
+    """``(retryable, error_class)`` of a failure, first matching rule wins.
 
     Accepts a :class:`StepError`, any other exception (an unexpected one: httpx timeouts and
     transport errors are transport failures, the rest gets the message heuristic) or a stored

@@ -13,20 +13,16 @@ import json
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import datetime
 from typing import Any
 
-from sqlalchemy import select, update
-
-from datamachine_mcp.engine import claims
 from datamachine_mcp.engine import status as st
-from datamachine_mcp.engine.lifecycle import Changes, ed, finish, log_context, log_owner
+from datamachine_mcp.engine.accounting import log_context, log_owner
 from datamachine_mcp.engine.runtime import EngineServices
 from datamachine_mcp.engine.steps.gates import gate_token_ref
+from datamachine_mcp.engine.store import GuardMissed
+from datamachine_mcp.engine.waits import resume_waiting
 from datamachine_mcp.engine.webhooks import Delivery, WebhookRefused, parse_payload
-from datamachine_mcp.storage.dml import rowcount
-from datamachine_mcp.storage.logs import write_log
-from datamachine_mcp.storage.models import Job
 from datamachine_mcp.storage.timeutil import iso, utcnow
 
 TOKEN_RE = re.compile(r"^[0-9a-f]{64}$")
@@ -55,10 +51,8 @@ async def resume_gate(
     snap = await services.snapshot()
     threshold = str(snap["log_level"])
     moment = now()
-    async with services.db.write() as session:
-        job = (
-            await session.execute(services.db.for_update(select(Job).where(Job.wait_ref == ref)))
-        ).scalar_one_or_none()
+    async with services.store.transaction() as tx:
+        job = await tx.job_waiting_at(ref)
         if job is None or job.wait_kind != GATE:
             raise WebhookRefused(404, "gate_not_found")
         if job.status != st.WAITING:
@@ -66,7 +60,7 @@ async def resume_gate(
         if job.wait_expires_at is not None and job.wait_expires_at <= moment:
             raise WebhookRefused(404, "gate_not_found")  # expired: the maintenance loop fails it
         payload = parse_payload(delivery.body, containers_only=False)
-        data = ed(job)
+        data = dict(job.engine_data or {})
         gate = dict(data.get(GATE) or {})
         step_id = str(gate.get("flow_step_id") or job.current_step_id or "")
         packets = [_payload_packet(payload, step_id, delivery, moment), *(job.packets or [])]
@@ -79,43 +73,22 @@ async def resume_gate(
         }
         next_step = gate.get("next_flow_step_id")
         job_id = job.job_id
-        if next_step:
-            moved = await session.execute(
-                update(Job)
-                .where(Job.job_id == job_id, Job.status == st.WAITING, Job.wait_ref == ref)
-                .values(
-                    status=st.PENDING,
-                    current_step_id=next_step,
-                    packets=packets,
-                    attempts=0,
-                    run_at=moment,
-                    wait_expires_at=None,
-                    updated_at=moment,
-                    engine_data={**data, **updates},
-                )
-                .execution_options(synchronize_session=False)
-            )
-            if not rowcount(moved):
-                raise WebhookRefused(409, "job_not_waiting")
-            await claims.push_expiry(session, job_id, moment + timedelta(seconds=snap.int("claim_ttl_seconds")))
-            changes, status = Changes(jobs={job_id}), st.PENDING
-        else:
-            done = await finish(
-                session,
-                job_id,
-                st.COMPLETED,
-                None,
-                now=moment,
-                allowed_from=(st.WAITING,),
+        try:
+            changes, resumed = await resume_waiting(
+                tx,
+                job,
+                ref,
+                next_step=next_step,
                 packets=packets,
-                engine_updates=updates,
+                updates=updates,
+                now=moment,
                 threshold=threshold,
+                claim_ttl=snap.int("claim_ttl_seconds"),
             )
-            if done is None:
-                raise WebhookRefused(409, "job_not_waiting")
-            changes, status = done, st.COMPLETED
-        await write_log(
-            session,
+        except GuardMissed:
+            raise WebhookRefused(409, "job_not_waiting") from None
+        status = st.PENDING if resumed else st.COMPLETED
+        tx.log(
             "info",
             f"Job {job_id} resumed from its webhook gate",
             log_context(job, flow_step_id=step_id, wait_kind=GATE, remote_ip=delivery.remote_ip),
@@ -123,7 +96,7 @@ async def resume_gate(
             **log_owner(job),
         )
     await services.announce(changes.jobs, changes.flows)
-    if next_step:
+    if resumed:
         services.wake()
     return Resumed(job_id, next_step or None, status)
 

@@ -1,4 +1,4 @@
-"""Outbound HTTP for handlers and AI providers (engine.md §15.1).
+"""Outbound HTTP for handlers and AI providers (docs/engine.md, Outbound HTTP and files).
 
 One :class:`Outbound` wraps one shared ``httpx.AsyncClient`` and the limits of a settings
 snapshot (``http_timeout_seconds``, ``http_max_response_bytes``,
@@ -13,7 +13,7 @@ snapshot (``http_timeout_seconds``, ``http_max_response_bytes``,
   headers are dropped when a redirect changes origin. POSTs follow none (3xx → ``http_rejected``).
 * Bodies are streamed and reading stops above ``http_max_response_bytes`` → ``response_too_large``.
 * Each hop must finish within the timeout (connect + send + the whole body) → ``http_timeout``.
-* Failures raise :class:`~engine.errors.StepError` with the §15.1 codes, ``http_status`` and
+* Failures raise :class:`~engine.errors.StepError` with the ``http_*`` codes, ``http_status`` and
   ``diagnostics`` ``{method, url (without query), status?, body (first 1,000 characters)}``.
 """
 
@@ -104,7 +104,7 @@ def status_error(
     diagnostics: Mapping[str, Any] | None = None,
     provider: str | None = None,
 ) -> StepError:
-    """The §15.1 error for an unsuccessful HTTP status (3xx on POST, 4xx, 5xx)."""
+    """The ``http_*`` error for an unsuccessful HTTP status (3xx on POST, 4xx, 5xx)."""
     shown = display_url(url)
     if status == 429:
         code = "http_rate_limited"
@@ -143,7 +143,7 @@ def check_headers(headers: Mapping[str, str]) -> None:
 
 
 def address_allowed(address: str) -> bool:
-    """Whether an IP address is a public one (the private-network rule of §15.1)."""
+    """Whether an IP address is a public one (``outbound_allow_private_networks: false`` refuses the others)."""
     try:
         ip = ipaddress.ip_address(address.split("%", 1)[0])
     except ValueError:

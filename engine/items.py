@@ -1,4 +1,4 @@
-"""Fetched items, the common fetch filters and packet building (engine.md §8, §10.1, §15.2).
+"""Fetched items, the common fetch filters and packet building.
 
 * :class:`Item` is what a fetch handler produces; :class:`ItemList` is a list of items that also
   carries the handler's counters (``skipped``: reason → count, e.g. ``non_object``,
@@ -6,8 +6,8 @@
   :func:`engine.handlers.run_fetch`, ``source_count``/``filtered_out``/``source_type``.
 * The filters (``timeframe_limit``, ``search``, ``exclude_keywords``) are pure functions that keep
   the items' order.
-* :func:`normalise_identifier` hashes identifiers longer than 255 characters (§10.1 step 3).
-* :func:`item_to_packet` builds the ``fetch`` packet of §15.2 (body truncated to fit 1 MiB).
+* :func:`normalise_identifier` hashes identifiers longer than 255 characters.
+* :func:`item_to_packet` builds the ``fetch`` packet (body truncated to fit 1 MiB).
 """
 
 from __future__ import annotations
@@ -276,7 +276,7 @@ def exclude_filter(items: Iterable[Item], exclude_keywords: str | None) -> list[
 
 
 def apply_filters(items: Iterable[Item], config: Mapping[str, Any], now: datetime | None = None) -> list[Item]:
-    """The common fetch filters of §15.2 in order: timeframe, search, exclude."""
+    """The common fetch filters in order: timeframe, search, exclude."""
     kept = timeframe_filter(items, config.get("timeframe_limit"), now)
     kept = search_filter(kept, config.get("search"))
     return exclude_filter(kept, config.get("exclude_keywords"))
@@ -295,7 +295,7 @@ def item_to_packet(
     flow_id: int | None,
     timestamp: datetime | None = None,
 ) -> dict[str, Any]:
-    """The ``fetch`` packet of §15.2; ``metadata._engine_data`` carries the item's routing keys."""
+    """The ``fetch`` packet; ``metadata._engine_data`` carries the item's routing keys."""
     data: dict[str, Any] = {"title": item.title, "body": item.body, "content_string": item.content_string}
     if item.file_info is not None:
         data["file_info"] = item.file_info

@@ -1,7 +1,7 @@
-"""Creating jobs: flow runs, direct workflows and system tasks (engine.md §3).
+"""Creating jobs: flow runs, direct workflows and system tasks (docs/engine.md, Creating jobs).
 
 Runs inside the caller's write transaction. Idempotency keys are namespaced by the caller
-(storage.md §6.6); a replay returns the existing job and creates nothing.
+(docs/engine.md, Idempotency); a replay returns the existing job and creates nothing.
 """
 
 from __future__ import annotations
@@ -131,7 +131,7 @@ def flow_snapshot(flow: Flow, pipeline: Pipeline, *, job: dict[str, Any], dry_ru
 
 
 def empty_first_queue(plan: Plan, live_flow_config: dict[str, Any]) -> bool:
-    """engine.md §3.1 step 7: the first step drains/loops an empty queue, so the run has nothing to do."""
+    """The first step drains/loops an empty queue, so the run has nothing to do and no job is created."""
     first = plan.first
     live = live_flow_config.get(first["flow_step_id"]) or {}
     if live.get("queue_mode") not in EMPTY_QUEUE_MODES:
@@ -157,7 +157,7 @@ async def create_flow_job(
     origin_session_id: str | None = None,
     threshold: str = "debug",
 ) -> Created:
-    """A pending job for ``flow`` (engine.md §3.1 step 9); replays an existing job for the same key."""
+    """A pending job for ``flow`` (docs/engine.md, run-flow); replays an existing job for the same key."""
     request_fingerprint = fingerprint(request)
     replay = await _replay(session, idempotency_key, request_fingerprint, conflict_code="idempotency_key_conflict")
     if replay is not None:
@@ -224,7 +224,7 @@ async def create_direct_job(
     standalone: bool = False,
     threshold: str = "debug",
 ) -> Created:
-    """A direct (ephemeral) workflow job, or with ``standalone`` a system job (engine.md §3.4)."""
+    """A direct (ephemeral) workflow job, or with ``standalone`` a system job (docs/engine.md, Other creation paths)."""
     request_fingerprint = fingerprint(request)
     replay = await _replay(session, idempotency_key, request_fingerprint, conflict_code="operation_key_conflict")
     if replay is not None:

@@ -1,4 +1,4 @@
-"""The optional ``notify_url`` POST when a job parks at a gate (engine.md §13.1). Best effort."""
+"""The optional ``notify_url`` POST when a job parks at a gate. Best effort."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from typing import Any
 
 from datamachine_mcp.engine.http import Outbound
 from datamachine_mcp.engine.runtime import EngineServices
-from datamachine_mcp.storage.models import Job
+from datamachine_mcp.engine.store import JobRow
 from datamachine_mcp.storage.settings import Snapshot
 
 log = logging.getLogger("datamachine.notify")
@@ -21,7 +21,7 @@ def delivery_id(kind: str, job_id: int, flow_step_id: str) -> str:
 
 
 async def post_wait_notification(
-    services: EngineServices, snap: Snapshot, job: Job, flow_step_id: str, notify: dict[str, Any]
+    services: EngineServices, snap: Snapshot, job: JobRow, flow_step_id: str, notify: dict[str, Any]
 ) -> None:
     wait = notify["wait"]
     body: dict[str, Any] = {
@@ -47,5 +47,5 @@ async def post_wait_notification(
     try:
         async with Outbound(snap, version=services.version) as outbound:
             await outbound.post_json(notify["url"], payload, headers=headers)
-    except Exception as exc:  # failures are only logged (engine.md §13.1)
+    except Exception as exc:  # failures are only logged: the job stays parked either way
         log.warning("wait notification for job %s to %s failed: %s", job.job_id, notify["url"], exc)

@@ -1,4 +1,4 @@
-"""Execution plans and the engine snapshot (engine.md §3.1 step 6, §3.3, §3.4; storage.md §7.4).
+"""Execution plans and the engine snapshot (docs/engine.md, The snapshot; docs/storage.md, engine_data).
 
 A job reads its configuration only from the snapshot written at creation, so editing a flow never
 changes runs already created; queues are the exception (read live from the flow row).
@@ -9,25 +9,38 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import dataclass
+from functools import cache
 from typing import Any
 
-from datamachine_mcp.engine.catalog import STEP_TYPES
+from datamachine_mcp.engine.catalog import STEP_TYPES, wait_kinds
 from datamachine_mcp.engine.errors import CodedError
 
 SNAPSHOT_KEYS = ("job", "flow", "pipeline", "flow_config", "pipeline_config", "dry_run_mode")
-CONTROL_KEYS = (
+# The engine's own keys; each parking step type adds its wait kind (its state key), see control_keys().
+ENGINE_CONTROL_KEYS = (
     "job_status",
     "retry",
     "queue_backups",
     "batch",
     "batch_results",
-    "approval",
-    "webhook_gate",
     "error",
     "publish_progress",
 )
 OBSERVABILITY_KEYS = ("step_results", "run_metrics")
-RESERVED_KEYS = frozenset(SNAPSHOT_KEYS + CONTROL_KEYS + OBSERVABILITY_KEYS)
+
+
+@cache
+def control_keys() -> frozenset[str]:
+    """Control keys of engine_data: not copied into batch children, not settable by inputs."""
+    return frozenset(ENGINE_CONTROL_KEYS + wait_kinds())
+
+
+@cache
+def reserved_keys() -> frozenset[str]:
+    """Keys ``initial_data`` and packets may not set."""
+    return frozenset(SNAPSHOT_KEYS + OBSERVABILITY_KEYS) | control_keys()
+
+
 QUEUE_KEYS = ("prompt_queue", "config_patch_queue")
 
 
@@ -44,7 +57,7 @@ def fingerprint(value: Any) -> str:
 
 
 def check_initial_data(data: dict[str, Any]) -> None:
-    reserved = sorted(k for k in data if k in RESERVED_KEYS)
+    reserved = sorted(k for k in data if k in reserved_keys())
     if reserved:
         raise PlanError(
             "invalid_initial_data",
@@ -161,7 +174,7 @@ def snapshot(
 
 
 def direct_configs(steps: list[dict[str, Any]], *, now_iso: str) -> tuple[dict[str, Any], dict[str, Any]]:
-    """flow_config and pipeline_config of an ephemeral workflow (engine.md §3.4, ids ephemeral_step_{i}).
+    """flow_config and pipeline_config of an ephemeral workflow (ids ``ephemeral_step_{i}``).
 
     An AI step's ``user_message`` becomes a one-entry static prompt queue kept in the snapshot.
     """

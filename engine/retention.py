@@ -1,4 +1,4 @@
-"""Retention (storage.md §10): delete what has aged out, in batches of 1,000 rows per transaction."""
+"""Retention (docs/engine.md, Retention): delete what has aged out, in batches of 1,000 rows per transaction."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ from sqlalchemy import delete, func, or_, select
 from datamachine_mcp.engine import claims as claim_ops
 from datamachine_mcp.engine import status as st
 from datamachine_mcp.engine.chat_cleanup import delete_expired_sessions
+from datamachine_mcp.engine.dedup import LAST_SEEN_REFRESH
 from datamachine_mcp.engine.runtime import EngineServices
 from datamachine_mcp.storage.logs import write_log
 from datamachine_mcp.storage.models import ChatSession, Job, LogEntry, ProcessedItem
@@ -72,7 +73,10 @@ async def run_retention(
         )
         ages["logs"] = snap.int("retention_logs_days")
     if (c := cutoff("retention_processed_items_days")) is not None:
-        cond = (ProcessedItem.status == claim_ops.PROCESSED) & (ProcessedItem.processed_timestamp < c)
+        # By when a fetch last saw the item, not when it was processed: an item the source still
+        # offers is never forgotten (and so never taken twice). The refresh slack matches how rarely
+        # a fetch rewrites last_seen_at.
+        cond = (ProcessedItem.status == claim_ops.PROCESSED) & (ProcessedItem.last_seen_at < c - LAST_SEEN_REFRESH)
         counts["processed_items"] = await _delete_in_batches(
             services, ProcessedItem, ProcessedItem.id, cond, dry_run=dry_run
         )
@@ -92,16 +96,19 @@ async def run_retention(
     result = {"dry_run": dry_run, "ran_at": iso(now), "deleted": counts}
     if not dry_run:
         async with services.db.write() as session:
-            # storage.md §10: each part logs one info row with its counts
+            # each part logs one info row with its counts
             for part, deleted in counts.items():
                 days = ages[part]
-                older = f" older than {days} days" if days else ""
+                age = "not seen by a fetch for" if part == "processed_items" else "older than"
+                older = f" {age} {days} days" if days else ""
                 context = {"retention": part, "deleted": deleted}
                 if days:
                     context["days"] = days
                 message = f"Retention: deleted {deleted} {PART_NAMES[part]}{older}"
                 await write_log(session, "info", message, context, threshold=str(snap["log_level"]))
             await services.settings.internal_set(session, LAST_RUN_KEY, iso(now), at=_stamp(now))
+        # After the day's deletions: statistics for the planner (see Database.analyze).
+        await services.db.analyze()
     return result
 
 

@@ -18,6 +18,7 @@ from datamachine_mcp.storage.settings import SettingsStore, Snapshot
 
 if TYPE_CHECKING:
     from datamachine_mcp.engine.providers.base import AIRequest, AIResponse
+    from datamachine_mcp.engine.store import JobStore
 
 
 class EngineEvents(Protocol):
@@ -72,7 +73,7 @@ class NoSampler:
 
 
 def make_worker_id() -> str:
-    """``{hostname}:{pid}:{8 hex}`` (storage.md §6.5)."""
+    """``{hostname}:{pid}:{8 hex}``: readable in lease columns and logs, unique per process."""
     return f"{socket.gethostname()[:70]}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
 
 
@@ -93,6 +94,16 @@ class EngineServices:
     _ai_limiter: asyncio.Semaphore | None = None
     _ai_limit: int = 0
     _local_waiters: dict[int, list[asyncio.Event]] = field(default_factory=dict)
+    _store: Any = None
+
+    @property
+    def store(self) -> JobStore:
+        """The job store on this process's database (opened on first use, closed with the database)."""
+        if self._store is None:
+            from datamachine_mcp.engine.store import JobStore
+
+            self._store = JobStore(self.db)
+        return self._store
 
     async def snapshot(self) -> Snapshot:
         cached = self.settings.cached()

@@ -1,4 +1,4 @@
-"""Schedules: validation, derived keys and ``next_run_at`` (engine.md §12, storage.md §7.3).
+"""Schedules: validation, derived keys and ``next_run_at`` (docs/engine.md, Scheduling).
 
 Pure functions of a flow's ``scheduling_config`` and the current time; the scheduler loop that fires
 flows uses the same functions after each fire.
@@ -34,6 +34,10 @@ CLIENT_KEYS = ("interval", "enabled", "cron_expression", "timezone", "timestamp"
 DERIVED_KEYS = ("interval_seconds", "first_run", "next_run", "last_skip")
 MAX_STAGGER_SECONDS = 3600
 CRON_MACROS = ("@yearly", "@annually", "@monthly", "@weekly", "@daily", "@midnight", "@hourly")
+# the values each cron field spans: a step (*/n) longer than that is a mistake, not "once"
+CRON_FIELDS = (("minute", 60), ("hour", 24), ("day of month", 31), ("month", 12), ("weekday", 7))
+MAX_TIMESTAMP = 253402300799  # 9999-12-31T23:59:59Z, the last second a date can hold
+PAST_GRACE = timedelta(minutes=1)  # a one-time run set "now" by a slow client is not refused
 
 
 class ScheduleError(CodedError, ValueError):
@@ -45,12 +49,13 @@ def valid_values() -> list[str]:
 
 
 def looks_like_cron(value: str) -> bool:
+    """Interval keys have neither spaces nor ``*``: a value with either is read (and validated) as cron."""
     text = value.strip()
-    return text.startswith("@") or len(text.split()) == 5
+    return text.startswith("@") or "*" in text or len(text.split()) > 1
 
 
 def stagger_seconds(flow_id: int, interval_seconds: int) -> int:
-    """Deterministic first-run offset, identical to DM's calculateStaggerOffset (engine.md §12.3)."""
+    """Deterministic first-run offset, identical to DM's calculateStaggerOffset."""
     return zlib.crc32(f"datamachine_stagger_{flow_id}".encode()) % min(interval_seconds, MAX_STAGGER_SECONDS)
 
 
@@ -72,7 +77,21 @@ def _unix(value: Any) -> int:
         raise ScheduleError("missing_timestamp", "A one_time schedule needs a timestamp (Unix seconds or ISO 8601).")
     if seconds <= 0:
         raise ScheduleError("missing_timestamp", "timestamp must be a positive Unix time.")
+    if seconds > MAX_TIMESTAMP:
+        raise ScheduleError(
+            "missing_timestamp", f"timestamp must be at most {MAX_TIMESTAMP} (9999-12-31T23:59:59Z).", timestamp=seconds
+        )
     return seconds
+
+
+def _cron_problem(expression: str) -> str | None:
+    """Why a 5-field expression croniter accepts is still wrong (a step beyond its field), or None."""
+    for text, (name, span) in zip(expression.split(), CRON_FIELDS, strict=True):
+        for part in text.split(","):
+            _, _, step = part.partition("/")
+            if step.isdigit() and not 1 <= int(step) <= span:
+                return f"the {name} step /{step} is out of range (1-{span})"
+    return None
 
 
 def _zone(name: Any) -> ZoneInfo:
@@ -86,11 +105,12 @@ def _zone(name: Any) -> ZoneInfo:
         ) from None
 
 
-def normalize(raw: dict[str, Any]) -> dict[str, Any]:
+def normalize(raw: dict[str, Any], *, not_before: datetime | None = None) -> dict[str, Any]:
     """Validate the client keys of a schedule and return them in canonical form.
 
     Aliases resolve, a cron-looking ``interval`` becomes ``cron``, timestamps become Unix seconds.
-    Derived keys and ``webhook`` in the input are ignored.
+    Derived keys and ``webhook`` in the input are ignored. With ``not_before``, a one-time timestamp
+    more than a minute before it is refused (``timestamp_in_past``).
     """
     interval = raw.get("interval")
     if not isinstance(interval, str) or not interval.strip():
@@ -121,6 +141,14 @@ def normalize(raw: dict[str, Any]) -> dict[str, Any]:
         del out["enabled"]  # absent means enabled
     if interval == "one_time":
         out["timestamp"] = _unix(raw.get("timestamp"))
+        if not_before is not None and out["timestamp"] < (not_before - PAST_GRACE).timestamp():
+            when = iso(datetime.fromtimestamp(out["timestamp"], UTC))
+            raise ScheduleError(
+                "timestamp_in_past",
+                f"timestamp {out['timestamp']} ({when}) is in the past; give a future time, or run the flow now "
+                "with run-flow.",
+                timestamp=out["timestamp"],
+            )
     elif interval == "cron":
         expression = out.get("cron_expression") or raw.get("cron_expression")
         if not isinstance(expression, str) or not expression.strip():
@@ -131,6 +159,12 @@ def normalize(raw: dict[str, Any]) -> dict[str, Any]:
                 "invalid_cron_expression",
                 f"Invalid cron expression '{expression}': use 5 fields (minute hour day month weekday) or "
                 f"one of {', '.join(CRON_MACROS)}.",
+                cron_expression=expression,
+            )
+        if expression not in CRON_MACROS and (problem := _cron_problem(expression)):
+            raise ScheduleError(
+                "invalid_cron_expression",
+                f"Invalid cron expression '{expression}': {problem}.",
                 cron_expression=expression,
             )
         out["cron_expression"] = expression
@@ -147,7 +181,7 @@ def client_keys(config: dict[str, Any] | None) -> dict[str, Any]:
 def next_cron(expression: str, timezone: str, after: datetime) -> datetime:
     """First match strictly after ``after``, evaluated in ``timezone`` (DST-aware), in UTC.
 
-    Matches are local wall-clock times (engine.md §12.1): one that does not exist (spring forward)
+    Matches are local wall-clock times: one that does not exist (spring forward)
     is skipped, and one that occurs twice (fall back) fires once, at its first occurrence.
     """
     zone = _zone(timezone)
@@ -216,7 +250,7 @@ def apply(
 
 
 def resume(config: dict[str, Any], *, flow_id: int, now: datetime) -> tuple[dict[str, Any], datetime | None]:
-    """Remove ``enabled: false`` and recompute the next run on the existing grid (engine.md §12.2)."""
+    """Remove ``enabled: false`` and recompute the next run on the existing grid."""
     out = dict(config)
     out.pop("enabled", None)
     interval = out.get("interval")

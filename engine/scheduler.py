@@ -1,4 +1,4 @@
-"""The scheduler: fires due flows (engine.md §12.4-§12.5).
+"""The scheduler: fires due flows (docs/engine.md, The scheduler loop; Overlap and backpressure).
 
 Only one scheduler acts at a time per database: a lease row (internal settings key
 ``scheduler_lease``) is taken and renewed under a row lock, so several processes can run the loop
@@ -21,8 +21,8 @@ from sqlalchemy.exc import IntegrityError
 
 from datamachine_mcp.engine import schedule as sched
 from datamachine_mcp.engine import status as st
+from datamachine_mcp.engine.accounting import Changes, finish
 from datamachine_mcp.engine.jobs import create_flow_job, empty_first_queue, flow_job_columns, pending_job
-from datamachine_mcp.engine.lifecycle import Changes, finish
 from datamachine_mcp.engine.plan import PlanError, resolve_plan
 from datamachine_mcp.engine.runtime import EngineServices
 from datamachine_mcp.storage.db import is_transient_conflict
@@ -178,7 +178,7 @@ class Scheduler:
     async def _decide(
         self, session: Any, flow: Flow, schedule: dict[str, Any], snap: Any, now: datetime
     ) -> tuple[str | None, datetime | None]:
-        """engine.md §12.5, in order. Returns (skip or defer reason, deferral time)."""
+        """docs/engine.md, Overlap and backpressure, in order. Returns (skip or defer reason, deferral time)."""
         if flow.agent_id is not None:
             status = (await session.execute(select(Agent.status).where(Agent.agent_id == flow.agent_id))).scalar()
             if status == "inactive":
@@ -203,7 +203,7 @@ class Scheduler:
         try:
             plan = resolve_plan(flow.flow_config)
         except PlanError:
-            return None, None  # fired anyway: an invalid plan becomes a failed job (engine.md §3.4)
+            return None, None  # fired anyway: an invalid plan becomes a failed job, visible in the flow's health
         if empty_first_queue(plan, flow.flow_config or {}):
             return "empty_drain_queue", None
         return None, None
@@ -216,6 +216,7 @@ class Scheduler:
             plan = resolve_plan(flow.flow_config)
         except PlanError as err:
             await create_failed_run(
+                self.services,
                 session,
                 flow,
                 pipeline,
@@ -245,6 +246,7 @@ class Scheduler:
 
 
 async def create_failed_run(
+    services: EngineServices,
     session: Any,
     flow: Flow,
     pipeline: Pipeline,
@@ -274,16 +276,19 @@ async def create_failed_run(
     await session.flush()
     flow.last_run_at = now
     error = {"reason": err.code, "flow_step_id": None, "message": err.message, "class": None}
-    done = await finish(
-        session,
-        job.job_id,
-        st.FAILED,
-        err.code,
-        now=now,
-        allowed_from=(st.PENDING,),
-        engine_updates={"error": error},
-        threshold=threshold,
-    )
-    if done is not None:
-        changes.merge(done)
+    async with services.store.bind(session) as tx:
+        row = await tx.get_job(job.job_id)
+        assert row is not None
+        done = await finish(
+            tx,
+            row,
+            st.FAILED,
+            err.code,
+            now=now,
+            guard="status",
+            allowed=(st.PENDING,),
+            engine_updates={"error": error},
+            threshold=threshold,
+        )
+    changes.merge(done)
     return job.job_id, st.FAILED

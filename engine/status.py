@@ -1,4 +1,4 @@
-"""Job statuses: classes, display form and parsing (engine.md §2)."""
+"""Job statuses: classes, display form and parsing (docs/engine.md, Job statuses)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ ALL = (PENDING, PROCESSING, WAITING, COMPLETED, NO_ITEMS, SKIPPED, FAILED, CANCE
 ACTIVE = (PENDING, PROCESSING, WAITING)
 FINAL = (COMPLETED, NO_ITEMS, SKIPPED, FAILED, CANCELLED)
 SUCCESS = (COMPLETED, NO_ITEMS, SKIPPED)
-# Backpressure and overlap count these (a parked job does not block new runs; engine.md §2.1, §12.5).
+# Backpressure and overlap count these (a parked job does not block new runs).
 RUNNING = (PENDING, PROCESSING)
 
 MAX_REASON = 500

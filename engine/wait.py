@@ -1,4 +1,4 @@
-"""Waiting for a job to become final (abilities.md §2.9, engine.md §14.2).
+"""Waiting for a job to become final (docs/architecture.md, Waiting for a job).
 
 No transaction is held while waiting. Changes made in this process wake the waiter at once; changes
 made by other processes are seen by polling at most once a second.

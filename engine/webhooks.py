@@ -23,9 +23,9 @@ from typing import Any
 from sqlalchemy import func, select
 
 from datamachine_mcp.engine import status as st
+from datamachine_mcp.engine.accounting import Changes
 from datamachine_mcp.engine.items import sha256_hex
 from datamachine_mcp.engine.jobs import create_flow_job, empty_first_queue, find_by_key
-from datamachine_mcp.engine.lifecycle import Changes
 from datamachine_mcp.engine.plan import PlanError, resolve_plan
 from datamachine_mcp.engine.runtime import EngineServices
 from datamachine_mcp.engine.scheduler import create_failed_run
@@ -235,6 +235,7 @@ class Webhooks:
             except PlanError as err:
                 # Like a scheduled fire: nobody to tell, so the run is created failed and shows in flow health.
                 job_id, status = await create_failed_run(
+                    self.services,
                     session,
                     flow,
                     pipeline,

@@ -1,4 +1,4 @@
-"""The worker: claims due jobs under a lease, runs their steps, commits each step (engine.md §5).
+"""The worker: claims due jobs under a lease, runs their steps, commits each step.
 
 Each claimed job runs as an asyncio task beside a heartbeat task that renews the lease; a heartbeat
 that finds the lease gone (cancel-job, fail-job, recovery, deletion) cancels the step, and the worker
@@ -14,21 +14,22 @@ import logging
 import random
 from datetime import datetime, timedelta
 
-from sqlalchemy import select, update
+from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 
 from datamachine_mcp.engine import status as st
-from datamachine_mcp.engine.claiming import claim_due
-from datamachine_mcp.engine.claims import push_expiry
-from datamachine_mcp.engine.commit import commit_step, fail_plan_result, result_from_exception
-from datamachine_mcp.engine.maintenance import recover
+from datamachine_mcp.engine.accounting import may_hold_claims
+from datamachine_mcp.engine.commit import Committed, commit_step, fail_plan_result, needs_session, result_from_exception
 from datamachine_mcp.engine.notify import post_wait_notification
-from datamachine_mcp.engine.plan import PlanError, plan_of, step_config
+from datamachine_mcp.engine.plan import Plan, PlanError, plan_of, step_config
+from datamachine_mcp.engine.recovery import recover
 from datamachine_mcp.engine.runtime import EngineServices
 from datamachine_mcp.engine.steps import LeaseLost, StepResult, StepRun, executor
-from datamachine_mcp.storage.dml import rowcount
-from datamachine_mcp.storage.logs import level_allows, write_log
-from datamachine_mcp.storage.models import Job, Setting
+from datamachine_mcp.engine.store import GuardMissed, JobRow, StoreTx
+from datamachine_mcp.engine.store.group import GroupCommitter
+from datamachine_mcp.engine.store.rows import restore, snapshot
+from datamachine_mcp.storage.models import Setting
+from datamachine_mcp.storage.settings import Snapshot
 from datamachine_mcp.storage.timeutil import iso, utcnow
 
 log = logging.getLogger("datamachine.worker")
@@ -56,6 +57,7 @@ class Worker:
         self._stopping = asyncio.Event()
         self.last_loop_at: datetime | None = None
         self.jobs_started = 0
+        self._group = GroupCommitter(services.store)
 
     @property
     def worker_id(self) -> str:
@@ -72,35 +74,37 @@ class Worker:
                 self.last_loop_at = self.now()
                 await self._record_liveness()
                 free = self.concurrency - len(self._running)
-                claimed: list[int] = []
+                claimed: list[JobRow] = []
                 if free > 0:
                     try:
-                        snap = await self.services.snapshot()
-                        claimed = await claim_due(
-                            self.services.db,
-                            self.worker_id,
-                            free,
-                            now=self.now(),
-                            lease_ttl=snap.int("lease_ttl_seconds"),
-                        )
+                        claimed = await self.claim(free)
                     except Exception:
                         log.exception("claiming jobs failed; retrying after the poll interval")
                     if len(claimed) > free:  # never expected: hand back what exceeds the free slots
-                        for job_id in claimed[free:]:
+                        for job in claimed[free:]:
                             with contextlib.suppress(Exception):
-                                await self.release(job_id)
+                                await self.release(job.job_id)
                         claimed = claimed[:free]
-                for job_id in claimed:
+                for job in claimed:
                     self.jobs_started += 1
-                    task = asyncio.create_task(self._run_job(job_id), name=f"job-{job_id}")
-                    self._running[job_id] = task
-                    task.add_done_callback(functools.partial(self._done, job_id))
+                    task = asyncio.create_task(self._run_job(job), name=f"job-{job.job_id}")
+                    self._running[job.job_id] = task
+                    task.add_done_callback(functools.partial(self._done, job.job_id))
                 if claimed and len(self._running) < self.concurrency:
                     continue  # there may be more due work
                 jitter = self.poll_seconds * random.uniform(0.9, 1.1)
                 await self.services.wait_for_wake(jitter)
         finally:
             await self._shutdown()
+
+    async def claim(self, limit: int) -> list[JobRow]:
+        """Claim up to ``limit`` due jobs under a lease: full rows, so nothing is read again to start them."""
+        snap = await self.services.snapshot()
+        now = self.now()
+        expires = now + timedelta(seconds=snap.int("lease_ttl_seconds"))
+        # One statement, atomic by itself: on PostgreSQL no BEGIN/COMMIT round trips.
+        async with self.services.store.autocommit() as tx:
+            return await tx.claim(self.worker_id, limit, now=now, lease_expires_at=expires)
 
     async def _record_liveness(self) -> None:
         """Leave a timestamp for system-health-check, at most every 15 s (internal settings key)."""
@@ -140,7 +144,7 @@ class Worker:
         self.services.wake()
 
     async def _shutdown(self, grace: float = 5.0) -> None:
-        """Stop claiming; cancel running steps and hand their jobs back (engine.md §5.1 step 3)."""
+        """Stop claiming; cancel running steps and hand their jobs back (pending again, attempt not counted)."""
         tasks = list(self._running.items())
         for _, task in tasks:
             task.cancel()
@@ -151,53 +155,34 @@ class Worker:
                 await self.release(job_id)
 
     async def release(self, job_id: int) -> None:
-        now = self.now()
-        async with self.services.db.write() as session:
-            await session.execute(
-                update(Job)
-                .where(Job.job_id == job_id, Job.status == st.PROCESSING, Job.lease_owner == self.worker_id)
-                .values(
-                    status=st.PENDING,
-                    run_at=now,
-                    attempts=Job.attempts - 1,
-                    lease_owner=None,
-                    lease_expires_at=None,
-                    updated_at=now,
-                )
-                .execution_options(synchronize_session=False)
-            )
+        async with self.services.store.transaction() as tx:
+            await tx.release(job_id, self.worker_id, now=self.now())
         log.info("released job %s on shutdown", job_id)
 
     # --- running one job ---------------------------------------------------------------------
 
-    async def _run_job(self, job_id: int) -> None:
+    async def _run_job(self, job: JobRow) -> None:
+        plans: dict[int, Plan] = {}  # the snapshot's plan, resolved once per job
         try:
-            job = await self._run_step(job_id)
-            while job is not None:
-                job = await self._run_step(job_id, job)
+            while await self._run_step(job, plans):
+                pass
         except LeaseLost:
-            await self._lease_lost(job_id)
+            await self._lease_lost(job.job_id)
         except asyncio.CancelledError:
             raise
         except Exception:
-            log.exception("job %s: unexpected worker error; handing the job to lease recovery now", job_id)
-            await self._recover_now(job_id)
+            log.exception("job %s: unexpected worker error; handing the job to lease recovery now", job.job_id)
+            await self._recover_now(job.job_id)
 
     async def _recover_now(self, job_id: int) -> None:
-        """After an unexpected error (e.g. a step commit that failed on a transient database error),
-        expire this worker's own lease and run lease recovery (engine.md §11.4) for the job at once:
-        requeued with the transport backoff, or failed after max_attempts, instead of sitting in
-        ``processing`` for a whole lease TTL."""
+        """After an unexpected error (e.g. a step commit that failed on a transient database error), expire
+        this worker's own lease and run lease recovery for the job at once: requeued with the transport
+        backoff, or failed after max_attempts, instead of sitting in ``processing`` for a whole lease TTL."""
         now = self.now()
         try:
-            async with self.services.db.write() as session:
-                voided = await session.execute(
-                    update(Job)
-                    .where(Job.job_id == job_id, Job.status == st.PROCESSING, Job.lease_owner == self.worker_id)
-                    .values(lease_expires_at=now - timedelta(seconds=1))
-                    .execution_options(synchronize_session=False)
-                )
-            if rowcount(voided):
+            async with self.services.store.transaction() as tx:
+                voided = await tx.void_lease(job_id, self.worker_id, expired_at=now - timedelta(seconds=1))
+            if voided:
                 await recover(self.services, job_id=job_id, now=now)
         except Exception:
             log.exception("job %s: immediate recovery failed; the lease will expire and recovery takes over", job_id)
@@ -205,44 +190,36 @@ class Worker:
     async def _lease_lost(self, job_id: int) -> None:
         log.warning("job %s: lease lost; step abandoned", job_id)
         with contextlib.suppress(Exception):
-            async with self.services.db.write() as session:
-                await write_log(
-                    session,
+            async with self.services.store.transaction() as tx:
+                tx.log(
                     "warning",
                     f"Job {job_id}: lease lost, step abandoned",
                     {"job_id": job_id, "lease_owner": self.worker_id},
                 )
 
-    async def _run_step(self, job_id: int, job: Job | None = None) -> Job | None:
-        """Run the job's current step and commit it; returns the job to continue inline with, if any.
+    async def _run_step(self, job: JobRow, plans: dict[int, Plan] | None = None) -> bool:
+        """Run the job's current step and commit it; True when the job continues inline with its next step.
 
-        ``job`` is the row as the previous step's commit left it (inline continuation), which saves
-        reading it again.
+        ``job`` is the row as claimed, kept current by each commit, so it is never read again.
         """
+        plans = {} if plans is None else plans
         services = self.services
         snap = await services.snapshot()
-        if job is None:
-            async with services.db.read() as session:
-                job = await session.get(Job, job_id)
-        if job is None or job.status != st.PROCESSING or job.lease_owner != self.worker_id:
-            return None
+        if job.status != st.PROCESSING or job.lease_owner != self.worker_id:
+            return False
         data = job.engine_data or {}
         started = self.now()
         try:
-            plan = plan_of(data)
+            plan = plans.get(job.job_id) or plans.setdefault(job.job_id, plan_of(data))
         except PlanError as err:
             await self._commit_plain(job, snap, fail_plan_result(err.code, err.message), started)
-            return None
+            return False
         fsid = job.current_step_id or plan.first["flow_step_id"]
         step = step_config(data, fsid)
         if step is None or plan.get(fsid) is None:
-            await self._commit_plain(
-                job,
-                snap,
-                fail_plan_result("step_config_missing", f"Step {fsid} is not in the job's snapshot."),
-                started,
-            )
-            return None
+            missing = fail_plan_result("step_config_missing", f"Step {fsid} is not in the job's snapshot.")
+            await self._commit_plain(job, snap, missing, started)
+            return False
         run = StepRun(
             services=services,
             job=job,
@@ -253,64 +230,92 @@ class Worker:
             worker_id=self.worker_id,
             now=self.now,
         )
-        threshold = str(snap["log_level"])
-        if level_allows("debug", threshold):  # no transaction for a row the threshold would drop
-            async with services.db.write() as session:
-                await write_log(
-                    session,
-                    "debug",
-                    f"Step {fsid} started",
-                    {
-                        "job_id": job_id,
-                        "flow_id": job.flow_key,
-                        "pipeline_id": job.pipeline_key,
-                        "flow_step_id": fsid,
-                        "step_type": run.step_type,
-                        "attempt": job.attempts,
-                        "worker_id": self.worker_id,
-                    },
-                    agent_id=job.agent_id,
-                    user_id=job.user_id or None,
-                    threshold=str(snap["log_level"]),
-                )
         result = await self._execute(run)
-        now = self.now()
-        async with services.db.write() as session:
-            committed = await commit_step(session, run, result, started_at=started, now=now)
-        await services.announce(committed.changes.jobs, committed.changes.flows)
-        if committed.created_children:
-            services.wake()
+        committed = await self._commit(run, result, started, snap, step_started=True)
         if committed.notify:
             task = asyncio.create_task(post_wait_notification(services, snap, job, fsid, committed.notify))
             self._side_tasks.add(task)
             task.add_done_callback(self._side_tasks.discard)
-        return committed.job if committed.continue_inline else None
+        return committed.continue_inline
 
-    async def _commit_plain(self, job: Job, snap: object, result: StepResult, started: datetime) -> None:
+    async def _commit(
+        self, run: StepRun, result: StepResult, started: datetime, snap: Snapshot, *, step_started: bool = False
+    ) -> Committed:
+        """The step commit in one transaction (with the ORM session when item claims move); then announce."""
+        store = self.services.store
+        threshold = str(snap["log_level"])
+        try:
+            if needs_session(run, result):  # item claims move: with the ORM, alone
+                async with self.services.db.write() as session, store.bind(session) as tx:
+                    self._step_started_log(tx, run, started, threshold, step_started)
+                    committed = await commit_step(tx, run, result, started_at=started, now=self.now())
+            else:
+                before = snapshot(run.job)
+                attempts: list[bool] = []
+
+                async def work(tx: StoreTx) -> Committed:
+                    if attempts:  # run again alone after a failed group: start from the row as it was
+                        restore(run.job, before)
+                    attempts.append(True)
+                    self._step_started_log(tx, run, started, threshold, step_started)
+                    return await commit_step(tx, run, result, started_at=started, now=self.now())
+
+                data = run.job.engine_data or {}
+                isolate = may_hold_claims(run.job) or bool(data.get("queue_backups"))
+                committed = await self._group.submit(work, isolate=isolate)
+        except GuardMissed:
+            raise LeaseLost(run.job.job_id) from None
+        await self.services.announce(committed.changes.jobs, committed.changes.flows)
+        if committed.created_children:
+            self.services.wake()
+        return committed
+
+    def _step_started_log(
+        self, tx: StoreTx, run: StepRun, started: datetime, threshold: str, step_started: bool
+    ) -> None:
+        if not step_started:
+            return
+        job = run.job
+        context = {
+            "job_id": job.job_id,
+            "flow_id": job.flow_key,
+            "pipeline_id": job.pipeline_key,
+            "flow_step_id": run.flow_step_id,
+            "step_type": run.step_type,
+            "attempt": job.attempts,
+            "worker_id": self.worker_id,
+        }
+        owner = {"agent_id": job.agent_id, "user_id": job.user_id or None}
+        tx.log("debug", f"Step {run.flow_step_id} started", context, threshold=threshold, at=started, **owner)
+
+    async def _commit_plain(self, job: JobRow, snap: Snapshot, result: StepResult, started: datetime) -> None:
         """Commit a failure found before the step could run (plan or step config problems)."""
-        from datamachine_mcp.engine.plan import Plan
-
-        fsid = job.current_step_id or ""
         run = StepRun(
             services=self.services,
             job=job,
-            flow_step_id=fsid,
+            flow_step_id=job.current_step_id or "",
             step={"step_type": "unknown"},
             plan=Plan(()),
-            settings=snap,  # type: ignore[arg-type]
+            settings=snap,
             worker_id=self.worker_id,
             now=self.now,
         )
-        async with self.services.db.write() as session:
-            committed = await commit_step(session, run, result, started_at=started, now=self.now())
-        await self.services.announce(committed.changes.jobs, committed.changes.flows)
+        await self._commit(run, result, started, snap)
 
     async def _execute(self, run: StepRun) -> StepResult:
-        """Run the step with a timeout and a heartbeat; map exceptions to failed results."""
+        """Run the step with a timeout and a heartbeat; map exceptions to failed results.
+
+        The heartbeat starts only once the step has run for a quarter of the lease (a timer until then), so
+        the many short steps cost no heartbeat task at all."""
         timeout = run.settings.int("step_timeout_seconds")
         lost = asyncio.Event()
-        step_task = asyncio.create_task(asyncio.wait_for(executor(run.step_type)(run), timeout))
-        beat = asyncio.create_task(self._heartbeat(run, step_task, lost))
+        step_task = asyncio.create_task(self._timed(run, timeout))
+        beats: list[asyncio.Task[None]] = []
+
+        def start_heartbeat() -> None:
+            beats.append(asyncio.create_task(self._heartbeat(run, step_task, lost)))
+
+        timer = asyncio.get_running_loop().call_later(run.settings.int("lease_ttl_seconds") / 4, start_heartbeat)
         try:
             return await step_task
         except asyncio.CancelledError:
@@ -322,27 +327,35 @@ class Worker:
         except Exception as exc:  # a step's failure is data, not a crash
             return result_from_exception(exc)
         finally:
-            beat.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await beat
+            timer.cancel()
+            for beat in beats:
+                beat.cancel()
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await beat
+
+    @staticmethod
+    async def _timed(run: StepRun, seconds: float) -> StepResult:
+        async with asyncio.timeout(seconds):
+            return await executor(run.step_type)(run)
 
     async def _heartbeat(self, run: StepRun, step_task: asyncio.Task[StepResult], lost: asyncio.Event) -> None:
+        """Renew the lease (and the job's claims) every quarter lease; a renewal that finds the lease gone
+        cancels the step. Started a quarter lease into the step, so it renews at once."""
         ttl = run.settings.int("lease_ttl_seconds")
         claim_ttl = run.settings.int("claim_ttl_seconds")
+        claims = may_hold_claims(run.job)
+        store = self.services.store
+        first = True
         while True:
-            await asyncio.sleep(ttl / 4)
+            if not first:
+                await asyncio.sleep(ttl / 4)
+            first = False
             now = self.now()
-            async with self.services.db.write() as session:
-                result = await session.execute(
-                    update(Job)
-                    .where(Job.job_id == run.job.job_id, Job.status == st.PROCESSING, Job.lease_owner == self.worker_id)
-                    # updated_at is left alone: it marks real changes, which notifications follow.
-                    .values(lease_expires_at=now + timedelta(seconds=ttl))
-                    .execution_options(synchronize_session=False)
-                )
-                if rowcount(result):
-                    await push_expiry(session, run.job.job_id, now + timedelta(seconds=claim_ttl))
-            if not rowcount(result):
+            async with store.transaction() if claims else store.autocommit() as tx:
+                alive = await tx.heartbeat(run.job.job_id, self.worker_id, now + timedelta(seconds=ttl))
+                if alive and claims:
+                    await tx.push_claims(run.job.job_id, now + timedelta(seconds=claim_ttl))
+            if not alive:
                 lost.set()
                 step_task.cancel()
                 return

@@ -1,1 +1,1 @@
-"""MCP resources (``datamachine://…``): each mirrors a read-only tool twin (ARCHITECTURE decision 8)."""
+"""MCP resources (``datamachine://…``): each mirrors a read-only tool twin (docs/architecture.md, Resources)."""

@@ -155,7 +155,7 @@ Resolver = Callable[[Any], Awaitable[Principal]]
 
 
 async def stdio_identity(runtime: Runtime, cfg: ProcessConfig) -> Resolver:
-    """The local owner, optionally in an agent's context, or a token's identity."""
+    """The stdio principal: the local owner, optionally in an agent's context, or a token's identity."""
     if cfg.token:
         from datamachine_mcp.abilities.tokens import TokenRejected, verify_token
 

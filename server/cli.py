@@ -2,7 +2,7 @@
 
 ``datamachine-mcp`` (= ``serve``) speaks MCP over stdio, or with ``--http [HOST:]PORT`` over streamable HTTP
 (bearer tokens, webhook routes); ``worker`` runs only the engine; ``migrate`` upgrades a database;
-``token create|list|revoke`` manage bearer tokens with local-owner authority (access.md §2.7).
+``token create|list|revoke`` manage bearer tokens with local-owner authority.
 Heavy imports happen after argument parsing so ``--help`` and ``--version`` stay instant.
 """
 
@@ -37,7 +37,7 @@ def _common(parser: argparse.ArgumentParser, *, sub: bool = True) -> None:
         "--log-level",
         default=default,
         choices=["debug", "info", "warning", "error"],
-        help="stderr diagnostics level (env DATAMACHINE_LOG_LEVEL; default warning)",
+        help="stderr diagnostics level (env DATAMACHINE_LOG_LEVEL; default warning, info for the worker command)",
     )
 
 
@@ -155,10 +155,10 @@ def _serve_options(parser: argparse.ArgumentParser, *, sub: bool = True) -> None
     )
 
 
-def _setup_logging(level: str | None) -> None:
+def _setup_logging(level: str | None, default: str = "warning") -> None:
     from datamachine_mcp.server.bootstrap import env
 
-    name = (level or env("LOG_LEVEL") or "warning").upper()
+    name = (level or env("LOG_LEVEL") or default).upper()
     logging.basicConfig(
         stream=sys.stderr, level=getattr(logging, name, logging.WARNING), format="%(levelname)s %(name)s: %(message)s"
     )
@@ -198,7 +198,8 @@ def _config(args: argparse.Namespace) -> Any:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    _setup_logging(args.log_level)
+    # A standalone worker is a service: its start and stop notices (INFO) show by default.
+    _setup_logging(args.log_level, "info" if args.command == "worker" else "warning")
     from datamachine_mcp.server.bootstrap import StartupError
 
     try:

@@ -1,9 +1,9 @@
-"""Delivering ``resources/updated`` (engine.md §14.1): after the commit, coalesced, to readers only.
+"""Delivering ``resources/updated``: after the commit, coalesced, to readers only.
 
 A batch of 500 jobs changes the same parent URI hundreds of times a second; a subscriber gets the
 first change at once and then at most one notification per URI every 250 ms (the changes in
 between fold into it). Sends run in background tasks, so the engine's commit path never waits on
-a slow client or on the visibility check.
+a slow client or on the visibility check. See docs/architecture.md, Notifications.
 """
 
 from __future__ import annotations

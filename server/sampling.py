@@ -1,5 +1,5 @@
 """The ``sampling`` AI provider: the connected MCP client's model via ``sampling/createMessage``
-(engine.md §16.3, §5.5; abilities.md §10 send-chat-message).
+for AI steps and send-chat-message (docs/engine.md, The AI step; Affinity).
 
 The server remembers, per client connection of the handshake ("legacy") era, the latest request
 session and who it acts as (:meth:`SamplingBridge.remember`, called through ``Notifications``). An AI

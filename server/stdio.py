@@ -10,9 +10,15 @@ from __future__ import annotations
 
 import logging
 import sys
-from typing import TYPE_CHECKING
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, Any
 
+import anyio
+import mcp_types as types
 from mcp.server.stdio import stdio_server
+from mcp.shared._context_streams import create_context_streams
+from mcp.shared.message import SessionMessage
+from pydantic import ValidationError
 
 from datamachine_mcp.engine.runtime import EngineServices
 from datamachine_mcp.resources.registry import load_all as load_resources
@@ -51,6 +57,60 @@ class _Engine:
             await self.host.stop()
 
 
+def bad_line_reply(exc: Exception) -> SessionMessage | None:
+    """The JSON-RPC error for a line the transport could not read as a message, or None (no answer).
+
+    Not JSON (including nesting deeper than the parser allows and lone surrogate escapes): -32700
+    with id null. JSON but not a JSON-RPC message: -32600, with the id when one can be read. Blank
+    lines and malformed responses get no answer (a response is never answered).
+    """
+    errors = exc.errors(include_url=False) if isinstance(exc, ValidationError) else []
+    if not errors:
+        return None
+    if errors[0]["type"] == "json_invalid":
+        if isinstance(errors[0].get("input"), str) and not errors[0]["input"].strip():
+            return None
+        error = types.ErrorData(code=types.PARSE_ERROR, message=f"Parse error: {errors[0]['msg']}")
+        return SessionMessage(types.JSONRPCError(jsonrpc="2.0", id=None, error=error))
+    parsed = next((e["input"] for e in errors if isinstance(e.get("input"), dict)), None)
+    if isinstance(parsed, dict) and "method" not in parsed and ("result" in parsed or "error" in parsed):
+        return None
+    ident = parsed.get("id") if isinstance(parsed, dict) else None
+    if isinstance(ident, bool) or not isinstance(ident, int | str):
+        ident = None
+    message = "Invalid Request: not a JSON-RPC 2.0 request or notification"
+    error = types.ErrorData(code=types.INVALID_REQUEST, message=message)
+    return SessionMessage(types.JSONRPCError(jsonrpc="2.0", id=ident, error=error))
+
+
+async def serve_answering_bad_lines(
+    app: DataMachineServer, read_stream: Any, write_stream: Any, start: Callable[[], Awaitable[None]] | None = None
+) -> None:
+    """Serve ``app``, answering the lines the SDK's stdio reader could not parse (it passes them on as
+    exceptions, which the session would only log: the client would wait for an answer forever);
+    ``start``: see ``DataMachineServer.serve``."""
+    inbound_send, inbound = create_context_streams[SessionMessage | Exception](0)
+
+    async def sort_lines() -> None:
+        async with inbound_send:
+            async for item in read_stream:
+                if not isinstance(item, Exception):
+                    await inbound_send.send(item)
+                    continue
+                log.warning("unreadable message on stdin: %s", item.__class__.__name__)
+                reply = bad_line_reply(item)
+                if reply is not None:
+                    try:
+                        await write_stream.send(reply)
+                    except (anyio.ClosedResourceError, anyio.BrokenResourceError):
+                        return
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(sort_lines)
+        await app.serve(inbound, write_stream, start=start)
+        tg.cancel_scope.cancel()
+
+
 async def serve_stdio(cfg: ProcessConfig) -> int:
     runtime = await open_runtime(cfg)
     engine: _Engine | None = None
@@ -63,7 +123,8 @@ async def serve_stdio(cfg: ProcessConfig) -> int:
         if sys.stdin.isatty():
             sys.stderr.write(CONNECT_HINT.format(db=runtime.db.describe()))
         async with stdio_server() as (read_stream, write_stream):
-            await app.serve(read_stream, write_stream, start=engine.start if engine is not None else None)
+            start = engine.start if engine is not None else None
+            await serve_answering_bad_lines(app, read_stream, write_stream, start)
     finally:
         if engine is not None:
             await engine.stop()

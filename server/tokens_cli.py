@@ -1,4 +1,4 @@
-"""``datamachine-mcp token create|list|revoke``: token management from the shell (access.md §2.7).
+"""``datamachine-mcp token create|list|revoke``: token management from the shell.
 
 The CLI acts with local-owner authority and goes through the same abilities as tool calls, so its
 actions are audited with ``transport = cli``.
@@ -17,7 +17,7 @@ from datamachine_mcp.abilities.registry import load_all
 from datamachine_mcp.abilities.runner import invoke
 from datamachine_mcp.abilities.tokens import token_info
 from datamachine_mcp.server.bootstrap import ProcessConfig, StartupError, open_runtime
-from datamachine_mcp.storage.models import Agent, AgentToken
+from datamachine_mcp.storage.models import Agent, AgentAccess, AgentToken, Job, Pipeline
 
 
 async def run_token_command(cfg: ProcessConfig, args: argparse.Namespace) -> int:
@@ -41,6 +41,8 @@ async def run_token_command(cfg: ProcessConfig, args: argparse.Namespace) -> int
                 return 1
             assert outcome.output is not None
             print(outcome.output["raw_token"])  # the only thing on stdout, for scripts
+            for warning in await _create_warnings(runtime, args.user, args.token_agent, outcome.output["token_id"]):
+                print(f"datamachine-mcp: warning: {warning}", file=sys.stderr)
             return 0
         if args.token_command == "revoke":
             outcome = await invoke(runtime, abilities["revoke-agent-token"], {"token_id": args.token_id}, owner)
@@ -53,6 +55,37 @@ async def run_token_command(cfg: ProcessConfig, args: argparse.Namespace) -> int
         return await _list(runtime, args)
     finally:
         await runtime.db.dispose()
+
+
+async def _create_warnings(runtime: Any, user_id: int, agent_slug: str | None, token_id: int) -> list[str]:
+    """What makes a freshly minted token useless: no role on its agent, or a user id nothing knows."""
+    warnings = []
+    async with runtime.db.read() as session:
+        admin = user_id in (await runtime.settings.snapshot(session, access=True))["admin_user_ids"]
+        if agent_slug and not admin:
+            agent = (await session.execute(select(Agent).where(Agent.agent_slug == agent_slug))).scalar_one()
+            grant = select(AgentAccess.id).where(AgentAccess.agent_id == agent.agent_id, AgentAccess.user_id == user_id)
+            if agent.owner_id != user_id and (await session.execute(grant)).first() is None:
+                grant_args = f'{{"agent_slug": "{agent_slug}", "user_id": {user_id}, "role": "operator"}}'
+                warnings.append(
+                    f"user {user_id} has no role on agent '{agent_slug}', so every call with this token is "
+                    f"refused; grant one first: grant-agent-access {grant_args}"
+                )
+        known = (
+            select(AgentAccess.user_id).where(AgentAccess.user_id == user_id),
+            select(Agent.owner_id).where(Agent.owner_id == user_id),
+            select(AgentToken.user_id).where(AgentToken.user_id == user_id, AgentToken.token_id != token_id),
+            select(Pipeline.user_id).where(Pipeline.user_id == user_id),
+            select(Job.user_id).where(Job.user_id == user_id),
+        )
+        seen = admin
+        for query in known:
+            seen = seen or (await session.execute(query.limit(1))).first() is not None
+    if not seen:
+        warnings.append(
+            f"user {user_id} has never been seen here (no agent, grant, token, pipeline or job); check the user id"
+        )
+    return warnings
 
 
 async def _list(runtime: Any, args: argparse.Namespace) -> int:

@@ -28,11 +28,9 @@ async def run_worker(cfg: ProcessConfig) -> int:
         loop.add_signal_handler(sig, stop.set)
     try:
         await host.start()
-        log.warning(
-            "worker %s running on %s (concurrency %s)", engine.worker_id, runtime.db.describe(), cfg.concurrency
-        )
+        log.info("worker %s running on %s (concurrency %s)", engine.worker_id, runtime.db.describe(), cfg.concurrency)
         await stop.wait()
-        log.warning("stopping: handing running jobs back")
+        log.info("stopping: handing running jobs back")
     finally:
         await host.stop(grace=STOP_GRACE_SECONDS)
         await runtime.db.dispose()

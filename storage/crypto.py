@@ -1,4 +1,4 @@
-"""Secrets at rest: AES-256-GCM envelopes bound to the kind of secret (storage.md §8)."""
+"""Secrets at rest: AES-256-GCM envelopes bound to the kind of secret (docs/storage.md, Secrets at rest)."""
 
 from __future__ import annotations
 

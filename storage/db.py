@@ -1,4 +1,4 @@
-"""Engines, sessions and dialect details (storage.md §11-§13).
+"""Engines, sessions and dialect details (docs/storage.md: Transactions, SQLite, PostgreSQL).
 
 Every unit of work is one transaction: ``Database.write()`` for changes, ``Database.read()`` for
 reads. On SQLite a write transaction starts with ``BEGIN IMMEDIATE`` so the write lock is taken
@@ -19,14 +19,16 @@ import logging
 import os
 import sqlite3
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from functools import cached_property
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+# SQLAlchemy is imported when the engines are first used: a process that only lists tools never loads
+# it (the start-up schema check reads the raw driver, see storage.migrate).
 if TYPE_CHECKING:
-    from sqlalchemy.engine import Connection, Engine
+    from sqlalchemy.engine import Connection
     from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
     from sqlalchemy.sql import Select
 
@@ -62,25 +64,25 @@ def sqlite_path(url: str) -> Path | None:
 
 READ_BUSY_TIMEOUT_MS = 100  # WAL readers rarely wait; bound the rare wait that blocks the loop
 
+# Planner statistics (Database.analyze): the tables that grow, sampled so ANALYZE takes milliseconds.
+ANALYZED_TABLES = ("datamachine_processed_items", "datamachine_jobs", "datamachine_logs", "datamachine_flows")
+ANALYSIS_LIMIT = 1000
+# SQLite keeps no statistics for a smaller table: its defaults assume a large table, which stays right
+# as the table grows, while statistics taken when it was small make it scan once it is large.
+SQLITE_MIN_ANALYZED_ROWS = 10_000
 
-def install_sqlite_hooks(engine: Engine, *, write: bool, busy_timeout_ms: int) -> None:
-    """WAL, foreign keys and our own BEGIN (IMMEDIATE for writers) on every connection of ``engine``."""
+
+def _install_sqlite_hooks(engine: AsyncEngine, *, write: bool, busy_timeout_ms: int) -> None:
     from sqlalchemy import event
     from sqlalchemy.util.concurrency import await_
 
-    @event.listens_for(engine, "connect")
+    @event.listens_for(engine.sync_engine, "connect")
     def _on_connect(dbapi_connection: Any, _record: Any) -> None:
         # Take over transaction control from the driver so BEGIN can be IMMEDIATE.
         dbapi_connection.isolation_level = None
-        # the sqlite3 connection itself (a synchronous engine's) or the one our async dialect adapts
-        raw = getattr(dbapi_connection, "driver_connection", dbapi_connection)
-        raw.execute("PRAGMA journal_mode=WAL")
-        raw.execute("PRAGMA foreign_keys=ON")
-        # Writers never sleep inside SQLite (see _on_begin); readers may, briefly.
-        raw.execute(f"PRAGMA busy_timeout={0 if write else READ_BUSY_TIMEOUT_MS}")
-        raw.execute("PRAGMA synchronous=NORMAL")
+        configure_sqlite(dbapi_connection.driver_connection, write=write)
 
-    @event.listens_for(engine, "begin")
+    @event.listens_for(engine.sync_engine, "begin")
     def _on_begin(conn: Connection) -> None:
         raw: sqlite3.Connection = conn.connection.driver_connection  # type: ignore[assignment]
         if not write:
@@ -88,25 +90,45 @@ def install_sqlite_hooks(engine: Engine, *, write: bool, busy_timeout_ms: int) -
             return
         deadline = time.monotonic() + busy_timeout_ms / 1000
         delay = 0.001
-        while True:
-            try:
-                raw.execute("BEGIN IMMEDIATE")
-                return
-            except sqlite3.OperationalError as exc:
-                message = str(exc).lower()
-                if ("locked" not in message and "busy" not in message) or time.monotonic() > deadline:
-                    raise
+        while not try_begin_immediate(raw, deadline):
             # Another process holds the write lock: wait without blocking the event loop.
             await_(asyncio.sleep(delay))
             delay = min(delay * 2, 0.05)
 
 
-class Database:
-    """One database (SQLite file or PostgreSQL), with write and read sessions.
+def try_begin_immediate(raw: sqlite3.Connection, deadline: float) -> bool:
+    """``BEGIN IMMEDIATE``; False while another process holds the write lock (until ``deadline``)."""
+    try:
+        raw.execute("BEGIN IMMEDIATE")
+        return True
+    except sqlite3.OperationalError as exc:
+        message = str(exc).lower()
+        if ("locked" not in message and "busy" not in message) or time.monotonic() > deadline:
+            raise
+    return False
 
-    SQLAlchemy is imported and the engines are created on first use: a process that only lists tools
-    never loads it (see ``storage.migrate`` for the start-up schema check on the raw driver).
-    """
+
+async def begin_immediate(raw: sqlite3.Connection, busy_timeout_ms: int) -> None:
+    """``BEGIN IMMEDIATE`` from plain async code, waiting for other processes with asynchronous sleeps."""
+    deadline = time.monotonic() + busy_timeout_ms / 1000
+    delay = 0.001
+    while not try_begin_immediate(raw, deadline):
+        await asyncio.sleep(delay)
+        delay = min(delay * 2, 0.05)
+
+
+def configure_sqlite(raw: sqlite3.Connection, *, write: bool) -> None:
+    """The pragmas of every connection (writers never sleep inside SQLite; readers briefly)."""
+    raw.execute("PRAGMA journal_mode=WAL")
+    raw.execute("PRAGMA foreign_keys=ON")
+    raw.execute(f"PRAGMA busy_timeout={0 if write else READ_BUSY_TIMEOUT_MS}")
+    raw.execute("PRAGMA synchronous=NORMAL")
+    raw.execute(f"PRAGMA analysis_limit={ANALYSIS_LIMIT}")
+
+
+class Database:
+    """One database (SQLite file or PostgreSQL), with write and read sessions; its engines are created
+    on first use."""
 
     def __init__(
         self,
@@ -118,11 +140,12 @@ class Database:
         self.url = normalize_url(path_or_url)
         self.dialect = "postgresql" if self.url.startswith("postgresql") else "sqlite"
         self.path = sqlite_path(self.url)
-        self.busy_timeout_ms = busy_timeout_ms
-        self.pool_size = pool_size
         if self.dialect == "sqlite" and self.path is not None:
             self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        self.busy_timeout_ms = busy_timeout_ms
+        self.pool_size = pool_size
         self._write_lock = asyncio.Lock() if self.dialect == "sqlite" else None
+        self._closers: list[Callable[[], Awaitable[None]]] = []
         self.light_connections: list[sqlite3.Connection] = []  # idle connections of ``reads()`` (SQLite)
 
     @cached_property
@@ -140,11 +163,11 @@ class Database:
         memory = self.path is None
         kwargs: dict[str, Any] = {"poolclass": StaticPool} if memory else {}
         write_engine = create_async_engine(self.url, **kwargs)
-        install_sqlite_hooks(write_engine.sync_engine, write=True, busy_timeout_ms=self.busy_timeout_ms)
+        _install_sqlite_hooks(write_engine, write=True, busy_timeout_ms=self.busy_timeout_ms)
         if memory:  # one shared connection: reads go through the write engine
             return write_engine, write_engine
         read_engine = create_async_engine(self.url)
-        install_sqlite_hooks(read_engine.sync_engine, write=False, busy_timeout_ms=self.busy_timeout_ms)
+        _install_sqlite_hooks(read_engine, write=False, busy_timeout_ms=self.busy_timeout_ms)
         return write_engine, read_engine
 
     @property
@@ -170,6 +193,15 @@ class Database:
     @property
     def is_sqlite(self) -> bool:
         return self.dialect == "sqlite"
+
+    @property
+    def write_lock(self) -> asyncio.Lock | None:
+        """The lock every writer of this process holds for its SQLite transaction (None on PostgreSQL)."""
+        return self._write_lock
+
+    def on_dispose(self, closer: Callable[[], Awaitable[None]]) -> None:
+        """Run ``closer`` when the database is disposed (connections opened beside the engines)."""
+        self._closers.append(closer)
 
     @asynccontextmanager
     async def write(self) -> AsyncIterator[AsyncSession]:
@@ -200,7 +232,7 @@ class Database:
         return open_reads(self)
 
     def for_update(self, stmt: Select[Any], *, skip_locked: bool = False) -> Select[Any]:
-        """Lock the selected rows for a read-modify-write (storage.md §11 rule 4).
+        """Lock the selected rows for a read-modify-write of a JSON column or a job row.
 
         SQLite's ``BEGIN IMMEDIATE`` already holds the database write lock; PostgreSQL takes
         row locks. ``skip_locked`` leaves rows another transaction holds to it (sweeps that several
@@ -208,7 +240,26 @@ class Database:
         """
         return stmt.with_for_update(skip_locked=skip_locked) if self.dialect == "postgresql" else stmt
 
+    async def analyze(self) -> None:
+        """Refresh the planner's statistics of the growing tables (after migrations, daily with retention).
+
+        The hot dedup queries are shaped not to depend on them; other queries choose better with them.
+        PostgreSQL's autovacuum gathers them as well.
+        """
+        from sqlalchemy import text
+
+        for table in ANALYZED_TABLES:  # one short transaction per table: its lock is not held for the rest
+            async with self.write() as session:
+                if self.is_sqlite:
+                    rows = (await session.execute(text(f"SELECT count(*) FROM {table}"))).scalar() or 0
+                    if rows < SQLITE_MIN_ANALYZED_ROWS:
+                        continue
+                await session.execute(text(f"ANALYZE {table}"))
+
     async def dispose(self) -> None:
+        closers, self._closers = self._closers, []
+        for closer in closers:
+            await closer()
         while self.light_connections:
             self.light_connections.pop().close()
         if "_engines" not in self.__dict__:

@@ -1,4 +1,4 @@
-"""The single function that writes log rows (storage.md §3.8, §7.8).
+"""The single function that writes log rows (docs/storage.md, datamachine_logs; Log context).
 
 It promotes integer ``job_id``/``flow_id``/``pipeline_id`` context values to their indexed
 columns, truncates long messages, and drops entries below the ``log_level`` threshold (audit
@@ -8,6 +8,7 @@ rows are never dropped).
 from __future__ import annotations
 
 from collections.abc import Hashable
+from datetime import datetime
 from typing import Any
 
 from sqlalchemy.ext.asyncio import AsyncSession
@@ -27,6 +28,34 @@ def level_allows(level: str, threshold: str) -> bool:
     return LEVEL_RANK[level] >= LEVEL_RANK.get(threshold, 1)
 
 
+def log_values(
+    level: str,
+    message: str,
+    context: dict[str, Any] | None = None,
+    *,
+    agent_id: int | None = None,
+    user_id: int | None = None,
+    created_at: datetime | None = None,
+) -> dict[str, Any]:
+    """The column values of one log row (for writers that insert rows without the ORM)."""
+    if level not in LEVEL_RANK:
+        raise ValueError(f"unknown log level {level!r}")
+    if len(message) > MAX_MESSAGE:
+        message = message[: MAX_MESSAGE - 1] + "…"
+    ctx = context or None
+    return {
+        "level": level,
+        "message": message,
+        "context": ctx,
+        "agent_id": agent_id,
+        "user_id": user_id,
+        "created_at": created_at or utcnow(),
+        "job_id": _int_or_none((ctx or {}).get("job_id")),
+        "flow_id": _int_or_none((ctx or {}).get("flow_id")),
+        "pipeline_id": _int_or_none((ctx or {}).get("pipeline_id")),
+    }
+
+
 def build_log_row(
     level: str,
     message: str,
@@ -35,22 +64,7 @@ def build_log_row(
     agent_id: int | None = None,
     user_id: int | None = None,
 ) -> LogEntry:
-    if level not in LEVEL_RANK:
-        raise ValueError(f"unknown log level {level!r}")
-    if len(message) > MAX_MESSAGE:
-        message = message[: MAX_MESSAGE - 1] + "…"
-    ctx = context or None
-    return LogEntry(
-        level=level,
-        message=message,
-        context=ctx,
-        agent_id=agent_id,
-        user_id=user_id,
-        created_at=utcnow(),
-        job_id=_int_or_none((ctx or {}).get("job_id")),
-        flow_id=_int_or_none((ctx or {}).get("flow_id")),
-        pipeline_id=_int_or_none((ctx or {}).get("pipeline_id")),
-    )
+    return LogEntry(**log_values(level, message, context, agent_id=agent_id, user_id=user_id))
 
 
 async def write_log(

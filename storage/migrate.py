@@ -1,4 +1,4 @@
-"""Schema migrations on start, under a lock.
+"""Schema migrations on start, under a lock (docs/storage.md, Migrations).
 
 Startup reads ``alembic_version`` with the raw driver (``sqlite3``, ``asyncpg``) and imports
 SQLAlchemy and Alembic only when an upgrade is needed: the common case (schema already at head) then
@@ -128,6 +128,8 @@ async def migrate(db: Database) -> bool:
             before = await _run(conn)
     if before != HEAD_REVISION:
         log.info("database migrated from %s to %s", before or "empty", HEAD_REVISION)
+        if before is not None:  # a table rebuilt by a migration has lost its statistics
+            await db.analyze()
     return before != HEAD_REVISION
 
 

@@ -1,6 +1,6 @@
-"""SQLAlchemy models of the eight Data Machine tables and the two auxiliary tables (storage.md §3-§5).
+"""SQLAlchemy models of the eight Data Machine tables and the two auxiliary tables.
 
-Columns, indexes and constraints follow storage.md exactly; "(added)" columns are documented there.
+Columns, indexes and cascades are described in docs/storage.md, Tables; keep the two in step.
 Defaults are applied by the application (no server defaults), so SQLite and PostgreSQL hold
 identical values.
 """
@@ -208,6 +208,11 @@ class Job(Base):
     handler_slug: Mapped[str | None] = mapped_column(String(100))
 
 
+def _seen_when_written(context: Any) -> Any:
+    """An inserted row was last seen when it was written (its ``processed_timestamp``)."""
+    return context.get_current_parameters()["processed_timestamp"]
+
+
 class ProcessedItem(Base):
     __tablename__ = "datamachine_processed_items"
     __table_args__ = (
@@ -217,7 +222,7 @@ class ProcessedItem(Base):
         Index(None, "job_id"),
         Index("ix_processed_flow_key", "flow_key"),
         Index("ix_processed_status_expiry", "status", "claim_expires_at"),
-        Index("ix_processed_timestamp", "status", "processed_timestamp"),
+        Index("ix_processed_last_seen", "last_seen_at"),
         CheckConstraint("status IN ('claimed', 'processed')", name=conv("ck_processed_status")),
         {"sqlite_autoincrement": True},
     )
@@ -231,6 +236,9 @@ class ProcessedItem(Base):
     status: Mapped[str] = mapped_column(String(20), default="processed")
     claim_expires_at: Mapped[datetime | None]
     flow_key: Mapped[int] = mapped_column(BigInteger, ForeignKey("datamachine_flows.flow_id", ondelete="CASCADE"))
+    # When a fetch last found the item in its source (or it was claimed or marked); retention forgets
+    # processed items by this, so an item the source still offers is never taken twice.
+    last_seen_at: Mapped[datetime] = mapped_column(default=_seen_when_written)
 
 
 class ChatSession(Base):

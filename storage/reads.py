@@ -27,7 +27,7 @@ from sqlalchemy import Select
 from sqlalchemy.dialects.sqlite.pysqlite import SQLiteDialect_pysqlite
 from sqlalchemy.exc import MultipleResultsFound, NoResultFound
 
-from datamachine_mcp.storage.db import READ_BUSY_TIMEOUT_MS
+from datamachine_mcp.storage.db import configure_sqlite
 
 if TYPE_CHECKING:
     from sqlalchemy.sql.base import Executable
@@ -145,7 +145,7 @@ class _Pooled:
 def _connect(db: Database) -> sqlite3.Connection:
     assert db.path is not None
     conn = sqlite3.connect(db.path, isolation_level=None, check_same_thread=False)
-    conn.execute(f"PRAGMA busy_timeout={READ_BUSY_TIMEOUT_MS}")  # the rare wait blocks the loop: bound it
+    configure_sqlite(conn, write=False)  # WAL; a reader's rare lock wait is short (it blocks the loop)
     conn.execute("PRAGMA query_only=ON")
     return conn
 

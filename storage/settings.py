@@ -1,8 +1,10 @@
-"""Runtime settings: keys, defaults, validation, clamping and storage (storage.md §9).
+"""Runtime settings: keys, defaults, validation, clamping and storage (docs/storage.md, Settings).
 
 A missing row means the default. Writes validate types, clamp ranges (reported back) and
-encrypt provider API keys. Readers get a cached snapshot; a write in this process invalidates
-it, and other processes' writes are seen after ``CACHE_SECONDS``.
+encrypt provider API keys. Readers get a cached snapshot; a write in this process invalidates it,
+and other processes' writes are seen after ``CACHE_SECONDS`` - except the settings that decide
+access (``ACCESS_KEYS``): a snapshot taken for an access decision checks their rows' ``updated_at``
+first, so a change by any process takes effect at once.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import datetime
+from functools import cache
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlparse
@@ -22,6 +25,7 @@ from datamachine_mcp.storage.timeutil import utcnow
 # SQLAlchemy and the models are imported by the methods that read or write rows: a process that
 # serves only its tool list opens a SettingsStore without loading them.
 if TYPE_CHECKING:
+    from sqlalchemy import Select
     from sqlalchemy.ext.asyncio import AsyncSession
 
 CACHE_SECONDS = 2.0
@@ -105,7 +109,7 @@ OTHER_DEFAULTS: dict[str, Callable[[], Any]] = {
     "webhook_rate_limit": lambda: {"max": 60, "window": 60},
 }
 
-# The documented order of storage.md §9 (get-settings lists keys in this order).
+# The order of the table in docs/storage.md, Settings (get-settings lists keys in this order).
 SETTING_KEYS: tuple[str, ...] = (
     "log_level",
     "retention_completed_jobs_days",
@@ -201,6 +205,20 @@ class Snapshot(Mapping[str, Any]):
         return out
 
 
+# Settings that decide who may do what (admins, self-service limits, rate limits): read current.
+ACCESS_KEYS = frozenset({"admin_user_ids", "max_agents_per_user", "http_rate_limit_per_minute", "webhook_rate_limit"})
+
+
+@cache
+def _access_stamps() -> Select[Any]:
+    from sqlalchemy import select
+
+    from datamachine_mcp.storage.models import Setting
+
+    columns = Setting.__table__.c
+    return select(columns.key, columns.updated_at).where(columns.key.in_(sorted(ACCESS_KEYS)))
+
+
 class SettingsStore:
     """Reads and writes ``datamachine_settings`` for one process."""
 
@@ -218,10 +236,18 @@ class SettingsStore:
             return self._cache[1]
         return None
 
-    async def snapshot(self, session: AsyncSession, *, fresh: bool = False) -> Snapshot:
+    async def snapshot(self, session: AsyncSession, *, fresh: bool = False, access: bool = False) -> Snapshot:
+        """The effective settings. ``access``: for an access decision, with ``ACCESS_KEYS`` current as
+        of this transaction (one query of a few rows when the cache is warm)."""
         now = time.monotonic()
-        if not fresh and self._cache is not None and now - self._cache[0] < CACHE_SECONDS:
-            return self._cache[1]
+        if not fresh and self._cache is not None:
+            snap = self._cache[1]
+            if access:
+                stamps = dict((await session.execute(_access_stamps())).all())
+                if stamps == {k: v for k, v in snap.updated_at.items() if k in ACCESS_KEYS}:
+                    return snap
+            elif now - self._cache[0] < CACHE_SECONDS:
+                return snap
         from sqlalchemy import select
 
         from datamachine_mcp.storage.models import Setting
@@ -257,7 +283,7 @@ class SettingsStore:
         return None if row is None else row.value
 
     async def internal_set(self, session: AsyncSession, key: str, value: Any, *, at: datetime | None = None) -> None:
-        """Write an internal key (not a §9 setting, never listed), e.g. the last retention run, as of ``at``."""
+        """Write an internal key (not in SETTING_KEYS, never listed), e.g. the last retention run, as of ``at``."""
         # an upsert: two processes writing the same key never collide on its primary key
         now = at or utcnow()
         stmt = _insert(session).values(key=key, value=value, is_secret=False, updated_at=now)
@@ -273,9 +299,9 @@ class SettingsStore:
         One statement, so of several processes racing for the same key exactly one wins: the engine's
         once-a-day jobs (retention) run on one process even when several start together.
         """
+        now = at
         from datamachine_mcp.storage.models import Setting
 
-        now = at
         stmt = _insert(session).values(key=key, value=value, is_secret=False, updated_at=now)
         stmt = stmt.on_conflict_do_update(
             index_elements=["key"],

@@ -18,7 +18,7 @@ def iso(value: None) -> None: ...
 @overload
 def iso(value: datetime | None) -> str | None: ...
 def iso(value: datetime | None) -> str | None:
-    """ISO 8601 with a ``Z`` suffix and no microseconds (storage.md §1)."""
+    """ISO 8601 with a ``Z`` suffix and no microseconds, as clients see every timestamp."""
     if value is None:
         return None
     if value.tzinfo is None:

@@ -1,4 +1,4 @@
-"""Column types shared by every table (storage.md §2)."""
+"""Column types shared by every table, identical on SQLite and PostgreSQL (docs/storage.md, General rules)."""
 
 from __future__ import annotations
 

@@ -195,7 +195,7 @@ async def mint_token(
 
 
 async def token_principal(runtime: Runtime, raw: str, transport: str = "http") -> Principal:
-    """Resolve a raw bearer token exactly as the server does (access.md §2.5)."""
+    """Resolve a raw bearer token exactly as the server does."""
     from datamachine_mcp.abilities.tokens import verify_token
 
     return await verify_token(runtime.db, runtime.settings, raw, transport=transport)

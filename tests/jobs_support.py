@@ -132,7 +132,7 @@ async def unchanged(runtime: Runtime, client: Any, tool: str, args: dict[str, An
 
 
 async def denied(runtime: Runtime, client: Any, tool: str, args: dict[str, Any], code: str = "agent_access_denied"):
-    """The call is refused: nothing changes but the one warning row of the denial (access.md §7.3)."""
+    """The call is refused: nothing changes but the one warning row of the denial."""
     before = await table_rows(runtime)
     err = await fail(client, tool, args, code)
     changed = changed_tables(before, await table_rows(runtime))

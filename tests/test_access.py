@@ -1,4 +1,4 @@
-"""Role enforcement with real tokens, inactive agents, denial and audit rows (access.md §2-§4, §7)."""
+"""Role enforcement with real tokens, inactive agents, denial and audit rows (docs/access.md)."""
 
 from __future__ import annotations
 
@@ -133,7 +133,7 @@ async def test_agent_bound_tokens_are_confined_even_for_admins(runtime, owner, b
         await _denied(runtime, c, "update-agent", {"agent_slug": "other", "agent_name": "x"}, "agent_access_denied")
 
 
-# --- inactive agents (access.md §3.4) ----------------------------------------------------------
+# --- inactive agents ---------------------------------------------------------------------------
 
 
 async def test_inactive_agent_is_frozen_except_update_by_global_admin(runtime, owner, bot):
@@ -203,7 +203,7 @@ async def test_revoking_a_token_of_an_inactive_agent_stays_possible(runtime, own
         await token_principal(runtime, tok["raw_token"])
 
 
-# --- audit rows (access.md §7) -----------------------------------------------------------------
+# --- audit rows ----------------------------------------------------------------------------------
 
 
 MUTATIONS = [
@@ -289,7 +289,7 @@ async def test_failed_business_checks_write_nothing(runtime, owner, bot):
     )
 
 
-# --- stdio identity (access.md §1.3) -----------------------------------------------------------
+# --- stdio identity ----------------------------------------------------------------------------
 
 
 def _server(runtime, resolver):

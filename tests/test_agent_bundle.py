@@ -1,4 +1,4 @@
-"""export-agent and import-agent: bundle v1, secrets, schedules, validation, round trips (abilities.md §4)."""
+"""export-agent and import-agent: bundle v1, secrets, schedules, validation, round trips."""
 
 from __future__ import annotations
 

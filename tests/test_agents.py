@@ -1,4 +1,4 @@
-"""Agents toolset: create, get, list, update, rename and delete agents (abilities.md §4, access.md §6.4)."""
+"""Agents toolset: create, get, list, update, rename and delete agents (docs/access.md, New resources)."""
 
 from __future__ import annotations
 

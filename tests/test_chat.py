@@ -1,4 +1,4 @@
-"""Chat toolset without send-chat-message (abilities.md §10, access.md §6.1, storage.md §3.5, §10)."""
+"""Chat toolset without send-chat-message (docs/storage.md, datamachine_chat_sessions)."""
 
 from __future__ import annotations
 
@@ -155,7 +155,7 @@ async def test_get_session_is_private(runtime, owner):
     await unchanged(runtime, owner, "get-chat-session", {"session_id": sid}, "session_not_found")
     assert (await call(owner, "get-chat-session", {"session_id": sid, "user_id": 2}))["title"] == "mine"
     await unchanged(runtime, owner, "get-chat-session", {"session_id": str(uuid.uuid4())}, "session_not_found")
-    await unchanged(runtime, owner, "get-chat-session", {"session_id": sid, "user_id": "2"}, "invalid_input")
+    await unchanged(runtime, owner, "get-chat-session", {"session_id": sid, "user_id": "2.0"}, "invalid_input")
     await unchanged(runtime, owner, "get-chat-session", {}, "invalid_input")
 
 

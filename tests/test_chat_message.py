@@ -1,4 +1,4 @@
-"""send-chat-message (abilities.md §10) against local OpenAI/Anthropic fakes and a sampling client."""
+"""send-chat-message against local OpenAI/Anthropic fakes and a sampling client."""
 
 from __future__ import annotations
 

@@ -201,8 +201,12 @@ async def test_three_new_items_fan_out_to_three_children(env):
     parent = await run(client, flow["flow_id"], wait=40)
     assert parent["job"]["status"] == "completed", parent["job"]
     assert parent["job"]["child_counts"] == {"total": 3, "completed": 3}
-    batch = (await job(client, parent["job_id"]))["engine_data"]["batch_results"]
-    assert batch == {"completed": 3, "failed": 0, "skipped": 0, "cancelled": 0, "total": 3}
+    detail = (await job(client, parent["job_id"]))["engine_data"]
+    assert detail["batch_results"] == {"completed": 3, "failed": 0, "skipped": 0, "cancelled": 0, "total": 3}
+    # the children's AI usage is the batch's: 3 calls of 10 + 5 tokens
+    usage = {"prompt_tokens": 30, "completion_tokens": 15, "total_tokens": 45}
+    assert detail["token_usage"] == usage
+    assert (await call(client, "get-run-metrics", {"job_id": parent["job_id"]}))["metrics"]["token_usage"] == usage
     children = (await call(client, "get-jobs", {"parent_job_id": parent["job_id"]}))["jobs"]
     assert sorted(c["label"] for c in children) == ["Alpha", "Beta", "Gamma"]
     assert {c["run_trigger"] for c in children} == {"batch"}
@@ -400,11 +404,11 @@ async def test_webhook_publish_is_signed_and_verified_by_the_receiver(env):
 async def test_files_publish_refuses_path_escapes(env, tmp_path):
     url = env.feed(("x", "Escape attempt"))
     client = env.client
-    # A template that escapes literally is refused when the config is saved (workflow mode reports it
-    # as invalid_workflow; update-flow-step as invalid_handler_config), and nothing changes.
+    # A template that escapes literally is refused when the config is saved (invalid_handler_config, in
+    # workflow mode as in update-flow-step), and nothing changes.
     bad = {"pipeline_name": "Bad", "workflow": {"steps": [feed_step(url), files_step(env.outbox, "../{slug}.md")]}}
-    err = await fail(client, "create-pipeline", bad, "invalid_workflow")
-    assert "filename_template" in json.dumps(err["data"])
+    err = await fail(client, "create-pipeline", bad, "invalid_handler_config")
+    assert err["data"]["step"] == 1 and err["data"]["field_errors"][0]["field"] == "filename_template"
     flow = await pipeline(client, [feed_step(url), files_step(env.outbox)])
     publish_id = flow["flow_step_ids"][1]
     update = {"flow_step_id": publish_id, "handler_config": {"filename_template": "../{slug}.md"}}

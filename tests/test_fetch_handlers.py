@@ -1,4 +1,4 @@
-"""Fetch handlers (engine.md §15.2, §15.4) against local servers and directories."""
+"""Fetch handlers against local servers and directories."""
 
 from __future__ import annotations
 

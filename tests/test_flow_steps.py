@@ -1,6 +1,6 @@
 """Flow steps: get-flow-steps, update-flow-step, configure-flow-steps, validate-flow-steps-config.
 
-abilities.md §6 (flow-step lookup, the four tools), §2.8 secrets, §2.11 handler configuration.
+Flow-step lookup, secrets (docs/storage.md, Secrets at rest) and docs/engine.md, Handler configuration.
 """
 
 from __future__ import annotations
@@ -60,7 +60,7 @@ async def test_get_flow_steps(runtime, owner):
     await unchanged(runtime, owner, "get-flow-steps", {"flow_step_id": "no-underscore"}, "invalid_flow_step_id")
     await unchanged(runtime, owner, "get-flow-steps", {}, "invalid_flow_id")
     await unchanged(runtime, owner, "get-flow-steps", {"flow_id": 999}, "flow_not_found")
-    await unchanged(runtime, owner, "get-flow-steps", {"flow_id": "1"}, "invalid_input")
+    await unchanged(runtime, owner, "get-flow-steps", {"flow_id": "1.0"}, "invalid_input")
     async with connect(runtime, USER2) as c:
         await denied(runtime, c, "get-flow-steps", {"flow_id": fid})
         await denied(runtime, c, "get-flow-steps", {"flow_step_id": ids[0]})

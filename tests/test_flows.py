@@ -1,4 +1,4 @@
-"""Flows toolset: get/create/update/delete/duplicate flows, pause/resume, the flow resource (abilities.md §6).
+"""Flows toolset: get/create/update/delete/duplicate flows, pause/resume, the flow resource.
 
 Helpers here (pipelines built directly from the shared step builder, agents, grants) are reused by the other
 flow test modules.
@@ -239,7 +239,7 @@ async def test_create_flow_errors_write_nothing(runtime, owner, args, code, chec
     ("args", "field"),
     [
         ({}, "pipeline_id"),
-        ({"pipeline_id": "1"}, "pipeline_id"),
+        ({"pipeline_id": "1.0"}, "pipeline_id"),
         ({"pipeline_id": 0}, "pipeline_id"),
         ({"pipeline_id": 1, "flow_name": "x" * 256}, "flow_name"),
         ({"pipeline_id": 1, "colour": "red"}, "colour"),

@@ -1,6 +1,6 @@
 """Grants and bearer tokens: grant/revoke/list access, create/list/revoke tokens, verification.
 
-abilities.md §4, access.md §2 and §6.5.
+See docs/access.md, Tokens and Roles.
 """
 
 from __future__ import annotations
@@ -278,7 +278,7 @@ async def test_create_token_permissions(runtime, owner, bot):
     )
 
 
-# --- verification (access.md §2.5) -------------------------------------------------------------
+# --- verification ------------------------------------------------------------------------------
 
 
 async def test_verify_token_principal_fields(runtime, owner, bot):

@@ -1,5 +1,5 @@
 """Step types and handlers as tools: get-step-types, get-handlers, get-handler-config-fields,
-validate-handler (abilities.md §5, engine.md §15)."""
+validate-handler (docs/engine.md, Step types)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,7 @@
-"""fail-job, cancel-job, retry-job, delete-jobs and recover-stuck-jobs (abilities.md §7, engine.md §11.5-§11.6)."""
+"""fail-job, cancel-job, retry-job, delete-jobs and recover-stuck-jobs.
+
+See docs/engine.md, Manual controls and Recovery and maintenance.
+"""
 
 from __future__ import annotations
 
@@ -111,7 +114,7 @@ async def test_fail_job_errors_write_nothing(runtime, owner):
     )
     await unchanged(runtime, owner, "fail-job", {"job_id": 999}, "job_not_found")
     for args, field in (
-        ({"job_id": "1"}, "job_id"),
+        ({"job_id": "1.0"}, "job_id"),
         ({"job_id": 0}, "job_id"),
         ({}, "job_id"),
         ({"job_id": job_id, "reason": ""}, "reason"),

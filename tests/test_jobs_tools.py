@@ -1,4 +1,4 @@
-"""get-jobs, get-jobs-summary, wait-for-job, get-flow-health, get-problem-flows and get-run-metrics (abilities.md §7)."""
+"""get-jobs, get-jobs-summary, wait-for-job, get-flow-health, get-problem-flows and get-run-metrics."""
 
 from __future__ import annotations
 
@@ -80,9 +80,9 @@ async def test_get_single_job_with_engine_data_and_packets(runtime, owner):
     assert job["current_step_id"] == made["flow_step_ids"][0] and job["packets"] == []
     assert job["error"] is None and job["wait"] is None and job["child_counts"] is None
     assert job["engine_data"]["topic"] == "x" and job["engine_data"]["job"]["job_id"] == job_id
-    # an unknown id is an empty answer, not an error
-    missing = await call(owner, "get-jobs", {"job_id": 999})
-    assert missing["jobs"] == [] and missing["total"] == 0
+    # an unknown id is job_not_found, like every tool that takes a job_id
+    err = await unchanged(runtime, owner, "get-jobs", {"job_id": 999}, "job_not_found")
+    assert err["data"] == {"job_id": 999}
 
 
 async def test_get_jobs_single_job_access(runtime, owner):
@@ -452,7 +452,7 @@ async def test_run_metrics_of_an_active_job_and_errors(runtime, owner):
     async with connect(runtime, USER3) as stranger:
         await denied(runtime, stranger, "get-run-metrics", {"job_id": job_id})
     await unchanged(runtime, owner, "get-run-metrics", {"job_id": 999}, "job_not_found")
-    await unchanged(runtime, owner, "get-run-metrics", {"job_id": "1"}, "invalid_input")
+    await unchanged(runtime, owner, "get-run-metrics", {"job_id": "1.0"}, "invalid_input")
     before = await table_rows(runtime)
     await call(owner, "get-run-metrics", {"job_id": job_id})
     assert await table_rows(runtime) == before

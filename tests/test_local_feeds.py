@@ -53,6 +53,25 @@ async def test_a_feed_file_inside_the_roots_gives_its_items_in_feed_order(tmp_pa
     assert len(await fetch(tmp_path, "file://localhost" + feed.as_uri().removeprefix("file://"))) == 2
 
 
+async def test_a_local_feeds_relative_links_resolve_to_file_urls_and_its_guids_stay_as_written(tmp_path):
+    root = tmp_path / "files"
+    root.mkdir()
+    feed = root / "feed.xml"
+    feed.write_text(
+        '<?xml version="1.0"?><rss version="2.0"><channel><title>T</title>'
+        "<item><title>A</title><guid>item-1</guid></item>"
+        '<item><title>B</title><link>pages/b.html</link><guid isPermaLink="false">b</guid></item>'
+        "<item><title>C</title><link>https://example.test/c</link></item>"
+        "</channel></rss>"
+    )
+    a, b, c = await fetch(tmp_path, feed.as_uri())
+    assert (a.identifier, a.source_url) == ("item-1", (root / "item-1").as_uri())
+    assert (b.identifier, b.source_url) == ("b", (root / "pages" / "b.html").as_uri())
+    assert c.source_url == "https://example.test/c"
+    for item in (a, b):
+        assert item.source_url.startswith("file:///")  # not file://tmp/… (a host named after the top directory)
+
+
 async def test_a_feed_file_is_checked_like_a_files_path(tmp_path):
     root = tmp_path / "files"
     root.mkdir()

@@ -1,4 +1,4 @@
-"""Logs, settings and whoami: abilities.md §9, §11, §12; storage.md §3.8, §7.8, §8, §9."""
+"""Logs, settings and whoami (docs/storage.md, datamachine_logs; Settings; Secrets at rest)."""
 
 from __future__ import annotations
 

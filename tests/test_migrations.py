@@ -1,4 +1,4 @@
-"""Schema migrations: head revision, models in sync, persistence, refusal of unknown revisions (storage.md §14)."""
+"""Schema migrations: head revision, models in sync, persistence, refusal of unknown revisions."""
 
 from __future__ import annotations
 

@@ -1,4 +1,7 @@
-"""Change notifications (engine.md §14.1): coalesced per URI, and only to principals that may read it."""
+"""Change notifications: coalesced per URI, and only to principals that may read it.
+
+See docs/architecture.md, Notifications.
+"""
 
 from __future__ import annotations
 

@@ -1,4 +1,7 @@
-"""list-pending-actions, get-pending-action and resolve-pending-action (abilities.md §7, engine.md §13.1-§13.2)."""
+"""list-pending-actions, get-pending-action and resolve-pending-action.
+
+See docs/engine.md, Waits: approval and webhook gate.
+"""
 
 from __future__ import annotations
 

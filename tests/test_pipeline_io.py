@@ -1,5 +1,4 @@
-"""export-pipelines and import-pipelines: the CSV format, secrets, round trips and all-or-nothing imports
-(abilities.md §5)."""
+"""export-pipelines and import-pipelines: the CSV format, secrets, round trips and all-or-nothing imports."""
 
 from __future__ import annotations
 
@@ -217,7 +216,7 @@ async def test_export_delete_import_export_round_trip(runtime, owner):
     assert len(audit) == 1
     second = (await call(owner, "export-pipelines", {}))["data"]
     expected = normalized(first)
-    # the stepless pipeline had no flow; the import gave it "Default Flow" (abilities.md)
+    # the stepless pipeline had no flow; the import gave it "Default Flow"
     expected.append(
         [2, "Step\rless\nname", "", "", None, len({r[5] for r in expected if r[5] != ""}), "Default Flow", {}]
     )

@@ -1,4 +1,4 @@
-"""Pipeline steps: get, add, update, delete, reorder; flows stay in sync (abilities.md §5, storage.md §7.1-7.2)."""
+"""Pipeline steps: get, add, update, delete, reorder; flows stay in sync (docs/storage.md, flow_config)."""
 
 from __future__ import annotations
 

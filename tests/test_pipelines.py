@@ -1,5 +1,4 @@
-"""Pipelines toolset: get, create, update, delete and duplicate pipelines, and the pipeline resources
-(abilities.md §5, storage.md §5, access.md §3)."""
+"""Pipelines toolset: get, create, update, delete and duplicate pipelines, and the pipeline resources."""
 
 from __future__ import annotations
 
@@ -54,7 +53,7 @@ async def unchanged(runtime, client, tool: str, args: dict[str, Any], code: str)
 
 
 async def denied(runtime, client, tool: str, args: dict[str, Any], code: str = "agent_access_denied") -> dict:
-    """The call is refused: nothing changes but the one warning row of the denial (access.md §7.3)."""
+    """The call is refused: nothing changes but the one warning row of the denial."""
     before = await table_rows(runtime)
     err = await fail(client, tool, args, code)
     changed = changed_tables(before, await table_rows(runtime))
@@ -258,7 +257,7 @@ async def test_get_pipelines_embeds_only_readable_flows(runtime, owner):
         ({"per_page": 101}, "per_page"),
         ({"offset": -1}, "offset"),
         ({"output_mode": "everything"}, "output_mode"),
-        ({"pipeline_id": "1"}, "pipeline_id"),
+        ({"pipeline_id": "1.0"}, "pipeline_id"),
         ({"user_id": -1}, "user_id"),
         ({"colour": "red"}, "colour"),
     ],
@@ -620,7 +619,7 @@ async def test_update_pipeline_errors(runtime, owner):
     )
     await unchanged(runtime, owner, "update-pipeline", {"pipeline_id": 999, "pipeline_name": "X"}, "pipeline_not_found")
     await unchanged(runtime, owner, "update-pipeline", {"pipeline_id": pid, "agent_id": 77}, "agent_not_found")
-    err = await unchanged(runtime, owner, "update-pipeline", {"pipeline_id": pid, "agent_id": "2"}, "invalid_input")
+    err = await unchanged(runtime, owner, "update-pipeline", {"pipeline_id": pid, "agent_id": "2.0"}, "invalid_input")
     assert err["data"]["errors"][0]["field"] == "agent_id"
 
 

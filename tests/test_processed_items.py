@@ -1,4 +1,4 @@
-"""Processed-items toolset: the dedup ledger (abilities.md §8, engine.md §10, storage.md §3.4)."""
+"""Processed-items toolset: the dedup ledger (docs/engine.md, Dedup and claims)."""
 
 from __future__ import annotations
 
@@ -218,7 +218,7 @@ async def test_mark_processed_unknown_steps_and_jobs(runtime, owner, flow):
 @pytest.mark.parametrize(
     ("extra", "field"),
     [
-        ({"job_id": "5"}, "job_id"),
+        ({"job_id": "5.0"}, "job_id"),  # "5" is read as 5 (client forms); "5.0" is not
         ({"job_id": 0}, "job_id"),
         ({"source_type": "r" * 51}, "source_type"),
         ({"item_identifier": "i" * 2049}, "item_identifier"),
@@ -379,11 +379,12 @@ async def test_clear_errors_and_roles(runtime, owner, flow):
         runtime, owner, "clear-processed-items", {"clear_type": "job", "target_id": 1}, "clear_type_invalid"
     )
     assert err["data"]["errors"][0]["field"] == "clear_type"
-    for bad in (0, "1", 1.5):
+    for bad in (0, "1x", 1.5):  # "1" is read as 1 (client forms)
         await unchanged(
             runtime, owner, "clear-processed-items", {"clear_type": "flow", "target_id": bad}, "target_id_invalid"
         )
-    await unchanged(runtime, owner, "clear-processed-items", {"clear_type": "flow"}, "invalid_input")  # missing
+    err = await unchanged(runtime, owner, "clear-processed-items", {"clear_type": "flow"}, "target_id_invalid")
+    assert err["data"]["errors"] == [{"field": "target_id", "message": "Field required"}]
     await unchanged(runtime, owner, "clear-processed-items", {"clear_type": "flow", "target_id": 99}, "flow_not_found")
     await unchanged(
         runtime, owner, "clear-processed-items", {"clear_type": "pipeline", "target_id": 99}, "pipeline_not_found"
@@ -436,7 +437,7 @@ async def test_find_stale(runtime, owner, flow):
     assert (await call(owner, "processed-items-find-stale", {**args, "max_age_days": 60}))["stale_ids"] == ["older"]
     assert (await call(owner, "processed-items-find-stale", {**args, "source_type": "files"}))["count"] == 0
     assert (await call(owner, "processed-items-find-stale", {**args, "flow_step_id": "nope"}))["count"] == 0
-    for bad in (0, -1, "7"):
+    for bad in (0, -1, "7d", 36501, 10**6, 2**64):  # "7" is read as 7 (client forms); a cutoff must be a date
         await unchanged(
             runtime, owner, "processed-items-find-stale", {**args, "max_age_days": bad}, "max_age_days_invalid"
         )

@@ -1,4 +1,4 @@
-"""AI providers (engine.md §16.3) against OpenAI- and Anthropic-compatible fakes on 127.0.0.1."""
+"""AI providers against OpenAI- and Anthropic-compatible fakes on 127.0.0.1."""
 
 from __future__ import annotations
 
@@ -139,7 +139,7 @@ async def test_openai_http_errors(server, out):
     auth = await fail("http_auth_failed", complete("openai", REQUEST, base_url=url, api_key="k", outbound=out))
     assert classify(auth) == (False, None) and "Incorrect API key" in auth.message
     busy = await fail("http_rejected", complete("openai", REQUEST, base_url=url, api_key="k", outbound=out))
-    assert classify(busy) == (True, "upstream")  # provider message heuristic (§11.2 rule 5)
+    assert classify(busy) == (True, "upstream")  # provider message heuristic (rule 5 of Retryable classification)
     bad = await fail("http_rejected", complete("openai", REQUEST, base_url=url, api_key="k", outbound=out))
     assert classify(bad) == (False, None)
     await fail("invalid_response", complete("openai", REQUEST, base_url=url, api_key="k", outbound=out))

@@ -1,4 +1,4 @@
-"""Publish/update handlers (engine.md §15.3, §15.5): files, webhook, wordpress against local targets."""
+"""Publish/update handlers: files, webhook, wordpress against local targets."""
 
 from __future__ import annotations
 

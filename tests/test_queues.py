@@ -1,4 +1,4 @@
-"""Prompt queues: queue-add, queue-list, queue-remove, queue-clear, queue-mode (abilities.md §6 "Prompt queues")."""
+"""Prompt queues: queue-add, queue-list, queue-remove, queue-clear, queue-mode (docs/engine.md, Queues)."""
 
 from __future__ import annotations
 
@@ -104,7 +104,7 @@ async def test_queue_lookup_errors_in_order(runtime, owner):
         ("queue-list", _target(fid, ai, per_page=201), "per_page"),
         ("queue-remove", _target(fid, ai, index=-1), "index"),
         ("queue-mode", _target(fid, ai, mode="shuffle"), "mode"),
-        ("queue-clear", _target("1", ai), "flow_id"),
+        ("queue-clear", _target("1.0", ai), "flow_id"),
     ]:
         err = await unchanged(runtime, owner, tool, args, "invalid_input")
         assert field in invalid_fields(err), (tool, err)

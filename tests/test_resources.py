@@ -1,4 +1,4 @@
-"""datamachine:// resources mirror their read-only tool twins; change notifications (ARCHITECTURE 8, engine.md §14)."""
+"""datamachine:// resources mirror their read-only tool twins; change notifications (docs/architecture.md)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Retention (storage.md §10): exactly what each part deletes, per setting, in batches, never active work.
+"""Retention (docs/engine.md, Retention): exactly what each part deletes, per setting, in batches, never active work.
 
 ``engine.retention.run_retention`` is called directly here; the ``retention`` system task (run-task) and
 the maintenance loop's daily schedule are covered too. Rows are seeded with back-dated timestamps.

@@ -1,4 +1,7 @@
-"""The sampling bridge (engine.md §16.3, §5.5): AI steps answered by the connected MCP client's model."""
+"""The sampling bridge: AI steps answered by the connected MCP client's model.
+
+See docs/engine.md, The AI step and Affinity.
+"""
 
 from __future__ import annotations
 

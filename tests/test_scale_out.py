@@ -1,4 +1,4 @@
-"""Scale-out on PostgreSQL (engine.md §5.6): several ``datamachine-mcp worker`` processes on one database.
+"""Scale-out on PostgreSQL (docs/engine.md, Guarantees): several ``datamachine-mcp worker`` processes on one database.
 
 * 2,000 runs of a one-step flow, first on two worker processes, then on four (two more join while
   the queue drains): every job runs exactly once and all four processes take part.
@@ -23,20 +23,21 @@ import signal
 import time
 from collections import Counter
 from collections.abc import AsyncIterator, Iterator
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
 import pytest
-from sqlalchemy import event, func, select, text
+from sqlalchemy import func, select, text
 
 from datamachine_mcp.abilities.context import Runtime
-from datamachine_mcp.engine.claiming import claim_due
 from datamachine_mcp.engine.host import EngineHost
 from datamachine_mcp.engine.jobs import create_flow_job
 from datamachine_mcp.engine.plan import resolve_plan
+from datamachine_mcp.engine.store import JobStore
 from datamachine_mcp.server.bootstrap import ProcessConfig, open_runtime
 from datamachine_mcp.storage.db import Database
-from datamachine_mcp.storage.models import Flow, Job, LogEntry, Pipeline, ProcessedItem
+from datamachine_mcp.storage.models import Flow, Job, LogEntry, Pipeline, ProcessedItem, Setting
 from datamachine_mcp.storage.timeutil import utcnow
 from tests.conftest import PG_URL_ENV, _wipe_postgres, call, connect
 from tests.fake_servers import FakeResponse, FakeServer, serve
@@ -108,13 +109,13 @@ async def stop(workers: Workers) -> None:
         assert await wait_exit(proc, 30) == 0, workers.log(proc)
 
 
-async def bulk_runs(rt: Runtime, flow_id: int, count: int) -> None:
+async def bulk_runs(rt: Runtime, flow_id: int, count: int, first: int = 0) -> None:
     """``count`` manual runs of the flow, created by the engine's own job creation (as run-flow does)."""
     async with rt.db.write() as s:
         flow = await s.get(Flow, flow_id)
         pipeline = await s.get(Pipeline, flow.pipeline_id)
         plan = resolve_plan(flow.flow_config)
-        for i in range(count):
+        for i in range(first, first + count):
             await create_flow_job(
                 s,
                 flow=flow,
@@ -134,17 +135,28 @@ async def test_2000_jobs_on_two_then_four_workers_run_exactly_once(pg, workers):
     async with connect(pg) as owner:
         await call(owner, "update-settings", {"settings": {"log_level": "debug"}})
         made = await call(owner, "create-pipeline", {"pipeline_name": "Echo", "workflow": {"steps": [ECHO]}})
-    await bulk_runs(pg, made["flow_id"], JOBS)
+    third = JOBS // 3
+    await bulk_runs(pg, made["flow_id"], third)
     started = time.monotonic()
     for _ in range(2):
         workers.start(concurrency=4)
 
     async def a_third_done() -> bool:
-        return (await statuses(pg)).get("completed", 0) >= JOBS // 3
+        return (await statuses(pg)).get("completed", 0) >= third
 
     await until(a_third_done, 150, 0.2)
     for _ in range(2):
         workers.start(concurrency=4)
+
+    async def four_live() -> bool:  # the late two are up (their loops have recorded liveness)
+        async with pg.db.read() as s:
+            beats = (await s.execute(select(Setting.value).where(Setting.key == "worker_heartbeat"))).scalar()
+        live = {w.split(":")[1] for w in beats or {}}
+        return {str(p.pid) for p in workers.procs} <= live
+
+    await until(four_live, 60, 0.1)
+    # The rest arrives while four processes run: all of them take part, and none takes a job twice.
+    await bulk_runs(pg, made["flow_id"], JOBS - third, first=third)
 
     async def done() -> bool:
         return await drained(pg, JOBS)
@@ -353,16 +365,21 @@ async def test_a_claim_never_takes_more_than_asked_whatever_the_plan(pg):
     await bulk_runs(pg, made["flow_id"], 60)
     db = Database(pg.db.url)
 
-    @event.listens_for(db.write_engine.sync_engine, "connect")
-    def worst_plan(dbapi_connection: Any, _record: Any) -> None:
-        cursor = dbapi_connection.cursor()
+    async def worst_plan(conn: Any) -> None:
         for setting in ("enable_hashagg", "enable_hashjoin", "enable_mergejoin", "enable_material", "enable_sort"):
-            cursor.execute(f"SET {setting} = off")
-        cursor.close()
+            await conn.execute(f"SET {setting} = off")
+
+    store = JobStore(db, setup=worst_plan)
+
+    async def claim_due(worker_id: str) -> list[int]:
+        now = utcnow()
+        async with store.transaction() as tx:
+            rows = await tx.claim(worker_id, 4, now=now, lease_expires_at=now + timedelta(seconds=120))
+        return [r.job_id for r in rows]
 
     try:
-        first = await claim_due(db, "w:1:aaaaaaaa", 4, now=utcnow(), lease_ttl=120)
-        second = await claim_due(db, "w:2:bbbbbbbb", 4, now=utcnow(), lease_ttl=120)
+        first = await claim_due("w:1:aaaaaaaa")
+        second = await claim_due("w:2:bbbbbbbb")
     finally:
         await db.dispose()
     assert len(first) == 4 and len(second) == 4 and not set(first) & set(second)

@@ -1,6 +1,6 @@
 """Schedules: validation table, derived keys and next_run, schedule-flow, pause/resume, intervals.
 
-abilities.md §2.10, schedule-flow, get-scheduling-intervals; engine.md §12.1-12.3; storage.md §7.3.
+See docs/engine.md, Schedule types and Next run and stagger; docs/storage.md, scheduling_config.
 Firing is the scheduler's job and not tested here.
 """
 
@@ -13,6 +13,7 @@ from zoneinfo import ZoneInfo
 
 import pytest
 
+from datamachine_mcp.storage.models import Flow
 from datamachine_mcp.storage.timeutil import iso, parse_datetime, utcnow
 from tests.conftest import call, fail, table_rows
 from tests.test_flows import audits, flow_row, make_flow, make_pipeline, unchanged
@@ -35,7 +36,7 @@ VALID = sorted([*INTERVALS, "manual", "one_time", "cron", "every_6_hours", "ever
 
 
 def stagger(flow_id: int, seconds: int) -> int:
-    """engine.md §12.3, written out independently of the implementation."""
+    """The stagger (docs/engine.md, Next run and stagger), written out independently of the implementation."""
     return zlib.crc32(f"datamachine_stagger_{flow_id}".encode()) % min(seconds, 3600)
 
 
@@ -232,6 +233,40 @@ async def test_schedule_flow_keeps_pause_and_timezone_and_rejects_bad_values(run
     await unchanged(runtime, owner, "schedule-flow", {"flow_id": fid}, "invalid_input")
 
 
+async def test_cron_looking_values_out_of_range_fields_and_past_or_far_timestamps_are_refused(runtime, owner):
+    pid, _ = await make_pipeline(runtime)
+    fid = (await make_flow(owner, pid))["flow_id"]
+    now = int(utcnow().timestamp())
+    for value, code in [
+        ("0 9 * *", "invalid_cron_expression"),  # spaces or * mean cron, not an interval name
+        ("*", "invalid_cron_expression"),
+        ("every day", "invalid_cron_expression"),
+        ("*/61 * * * *", "invalid_cron_expression"),
+        ("0 */25 * * *", "invalid_cron_expression"),
+        ("0 0 */32 * *", "invalid_cron_expression"),
+        ("0 0 1,*/13 */13 *", "invalid_cron_expression"),
+        ("0 0 * * */8", "invalid_cron_expression"),
+        (now - 120, "timestamp_in_past"),
+        (str(now - 3600), "timestamp_in_past"),
+        (253402300800, "missing_timestamp"),  # after 9999-12-31T23:59:59Z
+        (10**15, "missing_timestamp"),
+    ]:
+        err = await unchanged(runtime, owner, "schedule-flow", {"flow_id": fid, "interval_or_timestamp": value}, code)
+        assert ".." not in err["message"]
+    for schedule, code in [
+        ({"interval": "*/61 * * * *"}, "invalid_cron_expression"),
+        ({"interval": "cron", "cron_expression": "*/61 * * * *"}, "invalid_cron_expression"),
+        ({"interval": "one_time", "timestamp": "2001-09-09T01:46:40Z"}, "timestamp_in_past"),
+        ({"interval": "one_time", "timestamp": 99999999999999}, "missing_timestamp"),
+    ]:
+        await unchanged(runtime, owner, "update-flow", {"flow_id": fid, "scheduling_config": schedule}, code)
+    # a step that fits its field, and a one-time run set "now" by a slow client, are fine
+    out = await call(owner, "schedule-flow", {"flow_id": fid, "interval_or_timestamp": "*/60 */24 * * */7"})
+    assert out["schedule_type"] == "cron"
+    out = await call(owner, "schedule-flow", {"flow_id": fid, "interval_or_timestamp": now - 20})
+    assert out["schedule_type"] == "one_time"
+
+
 async def test_pause_keeps_schedule_and_resume_recomputes_next_run_on_the_grid(runtime, owner):
     pid, _ = await make_pipeline(runtime)
     fid = (await make_flow(owner, pid, scheduling_config={"interval": "every_2_hours"}))["flow_id"]
@@ -250,9 +285,13 @@ async def test_pause_keeps_schedule_and_resume_recomputes_next_run_on_the_grid(r
     await _check_column(runtime, fid, data)
 
     # a one-time run whose time passed while paused is due at once (next_run in the past)
-    once = (await make_flow(owner, pid, scheduling_config={"interval": "one_time", "timestamp": 1000000000}))["flow_id"]
+    soon = int(utcnow().timestamp()) + 3600
+    once = (await make_flow(owner, pid, scheduling_config={"interval": "one_time", "timestamp": soon}))["flow_id"]
     await call(owner, "pause-flow", {"flow_id": once})
     assert (await call(owner, "get-flows", {"flow_id": once}))["flows"][0]["next_run"] is None
+    async with runtime.db.write() as session:  # its time passes (a past time cannot be set any more)
+        flow = await session.get(Flow, once)
+        flow.scheduling_config = {**flow.scheduling_config, "timestamp": 1000000000}
     out = await call(owner, "resume-flow", {"flow_id": once})
     assert out["flows"][0]["next_run"] == "2001-09-09T01:46:40Z"
 

@@ -1,4 +1,4 @@
-"""The real stdio server in a subprocess, and the token CLI (access.md §1.3, §2.7; ARCHITECTURE 4).
+"""The real stdio server in a subprocess, and the token CLI (docs/access.md, Per transport).
 
 Every subprocess gets XDG_DATA_HOME and DATAMACHINE_DATA_DIR in tmp_path so nothing touches the real home.
 """
@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import select
 import subprocess
 import sys
 from pathlib import Path
@@ -17,7 +18,7 @@ from mcp import Client
 from mcp.client.stdio import StdioServerParameters
 
 from datamachine_mcp.abilities.registry import load_all as load_abilities
-from datamachine_mcp.server.bootstrap import ProcessConfig, open_runtime
+from datamachine_mcp.server.bootstrap import ProcessConfig, open_runtime, parse_toolsets
 from tests.conftest import call, connect, log_rows
 
 pytestmark = pytest.mark.anyio
@@ -43,6 +44,9 @@ FOUNDATION = {
     "update-settings",
     "whoami",
 }
+
+
+README_TEXT = (Path(__file__).resolve().parent.parent / "README.md").read_text()
 
 
 def _env(tmp_path: Path) -> dict[str, str]:
@@ -313,3 +317,105 @@ async def test_revoked_or_bad_token_stops_the_server_at_start(tmp_path):
     assert "--token was rejected (revoked)" in results["revoked"][2]
     assert "--token was rejected (malformed)" in results["garbage"][2]
     assert "--agent 'ghost' names no agent" in results["ghost"][2]
+
+
+def test_lines_the_transport_cannot_read_get_a_json_rpc_error(tmp_path):
+    """Not JSON, nested too deep, a lone surrogate, not a JSON-RPC message: each gets an answer, and the
+    session goes on (a client would otherwise wait for ever)."""
+    deep = '{"jsonrpc":"2.0","id":9,"method":"ping","params":{"a":' + "[" * 300 + "]" * 300 + "}}"
+    cases = [
+        ("not json at all", -32700, None),
+        ('{"jsonrpc":"2.0","id":8,"method":"ping"', -32700, None),  # cut short
+        (deep, -32700, None),
+        ('{"jsonrpc":"2.0","id":10,"method":"ping","params":{"a":"\\ud800"}}', -32700, None),
+        ("[1, 2]", -32600, None),
+        ('{"jsonrpc":"2.0","id":11}', -32600, 11),
+        ('{"jsonrpc":"2.0","id":"x-12","method":5}', -32600, "x-12"),
+        ('{"jsonrpc":"1.0","method":"ping"}', -32600, None),
+    ]
+    initialize = {
+        "jsonrpc": "2.0",
+        "id": 1,
+        "method": "initialize",
+        "params": {"protocolVersion": "2025-06-18", "capabilities": {}, "clientInfo": {"name": "raw", "version": "1"}},
+    }
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "datamachine_mcp.server.cli", "--db", str(tmp_path / "dm.db"), "--no-worker"],
+        env=_full_env(tmp_path),
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+    )
+    try:
+        assert proc.stdin is not None and proc.stdout is not None
+
+        def send(line: str) -> dict:
+            proc.stdin.write(line + "\n")
+            proc.stdin.flush()
+            ready, _, _ = select.select([proc.stdout], [], [], 15)  # one answer line per line sent
+            assert ready, f"no answer within 15 s to {line[:60]!r}"
+            answer = proc.stdout.readline()
+            assert answer, "no answer: the server closed stdout"
+            return json.loads(answer)
+
+        assert send(json.dumps(initialize))["result"]["serverInfo"]
+        proc.stdin.write(json.dumps({"jsonrpc": "2.0", "method": "notifications/initialized"}) + "\n")
+        proc.stdin.write("\n")  # a blank line is skipped, not answered
+        for line, code, ident in cases:
+            answer = send(line)
+            assert answer["jsonrpc"] == "2.0" and answer["id"] == ident, (line[:60], answer)
+            assert answer["error"]["code"] == code, (line[:60], answer)
+        assert send(json.dumps({"jsonrpc": "2.0", "id": 20, "method": "ping"})) == {
+            "jsonrpc": "2.0",
+            "id": 20,
+            "result": {},
+        }
+        proc.stdin.close()
+        proc.wait(timeout=20)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 0
+
+
+async def test_the_readme_token_example_works_as_written_and_token_create_warns(tmp_path):
+    """The README's steps for acting as another identity, run as written (default database of this
+    environment): grant through the tools, mint with the CLI, serve with --token."""
+    section = README_TEXT.split("## Connect a client", 1)[1].split("\n## ", 1)[0]
+    calls = re.findall(r"`(create-agent|grant-agent-access)`\s+`(\{[^`]*\})`", section)
+    assert [name for name, _ in calls] == ["create-agent", "grant-agent-access"]
+    command = re.search(r"`datamachine-mcp (token create [^`]*)`", section)
+    assert command is not None
+    toolsets = re.search(r"`--toolsets ([a-z,]+)`", section)
+    assert toolsets is not None
+    db = tmp_path / "xdg" / "datamachine-mcp" / "datamachine.db"  # the default path under _env's XDG_DATA_HOME
+    rt = await open_runtime(
+        ProcessConfig(db=str(db), data_dir=tmp_path / "data", toolsets=parse_toolsets(toolsets.group(1)))
+    )
+    try:
+        async with connect(rt) as owner:
+            for name, arguments in calls:
+                await call(owner, name, json.loads(arguments))
+    finally:
+        await rt.db.dispose()
+
+    created = _cli(tmp_path, *command.group(1).split())
+    assert created.returncode == 0, created.stderr
+    assert "warning" not in created.stderr, created.stderr
+    raw = created.stdout.strip()
+    async with Client(_params(tmp_path, db, "--token", raw), mode="legacy") as client:
+        me = await call(client, "whoami", {})
+        assert (me["user_id"], me["agent_slug"], me["capabilities"]) == (2, "news-bot", ["run"])
+        agent = await call(client, "get-agent", {"agent_slug": "news-bot"})  # refused without the grant
+        assert agent["agent"]["caller_role"] == "operator"
+
+    # a user with no role on the agent, and one nobody knows: the token is minted, with warnings
+    stranger = _cli(tmp_path, "token", "create", "--user", "7", "--agent", "news-bot")
+    assert stranger.returncode == 0 and stranger.stdout.startswith("dm_news-bot_")
+    assert "warning: user 7 has no role on agent 'news-bot'" in stranger.stderr
+    assert "grant-agent-access" in stranger.stderr
+    assert "warning: user 7 has never been seen here" in stranger.stderr
+    user_token = _cli(tmp_path, "token", "create", "--user", "2")  # user 2 holds a grant: known
+    assert user_token.returncode == 0 and "warning" not in user_token.stderr, user_token.stderr

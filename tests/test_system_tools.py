@@ -1,4 +1,4 @@
-"""system-health-check and run-task (abilities.md §12, engine.md §15.7)."""
+"""system-health-check and run-task."""
 
 from __future__ import annotations
 
@@ -206,10 +206,13 @@ async def test_run_task_without_waiting_queues_the_job(runtime, owner):
 
 
 async def test_run_task_retention_and_recovery(runtime, owner, engine):
-    # the maintenance loop runs retention once at start; let it finish before seeding an old row
+    # the maintenance loop runs retention once at start; let it finish (its last act is logging the
+    # counts) before seeding an old row, which that run would otherwise delete
     async def retention_ran() -> bool:
         async with runtime.db.read() as s:
-            return bool(await runtime.settings.internal_get(s, LAST_RUN_KEY))
+            stamped = bool(await runtime.settings.internal_get(s, LAST_RUN_KEY))
+            logged = (await s.execute(select(LogEntry.id).where(LogEntry.message.like("Retention:%")))).first()
+            return stamped and logged is not None
 
     await until(retention_ran)
     now = utcnow()
@@ -289,7 +292,7 @@ async def test_run_task_errors(runtime, owner, monkeypatch):
     async def refuse(*_a: Any, **_k: Any) -> Any:
         raise RuntimeError("database full")
 
-    monkeypatch.setattr(system_tasks, "create_direct_job", refuse)
+    monkeypatch.setattr(system_tasks.front, "run_workflow", refuse)
     before = await table_rows(runtime)
     err = await fail(owner, "run-task", {"wait_seconds": 0, "task_type": "retention"}, "task_schedule_failed")
     assert err["message"] == "The retention job could not be created: database full"

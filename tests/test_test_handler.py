@@ -1,4 +1,4 @@
-"""test-handler (abilities.md §5): a dry run of a fetch handler against local fake servers and files."""
+"""test-handler: a dry run of a fetch handler against local fake servers and files."""
 
 from __future__ import annotations
 
@@ -199,7 +199,7 @@ async def test_argument_and_config_errors(runtime, owner):
         ({"limit": 101}, "limit"),
         ({"output_mode": "full"}, "output_mode"),
         ({"byte_limit": 100}, "byte_limit"),
-        ({"flow_id": "1"}, "flow_id"),
+        ({"flow_id": "1.0"}, "flow_id"),
         ({"extra": 1}, "extra"),
     ):
         err = await fail(owner, "test-handler", {"handler_slug": "rss", **bad}, "invalid_input")

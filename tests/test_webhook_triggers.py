@@ -1,4 +1,4 @@
-"""Webhook triggers: enable, disable, status, rotate-secret (abilities.md §6 "Webhook triggers", storage.md §7.3).
+"""Webhook triggers: enable, disable, status, rotate-secret (docs/storage.md, scheduling_config).
 
 The HTTP endpoint that verifies requests is not part of these tools; here we check what they store and show.
 """

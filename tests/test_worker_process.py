@@ -1,4 +1,4 @@
-"""``datamachine-mcp worker`` as real processes (engine.md §5.1, §5.4, §11.4).
+"""``datamachine-mcp worker`` as real processes (docs/engine.md, Workers, claims and leases; Lease expiry).
 
 * SIGTERM in the middle of a step: the job is handed back (``pending``, no lease, the attempt not
   counted) and the process exits 0 within a bounded time; another worker then finishes the job.
@@ -49,12 +49,13 @@ class Workers:
         self.tmp_path = tmp_path
         self.procs: list[subprocess.Popen[bytes]] = []
 
-    def start(self, concurrency: int = 2) -> subprocess.Popen[bytes]:
+    def start(self, concurrency: int = 2, *, log_level: str | None = "info") -> subprocess.Popen[bytes]:
         log = open(self.tmp_path / f"worker-{len(self.procs)}.log", "wb")  # noqa: SIM115 - closed with the process
+        level = ("--log-level", log_level) if log_level else ()
         proc = subprocess.Popen(
             [
                 *(sys.executable, "-m", "datamachine_mcp.server.cli", "worker", "--db", self.db),
-                *("--data-dir", str(self.data_dir), "--concurrency", str(concurrency), "--log-level", "info"),
+                *("--data-dir", str(self.data_dir), "--concurrency", str(concurrency), *level),
             ],
             cwd=ROOT,
             stdin=subprocess.DEVNULL,
@@ -141,6 +142,20 @@ async def items(runtime: Any) -> list[tuple[str, str]]:
     async with runtime.db.read() as s:
         rows = await s.execute(select(ProcessedItem.item_identifier, ProcessedItem.status))
         return [tuple(r) for r in rows.all()]
+
+
+async def test_the_worker_announces_start_and_stop_at_info_by_default(runtime, workers):
+    proc = workers.start(log_level=None)
+
+    async def started() -> bool:
+        return "running on" in workers.log(proc)
+
+    await until(started, seconds=30)
+    proc.send_signal(signal.SIGTERM)
+    assert await wait_exit(proc, 30) == 0
+    text = workers.log(proc)
+    assert "INFO datamachine.worker: worker " in text and "INFO datamachine.worker: stopping" in text
+    assert "WARNING" not in text
 
 
 async def test_sigterm_mid_step_hands_the_job_back_and_exits_zero(runtime, owner, server, workers):

@@ -1,4 +1,4 @@
-"""execute-workflow: ad-hoc runs from inline steps (abilities.md §7, engine.md §3.4 "Direct workflow")."""
+"""execute-workflow: ad-hoc runs from inline steps (docs/engine.md, Other creation paths)."""
 
 from __future__ import annotations
 
@@ -113,6 +113,20 @@ async def test_delayed_start(runtime, owner, engine):
     assert past["execution_type"] == "immediate" and past["job"]["status"] == "completed"
 
 
+async def test_the_message_after_a_wait_reports_the_final_status(runtime, owner, engine):
+    _, outbox = dirs(runtime)
+    update = {
+        "step_type": "update",
+        "handler_slugs": ["files"],
+        "handler_configs": {"files": {"directory": str(outbox)}},
+    }
+    out = await execute(owner, {"steps": [echo_step(a=1), update]}, wait_seconds=10)  # nothing to update: fails
+    assert out["status"] == "failed" and out["final"] is True
+    assert out["message"] == f"Direct workflow job {out['job_id']} (2 steps) finished: failed."
+    done = await execute(owner, wait_seconds=10)
+    assert done["message"] == f"Direct workflow job {done['job_id']} (1 steps) finished: completed."
+
+
 async def test_operation_key_replays_and_conflicts(runtime, owner):
     later = int(time.time()) + 600
     first = await execute(owner, operation_key="op-1", timestamp=later)
@@ -170,10 +184,20 @@ async def test_invalid_workflow_lists_every_problem(runtime, owner):
             {"step_type": "fetch", "handler_slugs": ["files"], "handler_configs": {"files": {"directory": "/etc"}}}
         ]
     }
+    # a workflow whose only problem is a handler's config: the flow tools' invalid_handler_config
+    for tool, args in (
+        ("execute-workflow", {"wait_seconds": 0, "workflow": outside}),
+        ("create-pipeline", {"pipeline_name": "P", "workflow": outside}),
+    ):
+        err = await unchanged(runtime, owner, tool, args, "invalid_handler_config")
+        assert err["message"].startswith("Step 0: Invalid config for handler 'files': ")
+        assert "files_allowed_roots" in err["message"] and ".." not in err["message"]
+        assert err["data"]["handler_slug"] == "files" and err["data"]["step"] == 0
+    rss = {"steps": [{"step_type": "fetch", "handler_slugs": ["rss"], "handler_configs": {"rss": {}}}]}
     err = await unchanged(
-        runtime, owner, "execute-workflow", {"wait_seconds": 0, "workflow": outside}, "invalid_workflow"
+        runtime, owner, "create-pipeline", {"pipeline_name": "P", "workflow": rss}, "invalid_handler_config"
     )
-    assert "files_allowed_roots" in err["data"]["errors"][0]["message"]
+    assert err["message"] == "Step 0: Invalid config for handler 'rss': missing required fields: feed_url."
 
 
 async def test_schema_errors_name_the_path(runtime, owner):

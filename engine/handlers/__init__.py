@@ -1,4 +1,4 @@
-"""Handler code by slug (engine.md §15); the catalogue of what they accept is ``engine.catalog``.
+"""Handler code by slug; the catalogue of what they accept is ``engine.catalog``.
 
 See ``engine/handlers/base.py`` for the interface the job runner uses.
 """
@@ -10,7 +10,6 @@ from datetime import datetime
 from typing import Any
 
 from datamachine_mcp.engine.errors import StepError
-from datamachine_mcp.engine.handlers import files, http_json, rss, webhook, webhook_payload, wordpress  # noqa: F401 (registration)
 from datamachine_mcp.engine.handlers.base import (
     FETCHERS,
     PUBLISHERS,
@@ -50,7 +49,7 @@ def source_type_for(slug: str, config: Mapping[str, Any]) -> str:
 async def run_fetch(
     slug: str, config: Mapping[str, Any], ctx: HandlerContext, *, now: datetime | None = None
 ) -> ItemList:
-    """Defaults + handler + identifier normalisation + common filters (§10.1 steps 2-3).
+    """Defaults + handler + identifier normalisation + common filters (docs/engine.md, Dedup and claims, steps 1-2).
 
     The result keeps source order; ``source_count`` is what the source gave, ``filtered_out``
     what the filters dropped, ``skipped`` the handler's counters, ``source_type`` the dedup type.

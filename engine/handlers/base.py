@@ -1,4 +1,4 @@
-"""What the job runner calls to run fetch, publish and update handlers (engine.md §15).
+"""What the job runner calls to run fetch, publish and update handlers (docs/engine.md, Steps and handlers).
 
 Interface
 ---------
@@ -11,14 +11,14 @@ Interface
   handler, filters (``timeframe_limit``, ``search``, ``exclude_keywords``); its ``ItemList``
   carries ``source_count``, ``filtered_out``, ``skipped`` (reason → count, e.g. ``non_object``,
   ``oversized``) and ``source_type`` (the dedup source type: the slug, or ``webhook_payload``'s
-  ``source_type`` field). Dedup, ``max_items`` and claims are the runner's (§10.1).
+  ``source_type`` field). Dedup, ``max_items`` and claims are the runner's.
 * Publish/update: ``PUBLISHERS[slug].publish(config, packet, ctx)`` /
   ``.update(config, packet, ctx)`` → :class:`PublishResult`; ``engine.handlers.run_publish``
   dispatches on ``ctx.step_type``. ``packet`` is the newest input packet (index 0).
 * Configs: :func:`prepare_config` = decrypt secret fields (``secret_unavailable``) + defaults +
   run-time validation (``handler_config_invalid``); :func:`with_defaults` does the last two on an
   already decrypted config. Handlers call ``with_defaults`` themselves too (idempotent).
-* Errors: handlers raise :class:`engine.errors.StepError` (§15.1 codes).
+* Errors: handlers raise :class:`engine.errors.StepError` (docs/engine.md, Outbound HTTP and files).
 
 ``PublishResult`` is a plain dict: ``{status: "published"|"updated"|"preview", url?, path?,
 post_id?, status_code?, preview?, response?, engine_updates}``; ``response`` (first 1,000
@@ -29,7 +29,7 @@ characters of a webhook receiver's reply) is an addition. :func:`result_entry` g
 from __future__ import annotations
 
 import copy
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NotRequired, Protocol, TypedDict
@@ -79,8 +79,27 @@ class PublishHandler(Protocol):
     async def update(self, config: dict[str, Any], packet: dict[str, Any], ctx: HandlerContext) -> PublishResult: ...
 
 
-FETCHERS: dict[str, FetchHandler] = {}
-PUBLISHERS: dict[str, PublishHandler] = {}
+class _CodeByStepType(Mapping[str, Any]):
+    """slug → handler code of the registered handlers serving ``step_types`` (a view of ``HANDLERS``)."""
+
+    def __init__(self, *step_types: str) -> None:
+        self._step_types = step_types
+
+    def _specs(self) -> dict[str, HandlerSpec]:
+        return {s.slug: s for s in HANDLERS.values() if set(s.step_types) & set(self._step_types)}
+
+    def __getitem__(self, slug: str) -> Any:
+        return self._specs()[slug].code
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._specs())
+
+    def __len__(self) -> int:
+        return len(self._specs())
+
+
+FETCHERS: Mapping[str, FetchHandler] = _CodeByStepType("fetch")
+PUBLISHERS: Mapping[str, PublishHandler] = _CodeByStepType("publish", "update")
 
 
 def result_entry(handler: str, result: Mapping[str, Any]) -> dict[str, Any]:
@@ -105,7 +124,7 @@ def with_defaults(handler: HandlerSpec | str, step_type: str, config: Mapping[st
     """Defaults applied and the config validated for a run (``handler_config_invalid``).
 
     Path and URL *safety* (``kind`` fields) is not judged here: the handlers check the actual
-    directory, file name and URL and fail with ``path_not_allowed``/``url_not_allowed`` (§15.1).
+    directory, file name and URL and fail with ``path_not_allowed``/``url_not_allowed``.
     A secret field still holding an envelope (not decrypted) → ``secret_unavailable``.
     """
     spec = _spec(handler)

@@ -1,9 +1,9 @@
 """``files`` handler: read files from a directory (fetch) or write Markdown/JSON files (publish, update).
 
-engine.md §15.1, §15.4, §15.5. Every path is checked at run time against ``files_allowed_roots``
-(``realpath``), whatever the saved config said: an escape → ``path_not_allowed``.
+Every path is checked at run time against ``files_allowed_roots`` (``realpath``), whatever the saved
+config said: an escape → ``path_not_allowed``.
 
-Decisions where the spec is silent:
+Choices of this handler:
 
 * Fetch matches ``pattern`` against the file name (or, if the pattern contains ``/``, against
   the path relative to the directory); hidden files and directories (leading ``.``) are skipped
@@ -33,10 +33,9 @@ from typing import Any
 
 import anyio
 
+from datamachine_mcp.engine.catalog import FETCH, FETCH_ONLY, PUBLISH, PUBLISHING, UPDATE, FieldSpec, HandlerSpec
 from datamachine_mcp.engine.errors import StepError
 from datamachine_mcp.engine.handlers.base import (
-    FETCHERS,
-    PUBLISHERS,
     HandlerContext,
     PublishResult,
     item_identity,
@@ -426,5 +425,36 @@ def _original_date(text: str, fmt: str) -> str | None:
 
 
 _FILES = FilesHandler()
-FETCHERS["files"] = _FILES
-PUBLISHERS["files"] = _FILES
+
+
+HANDLER = HandlerSpec(
+    "files",
+    "Files",
+    "Read files from a directory (fetch), or write Markdown/JSON files into one (publish, update).",
+    (FETCH, PUBLISH, UPDATE),
+    {
+        "directory": FieldSpec(
+            "string", "Absolute directory inside files_allowed_roots", required=True, kind="directory"
+        ),
+        "pattern": FieldSpec("string", "Glob of files to read", default="*", step_types=FETCH_ONLY),
+        "recursive": FieldSpec("boolean", "Descend into subdirectories", default=False, step_types=FETCH_ONLY),
+        "max_file_bytes": FieldSpec(
+            "integer", "Skip larger files", default=1048576, min=1, max=104857600, step_types=FETCH_ONLY
+        ),
+        "encoding": FieldSpec("string", "Text encoding of the files", default="utf-8", step_types=FETCH_ONLY),
+        "format": FieldSpec(
+            "string", "Output format", default="markdown", enum=("markdown", "json"), step_types=PUBLISHING
+        ),
+        "filename_template": FieldSpec(
+            "string",
+            "File name with {job_id} {flow_id} {date} {slug} {item_hash}; default {date}-{slug}.md/.json",
+            step_types=PUBLISHING,
+            kind="filename_template",
+        ),
+        "overwrite": FieldSpec(
+            "boolean", "Replace an existing file (else add -2, -3, …)", default=False, step_types=PUBLISHING
+        ),
+    },
+    code=_FILES,
+    position=30,
+)

@@ -1,4 +1,4 @@
-"""``http_json`` fetch handler: GET a JSON API and map an array of objects (engine.md §15.4).
+"""``http_json`` fetch handler: GET a JSON API and map an array of objects.
 
 Non-object elements of the array are skipped and counted in ``ItemList.skipped["non_object"]``.
 """
@@ -8,8 +8,9 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+from datamachine_mcp.engine.catalog import FETCH, FieldSpec, HandlerSpec
 from datamachine_mcp.engine.errors import StepError
-from datamachine_mcp.engine.handlers.base import FETCHERS, HandlerContext, with_defaults
+from datamachine_mcp.engine.handlers.base import HandlerContext, with_defaults
 from datamachine_mcp.engine.http import excerpt
 from datamachine_mcp.engine.items import (
     MISSING,
@@ -90,4 +91,21 @@ class HttpJsonHandler:
         return map_elements(document, cfg, shown)
 
 
-FETCHERS["http_json"] = HttpJsonHandler()
+HANDLER = HandlerSpec(
+    "http_json",
+    "HTTP JSON API",
+    "GET a JSON API and map an array of objects to items.",
+    (FETCH,),
+    {
+        "url": FieldSpec("string", "API URL (http or https)", required=True, kind="url"),
+        "headers": FieldSpec("object", "Extra request headers (stored encrypted)", secret=True),
+        "items_path": FieldSpec("string", 'Dotted path to the array ("" = the root)', default=""),
+        "title_field": FieldSpec("string", "Dotted path of the title in each element", default="title"),
+        "body_field": FieldSpec("string", "Dotted path of the body in each element", default="body"),
+        "identifier_field": FieldSpec("string", "Dotted path of the item identifier", default="id"),
+        "link_field": FieldSpec("string", "Dotted path of the item URL", default="url"),
+        "date_field": FieldSpec("string", "Dotted path of the date (ISO 8601 or Unix seconds)"),
+    },
+    code=HttpJsonHandler(),
+    position=20,
+)

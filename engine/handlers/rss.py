@@ -1,4 +1,4 @@
-"""``rss`` fetch handler: RSS 2.0, RSS 1.0/RDF and Atom feeds (engine.md §15.4)."""
+"""``rss`` fetch handler: RSS 2.0, RSS 1.0/RDF and Atom feeds."""
 
 from __future__ import annotations
 
@@ -7,13 +7,15 @@ import time
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
+from urllib.parse import urljoin, urlsplit
 
 import anyio
 import feedparser
 
+from datamachine_mcp.engine.catalog import FETCH, FieldSpec, HandlerSpec
 from datamachine_mcp.engine.configs import file_url_path
 from datamachine_mcp.engine.errors import StepError
-from datamachine_mcp.engine.handlers.base import FETCHERS, HandlerContext, with_defaults
+from datamachine_mcp.engine.handlers.base import HandlerContext, with_defaults
 from datamachine_mcp.engine.handlers.files import allowed_directory
 from datamachine_mcp.engine.http import excerpt
 from datamachine_mcp.engine.items import Item, ItemList, html_to_text, normalise_identifier, sha256_hex
@@ -75,7 +77,10 @@ def entry_to_item(entry: Any, feed_title: str) -> Item:
 def parse_feed(content: bytes, content_type: str | None, url: str, shown: str | None = None) -> ItemList:
     """Items of a feed document (``url`` resolves relative links; ``shown`` is used in messages)."""
     shown = shown or url.split("?", 1)[0]
-    headers = {"content-location": url}
+    local = url.lower().startswith("file:")
+    # feedparser resolves relative links against content-location, but turns file:///dir/x into
+    # file://dir/x (a host "dir"): a local feed's links are resolved here instead, its guids kept as written.
+    headers = {} if local else {"content-location": url}
     if content_type:
         headers["content-type"] = content_type
     # A stream, never bytes/str: feedparser treats strings as URLs or file names.
@@ -92,7 +97,12 @@ def parse_feed(content: bytes, content_type: str | None, url: str, shown: str | 
             diagnostics={"url": shown, "body": excerpt(content)},
         )
     feed_title = _text((parsed.get("feed") or {}).get("title"))
-    return ItemList(entry_to_item(entry, feed_title) for entry in entries)
+    items = ItemList(entry_to_item(entry, feed_title) for entry in entries)
+    if local:
+        for item in items:
+            if item.source_url and not urlsplit(item.source_url).scheme:
+                item.source_url = urljoin(url, item.source_url)
+    return items
 
 
 def read_feed_file(url: str, roots: list[Path], max_bytes: int) -> bytes:
@@ -134,4 +144,19 @@ class RssHandler:
         )
 
 
-FETCHERS["rss"] = RssHandler()
+HANDLER = HandlerSpec(
+    "rss",
+    "RSS / Atom feed",
+    "Fetch items from an RSS 2.0, RSS 1.0/RDF or Atom feed.",
+    (FETCH,),
+    {
+        "feed_url": FieldSpec(
+            "string",
+            "Feed URL: http(s), or file:///absolute/path of a feed file inside files_allowed_roots",
+            required=True,
+            kind="feed_url",
+        )
+    },
+    code=RssHandler(),
+    position=10,
+)

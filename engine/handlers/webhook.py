@@ -1,4 +1,4 @@
-"""``webhook`` publish/update handler: a signed JSON POST to a URL (engine.md §15.5).
+"""``webhook`` publish/update handler: a signed JSON POST to a URL.
 
 Body (compact UTF-8 JSON): ``{event, delivery_id, job_id, flow_id, pipeline_id, flow_step_id,
 dry_run: false, packet, engine}``. Headers: ``Content-Type``, ``X-DataMachine-Event``,
@@ -18,7 +18,8 @@ import uuid
 from collections.abc import Mapping
 from typing import Any
 
-from datamachine_mcp.engine.handlers.base import PUBLISHERS, HandlerContext, PublishResult, with_defaults
+from datamachine_mcp.engine.catalog import PUBLISHING, FieldSpec, HandlerSpec
+from datamachine_mcp.engine.handlers.base import HandlerContext, PublishResult, with_defaults
 from datamachine_mcp.engine.http import display_url, excerpt
 from datamachine_mcp.engine.items import render
 from datamachine_mcp.storage.crypto import MASK
@@ -27,7 +28,7 @@ EVENTS = {"publish": "datamachine.publish", "update": "datamachine.update"}
 
 
 def delivery_id(job_id: Any, flow_step_id: Any, kind: str = "webhook") -> str:
-    """UUID5 (``uuid.NAMESPACE_URL``) of ``datamachine-mcp:{kind}:{job_id}:{flow_step_id}`` (storage.md §6.5)."""
+    """UUID5 (``uuid.NAMESPACE_URL``) of ``datamachine-mcp:{kind}:{job_id}:{flow_step_id}``: the same on every retry."""
     return str(uuid.uuid5(uuid.NAMESPACE_URL, f"datamachine-mcp:{kind}:{job_id}:{flow_step_id}"))
 
 
@@ -96,4 +97,22 @@ class WebhookHandler:
         }
 
 
-PUBLISHERS["webhook"] = WebhookHandler()
+HANDLER = HandlerSpec(
+    "webhook",
+    "Webhook",
+    "POST the item as JSON to a URL, signed with HMAC-SHA256 when a secret is set.",
+    PUBLISHING,
+    {
+        "url": FieldSpec("string", "Receiver URL (http or https)", required=True, kind="url"),
+        "secret": FieldSpec("string", "HMAC-SHA256 signing secret (stored encrypted)", secret=True),
+        "headers": FieldSpec("object", "Extra request headers (stored encrypted)", secret=True),
+        "include_engine_data": FieldSpec(
+            "array",
+            "engine_data keys sent along",
+            items="string",
+            default=["item_identifier", "source_url", "post_id", "published_url", "file_path"],
+        ),
+    },
+    code=WebhookHandler(),
+    position=50,
+)

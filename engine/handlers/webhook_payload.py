@@ -1,4 +1,4 @@
-"""``webhook_payload`` fetch handler: items from the inbound webhook that started the job (engine.md §15.4).
+"""``webhook_payload`` fetch handler: items from the inbound webhook that started the job.
 
 Paths (``title_path``, ``body_path``, ``identifier_path``, template placeholders, ``metadata``
 values) are dotted paths inside each item — the whole payload when ``items_path`` is absent, an
@@ -13,8 +13,9 @@ import re
 from collections.abc import Mapping
 from typing import Any
 
+from datamachine_mcp.engine.catalog import FETCH, FieldSpec, HandlerSpec
 from datamachine_mcp.engine.errors import StepError
-from datamachine_mcp.engine.handlers.base import FETCHERS, HandlerContext, with_defaults
+from datamachine_mcp.engine.handlers.base import HandlerContext, with_defaults
 from datamachine_mcp.engine.items import (
     MISSING,
     Item,
@@ -125,4 +126,21 @@ class WebhookPayloadHandler:
         return payload_items(trigger["payload"], cfg)
 
 
-FETCHERS["webhook_payload"] = WebhookPayloadHandler()
+HANDLER = HandlerSpec(
+    "webhook_payload",
+    "Webhook payload",
+    "Items from the inbound webhook request that started the job.",
+    (FETCH,),
+    {
+        "items_path": FieldSpec("string", "Dotted path to an array of items (absent = one item)"),
+        "title_path": FieldSpec("string", "Dotted path of the title (title_path or body_path required)"),
+        "body_path": FieldSpec("string", "Dotted path of the body (title_path or body_path required)"),
+        "identifier_path": FieldSpec("string", "Dotted path of the item identifier"),
+        "item_identifier_template": FieldSpec("string", 'Identifier built from paths, e.g. "{event.id}-{action}"'),
+        "metadata": FieldSpec("object", "Extra metadata: name → dotted path"),
+        "ignore_missing_paths": FieldSpec("boolean", "Missing paths give no items instead of failing", default=False),
+        "source_type": FieldSpec("string", "source_type recorded for dedup", default="webhook_payload"),
+    },
+    code=WebhookPayloadHandler(),
+    position=40,
+)

@@ -1,4 +1,4 @@
-"""``wordpress`` publish/update handler: WordPress REST API with an application password (engine.md §15.5).
+"""``wordpress`` publish/update handler: WordPress REST API with an application password.
 
 *Publish*: ``POST {api_base}/wp/v2/{post_type_base}`` with ``{title, content, status,
 categories?, tags?}`` → ``engine_updates {post_id, published_url}``. *Update*: ``POST
@@ -13,9 +13,9 @@ import base64
 import json
 from typing import Any
 
+from datamachine_mcp.engine.catalog import PUBLISHING, UPDATE, FieldSpec, HandlerSpec
 from datamachine_mcp.engine.errors import StepError
 from datamachine_mcp.engine.handlers.base import (
-    PUBLISHERS,
     HandlerContext,
     PublishResult,
     packet_title_body,
@@ -149,4 +149,28 @@ class WordPressHandler:
         return result
 
 
-PUBLISHERS["wordpress"] = WordPressHandler()
+HANDLER = HandlerSpec(
+    "wordpress",
+    "WordPress",
+    "Create (publish) or edit (update) posts through the WordPress REST API with an application password.",
+    PUBLISHING,
+    {
+        "site_url": FieldSpec("string", "Site URL, e.g. https://example.com", required=True, kind="url"),
+        "username": FieldSpec("string", "WordPress user name", required=True),
+        "application_password": FieldSpec(
+            "string", "Application password (stored encrypted)", required=True, secret=True
+        ),
+        "post_type_base": FieldSpec("string", "REST base of the post type", default="posts"),
+        "post_status": FieldSpec(
+            "string", "Status of new posts", default="draft", enum=("draft", "publish", "pending", "private")
+        ),
+        "categories": FieldSpec("array", "Category term ids", items="integer"),
+        "tags": FieldSpec("array", "Tag term ids", items="integer"),
+        "api_base": FieldSpec("string", "REST API base (default {site_url}/wp-json)", kind="url"),
+        "post_id_key": FieldSpec(
+            "string", "engine_data key holding the post id to update", default="post_id", step_types=(UPDATE,)
+        ),
+    },
+    code=WordPressHandler(),
+    position=60,
+)

@@ -1,11 +1,11 @@
-"""AI providers over HTTP (engine.md §16.3): ``openai`` and ``anthropic``.
+"""AI providers over HTTP (docs/engine.md, The AI step): ``openai`` and ``anthropic``.
 
 ``complete(provider, request, *, base_url, api_key, version, outbound, timeout)`` sends one
 request through :class:`engine.http.Outbound` (provider base URLs are set by global admins, so the
 private-network rule does not apply to them) and returns an :class:`AIResponse`. Errors are
-:class:`engine.errors.StepError` with the §15.1 HTTP codes (``provider`` set, so the §11.2
-message heuristic applies), ``provider_not_configured`` and ``empty_ai_response`` (retryable,
-class ``upstream``). ``sampling`` is served by the MCP bridge, not here. Hold
+:class:`engine.errors.StepError` with the ``http_*`` codes (``provider`` set, so the retry
+classification's message heuristic applies), ``provider_not_configured`` and ``empty_ai_response``
+(retryable, class ``upstream``). ``sampling`` is served by the MCP bridge, not here. Hold
 ``ai_slots(settings.int("ai_max_concurrent_requests"))`` around each call.
 """
 

@@ -1,4 +1,4 @@
-"""``anthropic`` provider: the Messages API (engine.md §16.3)."""
+"""``anthropic`` provider: the Messages API."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""AI provider requests and responses (engine.md §16.1, §16.3, §16.4)."""
+"""AI provider requests and responses (docs/engine.md, The AI step)."""
 
 from __future__ import annotations
 
@@ -91,7 +91,7 @@ def parse_json(response: Response, provider: str, url: str) -> dict[str, Any]:
 
 
 def provider_error(response: Response, provider: str, url: str) -> StepError:
-    """The §15.1 error for a failed provider call, with the provider's own message."""
+    """The ``http_*`` error for a failed provider call, with the provider's own message."""
     message = None
     diagnostics: dict[str, Any] = {"provider": provider}
     try:

@@ -1,4 +1,4 @@
-"""``openai`` provider: any OpenAI-compatible Chat Completions endpoint (engine.md §16.3)."""
+"""``openai`` provider: any OpenAI-compatible Chat Completions endpoint."""
 
 from __future__ import annotations
 

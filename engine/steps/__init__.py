@@ -1,4 +1,4 @@
-"""Step types: what one step of a job does (engine.md §6, §15, §16).
+"""Step types: what one step of a job does; each step type is declared beside its code (``StepType``).
 
 A step runs outside any transaction and returns a ``StepResult``; the worker commits it (routing,
 claims, terminal accounting) in one short transaction. Steps that must write while running (queue
@@ -13,15 +13,12 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any, Literal
 
-from sqlalchemy import update
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from datamachine_mcp.engine import status as st
 from datamachine_mcp.engine.claims import Candidate
 from datamachine_mcp.engine.plan import Plan
 from datamachine_mcp.engine.runtime import EngineServices
-from datamachine_mcp.storage.dml import rowcount
-from datamachine_mcp.storage.models import Job
+from datamachine_mcp.engine.store import GuardMissed, JobRow
 from datamachine_mcp.storage.settings import Snapshot
 
 StepStatus = Literal["succeeded", "failed", "completed_no_items", "skipped", "waiting"]
@@ -54,7 +51,7 @@ class StepResult:
 @dataclass
 class StepRun:
     services: EngineServices
-    job: Job  # a detached snapshot of the row as claimed
+    job: JobRow  # the row as this worker holds it (kept current by the commits)
     flow_step_id: str
     step: dict[str, Any]  # pipeline step merged under the flow step (from the snapshot)
     plan: Plan
@@ -72,45 +69,48 @@ class StepRun:
 
     @property
     def dedupes(self) -> bool:
-        """Direct workflows and system jobs never read or write processed items (engine.md §10.5)."""
+        """Direct workflows and system jobs never read or write processed items."""
         return self.job.flow_key is not None
 
     @property
     def step_type(self) -> str:
         return str(self.step["step_type"])
 
+    def lease_expiry(self) -> datetime:
+        return self.now() + timedelta(seconds=self.settings.int("lease_ttl_seconds"))
+
     @asynccontextmanager
     async def lease_txn(self) -> AsyncIterator[AsyncSession]:
-        """A short write transaction that first verifies (and extends) this worker's lease."""
-        async with self.services.db.write() as session:
-            now = self.now()
-            ttl = self.settings.int("lease_ttl_seconds")
-            result = await session.execute(
-                update(Job)
-                .where(Job.job_id == self.job.job_id, Job.status == st.PROCESSING, Job.lease_owner == self.worker_id)
-                .values(lease_expires_at=now + timedelta(seconds=ttl))
-                .execution_options(synchronize_session=False)
-            )
-            if not rowcount(result):
+        """A short ORM write transaction that first verifies (and extends) this worker's lease."""
+        async with self.services.db.write() as session, self.services.store.bind(session) as tx:
+            if not await tx.heartbeat(self.job.job_id, self.worker_id, self.lease_expiry()):
                 raise LeaseLost(self.job.job_id)
             yield session
+
+    async def save_engine_data(self, data: dict[str, Any], session: AsyncSession | None = None) -> None:
+        """Write ``data`` as the job's engine_data mid-step (lease-checked); LeaseLost if the job is gone."""
+        self.job.engine_data = data
+        try:
+            if session is not None:
+                async with self.services.store.bind(session) as tx:
+                    await tx.save_data(self.job, self.worker_id, self.lease_expiry())
+                return
+            async with self.services.store.transaction() as tx:
+                await tx.save_data(self.job, self.worker_id, self.lease_expiry())
+        except GuardMissed:
+            raise LeaseLost(self.job.job_id) from None
 
 
 StepFn = Callable[[StepRun], Awaitable[StepResult]]
 
 
 def executor(step_type: str) -> StepFn:
-    from datamachine_mcp.engine.steps import ai, fetch, gates, publish, system
+    """The code of a registered step type (declared beside it as a ``StepType``)."""
+    from datamachine_mcp.engine.catalog import STEP_TYPES
 
-    return {
-        "fetch": fetch.run,
-        "ai": ai.run,
-        "publish": publish.run,
-        "update": publish.run,
-        "approval": gates.run_approval,
-        "webhook_gate": gates.run_webhook_gate,
-        "system_task": system.run,
-    }[step_type]
+    run = STEP_TYPES[step_type].run
+    assert run is not None, step_type
+    return run
 
 
 def failure(code: str, message: str, *, retryable: bool | None = None, **extra: Any) -> StepResult:

@@ -1,10 +1,11 @@
-"""The AI step (engine.md §16): resolve provider and model, build the messages, call the provider."""
+"""The AI step (docs/engine.md, The AI step): resolve provider and model, build the messages, call the provider."""
 
 from __future__ import annotations
 
 from typing import Any
 
 from datamachine_mcp.engine.ai_call import complete_http, resolve_provider_model
+from datamachine_mcp.engine.catalog import StepType
 from datamachine_mcp.engine.errors import StepError
 from datamachine_mcp.engine.providers import AIRequest, AIResponse
 from datamachine_mcp.engine.steps import StepResult, StepRun, failure
@@ -123,3 +124,14 @@ async def run(run: StepRun) -> StepResult:
     title = ((packet or {}).get("data") or {}).get("title") or first_line_title(body)
     out = {"type": "ai_response", "timestamp": iso(run.now()), "data": {"title": title, "body": body}, "metadata": meta}
     return StepResult(status="succeeded", packets=[out], token_usage=usage, handlers=[provider])
+
+
+STEP_TYPES = StepType(
+    "ai",
+    "AI",
+    "Transform the item with an AI model (provider, model, prompts).",
+    False,
+    queue_slot="prompt_queue",
+    run=run,
+    position=20,
+)

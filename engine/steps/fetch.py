@@ -1,4 +1,4 @@
-"""The fetch step (engine.md §10.1, §15.2): fetch, filter, classify against the dedup ledger.
+"""The fetch step (docs/engine.md, Dedup and claims): fetch, filter, classify against the dedup ledger.
 
 The step itself only reads; the eligible items go to the commit as ``candidates``, which claims the
 first ``max_items`` of them (backfilling from the rest when another job wins an item).
@@ -8,10 +8,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from sqlalchemy import select
-
-from datamachine_mcp.engine import claims as claim_ops
-from datamachine_mcp.engine.catalog import HANDLERS
+from datamachine_mcp.engine import dedup
+from datamachine_mcp.engine.catalog import HANDLERS, StepType
 from datamachine_mcp.engine.claims import Candidate
 from datamachine_mcp.engine.configs import open_secrets
 from datamachine_mcp.engine.errors import StepError
@@ -22,9 +20,6 @@ from datamachine_mcp.engine.items import Item, item_to_packet
 from datamachine_mcp.engine.steps import StepResult, StepRun
 from datamachine_mcp.engine.steps.queues import take
 from datamachine_mcp.storage.crypto import SecretUnavailable
-from datamachine_mcp.storage.models import ProcessedItem
-
-CHUNK = 500
 
 
 def deep_merge(base: dict[str, Any], patch: dict[str, Any]) -> dict[str, Any]:
@@ -38,26 +33,22 @@ def deep_merge(base: dict[str, Any], patch: dict[str, Any]) -> dict[str, Any]:
 
 
 async def classify(run: StepRun, source_type: str, items: list[Item]) -> tuple[list[Candidate], dict[str, int]]:
-    """Order-preserving classification: processed, actively claimed elsewhere, duplicate, eligible."""
+    """Order-preserving classification: processed, actively claimed elsewhere, duplicate, eligible.
+
+    Processed items the source still offers get their ``last_seen_at`` refreshed (a real run only,
+    and at most hourly per item), so retention never forgets an item that is still listed.
+    """
     stages = {"processed_skipped": 0, "actively_claimed": 0, "duplicates": 0, "identifierless_items": 0}
     idents = [i.identifier for i in items if i.identifier]
-    processed: set[str] = set()
-    claimed: set[str] = set()
+    found = dedup.Ledger()
     if run.dedupes and idents:
         now = run.now()
         async with run.services.db.read() as session:
-            for start in range(0, len(idents), CHUNK):
-                chunk = idents[start : start + CHUNK]
-                base = select(ProcessedItem.item_identifier).where(
-                    ProcessedItem.flow_step_id == run.flow_step_id,
-                    ProcessedItem.source_type == source_type,
-                    ProcessedItem.item_identifier.in_(chunk),
-                )
-                processed.update(
-                    r[0] for r in (await session.execute(base.where(ProcessedItem.status == "processed"))).all()
-                )
-                active = claim_ops.active_claim_condition(now, other_than_job=run.job.job_id)
-                claimed.update(r[0] for r in (await session.execute(base.where(active))).all())
+            found = await dedup.ledger(session, run.flow_step_id, source_type, idents, job_id=run.job.job_id, now=now)
+        if found.seen_stale and not run.dry_run:
+            async with run.services.db.write() as session:
+                await dedup.touch_seen(session, found.seen_stale, now)
+    processed, claimed = found.processed, found.claimed_elsewhere
     seen: set[str] = set()
     eligible: list[Candidate] = []
     for item in items:
@@ -98,7 +89,7 @@ async def run(run: StepRun) -> StepResult:
         return StepResult(status="completed_no_items", reason="empty_drain_queue", handlers=[slug])
     if patch and isinstance(patch.get("patch"), dict):
         config = deep_merge(config, patch["patch"])
-    # Run-time checks (paths, URLs, secrets) raise the handler codes of engine.md §15.1.
+    # Run-time checks (paths, URLs, secrets) raise the handler codes (path_not_allowed, secret_unavailable, …).
     config = open_config(slug, config, run.services.box)
     async with Outbound(run.settings, version=run.services.version) as outbound:
         ctx = HandlerContext(
@@ -152,3 +143,15 @@ def open_config(slug: str, config: dict[str, Any], box: Any) -> dict[str, Any]:
         raise StepError(
             "secret_unavailable", f"A secret of handler '{slug}' cannot be decrypted: {err}", retryable=False
         ) from None
+
+
+STEP_TYPES = StepType(
+    "fetch",
+    "Fetch",
+    "Fetch new items from a source with one handler.",
+    True,
+    queue_slot="config_patch_queue",
+    run=run,
+    claims_items=True,
+    position=10,
+)

@@ -1,4 +1,4 @@
-"""Waiting steps: approval and webhook gate (engine.md §13). They park the job; nothing holds a worker."""
+"""Waiting steps: approval and webhook gate. They park the job; nothing holds a worker."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import uuid
 from datetime import timedelta
 from typing import Any
 
+from datamachine_mcp.engine.catalog import FieldSpec, StepType
 from datamachine_mcp.engine.steps import StepResult, StepRun
 from datamachine_mcp.storage.timeutil import iso
 
@@ -86,3 +87,45 @@ async def run_webhook_gate(run: StepRun) -> StepResult:
             "token": token,
         },
     )
+
+
+_GATE_FIELDS = {
+    "description": FieldSpec("string", "Shown to reviewers / sent with the notification"),
+    "timeout_hours": FieldSpec("integer", "Hours before the wait times out (0 = none)", default=0, min=0, max=8760),
+    "notify_url": FieldSpec("string", "URL notified (signed POST) when a job parks here", kind="url"),
+}
+
+STEP_TYPES = (
+    StepType(
+        "approval",
+        "Approval",
+        "Park the job until a person accepts or rejects it.",
+        False,
+        settings_fields={
+            **_GATE_FIELDS,
+            "on_reject": FieldSpec("string", "What a rejection does to the job", default="skip", enum=("skip", "fail")),
+        },
+        run=run_approval,
+        wait_kind="approval",
+        position=50,
+    ),
+    StepType(
+        "webhook_gate",
+        "Webhook gate",
+        "Park the job until an HTTP POST to its resume URL arrives.",
+        False,
+        settings_fields=dict(
+            _GATE_FIELDS,
+            timeout_hours=FieldSpec(
+                "integer",
+                "Hours before the gate expires (0 = webhook_gate_default_expiry_hours)",
+                default=0,
+                min=0,
+                max=8760,
+            ),
+        ),
+        run=run_webhook_gate,
+        wait_kind="webhook_gate",
+        position=60,
+    ),
+)

@@ -1,14 +1,14 @@
-"""Publish and update steps (engine.md §15.3): handlers in order on the newest packet, each at most once."""
+"""Publish and update steps: handlers in order on the newest packet, each at most once."""
 
 from __future__ import annotations
 
 from typing import Any
 
+from datamachine_mcp.engine.catalog import StepType
 from datamachine_mcp.engine.handlers import run_publish
 from datamachine_mcp.engine.handlers.base import HandlerContext, prepare_config, result_entry
 from datamachine_mcp.engine.http import Outbound
 from datamachine_mcp.engine.steps import StepResult, StepRun, failure
-from datamachine_mcp.storage.models import Job
 from datamachine_mcp.storage.timeutil import iso
 
 IDENTITY_KEYS = ("source_type", "handler", "flow_step_id", "pipeline_id", "flow_id", "item_identifier", "source_url")
@@ -16,16 +16,11 @@ IDENTITY_KEYS = ("source_type", "handler", "flow_step_id", "pipeline_id", "flow_
 
 async def record_progress(run: StepRun, slug: str, result: dict[str, Any]) -> None:
     """Remember that ``slug`` succeeded, so a re-run of the step skips it (lease-checked)."""
-    async with run.lease_txn() as session:
-        job = await session.get(Job, run.job.job_id)
-        if job is None:
-            return
-        data = dict(job.engine_data or {})
-        progress = {k: dict(v) for k, v in (data.get("publish_progress") or {}).items()}
-        progress.setdefault(run.flow_step_id, {})[slug] = {"status": "done", "result": result, "at": iso(run.now())}
-        data["publish_progress"] = progress
-        job.engine_data = data
-        run.job.engine_data = data
+    data = dict(run.job.engine_data or {})
+    progress = {k: dict(v) for k, v in (data.get("publish_progress") or {}).items()}
+    progress.setdefault(run.flow_step_id, {})[slug] = {"status": "done", "result": result, "at": iso(run.now())}
+    data["publish_progress"] = progress
+    await run.save_engine_data(data)
 
 
 async def run(run: StepRun) -> StepResult:
@@ -44,7 +39,7 @@ async def run(run: StepRun) -> StepResult:
             results.append(previous.get("summary") or {"handler": slug, "status": "done"})
             engine_updates.update(previous.get("engine_updates") or {})
             continue
-        # Run-time checks (paths, URLs, secrets) raise the handler codes of engine.md §15.1.
+        # Run-time checks (paths, URLs, secrets) raise the handler codes (path_not_allowed, secret_unavailable, …).
         config = prepare_config(
             slug, step_type, (run.step.get("handler_configs") or {}).get(slug) or {}, run.services.box
         )
@@ -82,3 +77,25 @@ async def run(run: StepRun) -> StepResult:
     return StepResult(
         status="succeeded", packets=[out], engine_updates=engine_updates, handlers=slugs, preview=preview or None
     )
+
+
+STEP_TYPES = (
+    StepType(
+        "publish",
+        "Publish",
+        "Publish the item with one or more handlers.",
+        True,
+        multi_handler=True,
+        run=run,
+        position=30,
+    ),
+    StepType(
+        "update",
+        "Update",
+        "Update a previously published target with one or more handlers.",
+        True,
+        multi_handler=True,
+        run=run,
+        position=40,
+    ),
+)

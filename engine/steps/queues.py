@@ -1,4 +1,4 @@
-"""Taking one entry from a step's queue per run (engine.md §16.2).
+"""Taking one entry from a step's queue per run (docs/engine.md, Queues).
 
 Queues live in the flow row and are consumed live. A consumed entry is backed up in the job's
 ``engine_data.queue_backups`` in the same lease-checked transaction, and a re-run of the step reuses
@@ -12,7 +12,7 @@ from typing import Any
 from sqlalchemy import select
 
 from datamachine_mcp.engine.steps import StepRun
-from datamachine_mcp.storage.models import Flow, Job
+from datamachine_mcp.storage.models import Flow
 from datamachine_mcp.storage.timeutil import iso
 
 
@@ -51,18 +51,15 @@ async def take(run: StepRun, slot: str) -> tuple[dict[str, Any] | None, bool]:
         entry_cfg[slot] = current
         config[fsid] = entry_cfg
         flow.flow_config = config
-        job = await session.get(Job, run.job.job_id)
-        if job is not None:
-            data = dict(job.engine_data or {})
-            backups = dict(data.get("queue_backups") or {})
-            backups[fsid] = {
-                "slot": slot,
-                "mode": mode,
-                "entry": item,
-                "original_index": 0,
-                "consumed_at": iso(run.now()),
-            }
-            data["queue_backups"] = backups
-            job.engine_data = data
-            run.job.engine_data = data
+        data = dict(run.job.engine_data or {})
+        backups = dict(data.get("queue_backups") or {})
+        backups[fsid] = {
+            "slot": slot,
+            "mode": mode,
+            "entry": item,
+            "original_index": 0,
+            "consumed_at": iso(run.now()),
+        }
+        data["queue_backups"] = backups
+        await run.save_engine_data(data, session)
     return item, False

@@ -1,10 +1,11 @@
-"""The system task step (engine.md §15.7): retention, stuck-job recovery, echo."""
+"""The system task step: retention, stuck-job recovery, echo."""
 
 from __future__ import annotations
 
 import json
 from typing import Any
 
+from datamachine_mcp.engine.catalog import FieldSpec, StepType
 from datamachine_mcp.engine.steps import StepResult, StepRun, failure
 from datamachine_mcp.storage.timeutil import iso
 
@@ -16,7 +17,7 @@ async def run(run: StepRun) -> StepResult:
     if task == "echo":
         result: Any = params
     elif task == "recover_stuck_jobs":
-        from datamachine_mcp.engine.maintenance import recover
+        from datamachine_mcp.engine.recovery import recover
 
         result = await recover(run.services, **params)
     elif task == "retention":
@@ -32,3 +33,19 @@ async def run(run: StepRun) -> StepResult:
         "metadata": {"flow_step_id": run.flow_step_id, "task_type": task},
     }
     return StepResult(status="succeeded", packets=[packet], handlers=[str(task)])
+
+
+STEP_TYPES = StepType(
+    "system_task",
+    "System task",
+    "Run a maintenance task (retention, recover_stuck_jobs, echo).",
+    False,
+    settings_fields={
+        "task_type": FieldSpec(
+            "string", "Task to run", required=True, enum=("retention", "recover_stuck_jobs", "echo")
+        ),
+        "params": FieldSpec("object", "Task parameters", default={}),
+    },
+    run=run,
+    position=70,
+)

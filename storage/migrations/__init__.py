@@ -1,5 +1,5 @@
-"""Alembic migration scripts (storage.md §14)."""
+"""Alembic migration scripts (docs/storage.md, Migrations)."""
 
 # The newest revision; tests assert that it is Alembic's head, so startup can check the schema
 # without importing Alembic (which costs most of a second).
-HEAD_REVISION = "0005_pg_change_notify"
+HEAD_REVISION = "0004_processed_last_seen"

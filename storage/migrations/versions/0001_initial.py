@@ -1,4 +1,4 @@
-"""Initial schema: the eight Data Machine tables and the two auxiliary tables (storage.md §3-§5).
+"""Initial schema: the eight Data Machine tables and the two auxiliary tables (docs/storage.md, Tables).
 
 Revision ID: 0001_initial
 Revises:

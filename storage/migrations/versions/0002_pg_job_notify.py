@@ -1,4 +1,4 @@
-"""PostgreSQL only: NOTIFY datamachine_jobs when a job becomes pending (engine.md §14.3, storage.md §13).
+"""PostgreSQL only: NOTIFY datamachine_jobs when a job becomes pending (docs/storage.md, PostgreSQL).
 
 Workers in other processes LISTEN on the channel, so a new or requeued job starts without waiting for a
 poll. The payload is empty so PostgreSQL folds the notifications of one transaction into one.

@@ -7,13 +7,13 @@ only rows whose ``updated_at`` moved, so lease heartbeats stay silent. Payloads 
 ``<kind>:<id>,<id>,…`` in chunks below PostgreSQL's 8000-byte limit: ``j`` jobs, ``f`` flows as
 ``<flow_id>/<pipeline_id>``, ``p`` pipelines changed, ``P`` pipelines created or deleted.
 
-Revision ID: 0005_pg_change_notify
+Revision ID: 0003_pg_change_notify
 Revises: 0002_pg_job_notify
 """
 
 from alembic import op
 
-revision = "0005_pg_change_notify"
+revision = "0003_pg_change_notify"
 down_revision = "0002_pg_job_notify"
 branch_labels = None
 depends_on = None
