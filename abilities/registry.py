@@ -16,7 +16,7 @@ from typing import Any, Literal, get_type_hints
 
 from pydantic import BaseModel, Field, TypeAdapter, create_model
 
-from datamachine_mcp.abilities.json_schema import inline_refs, lean
+from datamachine_mcp.abilities.json_schema import inline_refs, lean, untitled
 from datamachine_mcp.abilities.principal import Level
 from datamachine_mcp.abilities.questions import CONFIRM_FIELD, Question
 from datamachine_mcp.abilities.schema import Input
@@ -66,11 +66,10 @@ class Ability:
 
     @cached_property
     def output_schema(self) -> dict[str, Any]:
-        schema = inline_refs(self.output_adapter.json_schema(mode="serialization"))
+        schema = untitled(inline_refs(self.output_adapter.json_schema(mode="serialization")))
         if "type" not in schema:  # a union of shapes: MCP requires an object at the root
             schema = {"type": "object", **schema}
-        schema.pop("title", None)
-        return schema
+        return dict(schema)
 
     def annotations(self) -> dict[str, Any]:
         return tool_hints(self)
