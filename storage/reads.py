@@ -18,18 +18,18 @@ from __future__ import annotations
 
 import sqlite3
 from collections import namedtuple
-from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Mapping, Sequence
+from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass
+from functools import cache
 from typing import TYPE_CHECKING, Any, Protocol
-
-from sqlalchemy import Select
-from sqlalchemy.dialects.sqlite.pysqlite import SQLiteDialect_pysqlite
-from sqlalchemy.exc import MultipleResultsFound, NoResultFound
 
 from datamachine_mcp.storage.db import configure_sqlite
 
+# SQLAlchemy is imported to compile a statement (once per statement), not to hold a connection:
+# ``sqlite_connection`` serves raw SQL without it.
 if TYPE_CHECKING:
+    from sqlalchemy.engine import Dialect
     from sqlalchemy.sql.base import Executable
 
     from datamachine_mcp.storage.db import Database
@@ -62,12 +62,16 @@ class _List:
 
     def one_or_none(self) -> Any:
         if len(self._rows) > 1:
+            from sqlalchemy.exc import MultipleResultsFound
+
             raise MultipleResultsFound("Multiple rows were found when one or none was required")
         return self._rows[0] if self._rows else None
 
     def one(self) -> Any:
         row = self.one_or_none()
         if row is None:
+            from sqlalchemy.exc import NoResultFound
+
             raise NoResultFound("No row was found when one was required")
         return row
 
@@ -82,8 +86,14 @@ class _Compiled:
     make: Callable[[Iterable[Any]], Any]  # a row with attribute access by column name or label
 
 
-_SQLITE = SQLiteDialect_pysqlite()
 _COMPILED: dict[Executable, _Compiled] = {}
+
+
+@cache
+def _sqlite() -> Dialect:
+    from sqlalchemy.dialects.sqlite.pysqlite import SQLiteDialect_pysqlite
+
+    return SQLiteDialect_pysqlite()
 
 
 def _row_type(names: list[str]) -> Any:
@@ -93,9 +103,12 @@ def _row_type(names: list[str]) -> Any:
 def _compile(statement: Executable) -> _Compiled:
     found = _COMPILED.get(statement)
     if found is None:
+        from sqlalchemy import Select
+
         if not isinstance(statement, Select):
             raise TypeError("a light read runs SELECT statements only")
-        compiled = statement.compile(dialect=_SQLITE)
+        dialect = _sqlite()
+        compiled = statement.compile(dialect=dialect)
         unbound = {name: None for name, bind in compiled.binds.items() if bind.required}
         if any(compiled.binds[name].expanding for name in unbound):
             raise ValueError("a light read binds IN lists in the statement, not per call")
@@ -107,7 +120,7 @@ def _compile(statement: Executable) -> _Compiled:
             names=tuple(expanded.positiontup or ()),
             defaults=dict(expanded.parameters),
             encode=dict(expanded.processors),
-            decode=tuple(c.type.dialect_impl(_SQLITE).result_processor(_SQLITE, None) for c in columns),
+            decode=tuple(c.type.dialect_impl(dialect).result_processor(dialect, None) for c in columns),
             make=_row_type([str(c.key) for c in columns])._make,
         )
     return found
@@ -116,7 +129,6 @@ def _compile(statement: Executable) -> _Compiled:
 class _Inline:
     def __init__(self, conn: sqlite3.Connection) -> None:
         self.conn = conn
-        self.begun = False
 
     async def execute(self, statement: Executable, params: Mapping[str, Any] | None = None) -> Rows:
         compiled = _compile(statement)
@@ -124,9 +136,8 @@ class _Inline:
         for name, encode in compiled.encode.items():
             if values.get(name) is not None:
                 values[name] = encode(values[name])
-        if not self.begun:
+        if not self.conn.in_transaction:  # one snapshot for all of the read's statements
             self.conn.execute("BEGIN")
-            self.begun = True
         raw = self.conn.execute(compiled.sql, [values[name] for name in compiled.names]).fetchall()
         decode, make = compiled.decode, compiled.make
         return _List(
@@ -150,24 +161,32 @@ def _connect(db: Database) -> sqlite3.Connection:
     return conn
 
 
+@contextmanager
+def sqlite_connection(db: Database) -> Iterator[sqlite3.Connection]:
+    """A pooled ``query_only`` connection to ``db``'s file, this block's alone. Each statement is its
+    own snapshot unless the block begins a transaction (``reads()`` does); one left open is rolled back."""
+    idle = db.light_connections
+    conn = idle.pop() if idle else _connect(db)
+    try:
+        yield conn
+    finally:
+        try:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+        except sqlite3.Error:  # not fit for another read
+            conn.close()
+        else:
+            if len(idle) < POOLED:
+                idle.append(conn)
+            else:
+                conn.close()
+
+
 @asynccontextmanager
 async def open_reads(db: Database) -> AsyncIterator[Reads]:
     if db.dialect != "sqlite" or db.path is None:
         async with db.read_engine.connect() as pooled:
             yield _Pooled(pooled)
         return
-    idle = db.light_connections
-    reads = _Inline(idle.pop() if idle else _connect(db))
-    try:
-        yield reads
-    finally:
-        try:
-            if reads.begun:
-                reads.conn.execute("ROLLBACK")
-        except sqlite3.Error:  # not fit for another read
-            reads.conn.close()
-        else:
-            if len(idle) < POOLED:
-                idle.append(reads.conn)
-            else:
-                reads.conn.close()
+    with sqlite_connection(db) as conn:
+        yield _Inline(conn)

@@ -25,7 +25,8 @@ from tests.jobs_support import echo_step, make_flow, wait_until
 
 pytestmark = pytest.mark.anyio
 
-# What a process has imported once it answered its first tools/list (printed as JSON).
+# What a process has imported once it answered its first tools/list and watched for other processes'
+# changes (printed as JSON).
 LIST_AND_REPORT = """
 import asyncio, json, sys
 from pathlib import Path
@@ -33,6 +34,7 @@ from mcp import Client
 from datamachine_mcp.resources.registry import load_all as load_resources
 from datamachine_mcp.server.app import DataMachineServer
 from datamachine_mcp.server.bootstrap import ProcessConfig, open_runtime, stdio_identity
+from datamachine_mcp.server.change_watch import ChangeWatch
 
 async def main(db, data, toolsets):
     cfg = ProcessConfig(db=db, data_dir=Path(data), toolsets=None if toolsets == "all" else frozenset({toolsets}))
@@ -40,6 +42,7 @@ async def main(db, data, toolsets):
     app = DataMachineServer(runtime, runtime.catalog, load_resources(), await stdio_identity(runtime, cfg))
     async with Client(app.server, mode="legacy") as client:
         names = [tool.name for tool in (await client.list_tools()).tools]
+        await ChangeWatch(app.notifications, runtime.db).poll()  # what an idle process does every second
         loaded = sorted(m for m in sys.modules if m.split(".")[0] in ("sqlalchemy", "alembic") or m.startswith(
             ("datamachine_mcp.abilities.", "datamachine_mcp.engine.", "datamachine_mcp.storage.")))
         whoami = (await client.call_tool("whoami", {})).structured_content
