@@ -3,7 +3,7 @@
 The first answers come first: tools are listed from the tool cache without importing the ability
 modules, and the in-process engine (worker, scheduler, maintenance) and the watch for other processes'
 changes start once the session's first request after the handshake is answered (see
-``DataMachineServer.serve``).
+``DataMachineServer.serve``); on a SQLite file the engine's loops wait for work (``engine.idle``).
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import sys
 from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import anyio
 import mcp_types as types
@@ -20,13 +20,10 @@ from mcp.shared._context_streams import create_context_streams
 from mcp.shared.message import SessionMessage
 from pydantic import ValidationError
 
-from datamachine_mcp.engine.runtime import EngineServices
+from datamachine_mcp.engine.idle import LazyEngineHost
 from datamachine_mcp.resources.registry import load_all as load_resources
 from datamachine_mcp.server.app import DataMachineServer
 from datamachine_mcp.server.bootstrap import ProcessConfig, open_runtime, stdio_identity
-
-if TYPE_CHECKING:
-    from datamachine_mcp.engine.host import EngineHost
 
 log = logging.getLogger("datamachine.server")
 
@@ -36,25 +33,6 @@ Claude Desktop (claude_desktop_config.json):
   {{"mcpServers": {{"datamachine": {{"command": "datamachine-mcp", "args": ["--db", "{db}"]}}}}}}
 Serving on this terminal now (database {db}); press Ctrl-D or Ctrl-C to stop.
 """
-
-
-class _Engine:
-    """The in-process engine host, started late and stopped (if it started) when the session ends."""
-
-    def __init__(self, services: EngineServices, concurrency: int) -> None:
-        self.services = services
-        self.concurrency = concurrency
-        self.host: EngineHost | None = None
-
-    async def start(self) -> None:
-        from datamachine_mcp.engine.host import EngineHost  # the engine and SQLAlchemy load here
-
-        self.host = EngineHost(self.services, concurrency=self.concurrency)
-        await self.host.start()
-
-    async def stop(self) -> None:
-        if self.host is not None:
-            await self.host.stop()
 
 
 def bad_line_reply(exc: Exception) -> SessionMessage | None:
@@ -113,13 +91,13 @@ async def serve_answering_bad_lines(
 
 async def serve_stdio(cfg: ProcessConfig) -> int:
     runtime = await open_runtime(cfg)
-    engine: _Engine | None = None
+    engine: LazyEngineHost | None = None
     try:
         resolver = await stdio_identity(runtime, cfg)
         app = DataMachineServer(runtime, runtime.catalog, load_resources(), resolver)
         if cfg.worker:
             assert runtime.engine is not None  # open_runtime attaches one
-            engine = _Engine(runtime.engine, cfg.concurrency)
+            engine = LazyEngineHost(runtime.engine, concurrency=cfg.concurrency)
         if sys.stdin.isatty():
             sys.stderr.write(CONNECT_HINT.format(db=runtime.db.describe()))
         async with stdio_server() as (read_stream, write_stream):
