@@ -5,7 +5,9 @@
 Each run starts a fresh process, completes initialize + ``tools/list``, waits ``--idle`` seconds and
 reads the server's resident set size (VmRSS in /proc/<pid>/status). Ours runs as a user starts it:
 the core tool list and the in-process worker. Runs alternate between the two servers; prints medians
-and the ratio (goal <= 1.3).
+and the ratio (goal <= 1.3). The first run on the new database also runs the daily retention, which
+loads the engine: its figure is the max, the others show the engine waiting for work (docs/engine.md,
+The engine while idle).
 """
 
 from __future__ import annotations
