@@ -7,8 +7,8 @@ from typing import Literal
 from pydantic import Field
 
 from datamachine_mcp.abilities.context import AbilityContext
-from datamachine_mcp.abilities.registry import TOOLSETS, ability, registered
-from datamachine_mcp.abilities.runner import visible
+from datamachine_mcp.abilities.principal import level_visible
+from datamachine_mcp.abilities.registry import TOOLSETS, ability
 from datamachine_mcp.abilities.schema import Input, Output
 from datamachine_mcp.abilities.toolsets import ENABLE_HINT, listed, summarize
 
@@ -43,11 +43,13 @@ def toolset_counts(ctx: AbilityContext) -> list[ToolsetCount]:
     rt = ctx.runtime
     out = []
     for toolset in TOOLSETS:
-        tools = [a for a in registered().values() if a.toolset == toolset]
+        tools = [a for a in rt.catalog.declared.values() if a.toolset == toolset]
         shown = [
             a
             for a in tools
-            if (a.read_only or not rt.read_only) and listed(a, rt.toolsets, rt.tools) and visible(a, ctx.principal)
+            if (a.read_only or not rt.read_only)
+            and listed(a, rt.toolsets, rt.tools)
+            and level_visible(ctx.principal, a.level, a.toolset)
         ]
         out.append(ToolsetCount(toolset=toolset, listed=len(shown), total=len(tools)))
     return out
@@ -64,7 +66,7 @@ def toolset_counts(ctx: AbilityContext) -> list[ToolsetCount]:
 )
 async def whoami(ctx: AbilityContext, inp: WhoamiIn) -> WhoamiOut:
     p = ctx.principal
-    selection = summarize(registered(), ctx.runtime.toolsets, ctx.runtime.tools, ctx.runtime.read_only)
+    selection = summarize(ctx.runtime.catalog.declared, ctx.runtime.toolsets, ctx.runtime.tools, ctx.runtime.read_only)
     return WhoamiOut(
         user_id=p.user_id,
         agent_id=p.agent_id,

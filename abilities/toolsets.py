@@ -12,7 +12,8 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from difflib import get_close_matches
 
-from datamachine_mcp.abilities.registry import TOOLSETS, Ability
+from datamachine_mcp.abilities.catalog import Declared
+from datamachine_mcp.abilities.registry import TOOLSETS
 
 CORE = "core"
 ALL = "all"
@@ -38,7 +39,7 @@ def parse_toolsets(raw: str | None) -> frozenset[str] | None:
     return None if ALL in names else names
 
 
-def parse_tools(raw: str | None, abilities: Mapping[str, Ability]) -> frozenset[str]:
+def parse_tools(raw: str | None, abilities: Mapping[str, Declared]) -> frozenset[str]:
     """Single tools added to the selection (``--tools``), checked against the registry."""
     names = frozenset(part.strip() for part in (raw or "").split(",") if part.strip())
     unknown = sorted(names - set(abilities))
@@ -47,7 +48,7 @@ def parse_tools(raw: str | None, abilities: Mapping[str, Ability]) -> frozenset[
     return names
 
 
-def listed(ability: Ability, toolsets: frozenset[str] | None, tools: Iterable[str] = ()) -> bool:
+def listed(ability: Declared, toolsets: frozenset[str] | None, tools: Iterable[str] = ()) -> bool:
     """Whether the selection lists ``ability`` as a tool."""
     return (
         toolsets is None
@@ -64,7 +65,7 @@ class SelectionSummary:
 
 
 def summarize(
-    abilities: Mapping[str, Ability], toolsets: frozenset[str] | None, tools: Iterable[str], read_only: bool
+    abilities: Mapping[str, Declared], toolsets: frozenset[str] | None, tools: Iterable[str], read_only: bool
 ) -> SelectionSummary:
     extra = sorted(frozenset(tools))
     enabled = [ALL] if toolsets is None else [n for n in (*PROFILES, *TOOLSETS) if n in toolsets]
@@ -75,7 +76,7 @@ def summarize(
     )
 
 
-def instructions_note(abilities: Mapping[str, Ability], toolsets: frozenset[str] | None, tools: Iterable[str]) -> str:
+def instructions_note(abilities: Mapping[str, Declared], toolsets: frozenset[str] | None, tools: Iterable[str]) -> str:
     """The part of the server instructions that says what is listed and how to list the rest."""
     summary = summarize(abilities, toolsets, tools, read_only=False)
     text = f"Toolsets: {CORE} (default), {ALL}, {', '.join(TOOLSETS)}. Enabled: {', '.join(summary.enabled)}."
@@ -85,12 +86,15 @@ def instructions_note(abilities: Mapping[str, Ability], toolsets: frozenset[str]
 
 
 def unknown_tool_text(
-    name: str, abilities: Mapping[str, Ability], toolsets: frozenset[str] | None, tools: Iterable[str], read_only: bool
+    name: str, abilities: Mapping[str, Declared], toolsets: frozenset[str] | None, tools: Iterable[str], read_only: bool
 ) -> str:
     """Why ``name`` is not a tool here: hidden by the selection (how to list it) or a typo (close matches)."""
     ability = abilities.get(name)
     if ability is not None and read_only and not ability.read_only:
-        return f"Unknown tool: {name}. It changes data and this server runs with --read-only: restart it without --read-only to use it."
+        return (
+            f"Unknown tool: {name}. It changes data and this server runs with --read-only: "
+            "restart it without --read-only to use it."
+        )
     if ability is not None:
         return (
             f"Unknown tool: {name}. It is in the {ability.toolset} toolset, not listed by this server: restart it "
