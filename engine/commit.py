@@ -16,6 +16,7 @@ from typing import Any
 from datamachine_mcp.engine import claims as claim_ops
 from datamachine_mcp.engine import status as st
 from datamachine_mcp.engine.accounting import Changes, finish, log_context, log_owner, may_hold_claims
+from datamachine_mcp.engine.catalog import STEP_TYPES
 from datamachine_mcp.engine.errors import StepError
 from datamachine_mcp.engine.plan import OBSERVABILITY_KEYS, control_keys, reserved_keys
 from datamachine_mcp.engine.retry import RetryPolicy
@@ -54,7 +55,17 @@ def result_from_exception(exc: BaseException) -> StepResult:
 
 
 def classify_bare(result: StepResult, step_type: str) -> StepResult:
-    """A bare packet list: none is no items (fetch) or a failure; a packet flagged as failed fails."""
+    """A bare packet list: none is no items (fetch) or a failure; a packet flagged as failed fails.
+
+    A step parks its job only under the wait kind its step type declares (the schema lists none)."""
+    if result.status == "waiting":
+        spec = STEP_TYPES.get(step_type)
+        kind, declared = (result.wait or {}).get("kind"), spec.wait_kind if spec else None
+        if kind is None or kind != declared:
+            return fail_plan_result(
+                "undeclared_wait_kind",
+                f"The {step_type} step parked the job as {kind!r}; its step type declares {declared!r}.",
+            )
     if result.status != "succeeded" or result.candidates is not None:
         return result
     if not result.packets:

@@ -165,7 +165,6 @@ class Job(Base):
             " AND flow_id = CAST(flow_key AS VARCHAR(20)))",
             name="ids_shape",
         ),
-        CheckConstraint("wait_kind IS NULL OR wait_kind IN ('approval', 'webhook_gate')", name="wait_kind"),
         {"sqlite_autoincrement": True},
     )
 
