@@ -153,14 +153,16 @@ async def wait_and_describe(
     }
     if not result.final:
         where = await front.position_of(engine, job or result.job)
-        out["follow_up"] = follow_up(job_id, described["status"], where.step, result.waited_seconds)
+        out["follow_up"] = follow_up(job_id, described["status"], where.step, result.waited_seconds, where.retrying)
     return out
 
 
-def follow_up(job_id: int, status: str, step: str, waited: float) -> str:
-    """What to tell a caller whose wait ended before the job: it runs on, and how to follow it."""
+def follow_up(job_id: int, status: str, step: str, waited: float, retrying: str | None = None) -> str:
+    """What to tell a caller whose wait ended before the job: it runs on (or when it retries), and how
+    to follow it."""
     text = (
-        f"Job {job_id} is not finished after {waited:.0f} s ({status}, {step}); it keeps running. "
+        f"Job {job_id} is not finished after {waited:.0f} s ({status}, {step}); "
+        f"{f'it is {retrying}' if retrying else 'it keeps running'}. "
         f'Follow it with wait-for-job {{"job_id": {job_id}}} or read {JOB.format(job_id=job_id)}.'
     )
     if status.startswith(st.WAITING):
