@@ -11,7 +11,8 @@ from datamachine_mcp.abilities.access import ROLE_RANK, Role
 from datamachine_mcp.abilities.context import AbilityContext
 from datamachine_mcp.abilities.errors import AbilityError
 from datamachine_mcp.abilities.job_common import JobOut, child_counts, job_dict, load_job
-from datamachine_mcp.abilities.pipeline_common import load_flow, notify_flow, owner_of
+from datamachine_mcp.abilities.pipeline_common import load_flow, owner_of
+from datamachine_mcp.abilities.pipeline_views import notify_flow
 from datamachine_mcp.abilities.registry import ability
 from datamachine_mcp.abilities.schema import Input, Opt, Output
 from datamachine_mcp.abilities.uris import FLOW, JOB

@@ -10,14 +10,9 @@ from pydantic import Field
 from datamachine_mcp.abilities.context import AbilityContext
 from datamachine_mcp.abilities.errors import AbilityError
 from datamachine_mcp.abilities.flow_ops import create_flow_record, normalize_schedule
-from datamachine_mcp.abilities.pipeline_common import (
-    build_pipeline_step,
-    make_flow_step_id,
-    notify_flow,
-    notify_pipeline,
-    pipeline_step_dict,
-)
+from datamachine_mcp.abilities.pipeline_common import build_pipeline_step, make_flow_step_id
 from datamachine_mcp.abilities.pipeline_shapes import StepSeedIn, new_resource_owner, seed_of
+from datamachine_mcp.abilities.pipeline_views import notify_flow, notify_pipeline, pipeline_step_dict
 from datamachine_mcp.abilities.pipeline_workflow import WorkflowIn, validate_workflow
 from datamachine_mcp.abilities.schema import Input, Output
 from datamachine_mcp.storage.models import Flow, Pipeline

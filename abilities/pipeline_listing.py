@@ -8,7 +8,8 @@ from pydantic import Field
 from sqlalchemy import ColumnElement, func, select
 
 from datamachine_mcp.abilities.context import AbilityContext
-from datamachine_mcp.abilities.pipeline_common import PipelineOut, flows_out, owner_of, pipeline_dict
+from datamachine_mcp.abilities.pipeline_common import owner_of
+from datamachine_mcp.abilities.pipeline_views import PipelineOut, flows_out, pipeline_dict
 from datamachine_mcp.abilities.schema import OFFSET_DESC, PER_PAGE_DESC, Input, Output
 from datamachine_mcp.storage.models import Agent, Flow, Pipeline
 

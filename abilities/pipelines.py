@@ -23,8 +23,6 @@ from datamachine_mcp.abilities.flow_ops import create_flow_record
 from datamachine_mcp.abilities.pipeline_common import (
     load_pipeline,
     new_pipeline_step_id,
-    notify_flow,
-    notify_pipeline,
     ordered_steps,
     owner_of,
     sync_flow_config,
@@ -39,6 +37,7 @@ from datamachine_mcp.abilities.pipeline_create import (
 )
 from datamachine_mcp.abilities.pipeline_listing import GetPipelinesIn, GetPipelinesOut, list_pipelines
 from datamachine_mcp.abilities.pipeline_shapes import agent_or_error
+from datamachine_mcp.abilities.pipeline_views import notify_flow, notify_pipeline
 from datamachine_mcp.abilities.questions import confirmation
 from datamachine_mcp.abilities.registry import ability
 from datamachine_mcp.abilities.schema import Input, Output
