@@ -7,92 +7,41 @@ needs at most one query for them.
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any
 
-from sqlalchemy import ColumnElement, and_, false, or_, select, true
-from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy import BindParameter, ColumnElement, and_, bindparam, false, or_, select, true
+from sqlalchemy.sql.base import Executable
 
 from datamachine_mcp.abilities.errors import AbilityError, AccessDenied
+from datamachine_mcp.abilities.principal import (
+    LEVEL_SCOPE,
+    ROLE_RANK,
+    SCOPE_RANK,
+    SCOPE_ROLE,
+    SCOPES,
+    Level,
+    Principal,
+    Role,
+    level_visible,
+)
 from datamachine_mcp.storage.models import Agent, AgentAccess
+from datamachine_mcp.storage.reads import Rows
 
-Role = Literal["viewer", "operator", "admin"]
-Level = Literal["any", "viewer", "operator", "admin", "global_admin"]
-
-ROLE_RANK: dict[str, int] = {"viewer": 0, "operator": 1, "admin": 2}
-SCOPES = ("read", "run", "manage", "admin")
-SCOPE_RANK = {scope: rank for rank, scope in enumerate(SCOPES)}
-LEVEL_SCOPE: dict[str, str | None] = {
-    "any": None,
-    "viewer": "read",
-    "operator": "run",
-    "admin": "manage",
-    "global_admin": "admin",
-}
-SCOPE_ROLE = {"read": "viewer", "run": "operator", "manage": "admin", "admin": "admin"}
-
-
-@dataclass(frozen=True)
-class Principal:
-    """Who a call runs as (docs/access.md, Principals)."""
-
-    user_id: int
-    agent_id: int | None = None
-    is_admin: bool = False
-    capabilities: frozenset[str] | None = None
-    token_id: int | None = None
-    transport: str = "stdio"
-    session_id: str | None = None
-    token_prefix: str | None = None
-    agent_slug: str | None = None
-    # The token's own HTTP rate limit (None: the setting's); not part of who the principal is.
-    rate_limit_per_minute: int | None = field(default=None, compare=False)
-
-    @property
-    def ceiling(self) -> str | None:
-        """The highest of read/run/manage/admin in the token's scopes (None = no narrowing)."""
-        if self.capabilities is None:
-            return None
-        held = [s for s in SCOPES if s in self.capabilities]
-        return held[-1] if held else "read"
-
-    @property
-    def toolsets(self) -> frozenset[str] | None:
-        if self.capabilities is None:
-            return None
-        sets = frozenset(c.removeprefix("toolset:") for c in self.capabilities if c.startswith("toolset:"))
-        return sets or None
-
-    def scope_allows(self, scope: str | None) -> bool:
-        ceiling = self.ceiling
-        return scope is None or ceiling is None or SCOPE_RANK[scope] <= SCOPE_RANK[ceiling]
-
-    def toolset_allows(self, toolset: str) -> bool:
-        sets = self.toolsets
-        return sets is None or toolset in sets
-
-    def cap_role(self, role: str | None) -> str | None:
-        """A role capped at the token's ceiling (used to report ``caller_role``)."""
-        ceiling = self.ceiling
-        if role is None or ceiling is None:
-            return role
-        ceiling_role = SCOPE_ROLE[ceiling]
-        return role if ROLE_RANK[role] <= ROLE_RANK[ceiling_role] else ceiling_role
-
-    def actor(self) -> dict[str, Any]:
-        return {
-            "actor_user_id": self.user_id,
-            "actor_agent_id": self.agent_id,
-            "actor_token_id": self.token_id,
-            "transport": self.transport,
-        }
-
-
-def level_visible(principal: Principal, level: Level, toolset: str) -> bool:
-    """Whether a tool of this level and toolset can ever be used by the principal (docs/access.md, Tool visibility)."""
-    if level == "global_admin" and not principal.is_admin:
-        return False
-    return principal.scope_allows(LEVEL_SCOPE[level]) and principal.toolset_allows(toolset)
+__all__ = [
+    "LEVEL_SCOPE",
+    "ROLE_RANK",
+    "SCOPES",
+    "SCOPE_RANK",
+    "SCOPE_ROLE",
+    "Access",
+    "Level",
+    "Owner",
+    "Principal",
+    "Role",
+    "level_visible",
+]
 
 
 @dataclass(frozen=True)
@@ -112,22 +61,31 @@ class Owner:
         return f"resources of user {self.user_id}"
 
 
+# Statements run per call are built once: building one costs more than running it on SQLite.
+_UID: BindParameter[int] = bindparam("uid")
+_AGENT_ROLES = (
+    select(Agent.agent_id, Agent.owner_id, AgentAccess.role)
+    .outerjoin(AgentAccess, and_(AgentAccess.agent_id == Agent.agent_id, AgentAccess.user_id == _UID))
+    .where(or_(Agent.owner_id == _UID, AgentAccess.user_id == _UID))
+)
+
+# Runs a Core SELECT in the call's transaction (``AbilityContext.read``).
+Run = Callable[[Executable, Mapping[str, Any] | None], Awaitable[Rows]]
+
+
 @dataclass
 class Access:
-    """Role resolution for one principal within one call (one session)."""
+    """Role resolution for one principal within one call (one transaction)."""
 
     principal: Principal
-    session: AsyncSession
+    run: Run
     _roles: dict[int, str] | None = field(default=None, init=False)
 
     async def agent_roles(self) -> dict[int, str]:
         """``accessible(u)``: agent id → the user's role (owner = admin), one query per call."""
         if self._roles is None:
             uid = self.principal.user_id
-            owned = select(Agent.agent_id, Agent.owner_id, AgentAccess.role).outerjoin(
-                AgentAccess, and_(AgentAccess.agent_id == Agent.agent_id, AgentAccess.user_id == uid)
-            )
-            rows = await self.session.execute(owned.where(or_(Agent.owner_id == uid, AgentAccess.user_id == uid)))
+            rows = await self.run(_AGENT_ROLES, {"uid": uid})
             self._roles = {agent_id: "admin" if owner_id == uid else role for agent_id, owner_id, role in rows.all()}
         return self._roles
 

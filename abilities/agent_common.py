@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import re
 import unicodedata
-from typing import Any, Literal
+from collections.abc import Awaitable, Callable
+from typing import Any, Literal, Protocol, TypeVar
 
 from pydantic import Field
-from sqlalchemy import bindparam, case, select
+from sqlalchemy import Row, bindparam, case, select
 from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.sql.base import Executable
 
 from datamachine_mcp.abilities.access import Owner
 from datamachine_mcp.abilities.context import AbilityContext
@@ -18,6 +20,14 @@ from datamachine_mcp.storage.models import Agent, AgentAccess
 from datamachine_mcp.storage.timeutil import utcnow
 
 RoleName = Literal["viewer", "operator", "admin"]
+
+
+class _Identified(Protocol):
+    @property
+    def agent_id(self) -> int: ...
+
+
+T = TypeVar("T", bound=_Identified)
 _TAGS = re.compile(r"<[^>]*>")
 _SLUG_OK = re.compile(r"^[a-z0-9][a-z0-9_-]{0,199}$")
 
@@ -47,7 +57,7 @@ def normalize_agent_config(config: dict[str, Any] | None) -> dict[str, Any]:
     return out
 
 
-def agent_owner(agent: Agent) -> Owner:
+def agent_owner(agent: Agent | Row[Any]) -> Owner:
     return Owner(
         agent_id=agent.agent_id, user_id=agent.owner_id, agent_status=agent.status, agent_slug=agent.agent_slug
     )
@@ -61,27 +71,45 @@ class AgentSelector(Input):
     agent_slug: str | None = Field(None, max_length=200, description="Agent slug")
 
 
-async def find_agent(session: AsyncSession, agent_id: int | None, agent_slug: str | None) -> Agent | None:
-    """Resolve a selector; None when neither part is given. Raises on mismatch or unknown agent."""
+async def _select(
+    agent_id: int | None,
+    agent_slug: str | None,
+    by_id: Callable[[int], Awaitable[T | None]],
+    by_slug: Callable[[str], Awaitable[T | None]],
+) -> T | None:
+    """The selector's rules over any lookup: None when neither part is given; raises on a mismatch or an
+    unknown agent."""
     slug = sanitize_slug(agent_slug) if agent_slug and agent_slug.strip() else None
     if agent_id is None and slug is None:
         return None
-    by_id = await session.get(Agent, agent_id) if agent_id is not None else None
-    if agent_id is not None and by_id is None:
+    found_by_id = await by_id(agent_id) if agent_id is not None else None
+    if agent_id is not None and found_by_id is None:
         raise AbilityError("agent_not_found", f"Agent {agent_id} not found.", agent_id=agent_id)
     if slug is not None:
-        by_slug = (await session.execute(_BY_SLUG, {"slug": slug})).scalar_one_or_none()
-        if by_slug is None:
+        found_by_slug = await by_slug(slug)
+        if found_by_slug is None:
             raise AbilityError("agent_not_found", f"Agent '{slug}' not found.", agent_slug=slug)
-        if by_id is not None and by_id.agent_id != by_slug.agent_id:
+        if found_by_id is not None and found_by_id.agent_id != found_by_slug.agent_id:
             raise AbilityError(
                 "agent_identity_mismatch",
                 f"agent_id {agent_id} and agent_slug '{slug}' name different agents; give one of them.",
                 agent_id=agent_id,
                 agent_slug=slug,
             )
-        return by_slug
-    return by_id
+        return found_by_slug
+    return found_by_id
+
+
+async def find_agent(session: AsyncSession, agent_id: int | None, agent_slug: str | None) -> Agent | None:
+    """Resolve a selector; None when neither part is given. Raises on mismatch or unknown agent."""
+
+    async def by_id(ident: int) -> Agent | None:
+        return await session.get(Agent, ident)
+
+    async def by_slug(slug: str) -> Agent | None:
+        return (await session.execute(_BY_SLUG, {"slug": slug})).scalar_one_or_none()
+
+    return await _select(agent_id, agent_slug, by_id, by_slug)
 
 
 async def require_agent(session: AsyncSession, agent_id: int | None, agent_slug: str | None) -> Agent:
@@ -89,6 +117,26 @@ async def require_agent(session: AsyncSession, agent_id: int | None, agent_slug:
     if agent is None:
         raise AbilityError("agent_identity_required", "Agent identity required: provide agent_id or agent_slug")
     return agent
+
+
+async def require_agent_row(
+    ctx: AbilityContext, sel: AgentSelector, by_id: Executable, by_slug: Executable
+) -> Row[Any]:
+    """``require_agent`` for reads that change nothing: Core rows of ``by_id``/``by_slug`` (statements
+    taking ``:agent_id``/``:agent_slug`` that select at least the agent's columns) through ``ctx.read``."""
+
+    async def one(statement: Executable, params: dict[str, Any]) -> Row[Any] | None:
+        return (await ctx.read(statement, params)).one_or_none()
+
+    row = await _select(
+        sel.agent_id,
+        sel.agent_slug,
+        lambda ident: one(by_id, {"agent_id": ident}),
+        lambda slug: one(by_slug, {"agent_slug": slug}),
+    )
+    if row is None:
+        raise AbilityError("agent_identity_required", "Agent identity required: provide agent_id or agent_slug")
+    return row
 
 
 async def load_agent(
@@ -157,7 +205,7 @@ class AgentDetail(AgentOut):
     caller_role: RoleName | None = Field(description="Your role on the agent, capped at your token's scope")
 
 
-def agent_dict(agent: Agent) -> dict[str, Any]:
+def agent_dict(agent: Agent | Row[Any]) -> dict[str, Any]:
     return {
         "agent_id": agent.agent_id,
         "agent_slug": agent.agent_slug,
@@ -170,7 +218,7 @@ def agent_dict(agent: Agent) -> dict[str, Any]:
     }
 
 
-def grant_dict(grant: AgentAccess, owner_id: int) -> dict[str, Any]:
+def grant_dict(grant: AgentAccess | Row[Any], owner_id: int) -> dict[str, Any]:
     return {
         "agent_id": grant.agent_id,
         "user_id": grant.user_id,

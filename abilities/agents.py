@@ -9,7 +9,7 @@ from __future__ import annotations
 from typing import Any, Literal
 
 from pydantic import Field
-from sqlalchemy import BindParameter, and_, bindparam, func, or_, select
+from sqlalchemy import BindParameter, Row, and_, bindparam, func, or_, select
 
 from datamachine_mcp.abilities.access import ROLE_RANK
 from datamachine_mcp.abilities.agent_common import (
@@ -22,6 +22,7 @@ from datamachine_mcp.abilities.agent_common import (
     grants_order,
     load_agent,
     normalize_agent_config,
+    require_agent_row,
     upsert_grant,
 )
 from datamachine_mcp.abilities.agent_creation import (
@@ -45,28 +46,39 @@ def _count(model: Any, *conds: Any) -> Any:
     return select(func.count()).select_from(model).where(*conds).scalar_subquery()
 
 
+def _counts(aid: Any) -> tuple[Any, ...]:
+    return (
+        _count(Pipeline, Pipeline.agent_id == aid).label("pipelines"),
+        _count(Flow, Flow.agent_id == aid).label("flows"),
+        _count(Job, Job.agent_id == aid, Job.status.in_(ACTIVE)).label("active_jobs"),
+        _count(ChatSession, ChatSession.agent_id == aid).label("chat_sessions"),
+    )
+
+
 _AID: BindParameter[int] = bindparam("aid")
 # Built once: statement construction is a large share of a short read's cost.
-_COUNTS = select(
-    _count(Pipeline, Pipeline.agent_id == _AID),
-    _count(Flow, Flow.agent_id == _AID),
-    _count(Job, Job.agent_id == _AID, Job.status.in_(ACTIVE)),
-    _count(ChatSession, ChatSession.agent_id == _AID),
-)
-_GRANTS = select(AgentAccess).where(AgentAccess.agent_id == _AID).order_by(*grants_order(bindparam("owner")))
+_COUNTS = select(*_counts(_AID))
+_GRANTS = select(AgentAccess.__table__).where(AgentAccess.agent_id == _AID).order_by(*grants_order(bindparam("owner")))
+# get-agent reads the agent and its counts in one statement.
+_DETAIL = select(Agent.__table__, *_counts(Agent.agent_id))
+_DETAIL_BY_ID = _DETAIL.where(Agent.agent_id == bindparam("agent_id"))
+_DETAIL_BY_SLUG = _DETAIL.where(Agent.agent_slug == bindparam("agent_slug"))
 
 
-async def agent_detail(ctx: AbilityContext, agent: Agent, role: str | None) -> dict[str, Any]:
-    """get-agent's agent object: Agent + resource_counts + access (admins) + caller_role."""
-    s = ctx.session
+async def agent_detail(
+    ctx: AbilityContext, agent: Agent | Row[Any], role: str | None, counted: Row[Any] | None = None
+) -> dict[str, Any]:
+    """get-agent's agent object: Agent + resource_counts + access (admins) + caller_role. ``counted``: a
+    row that already holds the counts."""
     aid = agent.agent_id
-    pipelines, flows, active_jobs, chats = (await s.execute(_COUNTS, {"aid": aid})).one()
-    counts = {"pipelines": pipelines, "flows": flows, "active_jobs": active_jobs, "chat_sessions": chats}
+    if counted is None:
+        counted = (await ctx.read(_COUNTS, {"aid": aid})).one()
+    counts = {key: getattr(counted, key) for key in ("pipelines", "flows", "active_jobs", "chat_sessions")}
     caller_role = ctx.principal.cap_role(role)
     access = None
     if ctx.principal.is_admin or (caller_role is not None and ROLE_RANK[caller_role] >= ROLE_RANK["admin"]):
-        rows = await s.execute(_GRANTS, {"aid": aid, "owner": agent.owner_id})
-        access = [grant_dict(g, agent.owner_id) for g in rows.scalars()]
+        rows = await ctx.read(_GRANTS, {"aid": aid, "owner": agent.owner_id})
+        access = [grant_dict(g, agent.owner_id) for g in rows.all()]
     return {**agent_dict(agent), "resource_counts": counts, "access": access, "caller_role": caller_role}
 
 
@@ -136,8 +148,12 @@ class GetAgentOut(Output):
     description="Get one agent: config, status, counts, grants.",
 )
 async def get_agent(ctx: AbilityContext, inp: AgentSelector) -> GetAgentOut:
-    agent, role = await load_agent(ctx, inp, "viewer", mutating=False)
-    return GetAgentOut.model_validate({"agent": await agent_detail(ctx, agent, role)})
+    # Prebuilt Core statements through ctx.read: a read-only call opens no ORM session for them.
+    agent = await require_agent_row(ctx, inp, _DETAIL_BY_ID, _DETAIL_BY_SLUG)
+    role = await ctx.access.authorize(
+        agent_owner(agent), "viewer", mutating=False, target={"type": "agent", "id": agent.agent_id}
+    )
+    return GetAgentOut.model_validate({"agent": await agent_detail(ctx, agent, role, agent)})
 
 
 # --- list-agents ------------------------------------------------------------------------------

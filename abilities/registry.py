@@ -16,8 +16,8 @@ from typing import Any, Literal, get_type_hints
 
 from pydantic import BaseModel, Field, TypeAdapter, create_model
 
-from datamachine_mcp.abilities.access import Level
-from datamachine_mcp.abilities.json_schema import inline_refs, lean
+from datamachine_mcp.abilities.json_schema import inline_refs, lean, untitled
+from datamachine_mcp.abilities.principal import Level
 from datamachine_mcp.abilities.questions import CONFIRM_FIELD, Question
 from datamachine_mcp.abilities.schema import Input
 
@@ -66,26 +66,30 @@ class Ability:
 
     @cached_property
     def output_schema(self) -> dict[str, Any]:
-        schema = inline_refs(self.output_adapter.json_schema(mode="serialization"))
+        schema = untitled(inline_refs(self.output_adapter.json_schema(mode="serialization")))
         if "type" not in schema:  # a union of shapes: MCP requires an object at the root
             schema = {"type": "object", **schema}
-        schema.pop("title", None)
-        return schema
+        return dict(schema)
 
     def annotations(self) -> dict[str, Any]:
-        return {
-            "title": self.title,
-            "readOnlyHint": self.read_only,
-            "destructiveHint": self.destructive,
-            "idempotentHint": self.idempotent,
-            "openWorldHint": self.open_world,
-        }
+        return tool_hints(self)
 
     def dump_output(self, value: Any) -> dict[str, Any]:
         """Validate a handler's return value against the output type and dump it as JSON data."""
         if not isinstance(value, BaseModel):
             value = self.output_adapter.validate_python(value)
         return self.output_adapter.dump_python(value, mode="json")
+
+
+def tool_hints(declared: Any) -> dict[str, Any]:
+    """The MCP tool annotations of a declaration (an ``Ability`` or its cached listing)."""
+    return {
+        "title": declared.title,
+        "readOnlyHint": declared.read_only,
+        "destructiveHint": declared.destructive,
+        "idempotentHint": declared.idempotent,
+        "openWorldHint": declared.open_world,
+    }
 
 
 _REGISTRY: dict[str, Ability] = {}

@@ -12,13 +12,12 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from datamachine_mcp.abilities.access import Principal, level_visible
 from datamachine_mcp.abilities.context import AbilityContext, ProgressFn, Runtime
 from datamachine_mcp.abilities.errors import AbilityError, AccessDenied
 from datamachine_mcp.abilities.input_forms import Loc, client_forms
+from datamachine_mcp.abilities.principal import Principal, level_visible
 from datamachine_mcp.abilities.registry import Ability
 from datamachine_mcp.engine.errors import CodedError
-from datamachine_mcp.storage.logs import write_log
 
 log = logging.getLogger("datamachine.abilities")
 
@@ -122,6 +121,8 @@ async def _record_denial(runtime: Runtime, ability: Ability, principal: Principa
     if err.target is not None:
         context["target"] = err.target
     try:
+        from datamachine_mcp.storage.logs import write_log  # SQLAlchemy: not needed to list tools
+
         async with runtime.db.write() as session:
             await write_log(
                 session,
@@ -166,14 +167,18 @@ async def invoke(
         if ability.transaction == "manual":
             ctx = AbilityContext(runtime, ability, principal, None, request_id, progress, client)
             output = ability.dump_output(await ability.handler(ctx, parsed))
+        elif ability.read_only:  # its transaction opens on first use: a session, or a light read
+            ctx = AbilityContext(runtime, ability, principal, None, request_id, progress, client, lazy=True)
+            try:
+                output = ability.dump_output(await ability.handler(ctx, parsed))
+            finally:
+                await ctx.close()
         else:
-            opener = runtime.db.read if ability.read_only else runtime.db.write
-            async with opener() as session:
+            async with runtime.db.write() as session:
                 ctx = AbilityContext(runtime, ability, principal, session, request_id, progress, client)
                 result = await ability.handler(ctx, parsed)
                 output = ability.dump_output(result)
-                if not ability.read_only:
-                    await session.flush()
+                await session.flush()
         await ctx.flush_events()
         return Outcome(output=output)
     except AccessDenied as err:

@@ -7,8 +7,8 @@ from typing import Literal
 from pydantic import Field
 
 from datamachine_mcp.abilities.context import AbilityContext
-from datamachine_mcp.abilities.registry import TOOLSETS, ability, registered
-from datamachine_mcp.abilities.runner import visible
+from datamachine_mcp.abilities.principal import level_visible
+from datamachine_mcp.abilities.registry import TOOLSETS, ability
 from datamachine_mcp.abilities.schema import Input, Output
 from datamachine_mcp.abilities.toolsets import ENABLE_HINT, listed, summarize
 
@@ -39,10 +39,10 @@ def exposed_toolsets(ctx: AbilityContext) -> list[str]:
     for toolset in TOOLSETS:
         tools = [
             a
-            for a in registered().values()
+            for a in rt.catalog.declared.values()
             if a.toolset == toolset and (a.read_only or not rt.read_only) and listed(a, rt.toolsets, rt.tools)
         ]
-        if any(visible(a, ctx.principal) for a in tools):
+        if any(level_visible(ctx.principal, a.level, a.toolset) for a in tools):
             out.append(toolset)
     return out
 
@@ -58,7 +58,7 @@ def exposed_toolsets(ctx: AbilityContext) -> list[str]:
 )
 async def whoami(ctx: AbilityContext, inp: WhoamiIn) -> WhoamiOut:
     p = ctx.principal
-    selection = summarize(registered(), ctx.runtime.toolsets, ctx.runtime.tools, ctx.runtime.read_only)
+    selection = summarize(ctx.runtime.catalog.declared, ctx.runtime.toolsets, ctx.runtime.tools, ctx.runtime.read_only)
     return WhoamiOut(
         user_id=p.user_id,
         agent_id=p.agent_id,

@@ -11,7 +11,8 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
-from datamachine_mcp.abilities.registry import TOOLSETS, Ability
+from datamachine_mcp.abilities.catalog import Declared
+from datamachine_mcp.abilities.registry import TOOLSETS
 
 CORE = "core"
 ALL = "all"
@@ -37,7 +38,7 @@ def parse_toolsets(raw: str | None) -> frozenset[str] | None:
     return None if ALL in names else names
 
 
-def parse_tools(raw: str | None, abilities: Mapping[str, Ability]) -> frozenset[str]:
+def parse_tools(raw: str | None, abilities: Mapping[str, Declared]) -> frozenset[str]:
     """Single tools added to the selection (``--tools``), checked against the registry."""
     names = frozenset(part.strip() for part in (raw or "").split(",") if part.strip())
     unknown = sorted(names - set(abilities))
@@ -46,7 +47,7 @@ def parse_tools(raw: str | None, abilities: Mapping[str, Ability]) -> frozenset[
     return names
 
 
-def listed(ability: Ability, toolsets: frozenset[str] | None, tools: Iterable[str] = ()) -> bool:
+def listed(ability: Declared, toolsets: frozenset[str] | None, tools: Iterable[str] = ()) -> bool:
     """Whether the selection lists ``ability`` as a tool."""
     return (
         toolsets is None
@@ -56,7 +57,7 @@ def listed(ability: Ability, toolsets: frozenset[str] | None, tools: Iterable[st
     )
 
 
-def readable(ability: Ability, toolsets: frozenset[str] | None, tools: Iterable[str] = ()) -> bool:
+def readable(ability: Declared, toolsets: frozenset[str] | None, tools: Iterable[str] = ()) -> bool:
     """Whether ``ability`` may serve resource reads (as a twin) under the selection."""
     return toolsets is None or CORE in toolsets or listed(ability, toolsets, tools)
 
@@ -69,7 +70,7 @@ class SelectionSummary:
 
 
 def summarize(
-    abilities: Mapping[str, Ability], toolsets: frozenset[str] | None, tools: Iterable[str], read_only: bool
+    abilities: Mapping[str, Declared], toolsets: frozenset[str] | None, tools: Iterable[str], read_only: bool
 ) -> SelectionSummary:
     extra = sorted(frozenset(tools))
     enabled = [ALL] if toolsets is None else [n for n in (*PROFILES, *TOOLSETS) if n in toolsets]
@@ -81,7 +82,7 @@ def summarize(
     )
 
 
-def instructions_note(abilities: Mapping[str, Ability], toolsets: frozenset[str] | None, tools: Iterable[str]) -> str:
+def instructions_note(abilities: Mapping[str, Declared], toolsets: frozenset[str] | None, tools: Iterable[str]) -> str:
     """The part of the server instructions that says what is listed and how to list the rest."""
     summary = summarize(abilities, toolsets, tools, read_only=False)
     text = f"Toolsets: {CORE} (default), {ALL}, {', '.join(TOOLSETS)}. Enabled: {', '.join(summary.enabled)}."

@@ -14,8 +14,6 @@ from collections.abc import Mapping
 from datetime import UTC, datetime
 from typing import Any
 
-import httpx
-
 MAX_RETRY_AFTER = 86_400.0
 
 TRANSPORT_CODES = frozenset({"http_timeout", "http_connection_error"})
@@ -164,6 +162,8 @@ def classify(error: BaseException | Mapping[str, Any]) -> tuple[bool, str | None
         if isinstance(explicit, bool):
             return explicit, error.get("class") or (derived[1] if explicit else None)
         return derived
+    import httpx  # here, not at the top: every layer imports this module, few processes make requests
+
     if isinstance(error, httpx.TimeoutException | TimeoutError):
         return True, "transport"
     if isinstance(error, httpx.TransportError):

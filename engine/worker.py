@@ -20,6 +20,7 @@ from sqlalchemy.exc import IntegrityError
 from datamachine_mcp.engine import status as st
 from datamachine_mcp.engine.accounting import may_hold_claims
 from datamachine_mcp.engine.commit import Committed, commit_step, fail_plan_result, needs_session, result_from_exception
+from datamachine_mcp.engine.idle import LIVENESS_KEY, LIVENESS_SECONDS, merge_beats
 from datamachine_mcp.engine.notify import post_wait_notification
 from datamachine_mcp.engine.plan import Plan, PlanError, plan_of, step_config
 from datamachine_mcp.engine.recovery import recover
@@ -36,8 +37,6 @@ log = logging.getLogger("datamachine.worker")
 
 DEFAULT_CONCURRENCY = 4
 POLL_SECONDS = 1.0
-LIVENESS_KEY = "worker_heartbeat"
-LIVENESS_SECONDS = 15
 
 
 class Worker:
@@ -124,13 +123,7 @@ class Worker:
                         return
                     except IntegrityError:  # another process created the row at the same moment (PostgreSQL)
                         row = (await session.execute(query)).scalar_one()
-                beats = {
-                    w: at
-                    for w, at in dict(row.value or {}).items()
-                    if isinstance(at, str) and at >= iso(now - timedelta(hours=1))
-                }
-                beats[self.worker_id] = iso(now)
-                row.value = beats
+                row.value = merge_beats(row.value, self.worker_id, now)
                 row.updated_at = now
         except Exception:
             log.debug("could not record worker liveness", exc_info=True)

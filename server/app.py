@@ -7,8 +7,9 @@ and per-principal tool lists, which the decorator API cannot express.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
-from collections.abc import Awaitable, Callable, Hashable
+from collections.abc import Awaitable, Callable, Hashable, Mapping
 from typing import Any
 
 import anyio
@@ -20,14 +21,14 @@ from mcp.server.subscriptions import ListenHandler
 from mcp.shared.exceptions import MCPError
 from mcp_types.version import MODERN_PROTOCOL_VERSIONS
 
-from datamachine_mcp.abilities.access import Principal
+from datamachine_mcp.abilities.catalog import Catalog, Declared, catalog_of
 from datamachine_mcp.abilities.context import Runtime
+from datamachine_mcp.abilities.principal import Principal, level_visible
 from datamachine_mcp.abilities.registry import Ability
-from datamachine_mcp.abilities.runner import error_text, invoke, refusal, visible
+from datamachine_mcp.abilities.runner import error_text, invoke, refusal
 from datamachine_mcp.abilities.toolsets import ENABLE_HINT, instructions_note, listed, readable
 from datamachine_mcp.engine.errors import CodedError
 from datamachine_mcp.resources.registry import ResourceNotFound, ResourceSpec, read
-from datamachine_mcp.server import tool_cache
 from datamachine_mcp.server.completions import complete
 from datamachine_mcp.server.elicitation import Refused, settle, state_boundary
 from datamachine_mcp.server.icons import SERVER_ICON, TOOLSET_ICONS
@@ -38,6 +39,8 @@ from datamachine_mcp.server.prompts import offered, render
 ERROR_META_KEY = "datamachine/error"  # where a tool error's {code, message, data} travels (the result's _meta)
 RESOURCE_NOT_FOUND = -32002  # the 2025-11-25 "Resource not found" code
 INPUT_CODES = frozenset({"invalid_input", "input_too_large"})  # refused for the request's parameters
+START_AFTER_SECONDS = 1.0  # a stdio session's engine starts after its first answer, or after this long
+SETTLE_SECONDS = 0.1
 INSTRUCTIONS = (
     "Data Machine automation engine. Pipelines are reusable step templates (fetch → ai → publish …); flows "
     "are configured, schedulable instances of a pipeline; running a flow creates a job. Agents own resources "
@@ -59,36 +62,41 @@ class _Server(Server[Any]):
         return super().create_initialization_options(chosen, *args, **kwargs)
 
 
-def exposed_abilities(abilities: dict[str, Ability], runtime: Runtime) -> dict[str, Ability]:
+def exposed_abilities(abilities: Mapping[str, Ability], runtime: Runtime) -> Catalog:
     """Tools that exist in this process: ``--toolsets``/``--tools`` and ``--read-only`` remove the others."""
-    return {
-        slug: a
-        for slug, a in abilities.items()
-        if listed(a, runtime.toolsets, runtime.tools) and (a.read_only or not runtime.read_only)
-    }
+    return Catalog(
+        {
+            slug: a
+            for slug, a in catalog_of(abilities).declared.items()
+            if listed(a, runtime.toolsets, runtime.tools) and (a.read_only or not runtime.read_only)
+        }
+    )
 
 
-def resource_twins(abilities: dict[str, Ability], runtime: Runtime) -> dict[str, Ability]:
+def resource_twins(abilities: Mapping[str, Ability], runtime: Runtime) -> Catalog:
     """Abilities that serve resource reads in this process (``core`` narrows the tool list only)."""
-    return {
-        slug: a
-        for slug, a in abilities.items()
-        if readable(a, runtime.toolsets, runtime.tools) and (a.read_only or not runtime.read_only)
-    }
+    return Catalog(
+        {
+            slug: a
+            for slug, a in catalog_of(abilities).declared.items()
+            if readable(a, runtime.toolsets, runtime.tools) and (a.read_only or not runtime.read_only)
+        }
+    )
 
 
-def instructions(abilities: dict[str, Ability], runtime: Runtime) -> str:
-    return f"{INSTRUCTIONS} {instructions_note(abilities, runtime.toolsets, runtime.tools)}"
+def instructions(abilities: Mapping[str, Ability], runtime: Runtime) -> str:
+    declared = catalog_of(abilities).declared
+    return f"{INSTRUCTIONS} {instructions_note(declared, runtime.toolsets, runtime.tools)}"
 
 
-def tool_definition(ability: Ability, schemas: dict[str, Any] | None = None) -> types.Tool:
+def tool_definition(ability: Declared) -> types.Tool:
     hints = ability.annotations()
     return types.Tool(
         name=ability.slug,
         title=ability.title,
         description=ability.description,
-        input_schema=schemas["input"] if schemas else ability.input_schema,
-        output_schema=schemas["output"] if schemas else ability.output_schema,
+        input_schema=ability.input_schema,
+        output_schema=ability.output_schema,
         icons=[TOOLSET_ICONS[ability.toolset]],
         annotations=types.ToolAnnotations(
             title=hints["title"],
@@ -106,12 +114,15 @@ class DataMachineServer:
     Any number of sessions, of any transport, may share one instance. Change notifications are the
     runtime's ``Notifications``: each handshake-era connection is attached to it on its requests and
     detached when it closes; listen streams open through it.
+
+    ``abilities`` may be a ``Catalog`` of cached listings (server/tool_cache.py): tools are listed from
+    them, and an ability's module is imported when the ability is first called or read through.
     """
 
     def __init__(
         self,
         runtime: Runtime,
-        abilities: dict[str, Ability],
+        abilities: Mapping[str, Ability],
         resources: list[ResourceSpec],
         resolve_principal: PrincipalResolver,
     ) -> None:
@@ -119,11 +130,14 @@ class DataMachineServer:
         self.abilities = exposed_abilities(abilities, runtime)
         self.twins = resource_twins(abilities, runtime)
         self.resources = resources
-        self.links = link_specs(self.abilities.values(), resources)
+        self.links = link_specs(self.abilities.declared.values(), resources)
         self.resolve_principal = resolve_principal
         self.notifications = Notifications.of(runtime)
-        cached = tool_cache.schemas(self.abilities, runtime.data_dir / "cache", runtime.version)
-        self._tools = {slug: tool_definition(a, cached.get(slug)) for slug, a in self.abilities.items()}
+        self._tools = {slug: tool_definition(a) for slug, a in self.abilities.declared.items()}
+        # serve()'s: the first request after the handshake arrived; start the change watch; it has begun.
+        self._answered: asyncio.Event | None = None
+        self._watch_now: asyncio.Event | None = None
+        self._watch_ready: asyncio.Event | None = None
         self.server: Server[Any] = _Server(
             "datamachine-mcp",
             version=runtime.version,
@@ -157,6 +171,7 @@ class DataMachineServer:
     def _attach(self, ctx: ServerRequestContext[Any, Any]) -> Hashable | None:
         """The handshake-era connection of this request, attached to the notifications (and detached when
         it closes); None for a 2026-era request, whose client listens through subscriptions/listen."""
+        self._answering()
         if ctx.protocol_version in MODERN_PROTOCOL_VERSIONS:
             return None
         # One entry per client connection (the session object is per request; its connection is not).
@@ -187,16 +202,21 @@ class DataMachineServer:
             principal = await self._principal(ctx)
         except CodedError as err:
             raise request_error(err) from None
-        return types.ListToolsResult(
-            tools=[self._tools[slug] for slug, a in self.abilities.items() if visible(a, principal)]
+        result = types.ListToolsResult(
+            tools=[
+                self._tools[slug]
+                for slug, a in self.abilities.declared.items()
+                if level_visible(principal, a.level, a.toolset)
+            ]
         )
+        return result
 
     async def _call_tool(
         self, ctx: ServerRequestContext[Any, Any], params: types.CallToolRequestParams
     ) -> types.CallToolResult | types.InputRequiredResult:
-        ability = self.abilities.get(params.name)
-        if ability is None:
+        if params.name not in self.abilities:
             raise MCPError(code=types.INVALID_PARAMS, message=f"Unknown tool: {params.name}. {ENABLE_HINT}")
+        ability = self.abilities[params.name]
         try:
             principal = await self._principal(ctx)
         except CodedError as err:
@@ -315,6 +335,7 @@ class DataMachineServer:
         key = self._attach(ctx)
         with contextlib.suppress(CodedError):
             await self._principal(ctx)
+        await self._watching()
         if key is not None:
             await self.notifications.subscribe(key, str(params.uri))
         return types.EmptyResult()
@@ -336,18 +357,55 @@ class DataMachineServer:
         except CodedError as err:
             raise request_error(err) from None
         uris = params.notifications.resource_subscriptions or ()
+        await self._watching()
         async with self.notifications.listening(principal, self._probe, uris) as bus:
             return await ListenHandler(bus)(ctx, params)
 
     # --- serving ------------------------------------------------------------------------------
 
-    async def serve(self, read_stream: Any, write_stream: Any) -> None:
-        """Run one MCP connection (stdio); meanwhile watch for job changes made by other processes."""
+    async def serve(
+        self, read_stream: Any, write_stream: Any, *, start: Callable[[], Awaitable[None]] | None = None
+    ) -> None:
+        """Run one MCP connection (stdio). The watch for changes other processes make and ``start`` (the
+        in-process engine) load the database layer, which the first answers do not wait for: they begin
+        once the first request after the handshake is answered (or after ``START_AFTER_SECONDS``); a
+        subscription starts the watch at once."""
+        self._answered = asyncio.Event()
+        self._watch_now = asyncio.Event()
+        self._watch_ready = asyncio.Event()
         async with anyio.create_task_group() as tg:
-            tg.start_soon(self.notifications.watch_other_processes, self.runtime.db)
+            tg.start_soon(self._watch)
+            tg.start_soon(self._start_late, start)
             await self.server.run(read_stream, write_stream, self.initialization_options())
             self.notifications.close()
             tg.cancel_scope.cancel()
+
+    async def _start_late(self, start: Callable[[], Awaitable[None]] | None) -> None:
+        assert self._answered is not None and self._watch_now is not None and self._watch_ready is not None
+        with anyio.move_on_after(START_AFTER_SECONDS):
+            await self._answered.wait()
+        await anyio.sleep(SETTLE_SECONDS)  # the answers are written before the imports hold the loop
+        self._watch_now.set()
+        await self._watch_ready.wait()
+        if start is not None:
+            await start()
+
+    async def _watch(self) -> None:
+        assert self._watch_now is not None
+        await self._watch_now.wait()
+        await self.notifications.watch_other_processes(self.runtime.db, ready=self._watch_ready)
+
+    async def _watching(self) -> None:
+        """A subscription is answered once the watch has read where things stand (stdio; an HTTP
+        listener watches from its start)."""
+        if self._watch_now is not None and self._watch_ready is not None:
+            self._watch_now.set()
+            await self._watch_ready.wait()
+
+    def _answering(self) -> None:
+        """A request other than initialize or ping arrived: the background may start once it is answered."""
+        if self._answered is not None:
+            self._answered.set()
 
 
 def tool_error(error: dict[str, Any]) -> types.CallToolResult:

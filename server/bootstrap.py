@@ -1,6 +1,8 @@
 """Opening a process: configuration, database and migrations, secret key, identity.
 
-Flags override environment (``DATAMACHINE_*``), which overrides defaults.
+Flags override environment (``DATAMACHINE_*``), which overrides defaults. Opening a runtime imports
+no database layer when the schema is already at head (it is read on the raw driver); SQLAlchemy and
+the ability modules load when a call first needs them.
 """
 
 from __future__ import annotations
@@ -12,13 +14,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import select
-
-from datamachine_mcp.abilities.access import Principal
 from datamachine_mcp.abilities.context import Runtime
 from datamachine_mcp.abilities.errors import AbilityError
-from datamachine_mcp.abilities.registry import load_all
-from datamachine_mcp.abilities.tokens import TokenRejected, verify_token
+from datamachine_mcp.abilities.principal import Principal
+from datamachine_mcp.abilities.tool_cache import catalog
 from datamachine_mcp.abilities.toolsets import CORE, SelectionError
 from datamachine_mcp.abilities.toolsets import parse_tools as _parse_tools
 from datamachine_mcp.abilities.toolsets import parse_toolsets as _parse_toolsets
@@ -27,7 +26,6 @@ from datamachine_mcp.server.notifications import Notifications
 from datamachine_mcp.storage.crypto import SecretBox, SecretKeyError, load_key
 from datamachine_mcp.storage.db import Database, default_data_dir, default_db_path
 from datamachine_mcp.storage.migrate import MigrationError, migrate
-from datamachine_mcp.storage.models import Agent
 from datamachine_mcp.storage.settings import SettingsStore
 
 log = logging.getLogger("datamachine.server")
@@ -94,12 +92,14 @@ def parse_toolsets(raw: str | None) -> frozenset[str] | None:
         raise StartupError(str(exc)) from None
 
 
-def parse_tools(raw: str | None) -> frozenset[str]:
-    """``--tools`` / DATAMACHINE_TOOLS: single tools listed besides the toolsets."""
+def parse_tools(raw: str | None, data_dir: Path | None = None) -> frozenset[str]:
+    """``--tools`` / DATAMACHINE_TOOLS: single tools listed besides the toolsets (checked against the
+    declarations, read from the tool cache in ``data_dir``)."""
     if not raw:
         return frozenset()
+    declared = catalog(None if data_dir is None else data_dir / "cache", version()).declared
     try:
-        return _parse_tools(raw, load_all())
+        return _parse_tools(raw, declared)
     except SelectionError as exc:
         raise StartupError(str(exc)) from None
 
@@ -157,6 +157,8 @@ Resolver = Callable[[Any], Awaitable[Principal]]
 async def stdio_identity(runtime: Runtime, cfg: ProcessConfig) -> Resolver:
     """The stdio principal: the local owner, optionally in an agent's context, or a token's identity."""
     if cfg.token:
+        from datamachine_mcp.abilities.tokens import TokenRejected, verify_token
+
         if cfg.agent:
             raise StartupError("--agent cannot be combined with --token: the token decides the agent")
         try:
@@ -176,6 +178,10 @@ async def stdio_identity(runtime: Runtime, cfg: ProcessConfig) -> Resolver:
 
     agent_id = agent_slug = None
     if cfg.agent:
+        from sqlalchemy import select
+
+        from datamachine_mcp.storage.models import Agent
+
         async with runtime.db.read() as session:
             agent = (await session.execute(select(Agent).where(Agent.agent_slug == cfg.agent))).scalar_one_or_none()
         if agent is None:

@@ -21,13 +21,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Iterable, Iterator
+import re
+from collections.abc import Iterable, Iterator, Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Any, Protocol
 
-from sqlalchemy import bindparam, text
-
 from datamachine_mcp.storage.db import Database
+from datamachine_mcp.storage.reads import sqlite_connection
 from datamachine_mcp.storage.timeutil import utcnow
 
 log = logging.getLogger("datamachine.server")
@@ -88,14 +88,14 @@ def _chunks(ids: list[int]) -> Iterator[list[int]]:
         yield ids[start : start + CHUNK]
 
 
-def poll_statement(keys: Iterable[Key]) -> Any:
-    """One query for every key: rows ``(kind, id, newest updated_at, count)``; a missing row is gone."""
+def poll_query(keys: Iterable[Key]) -> tuple[str, dict[str, list[int]]]:
+    """One query for every key: rows ``(kind, id, newest updated_at, count)``; a missing row is gone.
+    Its text has an ``IN :name`` list per chunk of ids; the lists are returned beside it."""
     by_kind: dict[str, list[int]] = {"j": [], "f": [], "p": []}
     for kind, ident in keys:
         if kind in by_kind:
             by_kind[kind].append(ident)
     parts = ["SELECT 'L' AS kind, 0 AS id, max(updated_at) AS stamp, count(*) AS n FROM datamachine_pipelines"]
-    names: list[str] = []
     templates = {
         "j": ["SELECT 'j', job_id, updated_at, 1 FROM datamachine_jobs WHERE job_id IN :{name}"],
         "f": ["SELECT 'f', flow_id, updated_at, 1 FROM datamachine_flows WHERE flow_id IN :{name}"],
@@ -109,11 +109,36 @@ def poll_statement(keys: Iterable[Key]) -> Any:
     for kind, ids in by_kind.items():
         for n, chunk in enumerate(_chunks(sorted(ids))):
             name = f"{kind}{n}"
-            names.append(name)
             values[name] = chunk
             parts += [t.format(name=name) for t in templates[kind]]
-    stmt = text(" UNION ALL ".join(parts)).bindparams(*(bindparam(n, expanding=True) for n in names))
+    return " UNION ALL ".join(parts), values
+
+
+def poll_statement(keys: Iterable[Key]) -> Any:
+    """``poll_query`` as a SQLAlchemy statement (its lists expanding bound parameters)."""
+    from sqlalchemy import bindparam, text
+
+    sql, values = poll_query(keys)
+    stmt = text(sql).bindparams(*(bindparam(n, expanding=True) for n in values))
     return stmt.bindparams(**values) if values else stmt
+
+
+def sqlite_poll(db: Database, keys: Iterable[Key]) -> Sequence[Any]:
+    """``poll_query`` on a pooled ``sqlite3`` connection: the once-a-second poll of an idle process
+    neither loads nor pays for SQLAlchemy."""
+    sql, values = poll_query(keys)
+    args: list[int] = []
+
+    def expand(match: re.Match[str]) -> str:
+        ids = values[match.group(1)]
+        args.extend(ids)
+        return "IN (" + ", ".join("?" * len(ids)) + ")"
+
+    with sqlite_connection(db) as conn:
+        return conn.execute(_LIST.sub(expand, sql), args).fetchall()
+
+
+_LIST = re.compile(r"IN :([a-z][0-9]+)")
 
 
 def _stamp(value: Any) -> datetime | None:
@@ -127,10 +152,18 @@ def _stamp(value: Any) -> datetime | None:
 class ChangeWatch:
     """The process's watch over one database (``Notifications.watch_other_processes`` runs it)."""
 
-    def __init__(self, notifications: Announcer, db: Database, *, every: float = WATCH_SECONDS) -> None:
+    def __init__(
+        self,
+        notifications: Announcer,
+        db: Database,
+        *,
+        every: float = WATCH_SECONDS,
+        ready: asyncio.Event | None = None,
+    ) -> None:
         self._notifications = notifications
         self._db = db
         self._every = every
+        self._ready = ready  # set once the baseline is read: changes from then on are announced
         self._started = utcnow()
         self._last: dict[Key, State | None] = {}
         self._wake = asyncio.Event()
@@ -151,6 +184,8 @@ class ChangeWatch:
 
     async def _loop(self) -> None:
         await self.poll()  # the baseline: a change from now on differs from it
+        if self._ready is not None:
+            self._ready.set()
         while True:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), self._every)
@@ -202,8 +237,11 @@ class ChangeWatch:
         """One pass: read the watched rows, announce what differs from the previous pass."""
         keys = keys_of(self._notifications.watched(), self._started)
         try:
-            async with self._db.read() as session:
-                rows = (await session.execute(poll_statement(keys))).all()
+            if self._db.is_sqlite and self._db.path is not None:
+                rows = sqlite_poll(self._db, keys)
+            else:
+                async with self._db.read() as session:
+                    rows = (await session.execute(poll_statement(keys))).all()
         except Exception:
             log.debug("change watch query failed", exc_info=True)
             return

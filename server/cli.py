@@ -175,17 +175,18 @@ def _config(args: argparse.Namespace) -> Any:
     )
 
     db = resolve_db(getattr(args, "db", None))
+    data_dir = resolve_data_dir(getattr(args, "data_dir", None), db)
     local_user = getattr(args, "local_user", None) or int(env("LOCAL_USER", "1") or 1)
     serving = args.command in (None, "serve")
     origins = getattr(args, "allow_origin", None) or (env("ALLOW_ORIGINS") or "").split(",")
     return ProcessConfig(
         db=db,
-        data_dir=resolve_data_dir(getattr(args, "data_dir", None), db),
+        data_dir=data_dir,
         local_user=local_user,
         agent=getattr(args, "agent", None) if serving else None,
         token=(getattr(args, "token", None) or env("TOKEN")) if serving else None,
         toolsets=parse_toolsets(getattr(args, "toolsets", None) or env("TOOLSETS")),
-        tools=parse_tools(getattr(args, "tools", None) or env("TOOLS")) if serving else frozenset(),
+        tools=parse_tools(getattr(args, "tools", None) or env("TOOLS"), data_dir) if serving else frozenset(),
         read_only=bool(getattr(args, "read_only", None) or env("READ_ONLY") in ("1", "true", "yes")),
         worker=not getattr(args, "no_worker", None),
         concurrency=max(1, getattr(args, "concurrency", None) or int(env("CONCURRENCY", "4") or 4)),

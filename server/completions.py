@@ -13,8 +13,8 @@ from typing import Any
 
 from mcp.shared.uri_template import UriTemplate
 
-from datamachine_mcp.abilities.access import Principal
 from datamachine_mcp.abilities.context import Runtime
+from datamachine_mcp.abilities.principal import Principal
 from datamachine_mcp.abilities.registry import Ability
 from datamachine_mcp.abilities.runner import invoke
 from datamachine_mcp.server.prompts import BY_NAME as PROMPTS

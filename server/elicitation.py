@@ -18,9 +18,9 @@ from mcp.server.context import ServerRequestContext
 from mcp.server.request_state import InvalidRequestState, RequestStateBoundary, RequestStateSecurity
 from mcp_types.version import MODERN_PROTOCOL_VERSIONS
 
-from datamachine_mcp.abilities.access import Principal
 from datamachine_mcp.abilities.context import AbilityContext, Runtime
 from datamachine_mcp.abilities.errors import AbilityError
+from datamachine_mcp.abilities.principal import Principal
 from datamachine_mcp.abilities.registry import Ability
 from datamachine_mcp.abilities.runner import parse_input, visible
 from datamachine_mcp.engine.errors import CodedError

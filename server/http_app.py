@@ -24,7 +24,6 @@ from starlette.routing import Route
 from starlette.types import ASGIApp
 
 from datamachine_mcp.abilities.context import Runtime
-from datamachine_mcp.abilities.registry import load_all as load_abilities
 from datamachine_mcp.engine.host import EngineHost
 from datamachine_mcp.resources.registry import load_all as load_resources
 from datamachine_mcp.server.app import DataMachineServer
@@ -51,7 +50,7 @@ class HttpOptions:
 def build_app(runtime: Runtime, options: HttpOptions) -> Starlette:
     """The listener's app; its lifespan runs the MCP sessions, the change watch and (unless disabled) the
     in-process engine."""
-    mcp = DataMachineServer(runtime, load_abilities(), load_resources(), request_principal)
+    mcp = DataMachineServer(runtime, runtime.catalog, load_resources(), request_principal)
     mcp.server.middleware.append(RateLimit(runtime))
     manager = StreamableHTTPSessionManager(
         app=mcp.server,

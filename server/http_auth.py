@@ -21,9 +21,9 @@ from mcp.server.streamable_http import MCP_SESSION_ID_HEADER
 from starlette.datastructures import Headers
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from datamachine_mcp.abilities.access import Principal
 from datamachine_mcp.abilities.context import Runtime
 from datamachine_mcp.abilities.errors import AbilityError
+from datamachine_mcp.abilities.principal import Principal
 from datamachine_mcp.abilities.tokens import TokenRejected, verify_token
 
 log = logging.getLogger("datamachine.http")

@@ -18,8 +18,8 @@ from typing import Any
 
 from mcp.server.context import CallNext, HandlerResult, ServerRequestContext
 
-from datamachine_mcp.abilities.access import Principal
 from datamachine_mcp.abilities.context import Runtime
+from datamachine_mcp.abilities.principal import Principal
 from datamachine_mcp.abilities.runner import refusal
 from datamachine_mcp.engine.errors import CodedError
 from datamachine_mcp.server.app import request_error, tool_error

@@ -12,11 +12,12 @@ from typing import Any
 
 import mcp_types as types
 
+from datamachine_mcp.abilities.catalog import Declared
 from datamachine_mcp.abilities.registry import Ability, link_targets
 from datamachine_mcp.resources.registry import ResourceSpec
 
 
-def link_specs(abilities: Iterable[Ability], resources: Iterable[ResourceSpec]) -> dict[str, ResourceSpec]:
+def link_specs(abilities: Iterable[Declared], resources: Iterable[ResourceSpec]) -> dict[str, ResourceSpec]:
     """The resource declaration behind each link template; a template no resource declares is a bug."""
     by_uri = {spec.uri: spec for spec in resources}
     out: dict[str, ResourceSpec] = {}

@@ -19,6 +19,7 @@ reach subscribers through ``watch_other_processes`` (``change_watch``), which ru
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import AsyncIterator, Awaitable, Hashable, Iterable
 from contextlib import asynccontextmanager
@@ -29,8 +30,8 @@ from typing import Protocol
 from mcp.server.subscriptions import InMemorySubscriptionBus, SubscriptionBus
 from mcp.shared.subscriptions import ResourcesListChanged, ResourceUpdated
 
-from datamachine_mcp.abilities.access import Principal
 from datamachine_mcp.abilities.context import Runtime
+from datamachine_mcp.abilities.principal import Principal
 from datamachine_mcp.resources.registry import ResourceNotFound
 from datamachine_mcp.server.change_watch import WATCH_SECONDS, ChangeWatch
 from datamachine_mcp.server.delivery import COALESCE_SECONDS, Coalescer, PrincipalBus
@@ -253,9 +254,12 @@ class Notifications:
 
     # --- process lifetime ---------------------------------------------------------------------
 
-    async def watch_other_processes(self, db: Database, *, every: float = WATCH_SECONDS) -> None:
-        """Announce changes other processes commit to ``db`` until cancelled (run once per process)."""
-        await ChangeWatch(self, db, every=every).run()
+    async def watch_other_processes(
+        self, db: Database, *, every: float = WATCH_SECONDS, ready: asyncio.Event | None = None
+    ) -> None:
+        """Announce changes other processes commit to ``db`` until cancelled (run once per process);
+        ``ready`` is set once the watch has read where things stand."""
+        await ChangeWatch(self, db, every=every, ready=ready).run()
 
     async def flush(self) -> None:
         """Wait until every scheduled notification has gone out."""

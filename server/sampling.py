@@ -26,7 +26,7 @@ import logging
 import time
 from collections.abc import Hashable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import anyio
 import mcp_types as types
@@ -34,8 +34,9 @@ from mcp.shared.exceptions import MCPError, NoBackChannelError
 from mcp.shared.message import ServerMessageMetadata
 
 from datamachine_mcp.engine.errors import StepError
-from datamachine_mcp.engine.providers import AIRequest, AIResponse
-from datamachine_mcp.engine.providers.base import empty_response
+
+if TYPE_CHECKING:  # the providers load httpx: imported when a completion is asked for
+    from datamachine_mcp.engine.providers import AIRequest, AIResponse
 
 log = logging.getLogger("datamachine.sampling")
 
@@ -149,6 +150,9 @@ class SamplingBridge:
         raise unavailable("every connected session of the user is closed or has no back channel")
 
     async def _ask(self, session: Any, request: AIRequest, seconds: float, related: Any) -> AIResponse:
+        from datamachine_mcp.engine.providers import AIResponse
+        from datamachine_mcp.engine.providers.base import empty_response
+
         system, messages = messages_of(request)
         params = types.CreateMessageRequestParams(
             messages=messages,

@@ -1,20 +1,25 @@
-"""Serving MCP over stdio: nothing but the protocol on stdout, diagnostics on stderr."""
+"""Serving MCP over stdio: nothing but the protocol on stdout, diagnostics on stderr.
+
+The first answers come first: tools are listed from the tool cache without importing the ability
+modules, and the in-process engine (worker, scheduler, maintenance) and the watch for other processes'
+changes start once the session's first request after the handshake is answered (see
+``DataMachineServer.serve``); on a SQLite file the engine's loops wait for work (``engine.idle``).
+"""
 
 from __future__ import annotations
 
 import logging
 import sys
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import anyio
 import mcp_types as types
 from mcp.server.stdio import stdio_server
-from mcp.shared._context_streams import create_context_streams
 from mcp.shared.message import SessionMessage
 from pydantic import ValidationError
 
-from datamachine_mcp.abilities.registry import load_all as load_abilities
-from datamachine_mcp.engine.host import EngineHost
+from datamachine_mcp.engine.idle import LazyEngineHost
 from datamachine_mcp.resources.registry import load_all as load_resources
 from datamachine_mcp.server.app import DataMachineServer
 from datamachine_mcp.server.bootstrap import ProcessConfig, open_runtime, stdio_identity
@@ -55,47 +60,76 @@ def bad_line_reply(exc: Exception) -> SessionMessage | None:
     return SessionMessage(types.JSONRPCError(jsonrpc="2.0", id=ident, error=error))
 
 
-async def serve_answering_bad_lines(app: DataMachineServer, read_stream: Any, write_stream: Any) -> None:
-    """Serve ``app``, answering the lines the SDK's stdio reader could not parse (it passes them on as
-    exceptions, which the session would only log: the client would wait for an answer forever)."""
-    inbound_send, inbound = create_context_streams[SessionMessage | Exception](0)
+class _AnsweringBadLines:
+    """The transport's read stream with the lines it could not parse answered and left out (the SDK's
+    stdio reader passes them on as exceptions, which the session would only log: the client would
+    wait for an answer forever). It reads in the session's own task: no extra hop per message."""
 
-    async def sort_lines() -> None:
-        async with inbound_send:
-            async for item in read_stream:
-                if not isinstance(item, Exception):
-                    await inbound_send.send(item)
-                    continue
-                log.warning("unreadable message on stdin: %s", item.__class__.__name__)
-                reply = bad_line_reply(item)
-                if reply is not None:
-                    try:
-                        await write_stream.send(reply)
-                    except (anyio.ClosedResourceError, anyio.BrokenResourceError):
-                        return
+    def __init__(self, source: Any, write_stream: Any) -> None:
+        self._source = source
+        self._write = write_stream
 
-    async with anyio.create_task_group() as tg:
-        tg.start_soon(sort_lines)
-        await app.serve(inbound, write_stream)
-        tg.cancel_scope.cancel()
+    @property
+    def last_context(self) -> Any:
+        """The sender's context of the message last received (the session restores it)."""
+        return getattr(self._source, "last_context", None)
+
+    async def receive(self) -> SessionMessage:
+        while True:
+            item = await self._source.receive()
+            if not isinstance(item, Exception):
+                return item
+            log.warning("unreadable message on stdin: %s", item.__class__.__name__)
+            reply = bad_line_reply(item)
+            if reply is not None:
+                try:
+                    await self._write.send(reply)
+                except (anyio.ClosedResourceError, anyio.BrokenResourceError):
+                    raise anyio.EndOfStream from None
+
+    def __aiter__(self) -> _AnsweringBadLines:
+        return self
+
+    async def __anext__(self) -> SessionMessage:
+        try:
+            return await self.receive()
+        except anyio.EndOfStream:
+            raise StopAsyncIteration from None
+
+    async def aclose(self) -> None:
+        await self._source.aclose()
+
+    async def __aenter__(self) -> _AnsweringBadLines:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
+
+async def serve_answering_bad_lines(
+    app: DataMachineServer, read_stream: Any, write_stream: Any, start: Callable[[], Awaitable[None]] | None = None
+) -> None:
+    """Serve ``app``, answering the lines the transport could not read as messages; ``start``: see
+    ``DataMachineServer.serve``."""
+    await app.serve(_AnsweringBadLines(read_stream, write_stream), write_stream, start=start)
 
 
 async def serve_stdio(cfg: ProcessConfig) -> int:
     runtime = await open_runtime(cfg)
-    host: EngineHost | None = None
+    engine: LazyEngineHost | None = None
     try:
         resolver = await stdio_identity(runtime, cfg)
-        app = DataMachineServer(runtime, load_abilities(), load_resources(), resolver)
+        app = DataMachineServer(runtime, runtime.catalog, load_resources(), resolver)
         if cfg.worker:
             assert runtime.engine is not None  # open_runtime attaches one
-            host = EngineHost(runtime.engine, concurrency=cfg.concurrency)
-            await host.start()
+            engine = LazyEngineHost(runtime.engine, concurrency=cfg.concurrency)
         if sys.stdin.isatty():
             sys.stderr.write(CONNECT_HINT.format(db=runtime.db.describe()))
         async with stdio_server() as (read_stream, write_stream):
-            await serve_answering_bad_lines(app, read_stream, write_stream)
+            start = engine.start if engine is not None else None
+            await serve_answering_bad_lines(app, read_stream, write_stream, start)
     finally:
-        if host is not None:
-            await host.stop()
+        if engine is not None:
+            await engine.stop()
         await runtime.db.dispose()
     return 0

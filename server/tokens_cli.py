@@ -12,7 +12,7 @@ from typing import Any
 
 from sqlalchemy import select
 
-from datamachine_mcp.abilities.access import Principal
+from datamachine_mcp.abilities.principal import Principal
 from datamachine_mcp.abilities.registry import load_all
 from datamachine_mcp.abilities.runner import invoke
 from datamachine_mcp.abilities.tokens import token_info

@@ -8,10 +8,10 @@ import json
 import os
 import stat
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from cryptography.exceptions import InvalidTag
-from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+if TYPE_CHECKING:
+    from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 MASK = "********"
 ENVELOPE_KEY = "__encrypted__"
@@ -48,7 +48,17 @@ class SecretBox:
     def __init__(self, key: bytes) -> None:
         if len(key) != 32:
             raise SecretKeyError("the secret key must be 32 bytes")
-        self._aead = AESGCM(key)
+        self._key = key
+        self._cipher: AESGCM | None = None
+
+    @property
+    def _aead(self) -> AESGCM:
+        # cryptography is imported on the first secret, not at every start of a process
+        if self._cipher is None:
+            from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+            self._cipher = AESGCM(self._key)
+        return self._cipher
 
     def encrypt(self, value: Any, kind: str) -> dict[str, str]:
         nonce = os.urandom(12)
@@ -62,6 +72,8 @@ class SecretBox:
         token = envelope[ENVELOPE_KEY]
         if not token.startswith("v1:"):
             raise SecretUnavailable("unknown envelope version")
+        from cryptography.exceptions import InvalidTag
+
         try:
             raw = base64.urlsafe_b64decode(token[3:] + "=" * (-len(token[3:]) % 4))
             plaintext = self._aead.decrypt(raw[:12], raw[12:], kind.encode())

@@ -14,23 +14,25 @@ to the busy timeout instead of letting SQLite's ``busy_timeout`` block the threa
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import sqlite3
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
+from functools import cached_property
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import event, text
-from sqlalchemy.engine import Connection
-from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker, create_async_engine
-from sqlalchemy.pool import StaticPool
-from sqlalchemy.sql import Select
-from sqlalchemy.util.concurrency import await_
+# SQLAlchemy is imported when the engines are first used: a process that only lists tools never loads
+# it (the start-up schema check reads the raw driver, see storage.migrate).
+if TYPE_CHECKING:
+    from sqlalchemy.engine import Connection
+    from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
+    from sqlalchemy.sql import Select
 
-import datamachine_mcp.storage.sqlite_driver  # noqa: F401 - registers the sqlite+dminline dialect
+    from datamachine_mcp.storage.reads import Reads
 
 log = logging.getLogger(__name__)
 
@@ -71,6 +73,9 @@ SQLITE_MIN_ANALYZED_ROWS = 10_000
 
 
 def _install_sqlite_hooks(engine: AsyncEngine, *, write: bool, busy_timeout_ms: int) -> None:
+    from sqlalchemy import event
+    from sqlalchemy.util.concurrency import await_
+
     @event.listens_for(engine.sync_engine, "connect")
     def _on_connect(dbapi_connection: Any, _record: Any) -> None:
         # Take over transaction control from the driver so BEGIN can be IMMEDIATE.
@@ -122,7 +127,8 @@ def configure_sqlite(raw: sqlite3.Connection, *, write: bool) -> None:
 
 
 class Database:
-    """One database (SQLite file or PostgreSQL), with write and read sessions."""
+    """One database (SQLite file or PostgreSQL), with write and read sessions; its engines are created
+    on first use."""
 
     def __init__(
         self,
@@ -134,28 +140,55 @@ class Database:
         self.url = normalize_url(path_or_url)
         self.dialect = "postgresql" if self.url.startswith("postgresql") else "sqlite"
         self.path = sqlite_path(self.url)
-        if self.dialect == "sqlite":
-            if self.path is not None:
-                self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-            memory = self.path is None
-            kwargs: dict[str, Any] = {"poolclass": StaticPool} if memory else {}
-            self.write_engine = create_async_engine(self.url, **kwargs)
-            _install_sqlite_hooks(self.write_engine, write=True, busy_timeout_ms=busy_timeout_ms)
-            if memory:  # one shared connection: reads go through the write engine
-                self.read_engine = self.write_engine
-            else:
-                self.read_engine = create_async_engine(self.url)
-                _install_sqlite_hooks(self.read_engine, write=False, busy_timeout_ms=busy_timeout_ms)
-        else:
-            self.write_engine = create_async_engine(
-                self.url, pool_size=pool_size, max_overflow=pool_size, pool_pre_ping=True
-            )
-            self.read_engine = self.write_engine
+        if self.dialect == "sqlite" and self.path is not None:
+            self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
         self.busy_timeout_ms = busy_timeout_ms
+        self.pool_size = pool_size
         self._write_lock = asyncio.Lock() if self.dialect == "sqlite" else None
         self._closers: list[Callable[[], Awaitable[None]]] = []
-        self._writer = async_sessionmaker(self.write_engine, expire_on_commit=False, autoflush=True)
-        self._reader = async_sessionmaker(self.read_engine, expire_on_commit=False, autoflush=True)
+        self.light_connections: list[sqlite3.Connection] = []  # idle connections of ``reads()`` (SQLite)
+
+    @cached_property
+    def _engines(self) -> tuple[AsyncEngine, AsyncEngine]:
+        from sqlalchemy.ext.asyncio import create_async_engine
+        from sqlalchemy.pool import StaticPool
+
+        import datamachine_mcp.storage.sqlite_driver  # noqa: F401 - registers the sqlite+dminline dialect
+
+        if self.dialect != "sqlite":
+            pooled = create_async_engine(
+                self.url, pool_size=self.pool_size, max_overflow=self.pool_size, pool_pre_ping=True
+            )
+            return pooled, pooled
+        memory = self.path is None
+        kwargs: dict[str, Any] = {"poolclass": StaticPool} if memory else {}
+        write_engine = create_async_engine(self.url, **kwargs)
+        _install_sqlite_hooks(write_engine, write=True, busy_timeout_ms=self.busy_timeout_ms)
+        if memory:  # one shared connection: reads go through the write engine
+            return write_engine, write_engine
+        read_engine = create_async_engine(self.url)
+        _install_sqlite_hooks(read_engine, write=False, busy_timeout_ms=self.busy_timeout_ms)
+        return write_engine, read_engine
+
+    @property
+    def write_engine(self) -> AsyncEngine:
+        return self._engines[0]
+
+    @property
+    def read_engine(self) -> AsyncEngine:
+        return self._engines[1]
+
+    @cached_property
+    def _writer(self) -> async_sessionmaker[AsyncSession]:
+        from sqlalchemy.ext.asyncio import async_sessionmaker
+
+        return async_sessionmaker(self.write_engine, expire_on_commit=False, autoflush=True)
+
+    @cached_property
+    def _reader(self) -> async_sessionmaker[AsyncSession]:
+        from sqlalchemy.ext.asyncio import async_sessionmaker
+
+        return async_sessionmaker(self.read_engine, expire_on_commit=False, autoflush=True)
 
     @property
     def is_sqlite(self) -> bool:
@@ -188,6 +221,16 @@ class Database:
         async with self._reader() as session:
             yield session
 
+    def read_session(self) -> AsyncSession:
+        """A read session not yet begun (it begins at its first statement); the caller closes it."""
+        return self._reader()
+
+    def reads(self) -> contextlib.AbstractAsyncContextManager[Reads]:
+        """A light read transaction: prebuilt Core SELECTs without an ORM session (``storage.reads``)."""
+        from datamachine_mcp.storage.reads import open_reads
+
+        return open_reads(self)
+
     def for_update(self, stmt: Select[Any], *, skip_locked: bool = False) -> Select[Any]:
         """Lock the selected rows for a read-modify-write of a JSON column or a job row.
 
@@ -203,6 +246,8 @@ class Database:
         The hot dedup queries are shaped not to depend on them; other queries choose better with them.
         PostgreSQL's autovacuum gathers them as well.
         """
+        from sqlalchemy import text
+
         for table in ANALYZED_TABLES:  # one short transaction per table: its lock is not held for the rest
             async with self.write() as session:
                 if self.is_sqlite:
@@ -215,9 +260,14 @@ class Database:
         closers, self._closers = self._closers, []
         for closer in closers:
             await closer()
-        await self.write_engine.dispose()
-        if self.read_engine is not self.write_engine:
-            await self.read_engine.dispose()
+        while self.light_connections:
+            self.light_connections.pop().close()
+        if "_engines" not in self.__dict__:
+            return  # never used: no engine to close
+        write_engine, read_engine = self._engines
+        await write_engine.dispose()
+        if read_engine is not write_engine:
+            await read_engine.dispose()
 
     def describe(self) -> str:
         if self.path is not None:

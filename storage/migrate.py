@@ -1,7 +1,8 @@
 """Schema migrations on start, under a lock (docs/storage.md, Migrations).
 
-Startup reads ``alembic_version`` directly and imports Alembic only when an upgrade is needed:
-the common case (schema already at head) then costs one query.
+Startup reads ``alembic_version`` with the raw driver (``sqlite3``, ``asyncpg``) and imports
+SQLAlchemy and Alembic only when an upgrade is needed: the common case (schema already at head) then
+costs one query and no import.
 """
 
 from __future__ import annotations
@@ -9,14 +10,14 @@ from __future__ import annotations
 import logging
 import sqlite3
 from pathlib import Path
-from typing import Any, cast
-
-from sqlalchemy import inspect, text
-from sqlalchemy.engine import Connection
-from sqlalchemy.ext.asyncio import AsyncConnection
+from typing import TYPE_CHECKING, Any, cast
 
 from datamachine_mcp.storage.db import Database
 from datamachine_mcp.storage.migrations import HEAD_REVISION
+
+if TYPE_CHECKING:
+    from sqlalchemy.engine import Connection
+    from sqlalchemy.ext.asyncio import AsyncConnection
 
 log = logging.getLogger(__name__)
 
@@ -39,14 +40,52 @@ def alembic_config(connection: Connection | None = None) -> Any:
 
 
 def _read_revision(conn: Connection) -> str | None:
+    from sqlalchemy import inspect, text
+
     if not inspect(conn).has_table("alembic_version"):
         return None
     return conn.execute(text("SELECT version_num FROM alembic_version")).scalar()
 
 
 async def current_revision(db: Database) -> str | None:
+    """The schema revision recorded in the database (None: not migrated yet), read on the raw driver."""
+    if db.path is not None:
+        return _sqlite_revision(db.path)
+    if db.dialect == "postgresql":
+        try:
+            return await _pg_revision(db.url)
+        except Exception:  # e.g. a URL option only SQLAlchemy's dialect knows: ask through it instead
+            log.debug("reading the schema revision with asyncpg failed", exc_info=True)
+    # in-memory SQLite (only the engine's connection sees it), or the fallback above
     async with db.read_engine.connect() as conn:
         return await conn.run_sync(_read_revision)
+
+
+def _sqlite_revision(path: Path) -> str | None:
+    if not path.exists():
+        return None
+    conn = sqlite3.connect(path, timeout=5)
+    try:
+        found = conn.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'alembic_version'")
+        if found.fetchone() is None:
+            return None
+        row = conn.execute("SELECT version_num FROM alembic_version").fetchone()
+        return row[0] if row else None
+    finally:
+        conn.close()
+
+
+async def _pg_revision(url: str) -> str | None:
+    import asyncpg
+
+    conn = await asyncpg.connect(url.replace("postgresql+asyncpg://", "postgresql://", 1))
+    try:
+        if await conn.fetchval("SELECT to_regclass('alembic_version')") is None:
+            return None
+        value = await conn.fetchval("SELECT version_num FROM alembic_version")
+        return value if isinstance(value, str) else None
+    finally:
+        await conn.close()
 
 
 def _upgrade(conn: Connection) -> str | None:
@@ -71,6 +110,8 @@ async def migrate(db: Database) -> bool:
     """Bring the schema to head. Returns True when an upgrade ran."""
     if await current_revision(db) == HEAD_REVISION:
         return False
+    from sqlalchemy import text
+
     if db.dialect == "postgresql":
         async with db.write_engine.connect() as conn:
             await conn.execute(text(f"SELECT pg_advisory_lock({_PG_LOCK})"))

@@ -14,18 +14,19 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import datetime
+from functools import cache
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlparse
 
-from sqlalchemy import select
-from sqlalchemy.dialects.postgresql import insert as pg_insert
-from sqlalchemy.dialects.sqlite import insert as sqlite_insert
-from sqlalchemy.ext.asyncio import AsyncSession
-
 from datamachine_mcp.storage.crypto import MASK, SecretBox, is_envelope, mask
-from datamachine_mcp.storage.models import LOG_LEVELS, Setting
 from datamachine_mcp.storage.timeutil import utcnow
+
+# SQLAlchemy and the models are imported by the methods that read or write rows: a process that
+# serves only its tool list opens a SettingsStore without loading them.
+if TYPE_CHECKING:
+    from sqlalchemy import Select
+    from sqlalchemy.ext.asyncio import AsyncSession
 
 CACHE_SECONDS = 2.0
 PROVIDERS = ("openai", "anthropic", "sampling")
@@ -54,6 +55,11 @@ class IntSpec:
 
 def _insert(session: AsyncSession) -> Any:
     """The dialect's INSERT construct (both offer ``on_conflict_do_update``)."""
+    from sqlalchemy.dialects.postgresql import insert as pg_insert
+    from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+
+    from datamachine_mcp.storage.models import Setting
+
     return pg_insert(Setting) if session.get_bind().dialect.name == "postgresql" else sqlite_insert(Setting)
 
 
@@ -201,8 +207,16 @@ class Snapshot(Mapping[str, Any]):
 
 # Settings that decide who may do what (admins, self-service limits, rate limits): read current.
 ACCESS_KEYS = frozenset({"admin_user_ids", "max_agents_per_user", "http_rate_limit_per_minute", "webhook_rate_limit"})
-_T = Setting.__table__.c
-_ACCESS_STAMPS = select(_T.key, _T.updated_at).where(_T.key.in_(sorted(ACCESS_KEYS)))
+
+
+@cache
+def _access_stamps() -> Select[Any]:
+    from sqlalchemy import select
+
+    from datamachine_mcp.storage.models import Setting
+
+    columns = Setting.__table__.c
+    return select(columns.key, columns.updated_at).where(columns.key.in_(sorted(ACCESS_KEYS)))
 
 
 class SettingsStore:
@@ -229,11 +243,15 @@ class SettingsStore:
         if not fresh and self._cache is not None:
             snap = self._cache[1]
             if access:
-                stamps = dict((await session.execute(_ACCESS_STAMPS)).all())
+                stamps = dict((await session.execute(_access_stamps())).all())
                 if stamps == {k: v for k, v in snap.updated_at.items() if k in ACCESS_KEYS}:
                     return snap
             elif now - self._cache[0] < CACHE_SECONDS:
                 return snap
+        from sqlalchemy import select
+
+        from datamachine_mcp.storage.models import Setting
+
         rows = (await session.execute(select(Setting))).scalars().all()
         stored = {row.key: row for row in rows}
         values: dict[str, Any] = {}
@@ -259,6 +277,8 @@ class SettingsStore:
         return stored
 
     async def internal_get(self, session: AsyncSession, key: str) -> Any:
+        from datamachine_mcp.storage.models import Setting
+
         row = await session.get(Setting, key)
         return None if row is None else row.value
 
@@ -280,6 +300,8 @@ class SettingsStore:
         once-a-day jobs (retention) run on one process even when several start together.
         """
         now = at
+        from datamachine_mcp.storage.models import Setting
+
         stmt = _insert(session).values(key=key, value=value, is_secret=False, updated_at=now)
         stmt = stmt.on_conflict_do_update(
             index_elements=["key"],
@@ -298,6 +320,8 @@ class SettingsStore:
         self, session: AsyncSession, changes: Mapping[str, Any], *, user_id: int | None
     ) -> tuple[list[str], dict[str, Any]]:
         """Validate, clamp and store ``changes``. Returns (updated keys, adjusted values)."""
+        from datamachine_mcp.storage.models import Setting
+
         current = await self.snapshot(session, fresh=True)
         adjusted: dict[str, Any] = {}
         to_store: dict[str, Any] = {}
@@ -328,6 +352,8 @@ class SettingsStore:
         if key in INT_SETTINGS:
             return _clamp(key, value, adjusted)
         if key == "log_level":
+            from datamachine_mcp.storage.models import LOG_LEVELS
+
             if value not in LOG_LEVELS:
                 raise SettingError(key, f"log_level must be one of: {', '.join(LOG_LEVELS)}")
             return value

@@ -191,6 +191,14 @@ def test_published_input_schemas_are_lean():
     assert "handler_slug" not in step  # refused with its own code, not published
 
 
+def test_published_output_schemas_carry_no_titles():
+    """Clients validate every result against the output schema; pydantic's titles only cost them time."""
+    for slug, ability in load_abilities().items():
+        assert not _keywords(ability.output_schema, "title"), slug
+    # a property named "title" (a chat session's) is a property, not a keyword: it stays
+    assert '"title": {' in json.dumps(load_abilities()["get-chat-session"].output_schema)
+
+
 async def test_null_for_an_optional_field_is_still_accepted_as_leaving_it_out(runtime, owner):
     # The schema no longer offers null; a client that sends it anyway is answered as before.
     out = await call(owner, "list-agents", {"status": None, "per_page": 5})
