@@ -24,7 +24,8 @@ from datamachine_mcp.abilities.agent_creation import (
 )
 from datamachine_mcp.abilities.context import AbilityContext
 from datamachine_mcp.abilities.flow_ops import create_flow_record, seeded_warnings
-from datamachine_mcp.abilities.pipeline_common import new_pipeline_step_id, notify_flow, notify_pipeline, ordered_steps
+from datamachine_mcp.abilities.pipeline_common import new_pipeline_step_id, ordered_steps
+from datamachine_mcp.abilities.pipeline_views import notify_flow, notify_pipeline
 from datamachine_mcp.abilities.registry import ability
 from datamachine_mcp.abilities.schema import Input, Output
 from datamachine_mcp.storage.models import Agent, Pipeline

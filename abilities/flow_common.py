@@ -11,7 +11,8 @@ from datamachine_mcp.abilities.context import AbilityContext
 from datamachine_mcp.abilities.errors import AbilityError
 from datamachine_mcp.abilities.flow_ops import normalize_schedule
 from datamachine_mcp.abilities.json_schema import UNPUBLISHED
-from datamachine_mcp.abilities.pipeline_common import flows_out, owner_of
+from datamachine_mcp.abilities.pipeline_common import owner_of
+from datamachine_mcp.abilities.pipeline_views import flows_out
 from datamachine_mcp.abilities.schema import Input
 from datamachine_mcp.engine import schedule as sched
 from datamachine_mcp.storage.models import Agent, Flow

@@ -16,13 +16,8 @@ from datamachine_mcp.abilities.flow_ops import (
     create_flow_record,
     normalize_schedule,
 )
-from datamachine_mcp.abilities.pipeline_common import (
-    load_flow,
-    load_pipeline,
-    mask_schedule,
-    notify_flow,
-    ordered_steps,
-)
+from datamachine_mcp.abilities.pipeline_common import load_flow, load_pipeline, ordered_steps
+from datamachine_mcp.abilities.pipeline_views import mask_schedule, notify_flow
 from datamachine_mcp.abilities.registry import ability
 from datamachine_mcp.abilities.schema import Input, Output
 from datamachine_mcp.engine import schedule as sched

@@ -15,14 +15,8 @@ from datamachine_mcp.abilities.context import AbilityContext
 from datamachine_mcp.abilities.errors import AbilityError, AccessDenied
 from datamachine_mcp.abilities.flow_common import flow_target
 from datamachine_mcp.abilities.flow_ops import normalize_schedule, set_schedule
-from datamachine_mcp.abilities.pipeline_common import (
-    flows_of,
-    load_flow,
-    load_pipeline,
-    mask_schedule,
-    notify_flow,
-    owner_of,
-)
+from datamachine_mcp.abilities.pipeline_common import flows_of, load_flow, load_pipeline, owner_of
+from datamachine_mcp.abilities.pipeline_views import mask_schedule, notify_flow
 from datamachine_mcp.abilities.registry import ability
 from datamachine_mcp.abilities.schema import Input, Opt, Output
 from datamachine_mcp.engine import schedule as sched

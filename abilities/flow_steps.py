@@ -17,14 +17,8 @@ from datamachine_mcp.abilities.access import Owner, Role
 from datamachine_mcp.abilities.context import AbilityContext
 from datamachine_mcp.abilities.errors import AbilityError
 from datamachine_mcp.abilities.flow_ops import StepEdit, apply_step_edit, seeded_warnings
-from datamachine_mcp.abilities.pipeline_common import (
-    FlowStepOut,
-    flow_step_dict,
-    notify_flow,
-    ordered_steps,
-    owner_of,
-    parse_flow_step_id,
-)
+from datamachine_mcp.abilities.pipeline_common import ordered_steps, owner_of, parse_flow_step_id
+from datamachine_mcp.abilities.pipeline_views import FlowStepOut, flow_step_dict, notify_flow
 from datamachine_mcp.abilities.registry import ability
 from datamachine_mcp.abilities.schema import Input, Output
 from datamachine_mcp.storage.models import Flow, Pipeline

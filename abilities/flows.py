@@ -1,8 +1,9 @@
 """Flows toolset, part 1: get, create, update and delete flows.
 
-duplicate-flow is in ``abilities.flow_duplicate``; pausing, resuming and scheduling in
-``abilities.flow_schedule``; flow steps in ``abilities.flow_steps`` and ``abilities.flow_steps_config``;
-prompt queues in ``abilities.queues`` and webhook triggers in ``abilities.webhook_triggers``.
+get-flows' query is in ``abilities.flow_listing``; duplicate-flow in ``abilities.flow_duplicate``;
+pausing, resuming and scheduling in ``abilities.flow_schedule``; flow steps in ``abilities.flow_steps``
+and ``abilities.flow_steps_config``; prompt queues in ``abilities.queues`` and webhook triggers in
+``abilities.webhook_triggers``.
 """
 
 from __future__ import annotations
@@ -21,83 +22,21 @@ from datamachine_mcp.abilities.flow_common import (
     ScheduleIn,
     clean_name,
     flow_data,
-    flow_target,
     new_flow_owner,
     schedule_from,
 )
+from datamachine_mcp.abilities.flow_listing import GetFlowsIn, GetFlowsOut, list_flows
 from datamachine_mcp.abilities.flow_ops import StepConfigInput, create_flow_record, set_schedule
-from datamachine_mcp.abilities.pipeline_common import (
-    FlowOut,
-    flow_step_dict,
-    flows_out,
-    load_flow,
-    load_pipeline,
-    mask_schedule,
-    notify_flow,
-    ordered_steps,
-    owner_of,
-)
+from datamachine_mcp.abilities.pipeline_common import load_flow, load_pipeline, ordered_steps
+from datamachine_mcp.abilities.pipeline_views import FlowOut, flow_step_dict, mask_schedule, notify_flow
 from datamachine_mcp.abilities.questions import confirmation
 from datamachine_mcp.abilities.registry import ability
-from datamachine_mcp.abilities.schema import OFFSET_DESC, PER_PAGE_DESC, Input, Output
+from datamachine_mcp.abilities.schema import Input, Output
 from datamachine_mcp.abilities.uris import FLOW
 from datamachine_mcp.storage.models import Agent, Flow, Job, ProcessedItem
 from datamachine_mcp.storage.timeutil import iso, utcnow
 
-# --- get-flows --------------------------------------------------------------------------------
-
-
-class GetFlowsIn(Input):
-    flow_id: int | None = Field(None, ge=1, description="One flow")
-    pipeline_id: int | None = Field(None, ge=1, description="Pipeline filter")
-    agent_id: int | None = Field(None, ge=1, description="Agent filter")
-    user_id: int | None = Field(None, ge=0, description="User filter (0 = shared)")
-    handler_slug: str | None = Field(None, max_length=100, description="Flows using this handler")
-    output_mode: Literal["full", "list", "summary", "ids"] = Field(
-        "full",
-        description="Row shape",
-    )
-    per_page: int = Field(20, ge=1, le=100, description=PER_PAGE_DESC)
-    offset: int = Field(0, ge=0, description=OFFSET_DESC)
-
-
-class FlowSummaryOut(Output):
-    flow_id: int = Field(description="Flow id")
-    flow_name: str = Field(description="Name")
-    pipeline_id: int = Field(description="Pipeline id")
-    last_run_status: str | None = Field(description="Display status of the newest finished run")
-
-
-class GetFlowsOut(Output):
-    flows: list[FlowOut | FlowSummaryOut | int] = Field(description="Rows in the shape of output_mode, by flow_id")
-    total: int = Field(description="Readable flows matching the filters")
-    per_page: int = Field(description="Page size used")
-    offset: int = Field(description="Offset used")
-    output_mode: str = Field(description="Row shape used")
-    filters_applied: dict[str, Any] = Field(description="The filters that were applied")
-
-
-def _uses_handler(flow: Flow, slug: str) -> bool:
-    return any(
-        isinstance(step, dict) and slug in (step.get("handler_slugs") or [])
-        for step in (flow.flow_config or {}).values()
-    )
-
-
-async def _rows(ctx: AbilityContext, flows: list[Flow], mode: str) -> list[Any]:
-    if mode == "ids":
-        return [f.flow_id for f in flows]
-    if mode == "summary":
-        return [
-            {
-                "flow_id": f.flow_id,
-                "flow_name": f.flow_name,
-                "pipeline_id": f.pipeline_id,
-                "last_run_status": f.last_run_status,
-            }
-            for f in flows
-        ]
-    return await flows_out(ctx, flows, full=mode == "full")
+# --- get-flows (the query: abilities.flow_listing) --------------------------------------------
 
 
 @ability(
@@ -110,55 +49,7 @@ async def _rows(ctx: AbilityContext, flows: list[Flow], mode: str) -> list[Any]:
     description=("Get one flow or list flows: step configs, schedule, last and next run."),
 )
 async def get_flows(ctx: AbilityContext, inp: GetFlowsIn) -> GetFlowsOut:
-    common = {"per_page": inp.per_page, "offset": inp.offset, "output_mode": inp.output_mode}
-    if inp.flow_id is not None:
-        flow = await ctx.session.get(Flow, inp.flow_id)
-        rows: list[Any] = []
-        if flow is not None:
-            await ctx.access.authorize(
-                await owner_of(ctx, flow.agent_id, flow.user_id),
-                "viewer",
-                mutating=False,
-                target=flow_target(flow.flow_id),
-            )
-            rows = await _rows(ctx, [flow], inp.output_mode)
-        return GetFlowsOut.model_validate(
-            {"flows": rows, "total": len(rows), **common, "filters_applied": {"flow_id": inp.flow_id}}
-        )
-    applied: dict[str, Any] = {}
-    conds = [await ctx.access.scope_filter(Flow.agent_id, Flow.user_id)]
-    if inp.pipeline_id is not None:
-        conds.append(Flow.pipeline_id == inp.pipeline_id)
-        applied["pipeline_id"] = inp.pipeline_id
-    if inp.agent_id is not None:
-        agent = await ctx.session.get(Agent, inp.agent_id)
-        if agent is None:
-            raise AbilityError("agent_not_found", f"Agent {inp.agent_id} not found.", agent_id=inp.agent_id)
-        await ctx.access.check_agent_filter(agent.agent_id, agent.agent_slug)
-        conds.append(Flow.agent_id == inp.agent_id)
-        applied["agent_id"] = inp.agent_id
-    elif inp.user_id is not None:
-        ctx.access.check_user_filter(inp.user_id)
-        conds.append(Flow.user_id == inp.user_id)
-        applied["user_id"] = inp.user_id
-    if inp.handler_slug is not None:
-        applied["handler_slug"] = inp.handler_slug
-        everything = (await ctx.session.execute(select(Flow).where(*conds).order_by(Flow.flow_id))).scalars().all()
-        matching = [f for f in everything if _uses_handler(f, inp.handler_slug)]
-        total = len(matching)
-        page = matching[inp.offset : inp.offset + inp.per_page]
-    else:
-        total = (await ctx.session.execute(select(func.count()).select_from(Flow).where(*conds))).scalar() or 0
-        page = list(
-            (
-                await ctx.session.execute(
-                    select(Flow).where(*conds).order_by(Flow.flow_id).limit(inp.per_page).offset(inp.offset)
-                )
-            ).scalars()
-        )
-    return GetFlowsOut.model_validate(
-        {"flows": await _rows(ctx, page, inp.output_mode), "total": total, **common, "filters_applied": applied}
-    )
+    return await list_flows(ctx, inp)
 
 
 # --- create-flow ------------------------------------------------------------------------------

@@ -12,7 +12,8 @@ from datamachine_mcp.abilities.access import ROLE_RANK, Role
 from datamachine_mcp.abilities.context import AbilityContext
 from datamachine_mcp.abilities.errors import AbilityError
 from datamachine_mcp.abilities.job_common import JobOut, child_counts, job_dict, load_job
-from datamachine_mcp.abilities.pipeline_common import load_flow, notify_flow, owner_of
+from datamachine_mcp.abilities.pipeline_common import load_flow, owner_of
+from datamachine_mcp.abilities.pipeline_views import notify_flow
 from datamachine_mcp.abilities.registry import ability
 from datamachine_mcp.abilities.schema import Input, Opt, Output
 from datamachine_mcp.abilities.uris import FLOW, JOB
@@ -157,7 +158,9 @@ async def wait_and_describe(
     if not result.final:
         where = await front.position_of(engine, job or result.job)
         idle = described["base_status"] == st.PENDING and not await worker_alive(ctx)
-        out["follow_up"] = follow_up(job_id, described["status"], where.step, result.waited_seconds, no_worker=idle)
+        out["follow_up"] = follow_up(
+            job_id, described["status"], where.step, result.waited_seconds, where.retrying, no_worker=idle
+        )
     return out
 
 
@@ -170,8 +173,11 @@ async def worker_alive(ctx: AbilityContext) -> bool:
     return any(isinstance(at, str) and at >= recent for at in beats.values())
 
 
-def follow_up(job_id: int, status: str, step: str, waited: float, *, no_worker: bool = False) -> str:
-    """What to tell a caller whose wait ended before the job: it runs on, and how to follow it."""
+def follow_up(
+    job_id: int, status: str, step: str, waited: float, retrying: str | None = None, *, no_worker: bool = False
+) -> str:
+    """What to tell a caller whose wait ended before the job: it runs on (or when it retries), and how
+    to follow it."""
     if no_worker:
         return (
             f"Job {job_id} is still pending after {waited:.0f} s ({step}): no worker has run in the last "
@@ -179,7 +185,8 @@ def follow_up(job_id: int, status: str, step: str, waited: float, *, no_worker: 
             f"`datamachine-mcp worker` on the same database; the job runs then. Read {JOB.format(job_id=job_id)}."
         )
     text = (
-        f"Job {job_id} is not finished after {waited:.0f} s ({status}, {step}); it keeps running. "
+        f"Job {job_id} is not finished after {waited:.0f} s ({status}, {step}); "
+        f"{f'it is {retrying}' if retrying else 'it keeps running'}. "
         f'Follow it with wait-for-job {{"job_id": {job_id}}} or read {JOB.format(job_id=job_id)}.'
     )
     if status.startswith(st.WAITING):

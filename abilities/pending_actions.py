@@ -241,6 +241,39 @@ def already_resolved(job: Any, action_id: str) -> AbilityError:
     )
 
 
+PREVIEW_TITLES = 3
+PREVIEW_BODY = 280
+
+
+def _clip(text: str, limit: int) -> str:
+    text = " ".join(text.split())
+    return text if len(text) <= limit else text[: limit - 1].rstrip() + "…"
+
+
+async def approval_details(ctx: AbilityContext, inp: ResolveIn) -> str | None:
+    """For the question: the flow, the approval step (label and what to check) and the packets it holds."""
+    job = await find_action(ctx, inp.action_id)
+    owner = await owner_of(ctx, job.agent_id, job.user_id)
+    await ctx.access.authorize(owner, "operator", mutating=False, target={"type": "job", "id": job.job_id})
+    action = action_dict(job)
+    if job.wait_ref != inp.action_id or action["status"] != "pending":
+        return None  # decided already: the call says so
+    flow = f"Flow: {action['flow_name']} (flow {action['flow_id']}, job {job.job_id})" if job.flow_id else ""
+    lines = [flow or f"Job {job.job_id} (a direct workflow)"]
+    engine = ctx.runtime.engine
+    step = (await front.position_of(engine, job)).step if engine is not None else "approval step"
+    lines.append(f"{step[0].upper()}{step[1:]}" + (f" — {action['description']}" if action["description"] else ""))
+    packets = [p for p in mask(job.packets or []) if isinstance(p, dict)]
+    titles = [str((p.get("data") or {}).get("title") or "(untitled)") for p in packets[:PREVIEW_TITLES]]
+    if titles:
+        more = f" and {len(packets) - len(titles)} more" if len(packets) > len(titles) else ""
+        lines.append(f"Awaiting approval: {', '.join(_clip(t, 80) for t in titles)}{more}")
+    body = str((action["preview"] or {}).get("body") or "")
+    if body:
+        lines.append(f"Preview: {_clip(body, PREVIEW_BODY)}")
+    return "\n".join(lines)
+
+
 @ability(
     "resolve-pending-action",
     core=True,
@@ -262,6 +295,7 @@ def already_resolved(job: Any, action_id: str) -> AbilityError:
         },
         required=("decision",),
         unsupported=DECISION_REQUIRED,
+        details=approval_details,
     ),
     toolset="jobs",
     level="operator",

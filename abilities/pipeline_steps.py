@@ -17,20 +17,17 @@ from datamachine_mcp.abilities.errors import AbilityError
 from datamachine_mcp.abilities.flow_ops import seeded_warnings
 from datamachine_mcp.abilities.json_schema import KEEP_NULL, UNPUBLISHED
 from datamachine_mcp.abilities.pipeline_common import (
-    PipelineStepOut,
     build_pipeline_step,
     flows_of,
     load_pipeline,
     make_flow_step_id,
-    notify_flow,
-    notify_pipeline,
     ordered_steps,
     parse_pipeline_step_id,
-    pipeline_step_dict,
     step_label,
     sync_flow_config,
 )
 from datamachine_mcp.abilities.pipeline_shapes import StepSeedIn, renumber
+from datamachine_mcp.abilities.pipeline_views import PipelineStepOut, notify_flow, notify_pipeline, pipeline_step_dict
 from datamachine_mcp.abilities.registry import ability
 from datamachine_mcp.abilities.schema import Input, Output
 from datamachine_mcp.engine.catalog import PROVIDERS

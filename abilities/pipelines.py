@@ -1,4 +1,5 @@
-"""Pipelines toolset, part 1: get, create, update, delete and duplicate pipelines.
+"""Pipelines toolset, part 1: get, create, update, delete and duplicate pipelines (get-pipelines' query is
+in ``abilities.pipeline_listing``, create-pipeline's call in ``abilities.pipeline_create``).
 
 Steps are edited in ``abilities.pipeline_steps`` and ``abilities.pipeline_steps_order``; export/import live
 in ``abilities.pipeline_export`` and ``abilities.pipeline_import``; the step-type and handler registries in
@@ -9,136 +10,42 @@ in ``abilities.pipeline_export`` and ``abilities.pipeline_import``; the step-typ
 from __future__ import annotations
 
 import copy
-from typing import Any, Literal
+from typing import Any
 
 from pydantic import Field
-from sqlalchemy import ColumnElement, delete, func, or_, select
+from sqlalchemy import delete, func, or_, select
 
 from datamachine_mcp.abilities.access import Owner
 from datamachine_mcp.abilities.agent_common import agent_owner
 from datamachine_mcp.abilities.context import AbilityContext
 from datamachine_mcp.abilities.errors import AbilityError
-from datamachine_mcp.abilities.flow_ops import create_flow_record, normalize_schedule
+from datamachine_mcp.abilities.flow_ops import create_flow_record
 from datamachine_mcp.abilities.pipeline_common import (
-    PipelineOut,
-    build_pipeline_step,
-    flows_out,
     load_pipeline,
-    make_flow_step_id,
     new_pipeline_step_id,
-    notify_flow,
-    notify_pipeline,
     ordered_steps,
     owner_of,
-    pipeline_dict,
-    pipeline_step_dict,
     sync_flow_config,
 )
 from datamachine_mcp.abilities.pipeline_copy import copied_schedule, remap_flow_config, strip_step_secrets
-from datamachine_mcp.abilities.pipeline_shapes import StepSeedIn, agent_or_error, new_resource_owner, seed_of
-from datamachine_mcp.abilities.pipeline_workflow import WorkflowIn, validate_workflow
+from datamachine_mcp.abilities.pipeline_create import (
+    CreatePipelineIn,
+    CreatePipelineOut,
+    CreatePipelineValidateOut,
+    create,
+    pipeline_name_or_error,
+)
+from datamachine_mcp.abilities.pipeline_listing import GetPipelinesIn, GetPipelinesOut, list_pipelines
+from datamachine_mcp.abilities.pipeline_shapes import agent_or_error
+from datamachine_mcp.abilities.pipeline_views import notify_flow, notify_pipeline
 from datamachine_mcp.abilities.questions import confirmation
 from datamachine_mcp.abilities.registry import ability
-from datamachine_mcp.abilities.schema import OFFSET_DESC, PER_PAGE_DESC, Input, Output
+from datamachine_mcp.abilities.schema import Input, Output
 from datamachine_mcp.abilities.uris import FLOW, PIPELINE
-from datamachine_mcp.storage.models import Agent, Flow, Job, Pipeline, ProcessedItem
+from datamachine_mcp.storage.models import Flow, Job, Pipeline, ProcessedItem
 from datamachine_mcp.storage.timeutil import utcnow
 
-OutputMode = Literal["full", "list", "summary", "ids"]
-
-
-# --- shared by the pipeline tools ---------------------------------------------------------------
-
-
-def pipeline_name_or_error(raw: str) -> str:
-    name = raw.strip()
-    if not name:
-        raise AbilityError("invalid_pipeline_name", "Pipeline name cannot be empty")
-    return name
-
-
-async def readable_flow_filter(ctx: AbilityContext) -> ColumnElement[bool]:
-    return await ctx.access.scope_filter(Flow.agent_id, Flow.user_id)
-
-
-# --- get-pipelines ----------------------------------------------------------------------------
-
-
-class GetPipelinesIn(Input):
-    pipeline_id: int | None = Field(None, ge=1, description="One pipeline")
-    agent_id: int | None = Field(None, ge=1, description="Agent filter")
-    user_id: int | None = Field(None, ge=0, description="User filter (0 = shared)")
-    search: str | None = Field(None, max_length=255, description="Substring of the name")
-    output_mode: OutputMode = Field("full", description="Row shape")
-    include_flows: bool = Field(True, description="full: embed flows")
-    per_page: int = Field(20, ge=1, le=100, description=PER_PAGE_DESC)
-    offset: int = Field(0, ge=0, description=OFFSET_DESC)
-
-
-class PipelineSummaryOut(Output):
-    pipeline_id: int = Field(description="Pipeline id")
-    pipeline_name: str = Field(description="Name")
-    flow_count: int = Field(description="Number of flows")
-
-
-class GetPipelinesOut(Output):
-    pipelines: list[PipelineOut | PipelineSummaryOut | int] = Field(
-        description="Pipelines by pipeline_id: Pipeline (full, list), {pipeline_id, pipeline_name, flow_count} "
-        "(summary) or ids"
-    )
-    total: int = Field(description="Readable pipelines matching the filters (before paging)")
-    per_page: int = Field(description="Page size used")
-    offset: int = Field(description="Offset used")
-    output_mode: OutputMode = Field(description="Row shape used")
-
-
-def _like(text: str) -> str:
-    return "%" + text.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%"
-
-
-async def _readable_flows(ctx: AbilityContext, pipeline_ids: list[int]) -> list[Flow]:
-    if not pipeline_ids:
-        return []
-    rows = await ctx.session.execute(
-        select(Flow).where(Flow.pipeline_id.in_(pipeline_ids), await readable_flow_filter(ctx)).order_by(Flow.flow_id)
-    )
-    return list(rows.scalars())
-
-
-async def _readable_flow_counts(ctx: AbilityContext, pipeline_ids: list[int]) -> dict[int, int]:
-    if not pipeline_ids:
-        return {}
-    rows = await ctx.session.execute(
-        select(Flow.pipeline_id, func.count())
-        .where(Flow.pipeline_id.in_(pipeline_ids), await readable_flow_filter(ctx))
-        .group_by(Flow.pipeline_id)
-    )
-    return {pid: n for pid, n in rows.all()}
-
-
-async def pipeline_rows(
-    ctx: AbilityContext, pipelines: list[Pipeline], mode: OutputMode, include_flows: bool
-) -> list[Any]:
-    if mode == "ids":
-        return [p.pipeline_id for p in pipelines]
-    ids = [p.pipeline_id for p in pipelines]
-    if mode == "full" and include_flows:
-        flows = await _readable_flows(ctx, ids)
-        rendered = await flows_out(ctx, flows)
-        by_pipeline: dict[int, list[dict[str, Any]]] = {pid: [] for pid in ids}
-        for flow, row in zip(flows, rendered, strict=True):
-            by_pipeline[flow.pipeline_id].append(row)
-        return [
-            pipeline_dict(p, flow_count=len(by_pipeline[p.pipeline_id]), flows=by_pipeline[p.pipeline_id])
-            for p in pipelines
-        ]
-    counts = await _readable_flow_counts(ctx, ids)
-    if mode == "summary":
-        return [
-            {"pipeline_id": p.pipeline_id, "pipeline_name": p.pipeline_name, "flow_count": counts.get(p.pipeline_id, 0)}
-            for p in pipelines
-        ]
-    return [pipeline_dict(p, flow_count=counts.get(p.pipeline_id, 0)) for p in pipelines]
+# --- get-pipelines (the query: abilities.pipeline_listing) ------------------------------------
 
 
 @ability(
@@ -151,102 +58,10 @@ async def pipeline_rows(
     description=("Get one pipeline or list pipelines, with their steps and optionally flows."),
 )
 async def get_pipelines(ctx: AbilityContext, inp: GetPipelinesIn) -> GetPipelinesOut:
-    s = ctx.session
-    if inp.pipeline_id is not None:
-        pipeline = await s.get(Pipeline, inp.pipeline_id)
-        pipelines: list[Pipeline] = []
-        if pipeline is not None:
-            await ctx.access.authorize(
-                await owner_of(ctx, pipeline.agent_id, pipeline.user_id),
-                "viewer",
-                mutating=False,
-                target={"type": "pipeline", "id": pipeline.pipeline_id},
-            )
-            pipelines = [pipeline]
-        total = len(pipelines)
-    else:
-        conds: list[ColumnElement[bool]] = [await ctx.access.scope_filter(Pipeline.agent_id, Pipeline.user_id)]
-        if inp.agent_id is not None:
-            agent = await s.get(Agent, inp.agent_id)
-            await ctx.access.check_agent_filter(inp.agent_id, agent.agent_slug if agent is not None else None)
-            conds.append(Pipeline.agent_id == inp.agent_id)
-        elif inp.user_id is not None:
-            ctx.access.check_user_filter(inp.user_id)
-            conds.append(Pipeline.user_id == inp.user_id)
-        if inp.search:
-            conds.append(Pipeline.pipeline_name.ilike(_like(inp.search), escape="\\"))
-        total = (await s.execute(select(func.count()).select_from(Pipeline).where(*conds))).scalar() or 0
-        rows = await s.execute(
-            select(Pipeline).where(*conds).order_by(Pipeline.pipeline_id).limit(inp.per_page).offset(inp.offset)
-        )
-        pipelines = list(rows.scalars())
-    return GetPipelinesOut.model_validate(
-        {
-            "pipelines": await pipeline_rows(ctx, pipelines, inp.output_mode, inp.include_flows),
-            "total": total,
-            "per_page": inp.per_page,
-            "offset": inp.offset,
-            "output_mode": inp.output_mode,
-        }
-    )
+    return await list_pipelines(ctx, inp)
 
 
-# --- create-pipeline --------------------------------------------------------------------------
-
-
-class PipelineStepIn(StepSeedIn):
-    step_type: str = Field(
-        max_length=50, description="fetch, ai, publish, update, approval, webhook_gate or system_task"
-    )
-
-
-class FlowConfigIn(Input):
-    flow_name: str | None = Field(None, max_length=255, description="Flow name")
-    scheduling_config: dict[str, Any] | None = Field(None, description="Schedule")
-
-
-class CreatePipelineIn(Input):
-    pipeline_name: str = Field(max_length=255, description="Pipeline name")
-    agent_id: int | None = Field(None, ge=1, description="Owner agent")
-    shared: bool = Field(False, description="Shared (global admins)")
-    steps: list[PipelineStepIn] | None = Field(None, max_length=50, description="Steps in order")
-    workflow: WorkflowIn | None = Field(None, description="Steps with flow config (creates the flow)")
-    flow_config: FlowConfigIn | None = Field(None, description="Also create a first flow")
-    validate_only: bool = Field(False, description="Dry run")
-
-
-class CreatePipelineOut(Output):
-    pipeline_id: int = Field(description="New pipeline id")
-    pipeline_name: str = Field(description="Name")
-    agent_id: int | None = Field(description="Owning agent")
-    flow_id: int | None = Field(description="Flow created with it, if any")
-    flow_name: str | None = Field(description="Name of that flow")
-    steps_created: int = Field(description="Number of steps")
-    pipeline_step_ids: list[str] = Field(description="Step ids in execution order")
-    flow_step_ids: list[str] = Field(description="The flow's step ids in execution order (empty without a flow)")
-    creation_mode: Literal["simple", "batch", "workflow"] = Field(description="simple, batch or workflow")
-    warnings: list[str] = Field(description="Configs that still miss required fields, etc.")
-
-
-class WouldCreateOut(Output):
-    pipeline_name: str = Field(description="Name")
-    agent_id: int | None = Field(description="Owning agent")
-    steps: list[dict[str, Any]] = Field(description="Steps that would be created, in order (secrets masked)")
-    flow: dict[str, Any] | None = Field(description="Flow that would be created: {flow_name, scheduling_config}")
-
-
-class CreatePipelineValidateOut(Output):
-    valid: Literal[True] = Field(description="Always true: invalid input is an error")
-    mode: Literal["validate_only"] = Field(description="validate_only")
-    would_create: WouldCreateOut = Field(description="What a real call would create")
-
-
-def _with_step(err: AbilityError, index: int) -> AbilityError:
-    return AbilityError(err.code, err.message, **{**err.data, "step": index})
-
-
-def _preview(step: dict[str, Any]) -> dict[str, Any]:
-    return {k: v for k, v in pipeline_step_dict(step).items() if k != "pipeline_step_id"}
+# --- create-pipeline (the call: abilities.pipeline_create) ------------------------------------
 
 
 @ability(
@@ -258,102 +73,7 @@ def _preview(step: dict[str, Any]) -> dict[str, Any]:
     description=("Create a pipeline (a reusable step template), optionally with steps and its first flow."),
 )
 async def create_pipeline(ctx: AbilityContext, inp: CreatePipelineIn) -> CreatePipelineOut | CreatePipelineValidateOut:
-    name = pipeline_name_or_error(inp.pipeline_name)
-    if inp.steps is not None and inp.workflow is not None:
-        raise AbilityError(
-            "invalid_pipeline_steps", "Give either steps (batch mode) or workflow (workflow mode), not both."
-        )
-    agent_id, user_id = await new_resource_owner(ctx, inp.agent_id, shared=inp.shared)
-    mode: Literal["simple", "batch", "workflow"] = (
-        "workflow" if inp.workflow is not None else "batch" if inp.steps else "simple"
-    )
-    snap = await ctx.settings()
-    roots = snap.files_roots()
-    # Everything that can fail on the input is checked before anything is written.
-    workflow_steps = validate_workflow(ctx, inp.workflow.steps, roots) if inp.workflow is not None else []
-    seeds = [w["seed"] for w in workflow_steps] if mode == "workflow" else [seed_of(s) for s in inp.steps or []]
-    preview_steps = []
-    for i, seed in enumerate(seeds):
-        try:
-            preview_steps.append(build_pipeline_step(0, seed, i, box=ctx.runtime.box, files_roots=roots))
-        except AbilityError as err:
-            raise _with_step(err, i) from None
-    with_flow = mode == "workflow" or inp.flow_config is not None
-    flow_name = (inp.flow_config.flow_name or "").strip() if inp.flow_config is not None else ""
-    flow_name = flow_name or name
-    schedule = normalize_schedule(inp.flow_config.scheduling_config if inp.flow_config is not None else None)
-
-    if inp.validate_only:
-        previews = []
-        padded: list[dict[str, Any] | None] = list(workflow_steps) or [None] * len(preview_steps)
-        for step, w in zip(preview_steps, padded, strict=True):
-            row = _preview(step)
-            if w is not None:
-                row.update(w["preview"])
-            previews.append(row)
-        flow_preview = {"flow_name": flow_name, "scheduling_config": schedule} if with_flow else None
-        return CreatePipelineValidateOut(
-            valid=True,
-            mode="validate_only",
-            would_create=WouldCreateOut(pipeline_name=name, agent_id=agent_id, steps=previews, flow=flow_preview),
-        )
-
-    now = utcnow()
-    pipeline = Pipeline(
-        user_id=user_id, agent_id=agent_id, pipeline_name=name, pipeline_config={}, created_at=now, updated_at=now
-    )
-    ctx.session.add(pipeline)
-    await ctx.session.flush()
-    pid = pipeline.pipeline_id
-    steps = [build_pipeline_step(pid, seed, i, box=ctx.runtime.box, files_roots=roots) for i, seed in enumerate(seeds)]
-    pipeline.pipeline_config = {s["pipeline_step_id"]: s for s in steps}
-    step_ids = [s["pipeline_step_id"] for s in steps]
-
-    flow: Flow | None = None
-    warnings: list[str] = []
-    flow_step_ids: list[str] = []
-    if with_flow:
-        step_configs = (
-            {psid: w["edit"] for psid, w in zip(step_ids, workflow_steps, strict=True) if w["edit"]}
-            if mode == "workflow"
-            else None
-        )
-        flow, _, warnings = await create_flow_record(
-            ctx,
-            pipeline,
-            flow_name=flow_name,
-            agent_id=agent_id,
-            user_id=user_id,
-            schedule=schedule,
-            step_configs=step_configs,
-        )
-        flow_step_ids = [make_flow_step_id(psid, flow.flow_id) for psid in step_ids]
-    summary = f"pipeline '{name}' ({pid}) created with {len(steps)} step(s)"
-    if flow is not None:
-        summary += f" and flow '{flow.flow_name}' ({flow.flow_id})"
-    await ctx.audit(
-        summary,
-        target=("pipeline", pid),
-        changes=["pipeline", *(["flow"] if flow is not None else [])],
-        agent_id=agent_id,
-        pipeline_id=pid,
-        flow_id=flow.flow_id if flow is not None else None,
-    )
-    notify_pipeline(ctx, pid, list_changed=True)
-    if flow is not None:
-        notify_flow(ctx, flow)
-    return CreatePipelineOut(
-        pipeline_id=pid,
-        pipeline_name=name,
-        agent_id=agent_id,
-        flow_id=flow.flow_id if flow is not None else None,
-        flow_name=flow.flow_name if flow is not None else None,
-        steps_created=len(steps),
-        pipeline_step_ids=step_ids,
-        flow_step_ids=flow_step_ids,
-        creation_mode=mode,
-        warnings=warnings,
-    )
+    return await create(ctx, inp)
 
 
 # --- update-pipeline --------------------------------------------------------------------------

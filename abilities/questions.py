@@ -9,9 +9,12 @@ cannot ask gets ``unsupported``'s error instead.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from datamachine_mcp.abilities.context import AbilityContext
 
 CONFIRM_FIELD = "confirm"
 
@@ -26,6 +29,9 @@ class Question:
     properties: dict[str, dict[str, Any]] = field(default_factory=dict)
     required: tuple[str, ...] = ()
     unsupported: tuple[str, str] | None = None  # (code, message) when the client cannot be asked
+    # What the user needs to decide, read in a short read transaction (None: the caller may not see
+    # it, or it is gone); shown below the question, never in the refusal that quotes it.
+    details: Callable[[AbilityContext, Any], Awaitable[str | None]] | None = None
 
     def requested_schema(self) -> dict[str, Any]:
         schema: dict[str, Any] = {"type": "object", "properties": self.properties}
@@ -51,6 +57,7 @@ def decision(
     properties: dict[str, dict[str, Any]],
     required: tuple[str, ...],
     unsupported: tuple[str, str],
+    details: Callable[[AbilityContext, Any], Awaitable[str | None]] | None = None,
 ) -> Question:
     """Ask the user for input the call left out (``missing`` is None); the form's fields become arguments."""
     names = tuple(properties)
@@ -62,4 +69,5 @@ def decision(
         properties=properties,
         required=required,
         unsupported=unsupported,
+        details=details,
     )

@@ -15,7 +15,8 @@ from pydantic import Field
 
 from datamachine_mcp.abilities.context import AbilityContext
 from datamachine_mcp.abilities.errors import AbilityError
-from datamachine_mcp.abilities.pipeline_common import load_flow, notify_flow
+from datamachine_mcp.abilities.pipeline_common import load_flow
+from datamachine_mcp.abilities.pipeline_views import notify_flow
 from datamachine_mcp.abilities.registry import ability
 from datamachine_mcp.abilities.schema import Input, Opt, Output
 from datamachine_mcp.engine.items import sha256_hex

@@ -16,7 +16,16 @@ from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from datamachine_mcp.engine.dedup import CLAIMED, ITEMS, PROCESSED, active_claim, list_rows, list_value, listed
+from datamachine_mcp.engine.dedup import (
+    CLAIMED,
+    ITEMS,
+    PROCESSED,
+    active_claim,
+    list_rows,
+    list_value,
+    listed,
+    seen_floor,
+)
 from datamachine_mcp.storage.dml import rowcount
 from datamachine_mcp.storage.models import ProcessedItem
 
@@ -255,7 +264,10 @@ async def reclaim(
     now: datetime,
     claim_ttl: int,
 ) -> list[str]:
-    """Re-claim the items of a failed job's packets for retry-job; returns conflicting identifiers."""
+    """Re-claim the items of a failed job's packets for retry-job; returns conflicting identifiers.
+
+    A retry is not a fetch: a new row takes the step's latest fetch time as its last_seen_at, an
+    existing one keeps its own (docs/engine.md, Retention)."""
     conflicts: list[str] = []
     expires = now + timedelta(seconds=claim_ttl)
     for packet in packets:
@@ -283,6 +295,7 @@ async def reclaim(
                     status=CLAIMED,
                     claim_expires_at=expires,
                     processed_timestamp=now,
+                    last_seen_at=await seen_floor(session, fsid, source, now),
                 )
             )
             continue
@@ -299,5 +312,4 @@ async def reclaim(
         row.job_id = job_id
         row.claim_expires_at = expires
         row.processed_timestamp = now
-        row.last_seen_at = now
     return conflicts

@@ -16,8 +16,10 @@ from typing import Any
 from datamachine_mcp.engine import claims as claim_ops
 from datamachine_mcp.engine import status as st
 from datamachine_mcp.engine.accounting import Changes, finish, log_context, log_owner, may_hold_claims
+from datamachine_mcp.engine.catalog import STEP_TYPES
 from datamachine_mcp.engine.errors import StepError
-from datamachine_mcp.engine.plan import OBSERVABILITY_KEYS, control_keys, reserved_keys
+from datamachine_mcp.engine.fan_out import child_engine_data, child_rows
+from datamachine_mcp.engine.plan import reserved_keys
 from datamachine_mcp.engine.retry import RetryPolicy
 from datamachine_mcp.engine.steps import StepResult, StepRun
 from datamachine_mcp.engine.store import JobRow, StoreTx
@@ -54,7 +56,17 @@ def result_from_exception(exc: BaseException) -> StepResult:
 
 
 def classify_bare(result: StepResult, step_type: str) -> StepResult:
-    """A bare packet list: none is no items (fetch) or a failure; a packet flagged as failed fails."""
+    """A bare packet list: none is no items (fetch) or a failure; a packet flagged as failed fails.
+
+    A step parks its job only under the wait kind its step type declares (the schema lists none)."""
+    if result.status == "waiting":
+        spec = STEP_TYPES.get(step_type)
+        kind, declared = (result.wait or {}).get("kind"), spec.wait_kind if spec else None
+        if kind is None or kind != declared:
+            return fail_plan_result(
+                "undeclared_wait_kind",
+                f"The {step_type} step parked the job as {kind!r}; its step type declares {declared!r}.",
+            )
     if result.status != "succeeded" or result.candidates is not None:
         return result
     if not result.packets:
@@ -334,52 +346,9 @@ class StepCommit:
         parent.engine_data, parent.packets, parent.updated_at = data, packets, now
         await self.tx.fan_out_parent(parent, self.run.worker_id, now=now)
         parent.lease_owner = parent.lease_expires_at = None
-        hidden = control_keys()
-        base = {k: v for k, v in data.items() if k not in hidden and k not in OBSERVABILITY_KEYS}
-        rows: list[tuple[Any, ...]] = [
-            (
-                parent.user_id,
-                parent.agent_id,
-                parent.pipeline_id,
-                parent.flow_id,
-                parent.pipeline_key,
-                parent.flow_key,
-                parent.source,
-                (str((packet.get("data") or {}).get("title") or "") or "Untitled")[:255],
-                parent.job_id,
-                st.PENDING,
-                "batch",
-                following["flow_step_id"],
-                [packet],
-                0,
-                parent.max_attempts,
-                now,
-                now,
-                now,
-                f"batch:{parent.job_id}:{index}",
-                parent.affinity,
-                parent.handler_slug,
-                {},
-            )
-            for index, packet in enumerate(packets)
-        ]
-        child_ids = await self.tx.insert_children(rows)
-        reserved = reserved_keys()
-        child_data = []
-        for child_id, packet in zip(child_ids, packets, strict=True):
-            meta = packet.get("metadata") or {}
-            one = dict(base)
-            extra = meta.get("_engine_data")
-            if isinstance(extra, dict):
-                one.update({k: v for k, v in extra.items() if k not in reserved})
-            for key in ("item_identifier", "source_type", "source_url"):
-                if meta.get(key) is not None:
-                    one[key] = meta[key]
-            job_meta = dict(one.get("job") or {})
-            job_meta.update(job_id=child_id, parent_job_id=parent.job_id, created_at=iso(now), trigger="batch")
-            one["job"] = job_meta
-            child_data.append((child_id, one))
-            self.out.changes.jobs.add(child_id)
+        child_ids = await self.tx.insert_children(child_rows(parent, packets, following["flow_step_id"], now))
+        child_data = child_engine_data(parent, data, zip(child_ids, packets, strict=True), now)
+        self.out.changes.jobs.update(child_ids)
         await self.tx.set_child_data(child_data)
         if self.run.dedupes and not self.run.dry_run:
             await claim_ops.transfer_many(

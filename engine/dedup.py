@@ -49,6 +49,8 @@ PROCESSED = "processed"
 CLAIMED = "claimed"
 # A fetch rewrites an item's last_seen_at only when it is older than this, so a flow that runs every
 # few minutes does not write its whole feed each run; retention adds it to its window in return.
+# last_seen_at is only ever a fetch's time (docs/engine.md, Retention): claims take their fetch's time,
+# settling keeps it, and rows written without a fetch (mark-processed, retry-job) take seen_floor().
 LAST_SEEN_REFRESH = timedelta(days=1)
 
 P = ProcessedItem
@@ -126,7 +128,7 @@ class Ledger:
 
     processed: set[str] = field(default_factory=set)
     claimed_elsewhere: set[str] = field(default_factory=set)
-    # ids of processed rows whose last_seen_at is older than LAST_SEEN_REFRESH
+    # ids of the rows (processed or claimed) whose last_seen_at is older than LAST_SEEN_REFRESH
     seen_stale: list[int] = field(default_factory=list)
 
 
@@ -195,14 +197,18 @@ async def ledger(
     *,
     job_id: int,
     now: datetime,
+    also_seen: Sequence[str] = (),
 ) -> Ledger:
     """Classify a fetch's candidates against the ledger in one query, statuses sorted out here.
 
-    A status term in SQL would let the planner walk a ``(status, …)`` index across every flow's
-    processed rows instead; the job-liveness check of a claim runs only for the claims found.
+    ``also_seen`` are identifiers the source offered that the filters dropped: not candidates, but
+    seen, so their rows' last_seen_at is refreshed too. A status term in SQL would let the planner walk
+    a ``(status, …)`` index across every flow's processed rows instead; the job-liveness check of a
+    claim runs only for the claims found.
     """
     out = Ledger()
-    keys = list(dict.fromkeys(identifiers))
+    candidates = set(identifiers)
+    keys = list(dict.fromkeys([*identifiers, *also_seen]))
     dialect = session.get_bind().dialect.name
     params = {
         "fsid": flow_step_id,
@@ -215,16 +221,34 @@ async def ledger(
     for row_id, ident, status, holder, seen_stale, unexpired in (
         await session.execute(LEDGER_ROWS[dialect], params)
     ).all():
+        if seen_stale:
+            out.seen_stale.append(row_id)
+        if ident not in candidates:
+            continue
         if status == PROCESSED:
             out.processed.add(ident)
-            if seen_stale:
-                out.seen_stale.append(row_id)
         elif holder is not None and holder != job_id and unexpired:
             claims[ident] = holder
     if claims:
         live = {r[0] for r in (await session.execute(LIVE_JOBS, {"jobs": list(set(claims.values()))})).all()}
         out.claimed_elsewhere = {ident for ident, holder in claims.items() if holder in live}
     return out
+
+
+# The step's latest fetch time (its newest last_seen_at), or now for a step with no rows yet: the
+# last_seen_at of a row written without a fetch, so that writing it proves no other item absent.
+SEEN_FLOOR = func.coalesce(
+    select(func.max(_T.last_seen_at))
+    .where(_T.flow_step_id == bindparam("fsid"), _T.source_type == bindparam("source"))
+    .scalar_subquery(),
+    bindparam("now", type_=_T.last_seen_at.type),
+)
+
+
+async def seen_floor(session: AsyncSession, flow_step_id: str, source_type: str, now: datetime) -> datetime:
+    """The last_seen_at of an item recorded without a fetch (see ``SEEN_FLOOR``)."""
+    params = {"fsid": flow_step_id, "source": source_type, "now": now}
+    return (await session.execute(select(SEEN_FLOOR), params)).scalar_one()
 
 
 TOUCH_SEEN = {
@@ -234,7 +258,7 @@ TOUCH_SEEN = {
 
 
 async def touch_seen(session: AsyncSession, row_ids: Sequence[int], now: datetime) -> None:
-    """Record that a fetch saw these processed items in their source: one UPDATE by primary key."""
+    """Record that a fetch saw these items in their source: one UPDATE by primary key."""
     dialect = session.get_bind().dialect.name
     await session.execute(TOUCH_SEEN[dialect], {"ids": list_value(row_ids, dialect), "now": now})
 
@@ -295,7 +319,7 @@ async def mark_processed(
     """Upsert the item to ``processed``; overrides a claim. Returns (row, created).
 
     ``job_id`` replaces the stored one when given; otherwise the stored value is kept (NULL for a
-    new row). The timestamp is refreshed on every call.
+    new row). The timestamp is refreshed on every call; last_seen_at is not (marking is not a fetch).
     """
     item = normalize_identifier(identifier)
     key = (P.flow_step_id == flow_step_id, P.source_type == source_type, P.item_identifier == item)
@@ -307,7 +331,7 @@ async def mark_processed(
         "item_identifier": item,
         "job_id": job_id,
         "processed_timestamp": now,
-        "last_seen_at": now,
+        "last_seen_at": await seen_floor(session, flow_step_id, source_type, now),
         "status": PROCESSED,
         "claim_expires_at": None,
         "flow_key": flow_id,
@@ -315,7 +339,6 @@ async def mark_processed(
     stmt = dialect.insert(P).values(**values)
     changes = {
         "processed_timestamp": now,
-        "last_seen_at": now,
         "status": PROCESSED,
         "claim_expires_at": None,
         "flow_key": flow_id,

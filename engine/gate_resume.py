@@ -22,7 +22,7 @@ from datamachine_mcp.engine.runtime import EngineServices
 from datamachine_mcp.engine.steps.gates import gate_token_ref
 from datamachine_mcp.engine.store import GuardMissed
 from datamachine_mcp.engine.waits import resume_waiting
-from datamachine_mcp.engine.webhooks import Delivery, WebhookRefused, parse_payload
+from datamachine_mcp.engine.webhook_delivery import Delivery, WebhookRefused, parse_payload
 from datamachine_mcp.storage.timeutil import iso, utcnow
 
 TOKEN_RE = re.compile(r"^[0-9a-f]{64}$")

@@ -59,6 +59,8 @@ class ItemList(list[Item]):
         self.skipped: dict[str, int] = dict(skipped or {})
         self.source_count: int = len(self)
         self.filtered_out: int = 0
+        # identifiers of the items the filters dropped: still offered by the source (dedup refreshes them)
+        self.filtered_identifiers: list[str] = []
         self.source_type: str | None = None
 
     def skip(self, reason: str, count: int = 1) -> None:

@@ -29,16 +29,24 @@ ENGINE_CONTROL_KEYS = (
 OBSERVABILITY_KEYS = ("step_results", "run_metrics")
 
 
-@cache
 def control_keys() -> frozenset[str]:
     """Control keys of engine_data: not copied into batch children, not settable by inputs."""
-    return frozenset(ENGINE_CONTROL_KEYS + wait_kinds())
+    return _control_keys(wait_kinds())  # wait_kinds() follows step types registered at run time
+
+
+def reserved_keys() -> frozenset[str]:
+    """Keys ``initial_data`` and packets may not set."""
+    return _reserved_keys(wait_kinds())
 
 
 @cache
-def reserved_keys() -> frozenset[str]:
-    """Keys ``initial_data`` and packets may not set."""
-    return frozenset(SNAPSHOT_KEYS + OBSERVABILITY_KEYS) | control_keys()
+def _control_keys(kinds: tuple[str, ...]) -> frozenset[str]:
+    return frozenset(ENGINE_CONTROL_KEYS + kinds)
+
+
+@cache
+def _reserved_keys(kinds: tuple[str, ...]) -> frozenset[str]:
+    return frozenset(SNAPSHOT_KEYS + OBSERVABILITY_KEYS) | _control_keys(kinds)
 
 
 QUEUE_KEYS = ("prompt_queue", "config_patch_queue")

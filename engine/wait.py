@@ -44,6 +44,20 @@ class Position:
     total: float
     step: str  # "step 2/3: Publish"
     message: str
+    # "retrying after http_503 (attempt 1/3, next at …)" while a failed step waits for its retry
+    retrying: str | None = None
+
+
+def retrying(job: Job) -> str | None:
+    """The pending retry of the job's current step, in words; None when there is none."""
+    data = job.engine_data or {}
+    result = (data.get("step_results") or {}).get(job.current_step_id or "")
+    history = (data.get("retry") or {}).get("history") or []
+    if job.status != st.PENDING or not isinstance(result, dict) or result.get("status") != "failed" or not history:
+        return None
+    last = history[-1]
+    when = (data.get("retry") or {}).get("next_retry_at")
+    return f"retrying after {last.get('error')} (attempt {last.get('attempt')}/{job.max_attempts}, next at {when})"
 
 
 async def position_of(services: EngineServices, job: Job) -> Position:
@@ -59,7 +73,9 @@ async def position_of(services: EngineServices, job: Job) -> Position:
         index = plan.index(job.current_step_id) if job.current_step_id and plan.get(job.current_step_id) else 0
     except (PlanError, KeyError):
         total_steps, labels, index = 1, {}, 0
-    done = float(len(data.get("step_results") or {}))
+    # a failed attempt awaiting its retry is not a finished step
+    results = (data.get("step_results") or {}).values()
+    done = float(sum(1 for r in results if isinstance(r, dict) and r.get("status") == "succeeded"))
     total = float(total_steps)
     children = ""
     if data.get("batch"):
@@ -76,7 +92,9 @@ async def position_of(services: EngineServices, job: Job) -> Position:
         done = total
     label = labels.get(job.current_step_id or "") or job.current_step_id or ""
     step = f"step {min(index + 1, total_steps)}/{total_steps}: {label}"
-    return Position(min(done, total), total, step, f"{st.display(job.status, job.status_reason)} — {step}{children}")
+    retry = retrying(job)
+    message = f"{st.display(job.status, job.status_reason)} — {step}{children}" + (f"; {retry}" if retry else "")
+    return Position(min(done, total), total, step, message, retry)
 
 
 async def wait_for_job(

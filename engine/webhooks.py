@@ -4,23 +4,23 @@ The HTTP layer hands over the raw body, the headers and the sender's address; ev
 here: which credential is valid (a bearer token, or an HMAC signature over ``"{timestamp}.{body}"`` within
 the replay window, with a rotated secret honoured until it expires), the per-flow rate limit and the run
 it starts. Refusals are ``WebhookRefused`` with the HTTP status and code to answer. Resuming a job parked
-at a webhook gate (``engine.gate_resume``) shares ``Delivery``, ``WebhookRefused`` and ``parse_payload``.
+at a webhook gate (``engine.gate_resume``) shares ``Delivery``, ``WebhookRefused`` and ``parse_payload``
+(``engine.webhook_delivery``).
 """
 
 from __future__ import annotations
 
 import hashlib
 import hmac
-import json
 import logging
-import re
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
 from sqlalchemy import func, select
+from sqlalchemy.ext.asyncio import AsyncSession
 
 from datamachine_mcp.engine import status as st
 from datamachine_mcp.engine.accounting import Changes
@@ -29,6 +29,7 @@ from datamachine_mcp.engine.jobs import create_flow_job, empty_first_queue, find
 from datamachine_mcp.engine.plan import PlanError, resolve_plan
 from datamachine_mcp.engine.runtime import EngineServices
 from datamachine_mcp.engine.scheduler import create_failed_run
+from datamachine_mcp.engine.webhook_delivery import Delivery, Triggered, WebhookRefused, kept_headers, parse_payload
 from datamachine_mcp.storage.crypto import SecretUnavailable
 from datamachine_mcp.storage.logs import LogThrottle, write_log
 from datamachine_mcp.storage.models import Agent, Flow, Job, Pipeline
@@ -44,37 +45,6 @@ MAX_DELIVERY_ID = 128
 BACKPRESSURE_RETRY_SECONDS = 60
 UNAUTHORIZED = 401  # unknown flow, disabled trigger and every bad credential look the same
 LOG_EVERY_SECONDS = 60.0  # at most one warning row per flow and reason a minute: refusals cannot flood the log
-# Header names never copied into the run: credentials and anything that looks like one.
-_DROPPED = frozenset({"authorization", "cookie", "proxy-authorization"})
-_SECRETISH = re.compile(r"secret|token|sig|hmac|signature|auth|password|bearer|api[-_]?key")
-
-
-class WebhookRefused(Exception):
-    """Answer the request with ``status`` and ``{"error": code}`` (``retry_after`` as a Retry-After header)."""
-
-    def __init__(self, status: int, code: str, *, retry_after: int | None = None) -> None:
-        super().__init__(f"{status} {code}")
-        self.status = status
-        self.code = code
-        self.retry_after = retry_after
-
-
-@dataclass(frozen=True)
-class Delivery:
-    """One inbound request: the raw body (verified before it is parsed), headers with lower-case names."""
-
-    body: bytes
-    headers: Mapping[str, str]
-    remote_ip: str | None = None
-
-
-@dataclass(frozen=True)
-class Triggered:
-    job_id: int | None  # None: no run was needed (``skipped`` names why)
-    flow_id: int
-    status: str
-    replayed: bool
-    skipped: str | None = None
 
 
 @dataclass
@@ -100,25 +70,6 @@ class _Seen:
 class _Window:
     started: float
     count: int = 0
-
-
-def parse_payload(body: bytes, *, containers_only: bool) -> Any:
-    """The JSON body (empty → ``{}``); 400 ``invalid_json`` otherwise (and for scalars when a trigger
-    payload must be an object or array)."""
-    if not body.strip():
-        return {}
-    try:
-        value = json.loads(body)
-    except ValueError:
-        raise WebhookRefused(400, "invalid_json") from None
-    if containers_only and not isinstance(value, dict | list):
-        raise WebhookRefused(400, "invalid_json")
-    return value
-
-
-def kept_headers(headers: Mapping[str, str]) -> dict[str, str]:
-    """The request headers a run may see: no credentials, nothing named like a secret."""
-    return {name: value for name, value in headers.items() if name not in _DROPPED and not _SECRETISH.search(name)}
 
 
 class Webhooks:
@@ -148,43 +99,15 @@ class Webhooks:
         return int(cap) if isinstance(cap, int) and cap > 0 else snap.int("webhook_max_body_bytes")
 
     async def trigger(self, flow_id: int, delivery: Delivery) -> Triggered:
-        """Verify the delivery and start the flow with its payload; raises WebhookRefused."""
-        db = self.services.db
+        """Verify the delivery, apply the rate limit and start the flow with its payload; raises
+        WebhookRefused."""
         snap = await self.services.snapshot()
         now = self.now()
-        async with db.read() as session:
-            flow = await session.get(Flow, flow_id)
-            hook = _enabled_hook(flow)
-            if flow is None or hook is None:
-                # Identical to a bad credential: the URL does not reveal which flows exist.
-                log.debug("webhook for flow %s refused: no enabled trigger", flow_id)
-                raise WebhookRefused(UNAUTHORIZED, "unauthorized")
-            owner = {"agent_id": flow.agent_id, "user_id": flow.user_id or None}
-            agent_status = None
-            if flow.agent_id is not None:
-                agent_status = (
-                    await session.execute(select(Agent.status).where(Agent.agent_id == flow.agent_id))
-                ).scalar()
+        hook, owner, agent_status = await self._enabled(flow_id)
         mode = hook.get("auth_mode") or "bearer"
-        tolerance = int(hook.get("tolerance_seconds") or snap.int("webhook_replay_window_seconds"))
-        reason = self._authenticate(mode, hook, delivery, now, tolerance)
-        seen: tuple[int, str] | None = None
-        if reason is None and mode == "hmac":
-            seen = (flow_id, _signature(delivery))
-            if not self._seen.claim(seen, self.clock(), 2 * tolerance):  # the timestamp may be early or late
-                reason, seen = "replayed_signature", None
-        if reason is not None:
-            await self._warn(flow_id, reason, delivery, owner, f"Webhook for flow {flow_id} refused: {reason}")
-            raise WebhookRefused(UNAUTHORIZED, "unauthorized")
+        seen = await self._verify(flow_id, hook, mode, delivery, owner, snap, now)
         try:
-            own = hook.get("rate_limit")
-            limit: dict[str, Any] = own if isinstance(own, dict) else snap["webhook_rate_limit"]
-            wait = self._take(flow_id, int(limit.get("max", 60)), int(limit.get("window", 60)))
-            if wait is not None:
-                await self._warn(
-                    flow_id, "rate_limited", delivery, owner, f"Webhook for flow {flow_id} rate limited", limit=limit
-                )
-                raise WebhookRefused(429, "rate_limited", retry_after=wait)
+            await self._rate_limit(flow_id, hook, delivery, owner, snap)
             if agent_status == "inactive":
                 raise WebhookRefused(403, "agent_inactive")
             payload = parse_payload(delivery.body, containers_only=True)
@@ -197,6 +120,60 @@ class Webhooks:
                 self._seen.release(seen)
             raise
 
+    async def _enabled(self, flow_id: int) -> tuple[dict[str, Any], dict[str, Any], str | None]:
+        """The flow's enabled trigger, its owner and its agent's status; refused when there is none."""
+        async with self.services.db.read() as session:
+            flow = await session.get(Flow, flow_id)
+            hook = _enabled_hook(flow)
+            if flow is None or hook is None:
+                # Identical to a bad credential: the URL does not reveal which flows exist.
+                log.debug("webhook for flow %s refused: no enabled trigger", flow_id)
+                raise WebhookRefused(UNAUTHORIZED, "unauthorized")
+            owner = {"agent_id": flow.agent_id, "user_id": flow.user_id or None}
+            agent_status = None
+            if flow.agent_id is not None:
+                agent_status = (
+                    await session.execute(select(Agent.status).where(Agent.agent_id == flow.agent_id))
+                ).scalar()
+        return hook, owner, agent_status
+
+    async def _verify(
+        self,
+        flow_id: int,
+        hook: dict[str, Any],
+        mode: str,
+        delivery: Delivery,
+        owner: dict[str, Any],
+        snap: Any,
+        now: datetime,
+    ) -> tuple[int, str] | None:
+        """Check the credential (and, for HMAC, that the signature is new); returns the claimed signature
+        key, released again if the delivery is refused later."""
+        tolerance = int(hook.get("tolerance_seconds") or snap.int("webhook_replay_window_seconds"))
+        reason = self._authenticate(mode, hook, delivery, now, tolerance)
+        seen: tuple[int, str] | None = None
+        if reason is None and mode == "hmac":
+            seen = (flow_id, _signature(delivery))
+            if not self._seen.claim(seen, self.clock(), 2 * tolerance):  # the timestamp may be early or late
+                reason, seen = "replayed_signature", None
+        if reason is not None:
+            await self._warn(flow_id, reason, delivery, owner, f"Webhook for flow {flow_id} refused: {reason}")
+            raise WebhookRefused(UNAUTHORIZED, "unauthorized")
+        return seen
+
+    async def _rate_limit(
+        self, flow_id: int, hook: dict[str, Any], delivery: Delivery, owner: dict[str, Any], snap: Any
+    ) -> None:
+        """Take one delivery from the flow's window (its own limit, else the setting), or refuse with 429."""
+        own = hook.get("rate_limit")
+        limit: dict[str, Any] = own if isinstance(own, dict) else snap["webhook_rate_limit"]
+        wait = self._take(flow_id, int(limit.get("max", 60)), int(limit.get("window", 60)))
+        if wait is not None:
+            await self._warn(
+                flow_id, "rate_limited", delivery, owner, f"Webhook for flow {flow_id} rate limited", limit=limit
+            )
+            raise WebhookRefused(429, "rate_limited", retry_after=wait)
+
     async def _start(
         self,
         flow_id: int,
@@ -207,6 +184,8 @@ class Webhooks:
         snap: Any,
         now: datetime,
     ) -> Triggered:
+        """In one transaction: a redelivery answers with its first job; else the flow (locked, still
+        enabled) gets a job, unless the engine is at its active-job limit."""
         key = f"webhook:{flow_id}:{delivery_id}" if delivery_id is not None else None
         threshold = str(snap["log_level"])
         changes = Changes()
@@ -220,16 +199,9 @@ class Webhooks:
             ).scalar_one_or_none()
             if flow is None or _enabled_hook(flow) is None:  # disabled or deleted since it was verified
                 raise WebhookRefused(UNAUTHORIZED, "unauthorized")
-            limit = snap.int("max_active_jobs")
-            if limit > 0:
-                active = (
-                    await session.execute(select(func.count()).select_from(Job).where(Job.status.in_(st.RUNNING)))
-                ).scalar() or 0
-                if active >= limit:
-                    raise WebhookRefused(503, "queue_backpressure", retry_after=BACKPRESSURE_RETRY_SECONDS)
+            await _check_backpressure(session, snap.int("max_active_jobs"))
             pipeline = await session.get(Pipeline, flow.pipeline_id)
             assert pipeline is not None  # a flow's pipeline is its foreign key
-            request = {"flow_id": flow_id, "delivery_id": delivery_id}
             try:
                 plan = resolve_plan(flow.flow_config)
             except PlanError as err:
@@ -266,7 +238,7 @@ class Webhooks:
                     initial_data={"webhook_trigger": trigger},
                     dry_run=False,
                     idempotency_key=key,
-                    request=request,
+                    request={"flow_id": flow_id, "delivery_id": delivery_id},
                     max_attempts=snap.int("retry_max_attempts"),
                     now=now,
                     threshold=threshold,
@@ -274,29 +246,7 @@ class Webhooks:
                 job_id, status = created.job.job_id, created.job.status
                 changes.jobs.add(job_id)
             changes.flows.add((flow.flow_id, flow.pipeline_id))
-            await write_log(
-                session,
-                "info",
-                f"webhook: job {job_id} created for flow {flow_id}",
-                {
-                    "audit": True,
-                    "ability": "webhook-trigger",
-                    "actor_user_id": None,
-                    "actor_agent_id": None,
-                    "actor_token_id": None,
-                    "transport": "webhook",
-                    "remote_ip": delivery.remote_ip,
-                    "auth_mode": mode,
-                    "delivery_id": delivery_id,
-                    "target": {"type": "job", "id": job_id},
-                    "job_id": job_id,
-                    "flow_id": flow_id,
-                    "pipeline_id": flow.pipeline_id,
-                },
-                agent_id=flow.agent_id,
-                user_id=flow.user_id or None,
-                audit=True,
-            )
+            await _audit_start(session, flow, job_id, delivery, mode, delivery_id)
         await self.services.announce(changes.jobs, changes.flows)
         self.services.wake()
         return Triggered(job_id, flow_id, status, False)
@@ -376,6 +326,45 @@ class Webhooks:
     async def _hook(self, flow_id: int) -> dict[str, Any] | None:
         async with self.services.db.read() as session:
             return _enabled_hook(await session.get(Flow, flow_id))
+
+
+async def _check_backpressure(session: AsyncSession, limit: int) -> None:
+    """Refuse with 503 (retry later) while the engine has ``limit`` active jobs (0: no limit)."""
+    if limit > 0:
+        active = (
+            await session.execute(select(func.count()).select_from(Job).where(Job.status.in_(st.RUNNING)))
+        ).scalar() or 0
+        if active >= limit:
+            raise WebhookRefused(503, "queue_backpressure", retry_after=BACKPRESSURE_RETRY_SECONDS)
+
+
+async def _audit_start(
+    session: AsyncSession, flow: Flow, job_id: int, delivery: Delivery, mode: str, delivery_id: str | None
+) -> None:
+    """The audit row of a started delivery (no user acted: the sender is named by its address)."""
+    await write_log(
+        session,
+        "info",
+        f"webhook: job {job_id} created for flow {flow.flow_id}",
+        {
+            "audit": True,
+            "ability": "webhook-trigger",
+            "actor_user_id": None,
+            "actor_agent_id": None,
+            "actor_token_id": None,
+            "transport": "webhook",
+            "remote_ip": delivery.remote_ip,
+            "auth_mode": mode,
+            "delivery_id": delivery_id,
+            "target": {"type": "job", "id": job_id},
+            "job_id": job_id,
+            "flow_id": flow.flow_id,
+            "pipeline_id": flow.pipeline_id,
+        },
+        agent_id=flow.agent_id,
+        user_id=flow.user_id or None,
+        audit=True,
+    )
 
 
 def _signature(delivery: Delivery) -> str:

@@ -224,7 +224,8 @@ class DataMachineServer:
         async def progress(value: float, total: float | None, message: str | None) -> None:
             await ctx.session.report_progress(value, total, message)
 
-        arguments = await settle(ctx, params, ability, principal)  # asks the user first, if the tool must
+        # asks the user first, if the tool must
+        arguments = await settle(ctx, params, ability, principal, self.runtime)
         if isinstance(arguments, Refused):
             return tool_error(refusal(arguments.error))
         if isinstance(arguments, types.InputRequiredResult):

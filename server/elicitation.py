@@ -18,6 +18,7 @@ from mcp.server.context import ServerRequestContext
 from mcp.server.request_state import InvalidRequestState, RequestStateBoundary, RequestStateSecurity
 from mcp_types.version import MODERN_PROTOCOL_VERSIONS
 
+from datamachine_mcp.abilities.context import AbilityContext, Runtime
 from datamachine_mcp.abilities.errors import AbilityError
 from datamachine_mcp.abilities.principal import Principal
 from datamachine_mcp.abilities.registry import Ability
@@ -74,6 +75,7 @@ async def settle(
     params: types.CallToolRequestParams,
     ability: Ability,
     principal: Principal,
+    runtime: Runtime | None = None,
 ) -> dict[str, Any] | Refused | types.InputRequiredResult:
     """The arguments to run the call with, after asking the user what the ability's question needs.
 
@@ -99,14 +101,16 @@ async def settle(
     if ctx.protocol_version in MODERN_PROTOCOL_VERSIONS:
         answer = _answer_on_retry(params, ability)
         if answer is None:
+            asked = await _with_details(runtime, ability, principal, parsed, message)
             request = types.ElicitRequest(
-                params=types.ElicitRequestFormParams(message=message, requested_schema=question.requested_schema())
+                params=types.ElicitRequestFormParams(message=asked, requested_schema=question.requested_schema())
             )
             return types.InputRequiredResult(input_requests={ANSWER: request}, request_state=_state(ability))
     else:
         try:
+            asked = await _with_details(runtime, ability, principal, parsed, message)
             answer = await ctx.session.elicit_form(
-                message=message, requested_schema=question.requested_schema(), related_request_id=ctx.request_id
+                message=asked, requested_schema=question.requested_schema(), related_request_id=ctx.request_id
             )
         except Exception:  # the client failed to ask: do nothing rather than guess the answer
             log.warning("%s: elicitation failed", ability.slug, exc_info=True)
@@ -118,6 +122,27 @@ async def settle(
                 )
             )
     return _apply(ability, arguments, message, answer)
+
+
+async def _with_details(
+    runtime: Runtime | None, ability: Ability, principal: Principal, parsed: Any, message: str
+) -> str:
+    """The question followed by what the user needs to decide it, when the ability says how to read it.
+
+    A failure to read the details only shortens the question: the call itself checks access and answers."""
+    question = ability.ask
+    if question is None or question.details is None or runtime is None:
+        return message
+    ctx = AbilityContext(runtime, ability, principal, None)
+    try:
+        async with ctx.reading():
+            details = await question.details(ctx, parsed)
+    except CodedError:
+        return message
+    except Exception:
+        log.warning("%s: could not read the question's details", ability.slug, exc_info=True)
+        return message
+    return f"{message}\n\n{details}" if details else message
 
 
 def _answer_on_retry(params: types.CallToolRequestParams, ability: Ability) -> types.ElicitResult | None:

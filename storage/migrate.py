@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import sqlite3
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 from datamachine_mcp.storage.db import Database
 from datamachine_mcp.storage.migrations import HEAD_REVISION
@@ -123,9 +123,7 @@ async def migrate(db: Database) -> bool:
                 await conn.execute(text(f"SELECT pg_advisory_unlock({_PG_LOCK})"))
                 await conn.commit()
     else:
-        # The write engine begins with BEGIN IMMEDIATE: the whole upgrade holds the write lock.
-        async with db.write_engine.begin() as conn:
-            before = await _run(conn)
+        before = await _upgrade_sqlite(db)
     if before != HEAD_REVISION:
         log.info("database migrated from %s to %s", before or "empty", HEAD_REVISION)
         if before is not None:  # a table rebuilt by a migration has lost its statistics
@@ -133,5 +131,29 @@ async def migrate(db: Database) -> bool:
     return before != HEAD_REVISION
 
 
-async def _run(conn: AsyncConnection) -> str | None:
-    return await conn.run_sync(_upgrade)
+async def _upgrade_sqlite(db: Database) -> str | None:
+    """The upgrade in one transaction on a connection with foreign keys off.
+
+    A migration that changes a constraint rebuilds its table; with foreign keys on, dropping the old
+    table would run the ON DELETE actions of every row that points at it (children deleted, claims
+    freed). The pragma only takes effect outside a transaction, so it is set before BEGIN and restored
+    after; any reference the upgrade left broken rolls it back.
+    """
+    async with db.write_engine.connect() as conn:
+        raw = cast(sqlite3.Connection, (await conn.get_raw_connection()).driver_connection)
+        raw.execute("PRAGMA foreign_keys=OFF")
+        try:
+            # The write engine begins with BEGIN IMMEDIATE: the whole upgrade holds the write lock.
+            async with conn.begin():
+                broken = await _broken_references(conn)
+                before = await conn.run_sync(_upgrade)
+                if now_broken := await _broken_references(conn) - broken:
+                    tables = ", ".join(sorted({str(row[0]) for row in now_broken}))
+                    raise MigrationError(f"the upgrade would leave broken references in {tables}; nothing was changed")
+        finally:
+            raw.execute("PRAGMA foreign_keys=ON")
+    return before
+
+
+async def _broken_references(conn: AsyncConnection) -> set[tuple[object, ...]]:
+    return {tuple(r) for r in (await conn.exec_driver_sql("PRAGMA foreign_key_check")).all()}

@@ -165,7 +165,6 @@ class Job(Base):
             " AND flow_id = CAST(flow_key AS VARCHAR(20)))",
             name="ids_shape",
         ),
-        CheckConstraint("wait_kind IS NULL OR wait_kind IN ('approval', 'webhook_gate')", name="wait_kind"),
         {"sqlite_autoincrement": True},
     )
 
@@ -222,7 +221,8 @@ class ProcessedItem(Base):
         Index(None, "job_id"),
         Index("ix_processed_flow_key", "flow_key"),
         Index("ix_processed_status_expiry", "status", "claim_expires_at"),
-        Index("ix_processed_last_seen", "last_seen_at"),
+        # retention: a step's newest and oldest last_seen_at, and its rows older than a cutoff
+        Index("ix_processed_step_seen", "flow_step_id", "source_type", "last_seen_at"),
         CheckConstraint("status IN ('claimed', 'processed')", name=conv("ck_processed_status")),
         {"sqlite_autoincrement": True},
     )
@@ -236,8 +236,8 @@ class ProcessedItem(Base):
     status: Mapped[str] = mapped_column(String(20), default="processed")
     claim_expires_at: Mapped[datetime | None]
     flow_key: Mapped[int] = mapped_column(BigInteger, ForeignKey("datamachine_flows.flow_id", ondelete="CASCADE"))
-    # When a fetch last found the item in its source (or it was claimed or marked); retention forgets
-    # processed items by this, so an item the source still offers is never taken twice.
+    # When a fetch last found the item in its source (always a fetch's time: see engine.dedup); retention
+    # forgets a processed item only when its step's later fetches no longer found it.
     last_seen_at: Mapped[datetime] = mapped_column(default=_seen_when_written)
 
 

@@ -99,3 +99,75 @@ def test_everything_about_a_step_type_comes_from_its_declaration():
     assert {"approval", "webhook_gate"} <= control_keys()
     # Only steps that claim items make a job hold claims.
     assert claiming_step_types() == {"fetch"}
+
+
+HOLD = """
+import uuid
+
+from datamachine_mcp.engine.catalog import FieldSpec, StepType
+from datamachine_mcp.engine.steps import StepResult
+
+
+async def run_hold(run):
+    kind = (run.step.get("flow_step_settings") or {}).get("park_as") or "hold"
+    ref = "hold_" + uuid.uuid4().hex
+    return StepResult(status="waiting", wait={"kind": kind, "wait_ref": ref, "expires_at": None, "state": {"ref": ref}})
+
+
+STEP_TYPES = (
+    StepType(
+        "hold",
+        "Hold",
+        "Park the job until it is cancelled.",
+        False,
+        settings_fields={"park_as": FieldSpec("string", "The wait kind it parks under (tests a wrong one)")},
+        run=run_hold,
+        wait_kind="hold",
+    ),
+)
+"""
+
+
+@pytest.fixture
+def hold_step_type(tmp_path):
+    path = tmp_path / "hold_step.py"
+    path.write_text(textwrap.dedent(HOLD))
+    spec = importlib.util.spec_from_file_location("hold_step", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["hold_step"] = module
+    spec.loader.exec_module(module)
+    (declared,) = module.STEP_TYPES
+    STEP_TYPES.register(declared)
+    try:
+        yield declared
+    finally:
+        STEP_TYPES.unregister("hold")
+        sys.modules.pop("hold_step", None)
+
+
+async def test_a_new_parking_step_type_is_one_module_and_needs_no_schema_change(
+    runtime,
+    owner,
+    engine,  # noqa: F811
+    hold_step_type,
+):
+    assert "hold" in wait_kinds() and "hold" in control_keys()
+    made = await make_flow(owner, [echo_step(x=1), {"step_type": "hold"}], name="Held")
+    run = await call(owner, "run-flow", {"flow_id": made["flow_id"], "wait_seconds": 20})
+    job = (await call(owner, "get-jobs", {"job_id": run["job_id"]}))["jobs"][0]
+    assert job["status"] == "waiting", job
+    assert job["wait"]["kind"] == "hold"
+    assert job["engine_data"]["hold"]["ref"].startswith("hold_")  # its state lives under its wait kind
+    ended = await call(owner, "cancel-job", {"job_id": run["job_id"]})
+    assert ended["previous_status"] == "waiting" and ended["changed"] is True, ended
+
+
+async def test_a_step_parks_only_under_the_wait_kind_its_type_declares(
+    runtime,
+    owner,
+    engine,  # noqa: F811
+    hold_step_type,
+):
+    made = await make_flow(owner, [{"step_type": "hold", "flow_step_settings": {"park_as": "approval"}}], name="Odd")
+    run = await call(owner, "run-flow", {"flow_id": made["flow_id"], "wait_seconds": 20})
+    assert run["job"]["status"] == "failed - undeclared_wait_kind", run["job"]

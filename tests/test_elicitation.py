@@ -24,7 +24,7 @@ from mcp.client.stdio import StdioServerParameters
 
 from datamachine_mcp.abilities.registry import load_all as load_abilities
 from tests.conftest import call, fail
-from tests.jobs_support import approval_step, echo_step
+from tests.jobs_support import approval_step, echo_step, fetch_step, make_flow
 
 pytestmark = pytest.mark.anyio
 
@@ -166,6 +166,29 @@ async def test_resolve_without_a_decision_asks_the_user(tmp_path, mode):
         decided = (await call(c, "get-pending-action", {"action_id": action_id}))["action"]
         assert decided["status"] == "accepted" and decided["note"] == "looks right"
         assert len(user.asked) == 2
+
+
+@pytest.mark.parametrize("mode", ERAS)
+async def test_the_approval_question_shows_the_flow_the_step_and_what_awaits_approval(tmp_path, mode):
+    inbox = tmp_path / "files" / "in"
+    inbox.mkdir(parents=True)
+    (inbox / "launch.md").write_text("---\ntitle: Launch notes\n---\nWe ship the new importer on Monday.\n")
+    user = User("decline")
+    async with client(tmp_path, mode, user) as c:
+        steps = [fetch_step(inbox), approval_step(description="Check the facts"), echo_step()]
+        made = await make_flow(c, steps, name="Release digest")
+        job_id = (await call(c, "run-flow", {"flow_id": made["flow_id"], "wait_seconds": 0}))["job_id"]
+        parked = await call(c, "wait-for-job", {"job_id": job_id, "timeout_seconds": 30, "stop_on_waiting": True})
+        action_id = parked["job"]["wait"]["action_id"]
+        err = await fail(c, "resolve-pending-action", {"action_id": action_id}, "declined_by_user")
+        asked = user.asked[0].message
+        assert asked.startswith(f"Approval {action_id}: accept"), asked
+        flow_name = parked["job"]["flow_name"]
+        assert f"Flow: {flow_name} (flow {made['flow_id']}, job {job_id})" in asked, asked
+        assert "Step 2/3: " in asked and "Check the facts" in asked, asked
+        assert "Awaiting approval: Launch notes" in asked, asked
+        assert "Preview: We ship the new importer on Monday." in asked, asked
+        assert "Launch notes" not in err["message"]  # the refusal quotes only the question
 
 
 @pytest.mark.parametrize("mode", ERAS)

@@ -12,7 +12,7 @@ import pytest
 from sqlalchemy import text
 
 from datamachine_mcp.abilities.access import Principal
-from datamachine_mcp.abilities.tokens import TokenRejected, hash_secret
+from datamachine_mcp.abilities.token_auth import TokenRejected, hash_secret
 from datamachine_mcp.storage.timeutil import utcnow
 from tests.conftest import (
     OWNER,

@@ -514,6 +514,37 @@ async def test_automatic_retries_show_in_metrics(runtime, owner, engine):
     assert [h["delay_seconds"] for h in engine_data["retry"]["history"]] == [1, 2]
 
 
+async def test_a_pending_retry_is_not_progress_and_the_answer_says_when_it_runs(runtime, owner, engine):
+    """A failed attempt does not count as a finished step: progress stays below it, and both the
+    progress message and the follow-up say which error is retried, which attempt and when."""
+    from tests.fake_servers import FakeResponse, serve
+    from tests.jobs_support import settings
+
+    await settings(owner, retry_base_seconds=600, retry_transport_base_seconds=600)
+    _, outbox = dirs(runtime)
+    with serve() as server:
+        feed = server.script("/feed.xml", FakeResponse(503, "busy"))
+        steps = [
+            {"step_type": "fetch", "handler_slugs": ["rss"], "handler_configs": {"rss": {"feed_url": feed}}},
+            publish_step(outbox),
+        ]
+        made = await make_flow(owner, steps)
+        progress: list[tuple[float, float | None, str | None]] = []
+
+        async def on_progress(value, total, message):
+            progress.append((value, total, message))
+
+        result = await owner.call_tool(
+            "run-flow", {"flow_id": made["flow_id"], "wait_seconds": 4}, progress_callback=on_progress
+        )
+    out = result.structured_content
+    assert out["final"] is False and out["job"]["base_status"] == "pending", out
+    assert progress and all(value < 1 for value, _, _ in progress), progress
+    retrying = "retrying after http_upstream_error (attempt 1/3, next at "
+    assert retrying in progress[-1][2], progress[-1]
+    assert retrying in out["follow_up"] and "keeps running" not in out["follow_up"], out["follow_up"]
+
+
 async def test_resume_url_is_masked_below_operator(runtime, owner, engine):
     runtime.public_base_url = "https://dm.example.com"
     bot = await make_agent(owner)

@@ -16,7 +16,8 @@ import pytest
 
 from datamachine_mcp.engine.errors import StepError, classify
 from datamachine_mcp.engine.handlers import PUBLISHERS, result_entry, run_publish
-from datamachine_mcp.engine.handlers.files import slugify, split_front_matter
+from datamachine_mcp.engine.handlers.file_scan import split_front_matter
+from datamachine_mcp.engine.handlers.file_write import slugify
 from datamachine_mcp.engine.http import Outbound
 from tests.fake_servers import FakeResponse, RecordedRequest, make_context, make_snapshot, serve
 

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from datamachine_mcp.abilities.queues import tokenize
+from datamachine_mcp.abilities.queue_similarity import tokenize
 from tests.conftest import call, log_rows, table_rows
 from tests.test_flows import AI, FETCH, PUBLISH, audits, invalid_fields, make_flow, make_pipeline, raw_config, unchanged
 

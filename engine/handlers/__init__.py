@@ -65,6 +65,9 @@ async def run_fetch(
     out = ItemList(kept, skipped=getattr(raw, "skipped", None))
     out.source_count = len(raw)
     out.filtered_out = len(raw) - len(kept)
+    if out.filtered_out:
+        taken = {id(item) for item in kept}
+        out.filtered_identifiers = [i.identifier for i in raw if i.identifier and id(i) not in taken]
     out.source_type = source_type_for(slug, cfg)
     return out
 

@@ -16,7 +16,7 @@ from datamachine_mcp.engine.catalog import FETCH, FieldSpec, HandlerSpec
 from datamachine_mcp.engine.configs import file_url_path
 from datamachine_mcp.engine.errors import StepError
 from datamachine_mcp.engine.handlers.base import HandlerContext, with_defaults
-from datamachine_mcp.engine.handlers.files import allowed_directory
+from datamachine_mcp.engine.handlers.file_paths import allowed_directory
 from datamachine_mcp.engine.http import excerpt
 from datamachine_mcp.engine.items import Item, ItemList, html_to_text, normalise_identifier, sha256_hex
 

@@ -32,19 +32,24 @@ def deep_merge(base: dict[str, Any], patch: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-async def classify(run: StepRun, source_type: str, items: list[Item]) -> tuple[list[Candidate], dict[str, int]]:
+async def classify(
+    run: StepRun, source_type: str, items: list[Item], filtered: list[str] | None = None
+) -> tuple[list[Candidate], dict[str, int]]:
     """Order-preserving classification: processed, actively claimed elsewhere, duplicate, eligible.
 
-    Processed items the source still offers get their ``last_seen_at`` refreshed (a real run only,
-    and at most hourly per item), so retention never forgets an item that is still listed.
+    Every ledger row of an item the source still offers (``filtered``: the identifiers the filters
+    dropped) gets its ``last_seen_at`` refreshed (a real run only, at most daily per item), so
+    retention never forgets an item that is still listed (docs/engine.md, Retention).
     """
     stages = {"processed_skipped": 0, "actively_claimed": 0, "duplicates": 0, "identifierless_items": 0}
     idents = [i.identifier for i in items if i.identifier]
     found = dedup.Ledger()
-    if run.dedupes and idents:
+    if run.dedupes and (idents or filtered):
         now = run.now()
         async with run.services.db.read() as session:
-            found = await dedup.ledger(session, run.flow_step_id, source_type, idents, job_id=run.job.job_id, now=now)
+            found = await dedup.ledger(
+                session, run.flow_step_id, source_type, idents, job_id=run.job.job_id, now=now, also_seen=filtered or ()
+            )
         if found.seen_stale and not run.dry_run:
             async with run.services.db.write() as session:
                 await dedup.touch_seen(session, found.seen_stale, now)
@@ -107,7 +112,7 @@ async def run(run: StepRun) -> StepResult:
         )
         items = await run_fetch(slug, config, ctx, now=run.now())
     source_type = str(items.source_type or slug)
-    eligible, stages = await classify(run, source_type, list(items))
+    eligible, stages = await classify(run, source_type, list(items), items.filtered_identifiers)
     max_items = int(with_defaults(slug, "fetch", config).get("max_items", 1) or 0)
     fetch_stages: dict[str, Any] = {
         "source_items": items.source_count,

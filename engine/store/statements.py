@@ -221,7 +221,8 @@ PUSH_CLAIMS = query(
 )
 COMPLETE_CLAIMS = query(
     "complete_claims",
-    f"UPDATE {ITEMS} SET status = 'processed', processed_timestamp = :now, last_seen_at = :now, claim_expires_at = NULL "
+    # last_seen_at stays its fetch's time: settling is not a fetch (docs/engine.md, Retention)
+    f"UPDATE {ITEMS} SET status = 'processed', processed_timestamp = :now, claim_expires_at = NULL "
     "WHERE job_id = :job_id AND status = 'claimed'",
 )
 RELEASE_CLAIMS = query("release_claims", f"DELETE FROM {ITEMS} WHERE job_id = :job_id AND status = 'claimed'")
