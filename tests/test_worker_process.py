@@ -157,7 +157,8 @@ async def test_the_worker_announces_start_and_stop_at_info_by_default(runtime, w
     assert "INFO datamachine.worker: worker " in text and "INFO datamachine.worker: stopping" in text
     assert "WARNING" not in text
     starts = [line for line in text.splitlines() if "(concurrency" in line]
-    assert len(starts) == 1 and " running on sqlite:" in starts[0], starts  # one start-up line
+    where = " running on sqlite:" if runtime.db.dialect == "sqlite" else "/" + runtime.db.url.rsplit("/", 1)[1]
+    assert len(starts) == 1 and where in starts[0], starts  # one start-up line, naming the database
 
 
 async def test_sigterm_mid_step_hands_the_job_back_and_exits_zero(runtime, owner, server, workers):
