@@ -41,18 +41,19 @@ class WhoamiOut(Output):
 def toolset_counts(ctx: AbilityContext) -> list[ToolsetCount]:
     """Per toolset, the tools this session sees listed (selection, --read-only, its role) and the total."""
     rt = ctx.runtime
-    out = []
-    for toolset in TOOLSETS:
-        tools = [a for a in rt.catalog.declared.values() if a.toolset == toolset]
-        shown = [
-            a
-            for a in tools
-            if (a.read_only or not rt.read_only)
+    listed_n = dict.fromkeys(TOOLSETS, 0)
+    total_n = dict.fromkeys(TOOLSETS, 0)
+    for a in rt.catalog.declared.values():  # one pass: whoami is called often and reads no database
+        if a.toolset not in total_n:
+            continue
+        total_n[a.toolset] += 1
+        if (
+            (a.read_only or not rt.read_only)
             and listed(a, rt.toolsets, rt.tools)
             and level_visible(ctx.principal, a.level, a.toolset)
-        ]
-        out.append(ToolsetCount(toolset=toolset, listed=len(shown), total=len(tools)))
-    return out
+        ):
+            listed_n[a.toolset] += 1
+    return [ToolsetCount(toolset=t, listed=listed_n[t], total=total_n[t]) for t in TOOLSETS]
 
 
 @ability(
