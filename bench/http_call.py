@@ -85,7 +85,7 @@ async def main(calls: int) -> None:
     ours, echo = f"http://127.0.0.1:{ours_port}/mcp", f"http://127.0.0.1:{echo_port}/mcp"
     async with (
         await anyio.open_process(
-            [*CLI, "--no-worker"],
+            [*CLI, "--no-worker", "--tools", "update-settings"],
             env={**os.environ, **env, "DATAMACHINE_HTTP": f"127.0.0.1:{ours_port}"},
             cwd=ROOT,
             stdout=subprocess.DEVNULL,
