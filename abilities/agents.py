@@ -1,7 +1,8 @@
 """Agents toolset: create, read, list, update, rename and delete agents.
 
-The creation helpers shared with import-agent are in ``abilities.agent_creation``; export-agent and
-import-agent in ``abilities.agent_export`` and ``abilities.agent_import``.
+The creation helpers shared with import-agent are in ``abilities.agent_creation``; get-agent's agent
+object in ``abilities.agent_detail``; export-agent and import-agent in ``abilities.agent_export`` and
+``abilities.agent_import``.
 """
 
 from __future__ import annotations
@@ -9,17 +10,14 @@ from __future__ import annotations
 from typing import Any, Literal
 
 from pydantic import Field
-from sqlalchemy import BindParameter, Row, and_, bindparam, func, or_, select
+from sqlalchemy import and_, func, or_, select
 
-from datamachine_mcp.abilities.access import ROLE_RANK
 from datamachine_mcp.abilities.agent_common import (
     AgentDetail,
     AgentSelector,
     agent_dict,
     agent_owner,
     agent_uri,
-    grant_dict,
-    grants_order,
     load_agent,
     normalize_agent_config,
     require_agent_row,
@@ -32,55 +30,13 @@ from datamachine_mcp.abilities.agent_creation import (
     slug_free,
     slug_or_error,
 )
+from datamachine_mcp.abilities.agent_detail import DETAIL_BY_ID, DETAIL_BY_SLUG, agent_detail
 from datamachine_mcp.abilities.context import AbilityContext
 from datamachine_mcp.abilities.errors import AbilityError, AccessDenied
 from datamachine_mcp.abilities.registry import ability
 from datamachine_mcp.abilities.schema import OFFSET_DESC, PER_PAGE_DESC, Input, Opt, Output, PageOut
 from datamachine_mcp.storage.models import Agent, AgentAccess, AgentToken, ChatSession, Flow, Job, Pipeline
 from datamachine_mcp.storage.timeutil import utcnow
-
-ACTIVE = ("pending", "processing", "waiting")
-
-
-def _count(model: Any, *conds: Any) -> Any:
-    return select(func.count()).select_from(model).where(*conds).scalar_subquery()
-
-
-def _counts(aid: Any) -> tuple[Any, ...]:
-    return (
-        _count(Pipeline, Pipeline.agent_id == aid).label("pipelines"),
-        _count(Flow, Flow.agent_id == aid).label("flows"),
-        _count(Job, Job.agent_id == aid, Job.status.in_(ACTIVE)).label("active_jobs"),
-        _count(ChatSession, ChatSession.agent_id == aid).label("chat_sessions"),
-    )
-
-
-_AID: BindParameter[int] = bindparam("aid")
-# Built once: statement construction is a large share of a short read's cost.
-_COUNTS = select(*_counts(_AID))
-_GRANTS = select(AgentAccess.__table__).where(AgentAccess.agent_id == _AID).order_by(*grants_order(bindparam("owner")))
-# get-agent reads the agent and its counts in one statement.
-_DETAIL = select(Agent.__table__, *_counts(Agent.agent_id))
-_DETAIL_BY_ID = _DETAIL.where(Agent.agent_id == bindparam("agent_id"))
-_DETAIL_BY_SLUG = _DETAIL.where(Agent.agent_slug == bindparam("agent_slug"))
-
-
-async def agent_detail(
-    ctx: AbilityContext, agent: Agent | Row[Any], role: str | None, counted: Row[Any] | None = None
-) -> dict[str, Any]:
-    """get-agent's agent object: Agent + resource_counts + access (admins) + caller_role. ``counted``: a
-    row that already holds the counts."""
-    aid = agent.agent_id
-    if counted is None:
-        counted = (await ctx.read(_COUNTS, {"aid": aid})).one()
-    counts = {key: getattr(counted, key) for key in ("pipelines", "flows", "active_jobs", "chat_sessions")}
-    caller_role = ctx.principal.cap_role(role)
-    access = None
-    if ctx.principal.is_admin or (caller_role is not None and ROLE_RANK[caller_role] >= ROLE_RANK["admin"]):
-        rows = await ctx.read(_GRANTS, {"aid": aid, "owner": agent.owner_id})
-        access = [grant_dict(g, agent.owner_id) for g in rows.all()]
-    return {**agent_dict(agent), "resource_counts": counts, "access": access, "caller_role": caller_role}
-
 
 # --- create-agent -----------------------------------------------------------------------------
 
@@ -149,7 +105,7 @@ class GetAgentOut(Output):
 )
 async def get_agent(ctx: AbilityContext, inp: AgentSelector) -> GetAgentOut:
     # Prebuilt Core statements through ctx.read: a read-only call opens no ORM session for them.
-    agent = await require_agent_row(ctx, inp, _DETAIL_BY_ID, _DETAIL_BY_SLUG)
+    agent = await require_agent_row(ctx, inp, DETAIL_BY_ID, DETAIL_BY_SLUG)
     role = await ctx.access.authorize(
         agent_owner(agent), "viewer", mutating=False, target={"type": "agent", "id": agent.agent_id}
     )

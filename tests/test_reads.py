@@ -7,7 +7,7 @@ import sqlite3
 import pytest
 from sqlalchemy import bindparam, func, select, update
 
-from datamachine_mcp.abilities.agents import _COUNTS
+from datamachine_mcp.abilities.agent_detail import COUNTS
 from datamachine_mcp.storage.models import Agent, Job
 from tests.conftest import OWNER, call, connect
 from tests.jobs_support import echo_step, make_flow
@@ -25,10 +25,10 @@ async def test_rows_are_decoded_as_a_session_decodes_them(runtime):
         await call(client, "run-flow", {"flow_id": flow["flow_id"], "wait_seconds": 0})
     async with runtime.db.read() as session:
         expected = (await session.execute(BY_SLUG, {"slug": "reader"})).one()
-        counts = (await session.execute(_COUNTS, {"aid": expected.agent_id})).one()
+        counts = (await session.execute(COUNTS, {"aid": expected.agent_id})).one()
     async with runtime.db.reads() as reads:
         row = (await reads.execute(BY_SLUG, {"slug": "reader"})).one()
-        light_counts = (await reads.execute(_COUNTS, {"aid": row.agent_id})).one()
+        light_counts = (await reads.execute(COUNTS, {"aid": row.agent_id})).one()
         assert (await reads.execute(BY_SLUG, {"slug": "nobody"})).one_or_none() is None
     assert tuple(row) == tuple(expected)
     assert row.agent_config == {"description": "d", "n": [1]}
