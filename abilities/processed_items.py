@@ -2,90 +2,42 @@
 
 Rows take their owner from their flow. Reads answer "nothing processed" for a flow step id that does
 not parse or whose flow does not exist; an existing flow the caller cannot read is
-``agent_access_denied``. The database work lives in ``engine.dedup`` (shared with the fetch engine).
+``agent_access_denied``. The database work lives in ``engine.dedup`` (shared with the fetch engine);
+the owner lookup and input checks the tools share in ``abilities.processed_common``.
 """
 
 from __future__ import annotations
 
 from datetime import timedelta
-from typing import Annotated, Any, Literal
+from typing import Any, Literal
 
 from pydantic import Field
-from sqlalchemy import bindparam, select
+from sqlalchemy import select
 
 from datamachine_mcp.abilities.access import Owner, Role
 from datamachine_mcp.abilities.context import AbilityContext
 from datamachine_mcp.abilities.errors import AbilityError
 from datamachine_mcp.abilities.pipeline_common import flows_of, load_flow, load_pipeline, parse_flow_step_id
+from datamachine_mcp.abilities.processed_common import (
+    CANDIDATES_DESC,
+    FSID_DESC,
+    ITEM_DESC,
+    OWNER_AND_ITEM,
+    OWNER_AND_STEPS,
+    SOURCE_DESC,
+    Candidate,
+    authorize_read,
+    candidates,
+    readable,
+    required,
+    step_not_found,
+)
 from datamachine_mcp.abilities.questions import confirmation
 from datamachine_mcp.abilities.registry import ability
 from datamachine_mcp.abilities.schema import Input, Output, ts
 from datamachine_mcp.engine import dedup
-from datamachine_mcp.storage.models import Agent, Flow, Job
+from datamachine_mcp.storage.models import Job
 from datamachine_mcp.storage.timeutil import utcnow
-
-FSID_DESC = "{pipeline_step_id}_{flow_id}"
-SOURCE_DESC = "Handler slug, e.g. rss"
-ITEM_DESC = "Item id in its source (GUID, URL…)"
-CANDIDATES_DESC = "Identifiers to check"
-Candidate = Annotated[str, Field(max_length=2048)]
-
-# A flow's owner (its columns and its agent's status and slug) in one query, on table columns so
-# that it runs on SQLAlchemy's Core path (these tools are called once per item by some clients).
-_F, _A = Flow.__table__.c, Agent.__table__.c
-_OWNER = (
-    select(_F.agent_id, _F.user_id, _A.status, _A.agent_slug)
-    .select_from(Flow.__table__.outerjoin(Agent.__table__, _A.agent_id == _F.agent_id))
-    .where(_F.flow_id == bindparam("fid"))
-)
-# mark-processed also needs the step list; check-processed-item gets the item's processed time in the
-# same round trip (returned to the caller only after the access check on the owner passed).
-_OWNER_AND_STEPS = _OWNER.add_columns(_F.pipeline_id, _F.flow_config)
-_OWNER_AND_ITEM = _OWNER.add_columns(dedup.PROCESSED_AT.scalar_subquery())
-
-
-def _trimmed(value: str, code: str, field: str) -> str:
-    text = value.strip()
-    if not text:
-        raise AbilityError(code, f"{field} is required; give a non-empty {field}.", field=field)
-    return text
-
-
-def _required(flow_step_id: str, source_type: str | None = None, item: str | None = None) -> tuple[str, str, str]:
-    """Trim the required strings; empty ones are refused in the order flow step, source, item."""
-    fsid = _trimmed(flow_step_id, "flow_step_id_required", "flow_step_id")
-    source = _trimmed(source_type, "source_type_required", "source_type") if source_type is not None else ""
-    ident = _trimmed(item, "item_identifier_required", "item_identifier") if item is not None else ""
-    return fsid, source, ident
-
-
-async def _readable(ctx: AbilityContext, flow_step_id: str) -> bool:
-    """Whether the step's flow exists (False = answer "nothing processed"); raises if it is unreadable."""
-    parsed = parse_flow_step_id(flow_step_id)
-    if parsed is None:
-        return False
-    flow_id = parsed[1]
-    row = (await ctx.session.execute(_OWNER, {"fid": flow_id})).first()
-    if row is None:
-        return False
-    await _authorize_read(ctx, flow_id, *row)
-    return True
-
-
-async def _authorize_read(
-    ctx: AbilityContext, flow_id: int, agent_id: Any, user_id: int, status: Any, slug: Any
-) -> None:
-    owner = Owner(agent_id=agent_id, user_id=user_id, agent_status=status, agent_slug=slug)
-    await ctx.access.authorize(owner, "viewer", mutating=False, target={"type": "flow", "id": flow_id})
-
-
-def _step_not_found(flow_step_id: str, why: str) -> AbilityError:
-    return AbilityError(
-        "flow_step_not_found",
-        f"Flow step '{flow_step_id}' not found: {why}. Use get-flow-steps to list a flow's step ids.",
-        flow_step_id=flow_step_id,
-    )
-
 
 # --- mark-processed ---------------------------------------------------------------------------
 
@@ -115,17 +67,17 @@ class MarkProcessedOut(Output):
     description="Record an item as processed for a flow step so fetches skip it.",
 )
 async def mark_processed(ctx: AbilityContext, inp: MarkProcessedIn) -> MarkProcessedOut:
-    fsid, source, ident = _required(inp.flow_step_id, inp.source_type, inp.item_identifier)
+    fsid, source, ident = required(inp.flow_step_id, inp.source_type, inp.item_identifier)
     parsed = parse_flow_step_id(fsid)
     if parsed is None:
-        raise _step_not_found(fsid, "it is not of the form {pipeline_step_id}_{flow_id}")
+        raise step_not_found(fsid, "it is not of the form {pipeline_step_id}_{flow_id}")
     flow_id = parsed[1]
-    row = (await ctx.session.execute(_OWNER_AND_STEPS, {"fid": flow_id})).first()
+    row = (await ctx.session.execute(OWNER_AND_STEPS, {"fid": flow_id})).first()
     if row is None:
-        raise _step_not_found(fsid, f"flow {flow_id} does not exist")
+        raise step_not_found(fsid, f"flow {flow_id} does not exist")
     agent_id, user_id, status, slug, pipeline_id, flow_config = row
     if fsid not in (flow_config or {}):
-        raise _step_not_found(fsid, f"flow {flow_id} has no such step")
+        raise step_not_found(fsid, f"flow {flow_id} has no such step")
     owner = Owner(agent_id=agent_id, user_id=user_id, agent_status=status, agent_slug=slug)
     await ctx.access.authorize(owner, "operator", mutating=True, target={"type": "flow", "id": flow_id})
     if inp.job_id is not None:
@@ -186,15 +138,15 @@ class CheckOut(Output):
 
 async def _processed_at(ctx: AbilityContext, inp: ItemIn) -> Any:
     """The item's processed time in one query with its flow's owner; None for unknown steps and flows."""
-    fsid, source, ident = _required(inp.flow_step_id, inp.source_type, inp.item_identifier)
+    fsid, source, ident = required(inp.flow_step_id, inp.source_type, inp.item_identifier)
     parsed = parse_flow_step_id(fsid)
     if parsed is None:
         return None
     params = {"fid": parsed[1], "fsid": fsid, "source": source, "item": dedup.normalize_identifier(ident)}
-    row = (await ctx.session.execute(_OWNER_AND_ITEM, params)).first()
+    row = (await ctx.session.execute(OWNER_AND_ITEM, params)).first()
     if row is None:
         return None
-    await _authorize_read(ctx, parsed[1], *row[:4])
+    await authorize_read(ctx, parsed[1], *row[:4])
     return row[4]
 
 
@@ -251,8 +203,8 @@ class HistoryOut(Output):
     description="Check whether a flow step has processed any item yet.",
 )
 async def has_processed_history(ctx: AbilityContext, inp: HistoryIn) -> HistoryOut:
-    fsid, _, _ = _required(inp.flow_step_id)
-    count = await dedup.processed_count(ctx.session, fsid) if await _readable(ctx, fsid) else 0
+    fsid, _, _ = required(inp.flow_step_id)
+    count = await dedup.processed_count(ctx.session, fsid) if await readable(ctx, fsid) else 0
     return HistoryOut(has_history=count > 0, processed_count=count)
 
 
@@ -323,16 +275,6 @@ async def clear_processed_items(ctx: AbilityContext, inp: ClearIn) -> ClearOut:
 # --- find-stale / find-never-processed ----------------------------------------------------------
 
 
-def _candidates(values: list[str]) -> dict[str, str]:
-    """``{normalised identifier: identifier as given}``: trimmed for lookup, first occurrence kept, empties dropped."""
-    out: dict[str, str] = {}
-    for given in values:
-        text = given.strip()
-        if text:
-            out.setdefault(dedup.normalize_identifier(text), given)
-    return out
-
-
 class FindStaleIn(Input):
     flow_step_id: str = Field(max_length=255, description=FSID_DESC)
     source_type: str = Field(max_length=50, description=SOURCE_DESC)
@@ -359,10 +301,10 @@ class FindStaleOut(Output):
     error_fields={"candidate_identifiers": "candidate_identifiers_invalid", "max_age_days": "max_age_days_invalid"},
 )
 async def find_stale(ctx: AbilityContext, inp: FindStaleIn) -> FindStaleOut:
-    fsid, source, _ = _required(inp.flow_step_id, inp.source_type)
-    if not await _readable(ctx, fsid):
+    fsid, source, _ = required(inp.flow_step_id, inp.source_type)
+    if not await readable(ctx, fsid):
         return FindStaleOut(stale_ids=[], count=0)
-    wanted = _candidates(inp.candidate_identifiers)
+    wanted = candidates(inp.candidate_identifiers)
     times = await dedup.processed_times(ctx.session, fsid, source, wanted)
     cutoff = utcnow() - timedelta(days=inp.max_age_days)
     order = {key: i for i, key in enumerate(wanted)}
@@ -393,10 +335,10 @@ class FindNeverOut(Output):
     error_fields={"candidate_identifiers": "candidate_identifiers_invalid"},
 )
 async def find_never_processed(ctx: AbilityContext, inp: FindNeverIn) -> FindNeverOut:
-    fsid, source, _ = _required(inp.flow_step_id, inp.source_type)
-    wanted = _candidates(inp.candidate_identifiers)
+    fsid, source, _ = required(inp.flow_step_id, inp.source_type)
+    wanted = candidates(inp.candidate_identifiers)
     done: set[str] = set()
-    if await _readable(ctx, fsid):
+    if await readable(ctx, fsid):
         done = set(await dedup.processed_times(ctx.session, fsid, source, wanted))
     ids = [given for key, given in wanted.items() if key not in done][: inp.limit]
     return FindNeverOut(never_processed=ids, count=len(ids))
