@@ -21,32 +21,25 @@ from mcp.server.subscriptions import ListenHandler
 from mcp.shared.exceptions import MCPError
 from mcp_types.version import MODERN_PROTOCOL_VERSIONS
 
-from datamachine_mcp.abilities.catalog import Catalog, Declared, catalog_of
+from datamachine_mcp.abilities.catalog import catalog_of
 from datamachine_mcp.abilities.context import Runtime
 from datamachine_mcp.abilities.principal import Principal, level_visible
 from datamachine_mcp.abilities.registry import Ability
-from datamachine_mcp.abilities.runner import error_text, invoke, refusal
-from datamachine_mcp.abilities.toolsets import instructions_note, listed, unknown_tool_text
+from datamachine_mcp.abilities.runner import invoke, refusal
+from datamachine_mcp.abilities.toolsets import unknown_tool_text
 from datamachine_mcp.engine.errors import CodedError
-from datamachine_mcp.resources.registry import ResourceNotFound, ResourceSpec, read
+from datamachine_mcp.resources.registry import ResourceSpec, read
 from datamachine_mcp.server.completions import complete
 from datamachine_mcp.server.elicitation import Refused, settle, state_boundary
-from datamachine_mcp.server.icons import SERVER_ICON, TOOLSET_ICONS
+from datamachine_mcp.server.errors import request_error, tool_error
+from datamachine_mcp.server.icons import SERVER_ICON
 from datamachine_mcp.server.links import link_specs, resource_links
 from datamachine_mcp.server.notifications import Notifications
 from datamachine_mcp.server.prompts import offered, render
+from datamachine_mcp.server.tool_listing import exposed_abilities, instructions, resource_twins, tool_definition
 
-ERROR_META_KEY = "datamachine/error"  # where a tool error's {code, message, data} travels (the result's _meta)
-RESOURCE_NOT_FOUND = -32002  # the 2025-11-25 "Resource not found" code
-INPUT_CODES = frozenset({"invalid_input", "input_too_large"})  # refused for the request's parameters
 START_AFTER_SECONDS = 1.0  # a stdio session's engine starts after its first answer, or after this long
 SETTLE_SECONDS = 0.1
-INSTRUCTIONS = (
-    "Data Machine automation engine. Pipelines are reusable step templates (fetch → ai → publish …); flows "
-    "are configured, schedulable instances of a pipeline; running a flow creates a job. Agents own resources "
-    "and share them through roles (viewer < operator < admin). Call whoami first to see who you act as. "
-    "Errors start with a stable code (e.g. 'flow_not_found: …')."
-)
 
 PrincipalResolver = Callable[[ServerRequestContext[Any, Any]], Awaitable[Principal]]
 
@@ -60,47 +53,6 @@ class _Server(Server[Any]):
     ) -> InitializationOptions:
         chosen = notification_options or NotificationOptions(resources_changed=True)
         return super().create_initialization_options(chosen, *args, **kwargs)
-
-
-def exposed_abilities(abilities: Mapping[str, Ability], runtime: Runtime) -> Catalog:
-    """Tools that exist in this process: ``--toolsets``/``--tools`` and ``--read-only`` remove the others."""
-    return Catalog(
-        {
-            slug: a
-            for slug, a in catalog_of(abilities).declared.items()
-            if listed(a, runtime.toolsets, runtime.tools) and (a.read_only or not runtime.read_only)
-        }
-    )
-
-
-def resource_twins(abilities: Mapping[str, Ability], runtime: Runtime) -> Catalog:
-    """Abilities that may serve resource reads: every read-only one, whatever ``--toolsets``/``--tools``/
-    ``--read-only`` list as tools (reads follow the caller's role, not the tool selection)."""
-    return Catalog({slug: a for slug, a in catalog_of(abilities).declared.items() if a.read_only})
-
-
-def instructions(abilities: Mapping[str, Ability], runtime: Runtime) -> str:
-    declared = catalog_of(abilities).declared
-    return f"{INSTRUCTIONS} {instructions_note(declared, runtime.toolsets, runtime.tools)}"
-
-
-def tool_definition(ability: Declared) -> types.Tool:
-    hints = ability.annotations()
-    return types.Tool(
-        name=ability.slug,
-        title=ability.title,
-        description=ability.description,
-        input_schema=ability.input_schema,
-        output_schema=ability.output_schema,
-        icons=[TOOLSET_ICONS[ability.toolset]],
-        annotations=types.ToolAnnotations(
-            title=hints["title"],
-            read_only_hint=hints["readOnlyHint"],
-            destructive_hint=hints["destructiveHint"],
-            idempotent_hint=hints["idempotentHint"],
-            open_world_hint=hints["openWorldHint"],
-        ),
-    )
 
 
 class DataMachineServer:
@@ -405,27 +357,3 @@ class DataMachineServer:
         """A request other than initialize or ping arrived: the background may start once it is answered."""
         if self._answered is not None:
             self._answered.set()
-
-
-def tool_error(error: dict[str, Any]) -> types.CallToolResult:
-    """A refused tool call: ``is_error`` with the text ``"<code>: <message>"``; ``{code, message, data}`` in
-    ``_meta`` under ``ERROR_META_KEY``. No structured content: clients validate that against the tool's
-    success output schema even on errors, and would show a schema complaint instead of the message."""
-    return types.CallToolResult(
-        content=[types.TextContent(type="text", text=error_text(error))],
-        is_error=True,
-        meta={ERROR_META_KEY: error},
-    )
-
-
-def request_error(err: CodedError, *, uri: str | None = None) -> MCPError:
-    """A refused request other than a tool call (listing tools, reading a resource, listening) as a
-    JSON-RPC error: resource-not-found, invalid params (the input) or invalid request (the rest)."""
-    error = refusal(err)
-    if isinstance(err, ResourceNotFound):
-        code = RESOURCE_NOT_FOUND
-    elif err.code in INPUT_CODES:
-        code = types.INVALID_PARAMS
-    else:
-        code = types.INVALID_REQUEST
-    return MCPError(code=code, message=error_text(error), data=None if uri is None else {"uri": uri, **error["data"]})

@@ -22,7 +22,7 @@ from datamachine_mcp.abilities.context import Runtime
 from datamachine_mcp.abilities.principal import Principal
 from datamachine_mcp.abilities.runner import refusal
 from datamachine_mcp.engine.errors import CodedError
-from datamachine_mcp.server.app import request_error, tool_error
+from datamachine_mcp.server.errors import request_error, tool_error
 from datamachine_mcp.server.http_auth import PRINCIPAL_KEY
 from datamachine_mcp.storage.logs import LogThrottle, write_log
 

@@ -17,8 +17,9 @@ from datamachine_mcp.abilities.access import Principal
 from datamachine_mcp.abilities.context import Runtime
 from datamachine_mcp.abilities.registry import load_all as load_abilities
 from datamachine_mcp.resources.registry import load_all as load_resources
-from datamachine_mcp.server.app import ERROR_META_KEY, DataMachineServer
+from datamachine_mcp.server.app import DataMachineServer
 from datamachine_mcp.server.bootstrap import ProcessConfig, open_runtime
+from datamachine_mcp.server.errors import ERROR_META_KEY
 
 OWNER = Principal(user_id=1, is_admin=True, transport="stdio")
 

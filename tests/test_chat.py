@@ -12,7 +12,7 @@ from sqlalchemy import select, update
 
 from datamachine_mcp.abilities.access import Principal
 from datamachine_mcp.engine.chat_cleanup import delete_expired_sessions
-from datamachine_mcp.server.app import RESOURCE_NOT_FOUND
+from datamachine_mcp.server.errors import RESOURCE_NOT_FOUND
 from datamachine_mcp.storage.models import ChatSession
 from datamachine_mcp.storage.timeutil import parse_datetime, utcnow
 from tests.conftest import as_token, call, connect, count, fail, log_rows, table_rows

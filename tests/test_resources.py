@@ -11,7 +11,7 @@ import pytest
 from mcp.shared.exceptions import MCPError
 
 from datamachine_mcp.abilities.access import Principal
-from datamachine_mcp.server.app import RESOURCE_NOT_FOUND
+from datamachine_mcp.server.errors import RESOURCE_NOT_FOUND
 from tests.conftest import call, changed_tables, connect, log_rows, table_rows
 
 pytestmark = [

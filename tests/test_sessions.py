@@ -16,7 +16,8 @@ from datamachine_mcp.abilities.access import Principal
 from datamachine_mcp.abilities.errors import AbilityError
 from datamachine_mcp.abilities.registry import load_all as load_abilities
 from datamachine_mcp.resources.registry import load_all as load_resources
-from datamachine_mcp.server.app import RESOURCE_NOT_FOUND, DataMachineServer
+from datamachine_mcp.server.app import DataMachineServer
+from datamachine_mcp.server.errors import RESOURCE_NOT_FOUND
 from datamachine_mcp.server.notifications import Notifications
 from tests.conftest import call, connect, error_of
 from tests.jobs_support import USER2, USER3, files_flow, grant, make_agent, run

@@ -19,7 +19,7 @@ from mcp.client.stdio import StdioServerParameters
 from datamachine_mcp.abilities import tool_cache
 from datamachine_mcp.abilities.catalog import Listing
 from datamachine_mcp.abilities.registry import load_all
-from datamachine_mcp.server.app import tool_definition
+from datamachine_mcp.server.tool_listing import tool_definition
 from tests.conftest import call
 from tests.jobs_support import echo_step, make_flow, wait_until
 
