@@ -13,7 +13,8 @@ from datamachine_mcp.abilities.principal import Principal
 from datamachine_mcp.engine.runtime import EngineServices
 from datamachine_mcp.storage.crypto import SecretBox
 from datamachine_mcp.storage.db import Database
-from datamachine_mcp.storage.settings import SettingsStore, Snapshot
+from datamachine_mcp.storage.settings import SettingsStore
+from datamachine_mcp.storage.settings_schema import Snapshot
 
 # A Runtime is opened before the first tool list is answered, which needs no database layer: what
 # loads SQLAlchemy (the access checks, log rows) is imported where a call uses it.

@@ -10,7 +10,7 @@ from datamachine_mcp.abilities.context import AbilityContext
 from datamachine_mcp.abilities.errors import AbilityError
 from datamachine_mcp.abilities.registry import ability
 from datamachine_mcp.abilities.schema import Input, Output, ts
-from datamachine_mcp.storage.settings import SETTING_KEYS, SettingError, Snapshot, default_value
+from datamachine_mcp.storage.settings_schema import SETTING_KEYS, SettingError, Snapshot, default_value
 
 
 class NoInput(Input):

@@ -16,7 +16,7 @@ from datamachine_mcp.engine.runtime import EngineServices
 from datamachine_mcp.storage.dml import rowcount
 from datamachine_mcp.storage.logs import write_log
 from datamachine_mcp.storage.models import Flow, Job, ProcessedItem
-from datamachine_mcp.storage.settings import Snapshot
+from datamachine_mcp.storage.settings_schema import Snapshot
 from datamachine_mcp.storage.timeutil import iso, utcnow
 
 log = logging.getLogger("datamachine.maintenance")

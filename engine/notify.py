@@ -11,7 +11,7 @@ from typing import Any
 from datamachine_mcp.engine.http import Outbound
 from datamachine_mcp.engine.runtime import EngineServices
 from datamachine_mcp.engine.store import JobRow
-from datamachine_mcp.storage.settings import Snapshot
+from datamachine_mcp.storage.settings_schema import Snapshot
 
 log = logging.getLogger("datamachine.notify")
 

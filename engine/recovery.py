@@ -28,7 +28,7 @@ from datamachine_mcp.engine.retry import RetryPolicy
 from datamachine_mcp.engine.runtime import EngineServices
 from datamachine_mcp.engine.store import JobRow, StoreTx
 from datamachine_mcp.storage.models import Job
-from datamachine_mcp.storage.settings import Snapshot
+from datamachine_mcp.storage.settings_schema import Snapshot
 from datamachine_mcp.storage.timeutil import utcnow
 
 

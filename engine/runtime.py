@@ -14,7 +14,8 @@ from typing import TYPE_CHECKING, Any, Protocol
 from datamachine_mcp.engine.errors import StepError
 from datamachine_mcp.storage.crypto import SecretBox
 from datamachine_mcp.storage.db import Database
-from datamachine_mcp.storage.settings import SettingsStore, Snapshot
+from datamachine_mcp.storage.settings import SettingsStore
+from datamachine_mcp.storage.settings_schema import Snapshot
 
 if TYPE_CHECKING:
     from datamachine_mcp.engine.providers.base import AIRequest, AIResponse

@@ -30,7 +30,7 @@ from datamachine_mcp.engine.store import GuardMissed, JobRow, StoreTx
 from datamachine_mcp.engine.store.group import GroupCommitter
 from datamachine_mcp.engine.store.rows import restore, snapshot
 from datamachine_mcp.storage.models import Setting
-from datamachine_mcp.storage.settings import Snapshot
+from datamachine_mcp.storage.settings_schema import Snapshot
 from datamachine_mcp.storage.timeutil import iso, utcnow
 
 log = logging.getLogger("datamachine.worker")

@@ -24,7 +24,7 @@ from urllib.parse import urlsplit
 
 from datamachine_mcp.engine.handlers.base import HandlerContext
 from datamachine_mcp.engine.http import Outbound
-from datamachine_mcp.storage.settings import SETTING_KEYS, Snapshot, default_value
+from datamachine_mcp.storage.settings_schema import SETTING_KEYS, Snapshot, default_value
 
 Body = bytes | str | dict | list | None
 

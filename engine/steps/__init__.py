@@ -19,7 +19,7 @@ from datamachine_mcp.engine.claims import Candidate
 from datamachine_mcp.engine.plan import Plan
 from datamachine_mcp.engine.runtime import EngineServices
 from datamachine_mcp.engine.store import GuardMissed, JobRow
-from datamachine_mcp.storage.settings import Snapshot
+from datamachine_mcp.storage.settings_schema import Snapshot
 
 StepStatus = Literal["succeeded", "failed", "completed_no_items", "skipped", "waiting"]
 
