@@ -41,9 +41,9 @@ from datamachine_mcp.engine.errors import StepError, classify
 from datamachine_mcp.engine.providers import AIRequest, AIResponse
 from datamachine_mcp.storage.crypto import SecretUnavailable
 from datamachine_mcp.storage.models import Agent
+from datamachine_mcp.storage.settings_schema import PROVIDERS
 from datamachine_mcp.storage.timeutil import iso, utcnow
 
-PROVIDERS = ("openai", "anthropic", "sampling")
 HISTORY = 100
 HISTORY_ROLES = ("user", "assistant", "system")
 

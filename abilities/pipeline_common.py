@@ -17,10 +17,11 @@ from sqlalchemy import select
 from datamachine_mcp.abilities.access import Owner, Role
 from datamachine_mcp.abilities.context import AbilityContext
 from datamachine_mcp.abilities.errors import AbilityError
-from datamachine_mcp.engine.catalog import PROVIDERS, STEP_TYPES
+from datamachine_mcp.engine.catalog import STEP_TYPES
 from datamachine_mcp.engine.configs import handler_for, seal_secrets, validate_handler_config
 from datamachine_mcp.storage.crypto import SecretBox
 from datamachine_mcp.storage.models import Agent, Flow, Pipeline
+from datamachine_mcp.storage.settings_schema import PROVIDERS
 
 ACTIVE_STATUSES = ("pending", "processing", "waiting")
 UUID4 = r"[0-9a-f]{8}-[0-9a-f]{4}-4[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}"

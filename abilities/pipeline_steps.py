@@ -30,8 +30,8 @@ from datamachine_mcp.abilities.pipeline_shapes import StepSeedIn, renumber
 from datamachine_mcp.abilities.pipeline_views import PipelineStepOut, notify_flow, notify_pipeline, pipeline_step_dict
 from datamachine_mcp.abilities.registry import ability
 from datamachine_mcp.abilities.schema import Input, Output
-from datamachine_mcp.engine.catalog import PROVIDERS
 from datamachine_mcp.storage.models import Flow, Pipeline
+from datamachine_mcp.storage.settings_schema import PROVIDERS
 from datamachine_mcp.storage.timeutil import utcnow
 
 

@@ -17,8 +17,9 @@ from datamachine_mcp.abilities.json_schema import UNPUBLISHED
 from datamachine_mcp.abilities.pipeline_common import seed_flow_step
 from datamachine_mcp.abilities.pipeline_shapes import seed_of
 from datamachine_mcp.abilities.schema import Input
-from datamachine_mcp.engine.catalog import AI_FIELDS, HANDLERS, PROVIDERS, STEP_TYPES
+from datamachine_mcp.engine.catalog import AI_FIELDS, HANDLERS, STEP_TYPES
 from datamachine_mcp.storage.crypto import mask
+from datamachine_mcp.storage.settings_schema import PROVIDERS
 
 
 class WorkflowStepIn(Input):

@@ -115,7 +115,6 @@ COMMON_FETCH_FIELDS: dict[str, FieldSpec] = {
 FETCH_ONLY = (FETCH,)
 
 AI_FIELDS = ("provider", "model", "system_prompt", "temperature", "max_tokens", "skip_marker")
-PROVIDERS = ("openai", "anthropic", "sampling")
 
 
 def handlers_for(step_type: str) -> list[HandlerSpec]:

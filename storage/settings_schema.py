@@ -12,12 +12,12 @@ from typing import Any
 
 from datamachine_mcp.storage.crypto import mask
 
+# The AI providers: settings hold their configuration; the engine and the tools name them from here.
 PROVIDERS = ("openai", "anthropic", "sampling")
 PROVIDER_FIELDS: dict[str, tuple[str, ...]] = {
     "openai": ("base_url", "api_key"),
     "anthropic": ("base_url", "api_key", "version"),
 }
-INTERNAL_KEYS = frozenset({"maintenance_last_retention_at", "scheduler_lease", "worker_heartbeat"})
 
 
 class SettingError(ValueError):
