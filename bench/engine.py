@@ -41,6 +41,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from _jobs import pending_runs  # noqa: E402
 from sqlalchemy import func, select  # noqa: E402
 
 from datamachine_mcp.abilities.access import Principal  # noqa: E402
@@ -48,11 +49,8 @@ from datamachine_mcp.abilities.registry import load_all  # noqa: E402
 from datamachine_mcp.abilities.runner import invoke  # noqa: E402
 from datamachine_mcp.engine import status as st  # noqa: E402
 from datamachine_mcp.engine.host import EngineHost  # noqa: E402
-from datamachine_mcp.engine.jobs import create_flow_job  # noqa: E402
-from datamachine_mcp.engine.plan import resolve_plan  # noqa: E402
 from datamachine_mcp.server.bootstrap import ProcessConfig, open_runtime  # noqa: E402
-from datamachine_mcp.storage.models import Flow, Job, Pipeline  # noqa: E402
-from datamachine_mcp.storage.timeutil import utcnow  # noqa: E402
+from datamachine_mcp.storage.models import Job  # noqa: E402
 
 OWNER = Principal(user_id=1, is_admin=True, transport="stdio")
 ECHO = {"step_type": "system_task", "flow_step_settings": {"task_type": "echo", "params": {"n": 1}}}
@@ -77,27 +75,8 @@ async def make_flow(runtime) -> int:
 
 async def create_jobs(runtime, flow_id: int, n: int) -> list[int]:
     """``n`` pending jobs in one transaction, as run-flow creates each one."""
-    ids = []
     async with runtime.db.write() as session:
-        flow = await session.get(Flow, flow_id)
-        pipeline = await session.get(Pipeline, flow.pipeline_id)
-        plan = resolve_plan(flow.flow_config)
-        for _ in range(n):
-            created = await create_flow_job(
-                session,
-                flow=flow,
-                pipeline=pipeline,
-                plan=plan,
-                trigger="manual",
-                initial_data={},
-                dry_run=False,
-                idempotency_key=None,
-                request={"flow_id": flow_id},
-                max_attempts=3,
-                now=utcnow(),
-                threshold="info",
-            )
-            ids.append(created.job.job_id)
+        ids = [job.job_id for job in await pending_runs(session, flow_id, n)]
     return ids
 
 

@@ -46,14 +46,12 @@ ECHO = {"step_type": "system_task", "flow_step_settings": {"task_type": "echo", 
 
 async def _our_jobs(url: str, data_dir: Path, jobs: int):
     """A runtime on ``url`` with a 2-step echo flow and ``jobs`` pending runs of it, as run-flow makes them."""
+    from _jobs import pending_runs
+
     from datamachine_mcp.abilities.access import Principal
     from datamachine_mcp.abilities.registry import load_all
     from datamachine_mcp.abilities.runner import invoke
-    from datamachine_mcp.engine.jobs import create_flow_job
-    from datamachine_mcp.engine.plan import resolve_plan
     from datamachine_mcp.server.bootstrap import ProcessConfig, open_runtime
-    from datamachine_mcp.storage.models import Flow, Pipeline
-    from datamachine_mcp.storage.timeutil import utcnow
 
     runtime = await open_runtime(ProcessConfig(db=url, data_dir=data_dir))
     owner = Principal(user_id=1, is_admin=True, transport="stdio")
@@ -63,26 +61,7 @@ async def _our_jobs(url: str, data_dir: Path, jobs: int):
     assert made.ok and made.output is not None, made.error
     flow_id = int(made.output["flow_id"])
     async with runtime.db.write() as session:
-        flow = await session.get(Flow, flow_id)
-        assert flow is not None
-        pipeline = await session.get(Pipeline, flow.pipeline_id)
-        assert pipeline is not None
-        plan = resolve_plan(flow.flow_config)
-        for _ in range(jobs):
-            await create_flow_job(
-                session,
-                flow=flow,
-                pipeline=pipeline,
-                plan=plan,
-                trigger="manual",
-                initial_data={},
-                dry_run=False,
-                idempotency_key=None,
-                request={"flow_id": flow_id},
-                max_attempts=3,
-                now=utcnow(),
-                threshold="info",
-            )
+        await pending_runs(session, flow_id, jobs)
     return runtime
 
 

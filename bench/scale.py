@@ -38,15 +38,13 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from _jobs import pending_runs  # noqa: E402
 from sqlalchemy import text  # noqa: E402
 
 from datamachine_mcp.abilities.access import Principal  # noqa: E402
 from datamachine_mcp.abilities.registry import load_all  # noqa: E402
 from datamachine_mcp.abilities.runner import invoke  # noqa: E402
-from datamachine_mcp.engine.jobs import create_flow_job  # noqa: E402
-from datamachine_mcp.engine.plan import resolve_plan  # noqa: E402
 from datamachine_mcp.server.bootstrap import ProcessConfig, open_runtime  # noqa: E402
-from datamachine_mcp.storage.models import Flow, Pipeline  # noqa: E402
 from datamachine_mcp.storage.timeutil import utcnow  # noqa: E402
 
 OWNER = Principal(user_id=1, is_admin=True, transport="stdio")
@@ -124,24 +122,8 @@ async def reset(rt) -> int:
 
 async def create_jobs(rt, flow_id: int, count: int, run_at) -> None:
     async with rt.db.write() as s:
-        flow = await s.get(Flow, flow_id)
-        pipeline = await s.get(Pipeline, flow.pipeline_id)
-        plan = resolve_plan(flow.flow_config)
-        for i in range(count):
-            created = await create_flow_job(
-                s,
-                flow=flow,
-                pipeline=pipeline,
-                plan=plan,
-                trigger="manual",
-                initial_data={},
-                dry_run=False,
-                idempotency_key=None,
-                request={"i": i},
-                max_attempts=3,
-                now=utcnow(),
-            )
-            created.job.run_at = run_at
+        for job in await pending_runs(s, flow_id, count, threshold="debug"):
+            job.run_at = run_at
 
 
 def start_workers(url: str, data_dir: Path, count: int, concurrency: int) -> list[subprocess.Popen]:
